@@ -1,0 +1,222 @@
+"""Pydantic schema of a facility profile: data, not code.
+
+The common case is one line per family:
+
+.. code-block:: yaml
+
+    families:
+      QF2: {type: quadrupole, select: {name: "QF2"}, field: "PolynomB[1]", calibration: {linear: 0.005}}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .calibration import Calibration, Limits
+
+__all__ = [
+    "FAMILY_TYPES",
+    "Selector",
+    "FamilySpec",
+    "BpmSpec",
+    "RfSpec",
+    "ErrorSpec",
+    "MagnetErrorSpec",
+    "BpmErrorSpec",
+    "ControlsSpec",
+    "ProfileSpec",
+    "LatticeSource",
+]
+
+FAMILY_TYPES = ("hcor", "vcor", "quadrupole", "sextupole", "octupole", "skew", "dipole", "magnet")
+_FIELD_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Selector(_Strict):
+    """Which lattice elements: by pyAT class name and/or a regular expression on FamName (full match)."""
+
+    class_: str | list[str] | None = Field(default=None, alias="class")
+    name: str | None = None
+    exclude: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("name", "exclude")
+    @classmethod
+    def _regex(cls, v):
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression {v!r}: {err}") from err
+        return v
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.class_ is None and self.name is None:
+            raise ValueError("a selector needs 'class' and/or 'name'")
+        return self
+
+    @property
+    def classes(self) -> list[str]:
+        if self.class_ is None:
+            return []
+        return [self.class_] if isinstance(self.class_, str) else list(self.class_)
+
+
+class LatticeSource(_Strict):
+    """The lattice: a path (relative to the profile file) or a file shipped in a Python package."""
+
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+    name: str | None = None  # pyAT load option (e.g. variable name in a .mat file)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_str(cls, v):
+        if isinstance(v, str):
+            return {"path": v}
+        return v
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.path is None) == (self.package is None):
+            raise ValueError("lattice needs either 'path' or {package, file}")
+        if self.package is not None and not self.file:
+            raise ValueError("lattice {package: ...} needs 'file'")
+        return self
+
+
+class FamilySpec(_Strict):
+    """A family of magnets driven by one element field."""
+
+    type: Literal["hcor", "vcor", "quadrupole", "sextupole", "octupole", "skew", "dipole", "magnet"]
+    select: Selector
+    field: str = "PolynomB[1]"
+    calibration: Calibration = Calibration(linear=1.0)
+    limits: Limits = Limits()
+    units: str = "A"
+    physics_units: str = ""
+    status: dict[Literal["bad"], list[int | str]] = Field(default_factory=lambda: {"bad": []})
+    ramp_rate: float | None = Field(default=None, gt=0, description="A/s; None = instantaneous")
+    pv: dict[str, str] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("field")
+    @classmethod
+    def _field(cls, v):
+        if not _FIELD_RE.match(v):
+            raise ValueError(f"field must look like 'K', 'H', 'KickAngle[0]' or 'PolynomB[1]', got {v!r}")
+        return v
+
+    @property
+    def field_parts(self) -> tuple[str, int | None]:
+        m = _FIELD_RE.match(self.field)
+        attr, idx = m.group(1), m.group(2)
+        return attr, (int(idx) if idx is not None else None)
+
+
+class BpmSpec(_Strict):
+    """Beam position monitors: one line selects all of them."""
+
+    select: Selector = Selector(**{"class": "Monitor"})
+    status: dict[Literal["bad"], list[int | str]] = Field(default_factory=lambda: {"bad": []})
+    rate: float | None = Field(default=None, gt=0, description="acquisition rate [Hz]; None = every read")
+    pv: dict[str, str] = Field(default_factory=dict)
+
+
+class RfSpec(_Strict):
+    frequency_limits: Limits = Limits()
+    voltage_limits: Limits = Limits(low=0.0)
+    harmonic_number: int | None = None
+    pv: dict[str, str] = Field(default_factory=dict)
+
+
+class MagnetErrorSpec(_Strict):
+    """rms errors applied to the selected elements (truncated Gaussian)."""
+
+    select: Selector
+    dx: float = Field(default=0.0, ge=0, description="m rms")
+    dy: float = Field(default=0.0, ge=0, description="m rms")
+    roll: float = Field(default=0.0, ge=0, description="rad rms")
+    field: float = Field(default=0.0, ge=0, description="relative rms of the main field")
+
+
+class BpmErrorSpec(_Strict):
+    offset: float = Field(default=0.0, ge=0, description="m rms")
+    gain: float = Field(default=0.0, ge=0, description="relative rms")
+    roll: float = Field(default=0.0, ge=0, description="rad rms")
+    noise: float = Field(default=0.0, ge=0, description="m rms per reading (closed orbit)")
+    tbt_noise: float = Field(default=0.0, ge=0, description="m rms per turn (trajectory)")
+
+
+class ErrorSpec(_Strict):
+    """Default error model of the twin (applied when a seed is given)."""
+
+    truncation: float = Field(default=2.5, gt=0)
+    scale: float = Field(default=1.0, ge=0, description="global multiplier on alignment errors")
+    magnets: list[MagnetErrorSpec] = Field(default_factory=list)
+    bpm: BpmErrorSpec = BpmErrorSpec()
+    corrector_calibration: float = Field(default=0.0, ge=0, description="relative rms")
+    rf_frequency: float = Field(default=0.0, ge=0, description="Hz rms offset of the true frequency")
+    tune_noise: float = Field(default=0.0, ge=0, description="rms noise of the tune monitor")
+
+
+class ControlsSpec(_Strict):
+    """Control-system names. Templates use {prefix}, {family}, {index} (1-based), {name}."""
+
+    prefix: str = "SIM:"
+    magnet_setpoint: str = "{prefix}{family}:{index:03d}:I-SP"
+    magnet_readback: str = "{prefix}{family}:{index:03d}:I-RB"
+    bpm_x: str = "{prefix}BPM:{index:03d}:X"
+    bpm_y: str = "{prefix}BPM:{index:03d}:Y"
+    orbit_x: str = "{prefix}ORBIT:X"
+    orbit_y: str = "{prefix}ORBIT:Y"
+    rf_frequency: str = "{prefix}RF:FREQ-SP"
+    rf_frequency_rb: str = "{prefix}RF:FREQ-RB"
+    rf_voltage: str = "{prefix}RF:VOLT-SP"
+    tune_x: str = "{prefix}TUNE:X"
+    tune_y: str = "{prefix}TUNE:Y"
+    beam_current: str = "{prefix}BEAM:CURRENT"
+    beam_lifetime: str = "{prefix}BEAM:LIFETIME"
+
+
+class BeamSpec(_Strict):
+    current: float = Field(default=0.2, ge=0, description="A after injection")
+    lifetime: float = Field(default=20 * 3600.0, gt=0, description="s")
+    aperture_x: float = Field(default=10e-3, gt=0, description="m: |x| at a BPM beyond this loses the beam")
+    aperture_y: float = Field(default=5e-3, gt=0, description="m")
+
+
+class ProfileSpec(_Strict):
+    """One accelerator: its lattice, families, calibrations, limits, names and tool defaults."""
+
+    facility: str
+    accelerator: str
+    description: str = ""
+    energy: float = Field(gt=0, description="beam energy [eV]")
+    lattice: LatticeSource
+    kind: Literal["ring", "line"] = "ring"
+    orbit_model: Literal["4d", "6d"] = "4d"
+    bpm: BpmSpec = BpmSpec()
+    families: dict[str, FamilySpec]
+    rf: RfSpec = RfSpec()
+    beam: BeamSpec = BeamSpec()
+    errors: ErrorSpec = ErrorSpec()
+    controls: ControlsSpec = ControlsSpec()
+    tools: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    twiss_in: dict[str, list[float] | float] | None = None  # for lines: initial optics
+
+    @model_validator(mode="after")
+    def _families(self):
+        if not self.families:
+            raise ValueError("a profile needs at least one family")
+        return self

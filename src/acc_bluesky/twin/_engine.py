@@ -1,0 +1,127 @@
+"""Fast, safe use of pyAT's tracking engine.
+
+pyAT converts a lattice for its C engine on every call unless ``keep_lattice=True``; the converted lattice is
+global to the process. We wrap the engine entry point so that any conversion (by us, by pyAT internals, by user
+code) bumps a generation counter: a twin reuses the converted lattice only if nobody converted another one since.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+__all__ = ["ENGINE_LOCK", "generation", "track", "closed_orbit_dct", "orbit_jacobian"]
+
+#: The C engine holds global state: every tracking call of the twins goes through this lock.
+ENGINE_LOCK = threading.RLock()
+_GEN = [0]
+
+
+def _install() -> None:
+    import at.tracking.track as tt
+
+    if getattr(tt._atpass, "_acc_bluesky_sentinel", False):
+        return
+    orig = tt._atpass
+
+    def atpass(*args, **kwargs):
+        if not (kwargs.get("reuse", False) or kwargs.get("keep_lattice", False)):
+            _GEN[0] += 1
+        return orig(*args, **kwargs)
+
+    atpass._acc_bluesky_sentinel = True
+    tt._atpass = atpass
+    try:
+        import at.tracking.deprecated as dep
+
+        dep._atpass = atpass
+    except ImportError:  # pragma: no cover - older pyAT
+        pass
+
+
+_install()
+
+
+def generation() -> int:
+    """Counter of lattice conversions in this process."""
+    return _GEN[0]
+
+
+def track(ring, r_in: np.ndarray, refpts, keep: bool, nturns: int = 1) -> np.ndarray:
+    """Track particles (6, n) through ``ring`` with the C engine directly; returns (6, n, nrefs, nturns).
+
+    Skips ``lattice_pass``'s per-call Python preparation (a scan of every element, ~3 ms on EBS), which is
+    what makes a kick-then-orbit cycle slow; ``r_in`` is copied, never modified.
+    """
+    import at.tracking.track as tt
+
+    r = np.asfortranarray(np.array(r_in, dtype=np.float64, copy=True).reshape(6, -1))
+    refs = np.asarray(refpts, dtype=np.uint32).reshape(-1)
+    kw = _params(ring)
+    return tt._atpass(_elements(ring), r, nturns, refpts=refs, reuse=bool(keep), **kw)
+
+
+_ZERO1 = np.zeros(1)
+_PARAMS: dict[int, tuple[object, dict]] = {}
+
+
+def _params(ring) -> dict:
+    hit = _PARAMS.get(id(ring))
+    if hit is None or hit[0] is not ring:
+        h = int(getattr(ring, "harmonic_number", 1) or 1)
+        kw = {"energy": ring.energy, "particle": ring.particle, "bunch_currents": _ZERO1, "bunch_spos": _ZERO1,
+              "harmonic_number": h, "fillpattern": getattr(ring, "fillpattern", np.zeros(h))}
+        hit = (ring, kw)
+        _PARAMS[id(ring)] = hit
+    return hit[1]
+_ELEMENTS: dict[int, tuple[object, list]] = {}
+
+
+def _elements(ring) -> list:
+    hit = _ELEMENTS.get(id(ring))
+    if hit is None or hit[0] is not ring or len(hit[1]) != len(ring):
+        hit = (ring, list(ring))
+        _ELEMENTS[id(ring)] = hit
+    return hit[1]
+
+
+_IDX5 = np.array([0, 1, 2, 3, 5])
+
+
+def orbit_jacobian(ring, z: np.ndarray, keep: bool, step: float = 3e-8) -> np.ndarray:
+    """(5, 5) matrix A = J - I' of the closed-orbit residual in (x, px, y, py, dp), as pyAT's ``_orbit_dct``."""
+    delta = np.zeros((6, 6), order="F")
+    for i in range(5):
+        delta[i, i] = step
+    in_mat = track(ring, z.reshape(6, 1) + delta, [len(ring)], keep)[:, :, 0, 0]
+    j5 = (in_mat[_IDX5, :5] - in_mat[_IDX5, 5:]) / step
+    id5 = np.zeros((5, 5))
+    id5[np.arange(4), np.arange(4)] = 1.0
+    return j5 - id5
+
+
+def closed_orbit_dct(ring, refpts: np.ndarray, dct: float, guess: np.ndarray, a_inv: np.ndarray,
+                     keep: bool, tol: float = 1e-11, max_iter: int = 10):
+    """Chord-Newton closed orbit with fixed path lengthening ``dct`` [m] (RF frequency fixed).
+
+    Reuses the inverse Jacobian ``a_inv`` of a previous solution: each iteration is one single-particle turn
+    recorded at ``refpts``. Returns (z, positions (nrefs, 6), iterations) or None if it does not converge.
+    """
+    z = guess.copy()
+    z[5] = 0.0
+    refs = np.append(refpts, len(ring)).astype(np.uint32)
+    theta = np.array([0.0, 0.0, 0.0, 0.0, dct])
+    for it in range(1, max_iter + 1):
+        r = np.asfortranarray(z.reshape(6, 1).copy())
+        out = track(ring, r, refs, keep)[:, 0, :, 0]  # (6, nrefs+1)
+        keep = True
+        end = out[:, -1]
+        if not np.all(np.isfinite(end)):
+            return None
+        b = end[_IDX5] - np.append(z[:4], 0.0) - theta
+        dz = a_inv @ b
+        z[:5] -= dz
+        if np.linalg.norm(dz) < tol:
+            return z, out[:, :-1].T, it
+    return None

@@ -1,0 +1,105 @@
+"""Anomalies that can be switched on while plans run: stuck/dead correctors, dead BPMs, trips, beam loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Twin
+
+__all__ = ["Anomalies"]
+
+
+class Anomalies:
+    """Faults of one twin. Every switch takes effect at once (the twin recomputes on the next read).
+
+    >>> twin.anomalies.stuck("HST", 3)      # setpoint changes are ignored by the power supply
+    >>> twin.anomalies.dead("VST", 10)      # output 0 A, readback 0
+    >>> twin.anomalies.dead_bpm(42)         # BPM 43 reads NaN
+    >>> twin.anomalies.trip("QF2")          # whole family's supply trips to 0
+    >>> twin.anomalies.lose_beam()          # beam gone until twin.inject()
+    >>> twin.anomalies.clear()
+    """
+
+    def __init__(self, twin: Twin):
+        self._twin = twin
+        self._stuck: set[tuple[str, int]] = set()
+        self._dead: set[tuple[str, int]] = set()
+        self._tripped: set[str] = set()
+        self.dead_bpms: set[int] = set()
+        self.beam_lost = False
+
+    def _check(self, family: str, index: int | None = None) -> None:
+        st = self._twin.family(family)
+        if index is not None and not 0 <= index < len(st.refpts):
+            raise IndexError(f"{family}: index {index} out of range 0..{len(st.refpts) - 1}")
+
+    def stuck(self, family: str, index: int, on: bool = True) -> None:
+        """The supply of ``family[index]`` stops following its setpoint."""
+        with self._twin._lock:
+            self._check(family, index)
+            (self._stuck.add if on else self._stuck.discard)((family, index))
+            if not on:
+                st = self._twin.family(family)
+                st.applied[index] = st.setpoint[index]
+                self._twin._write(st, index)
+            self._twin._touch()
+
+    def dead(self, family: str, index: int, on: bool = True) -> None:
+        """``family[index]`` delivers no field (readback 0) whatever its setpoint."""
+        with self._twin._lock:
+            self._check(family, index)
+            (self._dead.add if on else self._dead.discard)((family, index))
+            self._twin._write(self._twin.family(family), index)
+            self._twin._touch()
+
+    def trip(self, family: str, on: bool = True) -> None:
+        """The whole family's power supply trips (field and readback 0) until ``trip(family, False)``."""
+        with self._twin._lock:
+            self._check(family)
+            (self._tripped.add if on else self._tripped.discard)(family)
+            self._twin._rewrite_family(family)
+
+    def dead_bpm(self, index: int, on: bool = True) -> None:
+        """BPM ``index`` reads NaN."""
+        with self._twin._lock:
+            if not 0 <= index < self._twin.nbpm:
+                raise IndexError(f"BPM index {index} out of range 0..{self._twin.nbpm - 1}")
+            (self.dead_bpms.add if on else self.dead_bpms.discard)(index)
+            self._twin._touch()
+
+    def lose_beam(self) -> None:
+        """The beam is lost (current 0, NaN orbit) until ``twin.inject()``."""
+        with self._twin._lock:
+            self.beam_lost = True
+            self._twin._touch()
+
+    def is_stuck(self, family: str, index: int) -> bool:
+        return (family, index) in self._stuck
+
+    def is_dead(self, family: str, index: int) -> bool:
+        return (family, index) in self._dead
+
+    def is_tripped(self, family: str) -> bool:
+        return family in self._tripped
+
+    def active(self) -> dict[str, list]:
+        return {"stuck": sorted(self._stuck), "dead": sorted(self._dead), "tripped": sorted(self._tripped),
+                "dead_bpms": sorted(self.dead_bpms), "beam_lost": self.beam_lost}
+
+    def clear(self) -> None:
+        """Remove every anomaly (stuck supplies jump to their setpoints)."""
+        with self._twin._lock:
+            stuck, dead, tripped = list(self._stuck), list(self._dead), list(self._tripped)
+            self._stuck.clear()
+            self._dead.clear()
+            self._tripped.clear()
+            self.dead_bpms.clear()
+            self.beam_lost = False
+            for fam, i in stuck + dead:
+                st = self._twin.family(fam)
+                st.applied[i] = st.setpoint[i]
+                self._twin._write(st, i)
+            for fam in tripped:
+                self._twin._rewrite_family(fam)
+            self._twin._touch()
