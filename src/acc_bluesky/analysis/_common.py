@@ -1,0 +1,158 @@
+"""Helpers shared by the analysis modules: resolving a profile/lattice, reading results back from a run.
+
+Pure Python/numpy: a "run" is anything that looks like a Tiled ``BlueskyRun`` (``run.metadata["start"]`` and
+``run["results"]``), or a plain mapping of results, so the same functions serve notebooks and Dask workers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..profile import Profile, load_profile
+
+__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "rms", "corrector_table"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def resolve_profile(source: Any) -> Profile:
+    """The profile behind ``source``: a Profile, a profile name/path, a Twin, a Machine (anything with ``.profile``)."""
+    if isinstance(source, Profile):
+        return source
+    prof = getattr(source, "profile", None)
+    if isinstance(prof, Profile):
+        return prof
+    if isinstance(source, str):
+        return load_profile(source)
+    raise TypeError(
+        f"expected a Profile, a profile name, a Twin or a Machine, got {type(source).__name__}; "
+        "pass e.g. load_profile('ebs') or the connected machine")
+
+
+def run_start(run: Any) -> dict[str, Any]:
+    """The start document of a run (Tiled ``BlueskyRun``, a mapping with a ``start`` key, or ``{}``)."""
+    md = getattr(run, "metadata", None)
+    if md is not None:
+        try:
+            return dict(md["start"])
+        except (KeyError, TypeError):
+            return {}
+    if isinstance(run, Mapping) and "start" in run and isinstance(run["start"], Mapping):
+        return dict(run["start"])
+    return {}
+
+
+def _read_node(node: Any) -> np.ndarray:
+    val = node.read() if hasattr(node, "read") else node
+    arr = np.asarray(val)
+    return arr
+
+
+def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
+    """The results a plan stored in ``run`` (one event in the ``results`` stream) as ``{key: array}``.
+
+    Accepts a Tiled ``BlueskyRun`` (reads ``run[stream]``), or a mapping that already holds the results (returned
+    unchanged, values as arrays). The leading event axis (length 1) is removed.
+    """
+    if isinstance(run, Mapping) and stream not in run:
+        return {k: np.asarray(v) for k, v in run.items() if k != "start"}
+    try:
+        node = run[stream]
+    except (KeyError, TypeError) as err:
+        uid = run_start(run).get("uid", "?")
+        raise KeyError(f"run {uid} has no {stream!r} stream: it was not recorded by an acc_bluesky tool "
+                       "or it failed before storing its results") from err
+    out: dict[str, np.ndarray] = {}
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    for k in keys:
+        if k in ("time", "seq_num") or k.startswith("ts_"):
+            continue
+        try:
+            child = node[k]
+        except Exception:  # noqa: BLE001 - composite nodes may list internal tables
+            continue
+        if hasattr(child, "keys") and not hasattr(child, "shape") and not hasattr(child, "dtype"):
+            # a table node (internal data): read its columns
+            try:
+                df = child.read()
+            except Exception:  # noqa: BLE001
+                continue
+            for col in getattr(df, "columns", []):
+                if col in ("time", "seq_num") or str(col).startswith("ts_"):
+                    continue
+                out[str(col)] = _strip_event_axis(np.asarray(list(df[col]) if df[col].dtype == object
+                                                             else df[col].to_numpy()))
+            continue
+        try:
+            out[k] = _strip_event_axis(_read_node(child))
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"cannot read {stream}/{k}: {err}", stacklevel=2)
+    return out
+
+
+def _strip_event_axis(a: np.ndarray) -> np.ndarray:
+    if a.ndim >= 1 and a.shape[0] == 1:
+        a = a[0]
+    if a.dtype == object and a.ndim == 1 and len(a) and isinstance(a[0], (list, np.ndarray)):
+        a = np.asarray([np.asarray(v) for v in a])
+    return a
+
+
+def rms(v: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> float:
+    """Root mean square (about zero) of the finite values of ``v`` (optionally only where ``mask``)."""
+    a = np.asarray(v, dtype=float)
+    if mask is not None:
+        a = a[np.asarray(mask, dtype=bool)]
+    a = a[np.isfinite(a)]
+    return float(np.sqrt(np.mean(a * a))) if a.size else float("nan")
+
+
+def corrector_table(profile: Profile, correctors: Sequence[str] | str | None = None,
+                    include_bad: bool = False) -> list[tuple[str, str, int, str]]:
+    """Resolve a corrector selection to ``[(device_name, family, index, plane), ...]``.
+
+    ``correctors``: ``None`` (every in-service corrector of every hcor then vcor family), a family name, or a list
+    of device names (``"HST:001"``) and/or family names. Unknown names raise a ``KeyError`` listing valid ones.
+    """
+    fams = profile.families_of_type("hcor", "vcor")
+    if not fams:
+        raise KeyError(f"profile {profile.name!r} has no corrector family (type hcor/vcor)")
+    order = [n for n, f in fams.items() if f.spec.type == "hcor"] + [n for n, f in fams.items()
+                                                                        if f.spec.type == "vcor"]
+
+    def plane(fam: str) -> str:
+        return "x" if fams[fam].spec.type == "hcor" else "y"
+
+    def whole(fam: str) -> list[tuple[str, str, int, str]]:
+        f = fams[fam]
+        return [(f.device_names[i], fam, i, plane(fam)) for i in range(len(f))
+                if include_bad or i not in f.bad]
+
+    if correctors is None:
+        return [row for fam in order for row in whole(fam)]
+    if isinstance(correctors, str):
+        correctors = [correctors]
+    out: list[tuple[str, str, int, str]] = []
+    for c in correctors:
+        c = str(c)
+        if c in fams:
+            out.extend(whole(c))
+            continue
+        fam, _, num = c.rpartition(":")
+        if fam in fams and num.isdigit() and 1 <= int(num) <= len(fams[fam]):
+            out.append((c, fam, int(num) - 1, plane(fam)))
+            continue
+        raise KeyError(f"unknown corrector {c!r}; use device names like {fams[order[0]].device_names[0]!r} "
+                       f"or family names {order}")
+    seen = set()
+    uniq = []
+    for row in out:
+        if row[0] not in seen:
+            seen.add(row[0])
+            uniq.append(row)
+    return uniq

@@ -1,0 +1,286 @@
+"""SVD orbit correction (MML's ``setorbit``) on top of pyAT's response-matrix solver.
+
+The weighted, masked SVD and the correction matrix are pyAT's (``at.latticetools.response_matrix``'s solver),
+fed with a measured or model matrix; Tikhonov regularisation, the RF frequency as an extra variable (MML's FitRF)
+and the step limits are added here. Units: orbit [m], correctors in hardware units [A] (or whatever unit the
+matrix columns are per), RF [Hz].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from at.latticetools.response_matrix import _SvdSolver
+
+from ._common import FloatArray, rms
+from .orm import OrbitResponse
+
+__all__ = [
+    "SvdCorrector",
+    "CorrectionSystem",
+    "StepLimits",
+    "limit_step",
+    "orbit_rms",
+]
+
+
+class SvdCorrector(_SvdSolver):
+    """Weighted, masked SVD inverse of a response matrix ``R`` (observables x variables).
+
+    Args:
+        response: (nobs, nvar) matrix, e.g. m/A.
+        obs_weights: per observable, its importance (1/sigma: larger = fitted harder). Default 1.
+        var_weights: per variable, its natural scale (larger = the variable is used more freely). Default 1.
+        obs_mask: observables used (False = excluded: ignored in the fit).
+        var_mask: variables used (False = excluded: never moved).
+
+    pyAT's solver divides by observable weights and multiplies by variable weights; the conversions are done here.
+    """
+
+    def __init__(self, response: npt.ArrayLike, obs_weights: npt.ArrayLike | None = None,
+                 var_weights: npt.ArrayLike | None = None, obs_mask: npt.ArrayLike | None = None,
+                 var_mask: npt.ArrayLike | None = None):
+        r = np.asarray(response, dtype=float)
+        if r.ndim != 2:
+            raise ValueError(f"response must be a 2-D matrix, got shape {r.shape}")
+        super().__init__(*r.shape)
+        self._ow = np.ones(r.shape[0]) if obs_weights is None else np.broadcast_to(
+            np.asarray(obs_weights, dtype=float), (r.shape[0],)).copy()
+        self._vw = np.ones(r.shape[1]) if var_weights is None else np.broadcast_to(
+            np.asarray(var_weights, dtype=float), (r.shape[1],)).copy()
+        if np.any(self._ow <= 0) or np.any(self._vw <= 0) or not (np.all(np.isfinite(self._ow))
+                                                                   and np.all(np.isfinite(self._vw))):
+            raise ValueError("weights must be finite and > 0 (exclude an item with the masks instead)")
+        if obs_mask is not None:
+            self._obsmask = np.asarray(obs_mask, dtype=bool).copy()
+        if var_mask is not None:
+            self._varmask = np.asarray(var_mask, dtype=bool).copy()
+        bad_rows = ~np.all(np.isfinite(r), axis=1)
+        self._obsmask &= ~bad_rows
+        if not self._obsmask.any() or not self._varmask.any():
+            raise ValueError("every observable or every variable is excluded: nothing to correct with")
+        self.response = np.where(np.isfinite(r), r, 0.0)
+
+    @property
+    def varweights(self) -> np.ndarray:
+        return self._vw
+
+    @property
+    def obsweights(self) -> np.ndarray:
+        return 1.0 / self._ow
+
+    def exclude_observables(self, mask: npt.ArrayLike) -> None:
+        """Also exclude the observables where ``mask`` is True (e.g. NaN readings); the SVD is redone."""
+        m = np.asarray(mask, dtype=bool)
+        if np.any(m & self._obsmask):
+            self._obsmask = self._obsmask & ~m
+            self.singular_values = None
+
+    @property
+    def obs_mask(self) -> np.ndarray:
+        return self._obsmask.copy()
+
+    @property
+    def var_mask(self) -> np.ndarray:
+        return self._varmask.copy()
+
+    def correction_matrix(self, nvals: int | None = None, tikhonov: float | None = None) -> FloatArray:
+        """Pseudo-inverse (nvar, nobs) with ``nvals`` singular values, or Tikhonov-regularised with ``alpha``.
+
+        Tikhonov uses the filter factors ``s / (s^2 + alpha^2)`` instead of ``1/s`` (``alpha`` in the units of the
+        weighted singular values, see :attr:`singular_values`).
+        """
+        if self.singular_values is None:
+            self.solve()
+        s = self.singular_values
+        if nvals is not None and not 1 <= int(nvals) <= len(s):
+            raise ValueError(f"n_sv must be between 1 and {len(s)} (number of singular values), got {nvals}")
+        if tikhonov is None:
+            return super().correction_matrix(nvals=None if nvals is None else int(nvals))
+        if tikhonov < 0:
+            raise ValueError(f"tikhonov alpha must be >= 0, got {tikhonov}")
+        k = len(s) if nvals is None else int(nvals)
+        filt = (s * s / (s * s + tikhonov * tikhonov))[:k]  # multiplies 1/s
+        cormat = np.zeros(self.shape[::-1])
+        cormat[np.ix_(self._varmask, self._obsmask)] = (self._v[:, :k] * filt) @ self._uh[:k, :]
+        return cormat
+
+    def correct(self, deviation: npt.ArrayLike, nvals: int | None = None,
+                tikhonov: float | None = None) -> FloatArray:
+        """Variable change that cancels ``deviation`` (observed minus target); NaN observables are excluded."""
+        d = np.asarray(deviation, dtype=float)
+        if d.shape != (self.shape[0],):
+            raise ValueError(f"deviation has shape {d.shape}, expected ({self.shape[0]},)")
+        nan = ~np.isfinite(d)
+        if np.any(nan & self._obsmask):
+            self.exclude_observables(nan)
+        return -self.correction_matrix(nvals, tikhonov) @ np.where(nan, 0.0, d)
+
+    def used_singular_values(self, nvals: int | None = None) -> FloatArray:
+        if self.singular_values is None:
+            self.solve()
+        return self.singular_values[: (len(self.singular_values) if nvals is None else int(nvals))].copy()
+
+
+@dataclass
+class CorrectionSystem:
+    """The linear system of an orbit correction built from an :class:`OrbitResponse`.
+
+    Rows are BPM readings ``[x; y]`` [m]; columns the selected correctors [A] and, with ``fit_rf``, the RF
+    frequency [Hz] as the last variable. Weights, exclusions and the RF column's scale are set here.
+
+    Attributes:
+        orm: the (sub)matrix used.
+        response: (2n, m[+1]) matrix, m/A (and m/Hz for RF).
+        solver: the :class:`SvdCorrector`.
+        fit_rf: whether the last variable is the RF frequency.
+        rf_weight: the RF variable's scale [Hz] (chosen so its column weighs like an average corrector's).
+    """
+
+    orm: OrbitResponse
+    response: FloatArray
+    solver: SvdCorrector
+    fit_rf: bool
+    rf_weight: float = 1.0
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, orm: OrbitResponse, *, fit_rf: bool = False, bpm_weights: npt.ArrayLike | None = None,
+              corrector_weights: npt.ArrayLike | None = None, exclude_bpms: Sequence[str | int] = (),
+              exclude_correctors: Sequence[str | int] = (), bad_bpms: npt.ArrayLike | None = None,
+              planes: Sequence[str] = ("x", "y")) -> CorrectionSystem:
+        """Assemble the system.
+
+        Args:
+            orm: the response (hardware units are used).
+            fit_rf: add the RF frequency as a variable (needs ``orm.rf``).
+            bpm_weights: (n,) or (2n,) per BPM (or per reading) importance, larger = fitted harder.
+            corrector_weights: (m,) per corrector scale, larger = used more freely.
+            exclude_bpms: BPM names/indices ignored (both planes).
+            exclude_correctors: corrector names/indices never moved.
+            bad_bpms: (n,) boolean mask of BPMs out of service (ignored).
+            planes: reading planes corrected (``("x",)`` corrects only the horizontal orbit).
+        """
+        n = orm.nbpm
+        resp = orm.matrix_hw
+        notes: list[str] = []
+        if fit_rf:
+            if orm.rf is None:
+                raise ValueError("fit_rf=True needs an ORM with an RF column: measure it with rf=True or use "
+                                 "orm='model'")
+            colnorm = np.linalg.norm(resp, axis=0)
+            rfnorm = float(np.linalg.norm(orm.rf))
+            rf_w = float(np.mean(colnorm[colnorm > 0]) / rfnorm) if rfnorm > 0 else 1.0
+            resp = np.column_stack([resp, orm.rf])
+        else:
+            rf_w = 1.0
+        obs_mask = np.ones(2 * n, dtype=bool)
+        for b in exclude_bpms:
+            i = orm.bpm_index(b)
+            obs_mask[[i, n + i]] = False
+        if bad_bpms is not None:
+            bad = np.asarray(bad_bpms, dtype=bool)
+            obs_mask &= ~np.concatenate([bad, bad])
+        if "x" not in planes:
+            obs_mask[:n] = False
+        if "y" not in planes:
+            obs_mask[n:] = False
+        var_mask = np.ones(resp.shape[1], dtype=bool)
+        for c in exclude_correctors:
+            var_mask[orm.corrector_index(c)] = False
+        ow = None
+        if bpm_weights is not None:
+            w = np.asarray(bpm_weights, dtype=float).reshape(-1)
+            if w.shape == (n,):
+                w = np.concatenate([w, w])
+            if w.shape != (2 * n,):
+                raise ValueError(f"bpm_weights must have {n} or {2 * n} values, got {w.shape}")
+            zero = w <= 0
+            obs_mask &= ~zero
+            ow = np.where(zero, 1.0, w)
+        vw = np.ones(resp.shape[1])
+        if corrector_weights is not None:
+            cw = np.asarray(corrector_weights, dtype=float).reshape(-1)
+            if cw.shape != (orm.ncor,):
+                raise ValueError(f"corrector_weights must have {orm.ncor} values, got {cw.shape}")
+            zero = cw <= 0
+            var_mask[: orm.ncor] &= ~zero
+            vw[: orm.ncor] = np.where(zero, 1.0, cw)
+        if fit_rf:
+            vw[-1] = rf_w
+        # columns of correctors that cannot act on the corrected planes would make the SVD singular
+        active = np.linalg.norm(resp[obs_mask], axis=0) > 0
+        if np.any(var_mask & ~active):
+            var_mask &= active
+        solver = SvdCorrector(resp, obs_weights=ow, var_weights=vw, obs_mask=obs_mask, var_mask=var_mask)
+        return cls(orm=orm, response=resp, solver=solver, fit_rf=fit_rf, rf_weight=rf_w, warnings=notes)
+
+    @property
+    def nvar(self) -> int:
+        return self.response.shape[1]
+
+    def step(self, deviation: npt.ArrayLike, *, n_sv: int | None = None, tikhonov: float | None = None,
+             gain: float = 1.0) -> tuple[FloatArray, float]:
+        """Corrector steps [A] (m,) and RF step [Hz] that cancel ``gain`` x ``deviation`` (readings - target, 2n)."""
+        dv = gain * self.solver.correct(deviation, n_sv, tikhonov)
+        if self.fit_rf:
+            return dv[:-1], float(dv[-1])
+        return dv, 0.0
+
+    def predicted(self, deviation: npt.ArrayLike, dk: FloatArray, drf: float = 0.0) -> FloatArray:
+        """Readings after applying ``dk`` [A] (and ``drf`` [Hz]) in the linear model."""
+        v = np.append(dk, drf) if self.fit_rf else dk
+        return np.asarray(deviation, dtype=float) + self.response @ v
+
+
+@dataclass
+class StepLimits:
+    """What :func:`limit_step` did: the scale applied for ``max_step``, the correctors clipped at a limit."""
+
+    scale: float = 1.0
+    clipped: list[int] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+def limit_step(step: npt.ArrayLike, current: npt.ArrayLike, low: npt.ArrayLike, high: npt.ArrayLike,
+               max_step: float | None = None, names: Sequence[str] | None = None,
+               units: str = "A") -> tuple[FloatArray, StepLimits]:
+    """Make a corrector step safe.
+
+    1. If any ``|step|`` exceeds ``max_step``, the whole step is scaled down (its direction is kept).
+    2. Each new setpoint ``current + step`` is clipped into ``[low, high]``.
+
+    Returns the safe step and a :class:`StepLimits` report (messages name the correctors).
+    """
+    s = np.asarray(step, dtype=float).copy()
+    cur = np.asarray(current, dtype=float)
+    lo = np.broadcast_to(np.asarray(low, dtype=float), s.shape)
+    hi = np.broadcast_to(np.asarray(high, dtype=float), s.shape)
+    rep = StepLimits()
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(s))]
+    if max_step is not None:
+        if max_step <= 0:
+            raise ValueError(f"max_step must be > 0, got {max_step}")
+        big = float(np.max(np.abs(s))) if s.size else 0.0
+        if big > max_step:
+            rep.scale = max_step / big
+            s *= rep.scale
+            rep.messages.append(f"step scaled by {rep.scale:.3g} so no corrector moves more than {max_step:g} "
+                                f"{units} (largest requested {big:.3g} {units} on {names[int(np.argmax(np.abs(s)))]})")
+    new = cur + s
+    clipped = np.nonzero((new < lo) | (new > hi))[0]
+    if clipped.size:
+        new = np.clip(new, lo, hi)
+        s = new - cur
+        rep.clipped = clipped.tolist()
+        shown = ", ".join(names[i] for i in clipped[:8]) + (" ..." if clipped.size > 8 else "")
+        rep.messages.append(f"{clipped.size} corrector(s) clipped at their limits: {shown}")
+    return s, rep
+
+
+def orbit_rms(x: npt.ArrayLike, y: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> tuple[float, float]:
+    """(rms x, rms y) [m] of the finite readings (optionally only where ``mask``)."""
+    return rms(x, mask), rms(y, mask)

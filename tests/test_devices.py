@@ -1,0 +1,134 @@
+"""Devices through the sim backend (truth from the twin) and the epics backend with mock signals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ophyd_async.core import init_devices
+from ophyd_async.testing import get_mock_put, set_mock_value
+
+from acc_bluesky.devices import EpicsBackend, MagnetFamily, Orbit, pv_names
+from acc_bluesky.machine import connect
+from acc_bluesky.profile import LimitError
+
+
+async def test_orbit_reads_what_the_twin_bpms_show(machine_ideal):
+    m = machine_ideal
+    await m.hcor[12].set(2.0)
+    x = await m.bpm.x.get_value()
+    xt, _ = m.twin.orbit()
+    assert np.array_equal(x, xt)  # ideal machine: BPM reading == truth
+    assert np.max(np.abs(x)) > 1e-5
+    reading = await m.bpm.channel[40].x.get_value()
+    assert reading == x[40]
+
+
+async def test_units_in_every_describe(machine):
+    m = machine
+    for dev in (m.bpm, m.hcor[0], m.quad["QF2"][0], m.rf, m.tune, m.beam):
+        desc = await dev.describe()
+        assert desc and all("units" in d for d in desc.values()), dev.name
+    d = await m.bpm.describe()
+    assert d["bpm-x"]["units"] == "m" and d["bpm-x"]["shape"] == [224]
+    assert (await m.rf.describe())["rf-frequency"]["units"] == "Hz"
+    assert (await m.hcor[0].describe())["HST-0-readback"]["units"] == "A"
+
+
+async def test_strength_in_physics_units(machine):
+    m = machine
+    await m.hcor[3].set(2.0)
+    assert await m.hcor[3].strength.get_value() == pytest.approx(1e-4)
+    qf2 = m.quad["QF2"][0]
+    k = await qf2.strength.get_value()
+    assert k == pytest.approx(0.39100749, rel=1e-9)  # design K of QF2 through the calibration
+    assert qf2.to_hw(k) == pytest.approx(await qf2.readback.get_value())
+
+
+async def test_setpoint_past_limit_refused_before_anything_moves(machine):
+    m = machine
+    before = m.twin.snapshot()
+    with pytest.raises(LimitError, match=r"HST:006: setpoint 12 A is outside the limits"):
+        await m.hcor[5].set(12.0)
+    with pytest.raises(LimitError, match="HST"):
+        await m.hcor.set(np.full(224, 9.0))
+    after = m.twin.snapshot()
+    assert np.array_equal(before["HST"], after["HST"])
+
+
+async def test_family_waveform_sets_all_at_once(machine):
+    m = machine
+    n0 = m.twin.stats["solves"]
+    values = np.linspace(-1, 1, 224)
+    await m.vcor.set(values)
+    assert np.array_equal(await m.vcor.readbacks.get_value(), values)
+    await m.bpm.y.get_value()
+    assert m.twin.stats["solves"] == n0 + 1
+    assert np.array_equal(m.twin.get_setpoint("VST"), values)
+
+
+def test_machine_tree(machine):
+    m = machine
+    assert isinstance(m.bpm, Orbit) and len(m.bpm) == 224
+    assert isinstance(m.hcor, MagnetFamily) and len(m.hcor) == 224 and m.hcor.refpts.shape == (224,)
+    assert m.hcor.names[0] == "HST:001" and m.vcor.family_name == "VST"
+    assert set(m.quad) == {"QF2", "QD3", "QD4", "QF5", "QD6", "QF7"}
+    assert set(m.sext) == {"S4", "S6", "S13", "S19", "S20", "S22", "S24"}
+    assert m.twin is not None and m.mode == "sim" and m.seed == 1
+    with pytest.raises(KeyError, match="unknown quadrupole family 'QF9'; valid: \\['QD3'"):
+        m.quad["QF9"]
+    with pytest.raises(KeyError, match="unknown device 'HST:999'"):
+        m.hcor.index_of("HST:999")
+
+
+async def test_beam_current_and_tunes(machine):
+    m = machine
+    assert 0.19 < await m.beam.current.get_value() <= 0.2
+    qx = await m.tune.x.get_value()
+    assert abs(qx - m.twin.tunes()[0]) < 1e-4
+    m.twin.anomalies.lose_beam()
+    assert await m.beam.current.get_value() == 0.0
+    assert np.all(np.isnan(await m.bpm.x.get_value()))
+
+
+async def test_rf_frequency_moves_energy(machine):
+    m = machine
+    f0 = await m.rf.frequency.get_value()
+    await m.rf.set(f0 + 50.0)
+    dp = m.twin.energy_deviation()
+    alpha = m.twin.momentum_compaction()
+    assert dp == pytest.approx(-50.0 / (f0 * alpha), rel=0.05)
+    with pytest.raises(LimitError, match="rf.frequency"):
+        await m.rf.set(f0 + 1e6)
+
+
+def test_pv_names_from_templates(ebs):
+    pvs = pv_names(ebs)
+    assert pvs["HST:001:setpoint"] == "EBS-SIM:HST:001:I-SP"
+    assert pvs["orbit:x"] == "EBS-SIM:ORBIT:X"
+    assert pv_names(ebs, prefix="SR:")["BPM:224:y"] == "SR:BPM:224:Y"
+    assert len(set(pvs.values())) == len(pvs)  # no two keys share a PV
+
+
+async def test_epics_backend_devices_with_mock_signals(ebs):
+    """Device logic of the epics backend, unit-tested with ophyd-async mock signals (no IOC)."""
+    from acc_bluesky.machine import Machine
+
+    backend = EpicsBackend(ebs, prefix="T:")
+    async with init_devices(mock=True):
+        m = Machine(ebs, "epics", backend, seed=None)
+        for d in m.devices():
+            await d.connect(mock=True)
+    assert m.twin is None
+    set_mock_value(m.bpm.x, np.arange(224) * 1e-6)
+    assert (await m.bpm.x.get_value())[10] == pytest.approx(1e-5)
+    await m.hcor[0].set(1.5)
+    get_mock_put(m.hcor[0].setpoint).assert_called_once()
+    assert m.hcor[0].setpoint.source.endswith("T:HST:001:I-SP")
+    with pytest.raises(LimitError):
+        await m.hcor[0].set(100.0)
+    assert get_mock_put(m.hcor[0].setpoint).call_count == 1
+
+
+def test_connect_bad_mode(ebs):
+    with pytest.raises(ValueError, match="mode must be 'sim' or 'epics'"):
+        connect(ebs, mode="tango")
