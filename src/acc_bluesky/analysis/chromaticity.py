@@ -32,6 +32,7 @@ __all__ = [
     "fit_chromaticity",
     "lattice_chromaticity",
     "model_chromaticity_response",
+    "model_momentum_compaction",
 ]
 
 
@@ -282,5 +283,3 @@ def model_momentum_compaction(source: Any, setpoints: Mapping[str, npt.ArrayLike
     """Path-length polynomial of the model (design lattice at ``setpoints``), see :func:`momentum_compaction_poly`."""
     return momentum_compaction_poly(model_lattice(resolve_profile(source), setpoints), dp_range=dp_range)
 
-
-__all__ += ["model_momentum_compaction"]

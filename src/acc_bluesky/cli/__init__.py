@@ -9,7 +9,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules; each has ``add_parser(subparsers)`` setting ``func(args) -> int``.
-SUBCOMMANDS = ("demo", "profile", "shell", "catalog", "ioc", "shadow", "queue", "twin")
+SUBCOMMANDS = ("demo", "profile", "shell", "catalog", "ioc", "shadow", "queue", "commission", "twin")
 
 
 def build_parser() -> argparse.ArgumentParser:

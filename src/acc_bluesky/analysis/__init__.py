@@ -1,0 +1,71 @@
+"""Pure analysis (numpy / pyAT, no bluesky): response matrices, SVD correction, bumps, dispersion, configs, optics.
+
+Everything here runs from a notebook or a Dask worker without a RunEngine; ``*.from_run(run)`` reads what a plan
+stored in the Tiled catalogue.
+"""
+
+# --- orbit tools ---------------------------------------------------------------------------------------------
+from .bump import (
+    BumpGeometry,
+    BumpSolution,
+    angle_response,
+    angle_rows_hw,
+    bump_geometry,
+    choose_bump_correctors,
+    constrained_lstsq,
+    needs_rf,
+    solve_bump,
+)
+from .config import (
+    RF_KEYS,
+    ConfigDifference,
+    compare_config,
+    config_from_run,
+    config_to_results,
+    format_differences,
+)
+from .correction import CorrectionSystem, StepLimits, SvdCorrector, limit_step, orbit_rms
+from .dispersion import Dispersion, dispersion_from_orbits, dp_from_df, model_dispersion, model_momentum_compaction_of
+from .orm import OrbitResponse, model_orm, momentum_compaction, response_from_orbits, rf_frequency_of
+
+# --- optics tools (tune, chromaticity: written by the optics engineer) ----------------------------------------
+from .tune import *  # noqa: E402,F403
+from .chromaticity import *  # noqa: E402,F403
+from . import chromaticity as _chromaticity, tune as _tune  # noqa: E402
+
+__all__ = [
+    # orbit tools
+    "BumpGeometry",
+    "BumpSolution",
+    "ConfigDifference",
+    "CorrectionSystem",
+    "Dispersion",
+    "OrbitResponse",
+    "RF_KEYS",
+    "StepLimits",
+    "SvdCorrector",
+    "angle_response",
+    "angle_rows_hw",
+    "bump_geometry",
+    "choose_bump_correctors",
+    "compare_config",
+    "config_from_run",
+    "config_to_results",
+    "constrained_lstsq",
+    "dispersion_from_orbits",
+    "dp_from_df",
+    "format_differences",
+    "limit_step",
+    "model_dispersion",
+    "model_momentum_compaction_of",
+    "model_orm",
+    "momentum_compaction",
+    "needs_rf",
+    "orbit_rms",
+    "response_from_orbits",
+    "rf_frequency_of",
+    "solve_bump",
+    # optics tools
+    *_tune.__all__,
+    *_chromaticity.__all__,
+]

@@ -1,0 +1,283 @@
+"""Closed local orbit bumps (MML's ``setorbitbump``): choose correctors, solve, refine from measurements.
+
+A bump moves the orbit at one BPM (position, optionally angle) and leaves it unchanged outside the span of its
+correctors. Physics to keep in mind on a ring at fixed RF frequency: a horizontal bump through dispersive
+locations changes the path length by ``sum(eta_w * theta_w)``, the beam energy follows and the *whole* orbit moves
+by ``eta * dp``. Three correctors cannot close that (three conditions: amplitude, position and angle after the
+bump); a fourth corrector or the RF frequency as an extra variable can. :func:`needs_rf` says when.
+
+The solve is a constrained least squares: ``minimise ||R_out k - b_out||`` subject to ``C k = d`` (the amplitude
+row and, for angle bumps, the angle row), with a tiny Tikhonov term picking the smallest kicks among exact
+solutions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..profile import Profile
+from ._common import FloatArray, resolve_profile
+from .orm import OrbitResponse
+
+__all__ = ["BumpGeometry", "bump_geometry", "choose_bump_correctors", "constrained_lstsq", "solve_bump",
+           "angle_response", "angle_rows_hw", "needs_rf", "BumpSolution"]
+
+
+def constrained_lstsq(r_out: npt.ArrayLike, b_out: npt.ArrayLike, c: npt.ArrayLike, d: npt.ArrayLike,
+                      ridge: float = 1e-9) -> FloatArray:
+    """``argmin ||r_out k - b_out||^2 + ridge^2 ||k||^2 * scale`` subject to ``c k = d`` (KKT system).
+
+    ``ridge`` is relative to the norm of ``r_out`` (it only selects the smallest solution among exact ones).
+    """
+    r = np.asarray(r_out, dtype=float)
+    b = np.asarray(b_out, dtype=float)
+    cm = np.atleast_2d(np.asarray(c, dtype=float))
+    dv = np.atleast_1d(np.asarray(d, dtype=float))
+    n = r.shape[1]
+    scale = max(float(np.linalg.norm(r)) ** 2, 1e-300)
+    h = r.T @ r + (ridge ** 2) * scale * np.eye(n)
+    kkt = np.block([[h, cm.T], [cm, np.zeros((cm.shape[0], cm.shape[0]))]])
+    rhs = np.concatenate([r.T @ b, dv])
+    sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    return sol[:n]
+
+
+@dataclass
+class BumpGeometry:
+    """Where a bump is: s positions and which BPMs lie inside the span of its correctors."""
+
+    s_bpm: FloatArray  # (n,) s of every BPM [m]
+    s_cor: dict[str, float]  # corrector name -> s [m]
+    circumference: float
+
+    def upstream(self, s_point: float, name: str) -> float:
+        """Distance [m] from corrector ``name`` downstream to ``s_point`` (wrapping around the ring)."""
+        return (s_point - self.s_cor[name]) % self.circumference
+
+    def downstream(self, s_point: float, name: str) -> float:
+        return (self.s_cor[name] - s_point) % self.circumference
+
+    def inside(self, s_point: float, correctors: Sequence[str]) -> np.ndarray:
+        """(n,) mask of the BPMs inside the span of ``correctors`` around ``s_point``."""
+        half = self.circumference / 2
+        up = [self.upstream(s_point, c) for c in correctors if self.upstream(s_point, c) <= half]
+        dn = [self.downstream(s_point, c) for c in correctors if self.upstream(s_point, c) > half]
+        a = max(up) if up else 0.0
+        b = max(dn) if dn else 0.0
+        start = s_point - a
+        return ((self.s_bpm - start) % self.circumference) <= a + b
+
+
+def bump_geometry(profile: Profile, orm: OrbitResponse | None = None, lattice=None) -> BumpGeometry:
+    """s positions of the profile's BPMs and correctors (from the design lattice)."""
+    ring = profile.load_lattice() if lattice is None else lattice
+    s = ring.get_s_pos(range(len(ring) + 1))
+    s_cor: dict[str, float] = {}
+    for fam in profile.families_of_type("hcor", "vcor").values():
+        for i, name in enumerate(fam.device_names):
+            s_cor[name] = float(s[int(fam.refpts[i])])
+    return BumpGeometry(np.asarray(s[profile.bpm_refpts], dtype=float), s_cor, float(ring.circumference))
+
+
+def angle_response(source: Any, bpm: int, correctors: Sequence[str], *, lattice=None,
+                   delta: float = 1e-5) -> tuple[FloatArray, FloatArray]:
+    """Model (position, angle) response at BPM ``bpm`` to each corrector [m/rad, rad/rad] (4D, fixed path).
+
+    Finite differences of pyAT ``find_orbit4(dct=0)`` on the design lattice: exact for the model.
+    """
+    import at
+
+    from .orm import _get_field, _set_field
+
+    prof = resolve_profile(source)
+    ring = prof.load_lattice() if lattice is None else lattice.deepcopy()
+    ref = int(prof.bpm_refpts[bpm])
+    pos = np.zeros(len(correctors))
+    ang = np.zeros(len(correctors))
+    fams = prof.families_of_type("hcor", "vcor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for j, name in enumerate(correctors):
+            fam, _, num = name.rpartition(":")
+            spec = fams[fam].spec
+            attr, index = spec.field_parts
+            el = ring[int(fams[fam].refpts[int(num) - 1])]
+            v0 = _get_field(el, attr, index)
+            plane = 0 if spec.type == "hcor" else 2
+            out = []
+            for sgn in (+1, -1):
+                _set_field(el, attr, index, v0 + sgn * delta)
+                _, o = at.find_orbit4(ring, refpts=[ref], dct=0.0)
+                out.append(o[0])
+            _set_field(el, attr, index, v0)
+            pos[j] = (out[0][plane] - out[1][plane]) / (2 * delta)
+            ang[j] = (out[0][plane + 1] - out[1][plane + 1]) / (2 * delta)
+    return pos, ang
+
+
+def angle_rows_hw(source: Any, orm: OrbitResponse, bpm: int, correctors: Sequence[str], *,
+                  lattice=None) -> dict[str, float]:
+    """Model angle change at BPM ``bpm`` per A of each corrector [rad/A] (nominal calibration of the ORM)."""
+    _, ang = angle_response(source, bpm, correctors, lattice=lattice)
+    cal = orm.calibration()
+    return {c: float(a * cal[orm.corrector_index(c)]) for c, a in zip(correctors, ang)}
+
+
+def needs_rf(plane: str, n_correctors: int, angle: bool, orm: OrbitResponse | None = None) -> bool:
+    """True when the bump cannot close at fixed RF frequency with its correctors alone (see module doc).
+
+    Horizontal bumps with 3 correctors (position) or 4 (position + angle) through dispersive locations;
+    vertical bumps never (no vertical dispersion in the model).
+    """
+    if plane != "x":
+        return False
+    dof = n_correctors - (2 if angle else 1)
+    return dof < 3
+
+
+@dataclass
+class BumpSolution:
+    """A solved bump: corrector steps and what the model/ORM predicts.
+
+    Attributes:
+        correctors: device names of the bump's correctors.
+        step_hw: (k,) corrector changes [A].
+        step_physics: (k,) kick changes [rad] (nominal calibration).
+        rf_step: RF frequency change [Hz] (0 unless the RF closes the bump).
+        bpm: index of the bump's BPM; plane ``"x"``/``"y"``.
+        amplitude: requested reading change at the BPM [m]; angle: requested angle [rad] or None.
+        inside: (n,) mask of BPMs inside the span.
+        predicted: (2n,) predicted reading change [m].
+        leakage_rms: predicted rms change outside the span [m].
+    """
+
+    correctors: list[str]
+    step_hw: FloatArray
+    step_physics: FloatArray
+    rf_step: float
+    bpm: int
+    plane: str
+    amplitude: float
+    angle: float | None
+    inside: np.ndarray
+    predicted: FloatArray
+    leakage_rms: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _system(orm: OrbitResponse, bpm: int, plane: str, correctors: Sequence[str], inside: np.ndarray,
+            use_rf: bool, angle_row: FloatArray | None):
+    n = orm.nbpm
+    cols = [orm.corrector_index(c) for c in correctors]
+    r = orm.matrix_hw[:, cols]
+    if use_rf:
+        if orm.rf is None:
+            raise ValueError("this bump needs the RF frequency as a variable but the ORM has no RF column")
+        r = np.column_stack([r, orm.rf])
+    out = np.concatenate([~inside, ~inside])
+    row = bpm if plane == "x" else n + bpm
+    c_rows = [r[row]]
+    if angle_row is not None:
+        c_rows.append(np.append(angle_row, 0.0) if use_rf else angle_row)
+    return r, out, np.array(c_rows)
+
+
+def solve_bump(orm: OrbitResponse, bpm: int, plane: str, amplitude: float, correctors: Sequence[str],
+               inside: np.ndarray, *, angle: float | None = None, angle_row_hw: FloatArray | None = None,
+               use_rf: bool = False, residual: FloatArray | None = None,
+               current_angle: float = 0.0) -> BumpSolution:
+    """Corrector steps [A] (and RF step [Hz]) that make the bump, or refine it from a measured residual.
+
+    Args:
+        orm: response (hardware units used; must contain ``correctors`` and, if ``use_rf``, the RF column).
+        bpm: BPM index; plane: ``"x"`` or ``"y"``.
+        amplitude: wanted reading change at the BPM [m] (total, relative to the orbit before the bump).
+        correctors: the bump's correctors.
+        inside: (n,) mask of BPMs inside the span (free); outside must not move.
+        angle: wanted angle change at the BPM [rad] (needs ``angle_row_hw``: rad per A of each corrector).
+        use_rf: RF frequency as an extra variable.
+        residual: (2n,) measured change so far [m] (readings minus the reference): the solution then corrects
+            what is still missing (``amplitude - residual[bpm]`` and ``-residual`` outside).
+        current_angle: angle change already made [rad] (model), for refinement.
+    """
+    r, out, cmat = _system(orm, bpm, plane, correctors, inside,
+                           use_rf, None if angle is None else np.asarray(angle_row_hw, dtype=float))
+    n = orm.nbpm
+    row = bpm if plane == "x" else n + bpm
+    res = np.zeros(2 * n) if residual is None else np.where(np.isfinite(residual), residual, 0.0)
+    valid = out & (np.isfinite(residual) if residual is not None else True)
+    d = [amplitude - res[row]]
+    if angle is not None:
+        d.append(angle - current_angle)
+    # RF column is in m/Hz: scale it like a corrector so the ridge term treats variables alike
+    scale = np.ones(r.shape[1])
+    if use_rf:
+        cn = np.linalg.norm(r[:, :-1], axis=0).mean()
+        scale[-1] = cn / max(np.linalg.norm(r[:, -1]), 1e-300)
+    rs = r * scale
+    k = constrained_lstsq(rs[valid], -res[valid], cmat * scale, d) * scale
+    rf_step = float(k[-1]) if use_rf else 0.0
+    khw = k[:-1] if use_rf else k
+    cal = orm.calibration()[[orm.corrector_index(c) for c in correctors]]  # rad/A
+    pred = r @ k
+    leak = pred[out] + res[out]
+    return BumpSolution(correctors=list(correctors), step_hw=khw, step_physics=khw * cal, rf_step=rf_step,
+                        bpm=bpm, plane=plane, amplitude=amplitude, angle=angle, inside=inside, predicted=pred,
+                        leakage_rms=float(np.sqrt(np.mean(leak ** 2))) if leak.size else 0.0)
+
+
+def choose_bump_correctors(orm: OrbitResponse, profile: Profile, bpm: int, plane: str, n_correctors: int = 3,
+                           *, angle: bool = False, use_rf: bool | None = None, exclude: Sequence[str] = (),
+                           geometry: BumpGeometry | None = None, candidates: int = 3,
+                           angle_rows: dict[str, float] | None = None,
+                           lattice=None) -> tuple[list[str], np.ndarray]:
+    """The nearest usable correctors around BPM ``bpm`` for a bump in ``plane``.
+
+    Considers the ``candidates`` nearest correctors of the plane upstream and downstream (in service, in the
+    ORM, not excluded); for 3 correctors 1+2 or 2+1 around the point, for 4 correctors 2+2. Among those, picks
+    the set with the smallest largest kick for a unit bump (the nearest correctors can be almost degenerate in
+    phase and need huge kicks). Returns the names and the inside-span mask.
+    """
+    if n_correctors not in (3, 4):
+        raise ValueError(f"n_correctors must be 3 or 4, got {n_correctors}")
+    geo = geometry or bump_geometry(profile)
+    s0 = float(geo.s_bpm[bpm])
+    excl = set(exclude)
+    pool = [c for c, p in zip(orm.corrector_names, orm.planes) if p == plane and c not in excl and c in geo.s_cor]
+    if len(pool) < n_correctors:
+        raise ValueError(f"only {len(pool)} usable {plane} correctors in the ORM; a bump needs {n_correctors}")
+    half = geo.circumference / 2
+    up = sorted((c for c in pool if geo.upstream(s0, c) <= half), key=lambda c: geo.upstream(s0, c))[:candidates]
+    dn = sorted((c for c in pool if geo.upstream(s0, c) > half), key=lambda c: geo.downstream(s0, c))[:candidates]
+    splits = [(2, 2)] if n_correctors == 4 else [(1, 2), (2, 1)]
+    if angle and angle_rows is None:
+        angle_rows = angle_rows_hw(profile, orm, bpm, up + dn, lattice=lattice)
+    rf = needs_rf(plane, n_correctors, angle) if use_rf is None else use_rf
+    best = None
+    for nu, nd in splits:
+        for cu, cd in itertools.product(itertools.combinations(up, nu), itertools.combinations(dn, nd)):
+            cors = list(cu) + list(cd)
+            inside = geo.inside(s0, cors)
+            arow = None
+            if angle:
+                arow = np.array([(angle_rows or {}).get(c, 0.0) for c in cors])
+            try:
+                sol = solve_bump(orm, bpm, plane, 1e-3, cors, inside, angle=0.0 if angle else None,
+                                 angle_row_hw=arow, use_rf=rf and orm.rf is not None)
+            except np.linalg.LinAlgError:
+                continue
+            big = float(np.max(np.abs(sol.step_hw)))
+            # closure in the model must be (nearly) exact, else the set is degenerate
+            score = big * (1.0 + 1e3 * sol.leakage_rms / 1e-3)
+            if best is None or score < best[0]:
+                best = (score, cors, inside)
+    if best is None:
+        raise ValueError(f"no usable corrector set around BPM {bpm} in plane {plane}")
+    return best[1], best[2]

@@ -1,0 +1,117 @@
+"""Machine configurations (MML's ``getmachineconfig``/``setmachineconfig``): snapshots of every setpoint.
+
+A configuration is ``{family: (n,) hardware setpoints, "RF:frequency": Hz, "RF:voltage": V}`` (the shape of
+``Twin.snapshot()``); ``save_config`` stores it in a run, :func:`config_from_run` reads it back and
+:func:`compare_config` lists what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._common import run_results, run_start
+
+__all__ = ["ConfigDifference", "compare_config", "config_from_run", "config_to_results", "format_differences",
+           "RF_KEYS"]
+
+RF_KEYS = ("RF:frequency", "RF:voltage")
+_RF_RESULT = {"RF:frequency": "rf_frequency", "RF:voltage": "rf_voltage"}
+
+
+def config_to_results(config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Result arrays of a configuration: ``sp_<family>`` per family, ``rf_frequency``, ``rf_voltage``."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in config.items():
+        if k in _RF_RESULT:
+            out[_RF_RESULT[k]] = np.asarray(float(v))
+        else:
+            out[f"sp_{k}"] = np.asarray(v, dtype=float)
+    return out
+
+
+def config_from_run(run: Any) -> dict[str, Any]:
+    """The configuration stored in a ``save_config`` (or ``restore_config``) run, or a mapping passed through.
+
+    Args:
+        run: a Tiled ``BlueskyRun``, or an already-made configuration mapping.
+    """
+    if isinstance(run, Mapping) and not hasattr(run, "metadata") and any(k in run for k in RF_KEYS):
+        return {k: (float(v) if k in RF_KEYS else np.asarray(v, dtype=float)) for k, v in run.items()}
+    start = run_start(run)
+    if start.get("tool") not in (None, "config"):
+        raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a config run")
+    res = run_results(run)
+    cfg: dict[str, Any] = {}
+    for k, v in res.items():
+        if k.startswith("sp_"):
+            cfg[k[3:]] = np.asarray(v, dtype=float).reshape(-1)
+    for key, rk in _RF_RESULT.items():
+        if rk in res:
+            cfg[key] = float(np.asarray(res[rk]).reshape(-1)[0])
+    if not cfg:
+        raise KeyError(f"run {start.get('uid', '?')[:8]} holds no configuration (results: {sorted(res)})")
+    return cfg
+
+
+@dataclass(frozen=True)
+class ConfigDifference:
+    """One setpoint that differs: device (``"HST:003"`` or ``"RF:frequency"``), values a and b, units."""
+
+    device: str
+    a: float
+    b: float
+    units: str = ""
+
+    @property
+    def delta(self) -> float:
+        return self.b - self.a
+
+
+def compare_config(a: Mapping[str, Any] | Any, b: Mapping[str, Any] | Any, *, atol: float = 0.0,
+                   units: Mapping[str, str] | None = None) -> list[ConfigDifference]:
+    """Every setpoint that differs between configurations ``a`` and ``b`` (mappings or config runs).
+
+    Args:
+        a, b: configurations (see module doc) or runs holding them.
+        atol: differences up to this (hardware units) are ignored.
+        units: family -> units (default ``A``; RF in Hz and V).
+
+    Returns:
+        the differences in family order, then RF; a family present in only one side is reported per device with
+        NaN on the missing side.
+    """
+    ca, cb = config_from_run(a), config_from_run(b)
+    units = dict(units or {})
+    out: list[ConfigDifference] = []
+    fams = [k for k in ca if k not in RF_KEYS] + [k for k in cb if k not in RF_KEYS and k not in ca]
+    for fam in fams:
+        va = np.asarray(ca.get(fam, []), dtype=float).reshape(-1)
+        vb = np.asarray(cb.get(fam, []), dtype=float).reshape(-1)
+        n = max(va.size, vb.size)
+        va = np.pad(va, (0, n - va.size), constant_values=np.nan)
+        vb = np.pad(vb, (0, n - vb.size), constant_values=np.nan)
+        diff = ~(np.abs(va - vb) <= atol)  # NaN counts as different
+        for i in np.nonzero(diff)[0].tolist():
+            out.append(ConfigDifference(f"{fam}:{i + 1:03d}", float(va[i]), float(vb[i]), units.get(fam, "A")))
+    for key, u in zip(RF_KEYS, ("Hz", "V")):
+        if key in ca or key in cb:
+            fa, fb = float(ca.get(key, np.nan)), float(cb.get(key, np.nan))
+            if not abs(fa - fb) <= atol:
+                out.append(ConfigDifference(key, fa, fb, u))
+    return out
+
+
+def format_differences(diffs: list[ConfigDifference], limit: int = 50) -> str:
+    """A text table of differences (at most ``limit`` rows, then a count)."""
+    if not diffs:
+        return "no difference"
+    lines = [f"{'device':<14}{'a':>16}{'b':>16}{'b - a':>14}  units"]
+    for d in diffs[:limit]:
+        lines.append(f"{d.device:<14}{d.a:>16.6g}{d.b:>16.6g}{d.delta:>14.4g}  {d.units}")
+    if len(diffs) > limit:
+        lines.append(f"... and {len(diffs) - limit} more ({len(diffs)} differences)")
+    return "\n".join(lines)
