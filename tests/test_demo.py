@@ -37,7 +37,7 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch):
 
     # every step is a FAIR run in the catalogue, findable by the uid printed
     cat = open_catalog(catalog_dir=cat_dir)
-    assert len(res.uids) == 7
+    assert len(res.uids) == 6
     tools = set()
     for uid in res.uids.values():
         assert uid in text
@@ -45,4 +45,4 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch):
         assert md["start"]["facility"] == "ESRF" and md["start"]["mode"] == "sim" and md["start"]["seed"] == 1
         assert md["stop"]["exit_status"] == "success"
         tools.add(md["start"]["tool"])
-    assert len(tools) == 7
+    assert len(tools) == 6

@@ -54,12 +54,12 @@ def _read_node(node: Any) -> np.ndarray:
 
 
 def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
-    """The results a plan stored in ``run`` (one event in the ``results`` stream) as ``{key: array}``.
+    """The results a plan stored in ``run`` (the last event of its ``results`` stream) as ``{key: array}``.
 
-    Accepts a Tiled ``BlueskyRun`` (reads ``run[stream]``), or a mapping that already holds the results (returned
-    unchanged, values as arrays). The leading event axis (length 1) is removed.
+    Accepts a Tiled ``BlueskyRun`` (reads ``run[stream]``, one array node per data key, first axis = event), or
+    a mapping that already holds the results (returned with values as arrays).
     """
-    if isinstance(run, Mapping) and stream not in run:
+    if isinstance(run, Mapping) and not hasattr(run, "metadata") and stream not in run:
         return {k: np.asarray(v) for k, v in run.items() if k != "start"}
     try:
         node = run[stream]
@@ -68,39 +68,16 @@ def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
         raise KeyError(f"run {uid} has no {stream!r} stream: it was not recorded by an acc_bluesky tool "
                        "or it failed before storing its results") from err
     out: dict[str, np.ndarray] = {}
-    keys = list(node.keys()) if hasattr(node, "keys") else []
-    for k in keys:
+    for k in list(node):
         if k in ("time", "seq_num") or k.startswith("ts_"):
             continue
         try:
-            child = node[k]
-        except Exception:  # noqa: BLE001 - composite nodes may list internal tables
-            continue
-        if hasattr(child, "keys") and not hasattr(child, "shape") and not hasattr(child, "dtype"):
-            # a table node (internal data): read its columns
-            try:
-                df = child.read()
-            except Exception:  # noqa: BLE001
-                continue
-            for col in getattr(df, "columns", []):
-                if col in ("time", "seq_num") or str(col).startswith("ts_"):
-                    continue
-                out[str(col)] = _strip_event_axis(np.asarray(list(df[col]) if df[col].dtype == object
-                                                             else df[col].to_numpy()))
-            continue
-        try:
-            out[k] = _strip_event_axis(_read_node(child))
-        except Exception as err:  # noqa: BLE001
+            a = np.asarray(_read_node(node[k]))
+        except Exception as err:  # noqa: BLE001 - a key that cannot be read is reported, the rest returned
             warnings.warn(f"cannot read {stream}/{k}: {err}", stacklevel=2)
+            continue
+        out[k] = a[-1] if a.ndim >= 1 and a.shape[0] >= 1 else a
     return out
-
-
-def _strip_event_axis(a: np.ndarray) -> np.ndarray:
-    if a.ndim >= 1 and a.shape[0] == 1:
-        a = a[0]
-    if a.dtype == object and a.ndim == 1 and len(a) and isinstance(a[0], (list, np.ndarray)):
-        a = np.asarray([np.asarray(v) for v in a])
-    return a
 
 
 def rms(v: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> float:

@@ -27,7 +27,7 @@ from ._common import FloatArray, resolve_profile
 from .orm import OrbitResponse
 
 __all__ = ["BumpGeometry", "bump_geometry", "choose_bump_correctors", "constrained_lstsq", "solve_bump",
-           "angle_response", "angle_rows_hw", "needs_rf", "BumpSolution"]
+           "angle_response", "angle_rows_hw", "needs_rf", "BumpSolution", "aux_correctors"]
 
 
 def constrained_lstsq(r_out: npt.ArrayLike, b_out: npt.ArrayLike, c: npt.ArrayLike, d: npt.ArrayLike,
@@ -173,7 +173,7 @@ class BumpSolution:
 
 
 def _system(orm: OrbitResponse, bpm: int, plane: str, correctors: Sequence[str], inside: np.ndarray,
-            use_rf: bool, angle_row: FloatArray | None):
+            use_rf: bool, angle_row: FloatArray | None, n_aux: int = 0):
     n = orm.nbpm
     cols = [orm.corrector_index(c) for c in correctors]
     r = orm.matrix_hw[:, cols]
@@ -185,14 +185,15 @@ def _system(orm: OrbitResponse, bpm: int, plane: str, correctors: Sequence[str],
     row = bpm if plane == "x" else n + bpm
     c_rows = [r[row]]
     if angle_row is not None:
-        c_rows.append(np.append(angle_row, 0.0) if use_rf else angle_row)
+        a = np.concatenate([np.asarray(angle_row, dtype=float), np.zeros(n_aux)])
+        c_rows.append(np.append(a, 0.0) if use_rf else a)
     return r, out, np.array(c_rows)
 
 
 def solve_bump(orm: OrbitResponse, bpm: int, plane: str, amplitude: float, correctors: Sequence[str],
                inside: np.ndarray, *, angle: float | None = None, angle_row_hw: FloatArray | None = None,
                use_rf: bool = False, residual: FloatArray | None = None,
-               current_angle: float = 0.0) -> BumpSolution:
+               current_angle: float = 0.0, aux: Sequence[str] = ()) -> BumpSolution:
     """Corrector steps [A] (and RF step [Hz]) that make the bump, or refine it from a measured residual.
 
     Args:
@@ -206,9 +207,14 @@ def solve_bump(orm: OrbitResponse, bpm: int, plane: str, amplitude: float, corre
         residual: (2n,) measured change so far [m] (readings minus the reference): the solution then corrects
             what is still missing (``amplitude - residual[bpm]`` and ``-residual`` outside).
         current_angle: angle change already made [rad] (model), for refinement.
+        aux: correctors of the other plane (at the bump's locations) that may cancel what x-y coupling leaks
+            into the other plane; they stay at 0 unless a measured residual needs them.
+
+    The returned ``correctors``/``step_hw`` list the bump's correctors then ``aux``.
     """
-    r, out, cmat = _system(orm, bpm, plane, correctors, inside,
-                           use_rf, None if angle is None else np.asarray(angle_row_hw, dtype=float))
+    allc = list(correctors) + list(aux)
+    r, out, cmat = _system(orm, bpm, plane, allc, inside,
+                           use_rf, None if angle is None else np.asarray(angle_row_hw, dtype=float), len(aux))
     n = orm.nbpm
     row = bpm if plane == "x" else n + bpm
     res = np.zeros(2 * n) if residual is None else np.where(np.isfinite(residual), residual, 0.0)
@@ -225,28 +231,65 @@ def solve_bump(orm: OrbitResponse, bpm: int, plane: str, amplitude: float, corre
     k = constrained_lstsq(rs[valid], -res[valid], cmat * scale, d) * scale
     rf_step = float(k[-1]) if use_rf else 0.0
     khw = k[:-1] if use_rf else k
-    cal = orm.calibration()[[orm.corrector_index(c) for c in correctors]]  # rad/A
+    cal = orm.calibration()[[orm.corrector_index(c) for c in allc]]  # rad/A
     pred = r @ k
     leak = pred[out] + res[out]
-    return BumpSolution(correctors=list(correctors), step_hw=khw, step_physics=khw * cal, rf_step=rf_step,
+    return BumpSolution(correctors=allc, step_hw=khw, step_physics=khw * cal, rf_step=rf_step,
                         bpm=bpm, plane=plane, amplitude=amplitude, angle=angle, inside=inside, predicted=pred,
                         leakage_rms=float(np.sqrt(np.mean(leak ** 2))) if leak.size else 0.0)
 
 
+def aux_correctors(orm: OrbitResponse, correctors: Sequence[str], plane: str, geometry: BumpGeometry,
+                   exclude: Sequence[str] = ()) -> list[str]:
+    """For each bump corrector, the other plane's corrector nearest in s (same magnet when it has both
+    windings): the variables that close the leakage x-y coupling puts into the other plane."""
+    other = "y" if plane == "x" else "x"
+    excl = set(exclude)
+    pool = [c for c, p in zip(orm.corrector_names, orm.planes) if p == other and c not in excl
+            and c in geometry.s_cor]
+    if not pool:
+        return []
+    circ = geometry.circumference
+    out: list[str] = []
+    for c in correctors:
+        s0 = geometry.s_cor[c]
+        best = min(pool, key=lambda q: min((geometry.s_cor[q] - s0) % circ, (s0 - geometry.s_cor[q]) % circ))
+        if best not in out:
+            out.append(best)
+    return out
+
+
 def choose_bump_correctors(orm: OrbitResponse, profile: Profile, bpm: int, plane: str, n_correctors: int = 3,
-                           *, angle: bool = False, use_rf: bool | None = None, exclude: Sequence[str] = (),
-                           geometry: BumpGeometry | None = None, candidates: int = 3,
+                           *, angle: bool | float | None = False, use_rf: bool | None = None,
+                           exclude: Sequence[str] = (), geometry: BumpGeometry | None = None,
+                           candidates: int = 3, max_candidates: int = 6, amplitude: float = 1e-3,
+                           headroom: dict[str, tuple[float, float]] | None = None,
                            angle_rows: dict[str, float] | None = None,
                            lattice=None) -> tuple[list[str], np.ndarray]:
     """The nearest usable correctors around BPM ``bpm`` for a bump in ``plane``.
 
     Considers the ``candidates`` nearest correctors of the plane upstream and downstream (in service, in the
     ORM, not excluded); for 3 correctors 1+2 or 2+1 around the point, for 4 correctors 2+2. Among those, picks
-    the set with the smallest largest kick for a unit bump (the nearest correctors can be almost degenerate in
-    phase and need huge kicks). Returns the names and the inside-span mask.
+    the set with the smallest largest kick for the requested bump (the nearest correctors can be almost
+    degenerate in phase and need huge kicks). If no set fits the correctors' ``headroom`` (name -> (room down,
+    room up) [A]), more candidates are tried, up to ``max_candidates`` per side.
+
+    Args:
+        angle: ``False``/``None`` for a position bump, else the requested angle [rad] (``True`` = 0 rad).
+
+    Returns:
+        the names and the inside-span mask.
+
+    Raises:
+        LimitError: no set of the nearest correctors can make this bump within the limits (the message gives
+            the largest amplitude that fits).
     """
+    from ..profile import LimitError
+
     if n_correctors not in (3, 4):
         raise ValueError(f"n_correctors must be 3 or 4, got {n_correctors}")
+    want_angle = angle is not None and angle is not False
+    ang_val = 0.0 if (angle is True or not want_angle) else float(angle)
     geo = geometry or bump_geometry(profile)
     s0 = float(geo.s_bpm[bpm])
     excl = set(exclude)
@@ -254,30 +297,58 @@ def choose_bump_correctors(orm: OrbitResponse, profile: Profile, bpm: int, plane
     if len(pool) < n_correctors:
         raise ValueError(f"only {len(pool)} usable {plane} correctors in the ORM; a bump needs {n_correctors}")
     half = geo.circumference / 2
-    up = sorted((c for c in pool if geo.upstream(s0, c) <= half), key=lambda c: geo.upstream(s0, c))[:candidates]
-    dn = sorted((c for c in pool if geo.upstream(s0, c) > half), key=lambda c: geo.downstream(s0, c))[:candidates]
+    up_all = sorted((c for c in pool if geo.upstream(s0, c) <= half), key=lambda c: geo.upstream(s0, c))
+    dn_all = sorted((c for c in pool if geo.upstream(s0, c) > half), key=lambda c: geo.downstream(s0, c))
     splits = [(2, 2)] if n_correctors == 4 else [(1, 2), (2, 1)]
-    if angle and angle_rows is None:
-        angle_rows = angle_rows_hw(profile, orm, bpm, up + dn, lattice=lattice)
-    rf = needs_rf(plane, n_correctors, angle) if use_rf is None else use_rf
-    best = None
-    for nu, nd in splits:
-        for cu, cd in itertools.product(itertools.combinations(up, nu), itertools.combinations(dn, nd)):
-            cors = list(cu) + list(cd)
-            inside = geo.inside(s0, cors)
-            arow = None
-            if angle:
-                arow = np.array([(angle_rows or {}).get(c, 0.0) for c in cors])
-            try:
-                sol = solve_bump(orm, bpm, plane, 1e-3, cors, inside, angle=0.0 if angle else None,
-                                 angle_row_hw=arow, use_rf=rf and orm.rf is not None)
-            except np.linalg.LinAlgError:
-                continue
-            big = float(np.max(np.abs(sol.step_hw)))
-            # closure in the model must be (nearly) exact, else the set is degenerate
-            score = big * (1.0 + 1e3 * sol.leakage_rms / 1e-3)
-            if best is None or score < best[0]:
-                best = (score, cors, inside)
-    if best is None:
+    rf = needs_rf(plane, n_correctors, want_angle) if use_rf is None else use_rf
+    rows = dict(angle_rows or {})
+    tried: set[tuple[str, ...]] = set()
+    best_any = None
+    for k in range(candidates, max(candidates, max_candidates) + 1):
+        up, dn = up_all[:k], dn_all[:k]
+        if want_angle:
+            missing = [c for c in up + dn if c not in rows]
+            if missing:
+                rows.update(angle_rows_hw(profile, orm, bpm, missing, lattice=lattice))
+        best = None
+        for nu, nd in splits:
+            for cu, cd in itertools.product(itertools.combinations(up, nu), itertools.combinations(dn, nd)):
+                cors = list(cu) + list(cd)
+                if tuple(cors) in tried:
+                    continue
+                tried.add(tuple(cors))
+                inside = geo.inside(s0, cors)
+                arow = np.array([rows[c] for c in cors]) if want_angle else None
+                try:
+                    sol = solve_bump(orm, bpm, plane, amplitude, cors, inside,
+                                     angle=ang_val if want_angle else None, angle_row_hw=arow,
+                                     use_rf=rf and orm.rf is not None)
+                except np.linalg.LinAlgError:
+                    continue
+                if not np.all(np.isfinite(sol.step_hw)):
+                    continue
+                # the closure in the model must be (nearly) exact, else the set is degenerate
+                big = float(np.max(np.abs(sol.step_hw)))
+                score = big * (1.0 + 1e3 * sol.leakage_rms / max(abs(amplitude), 1e-9))
+                # fraction of the request that fits in the correctors' headroom
+                fit = 1.0
+                if headroom is not None:
+                    for c, v in zip(cors, sol.step_hw):
+                        lo, hi = headroom.get(c, (-np.inf, np.inf))
+                        if v > hi:
+                            fit = min(fit, hi / v if v else 1.0)
+                        elif v < lo:
+                            fit = min(fit, lo / v if v else 1.0)
+                cand = (score, cors, inside, fit)
+                if fit >= 1.0 and (best is None or score < best[0]):
+                    best = cand
+                if best_any is None or fit > best_any[3] or (fit == best_any[3] and score < best_any[0]):
+                    best_any = cand
+        if best is not None:
+            return best[1], best[2]
+    if best_any is None:
         raise ValueError(f"no usable corrector set around BPM {bpm} in plane {plane}")
-    return best[1], best[2]
+    raise LimitError(
+        f"a {plane} bump of {amplitude * 1e3:g} mm at BPM index {bpm} does not fit in the corrector limits with "
+        f"the {max_candidates} nearest correctors on each side; the best set {best_any[1]} allows about "
+        f"{abs(amplitude) * best_any[3] * 1e3:.3g} mm. Nothing was changed.")

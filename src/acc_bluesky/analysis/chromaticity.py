@@ -20,11 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ._common import FloatArray, resolve_profile, run_results, run_start
-from .tune import FamilyResponse, _model_family_response, model_lattice
+from .tune import FamilyResponse, _Correction, _model_family_response, model_lattice
 
 __all__ = [
     "Chromaticity",
     "ChromaticityResponse",
+    "ChromaticityCorrection",
     "momentum_compaction_poly",
     "rf_steps_for_dp",
     "dp_from_rf_steps",
@@ -283,3 +284,17 @@ def model_momentum_compaction(source: Any, setpoints: Mapping[str, npt.ArrayLike
     """Path-length polynomial of the model (design lattice at ``setpoints``), see :func:`momentum_compaction_poly`."""
     return momentum_compaction_poly(model_lattice(resolve_profile(source), setpoints), dp_range=dp_range)
 
+
+
+class ChromaticityCorrection(_Correction):
+    """A ``chromaticity_correction`` run: ``history`` are the measured chromaticities before each correction and
+    after the last; ``steps_hw`` the sextupole family steps [A] per iteration; ``delta_physics`` in m^-3."""
+
+    tool: ClassVar[str] = "chromaticity_correction"
+    _prefix: ClassVar[str] = "xi"
+
+    def __repr__(self) -> str:
+        return (f"ChromaticityCorrection({', '.join(self.families)}: ({self.before[0]:.2f}, {self.before[1]:.2f}) "
+                f"-> ({self.after[0]:.2f}, {self.after[1]:.2f}), target ({self.target[0]:.2f}, "
+                f"{self.target[1]:.2f}), {self.iterations} iteration(s), "
+                f"{'converged' if self.converged else 'NOT converged'})")

@@ -31,6 +31,8 @@ __all__ = [
     "MODEL_FAMILY_TYPES",
     "FamilyResponse",
     "TuneResponse",
+    "MeasuredTunes",
+    "TuneCorrection",
     "model_lattice",
     "family_strengths",
     "set_family_strengths",
@@ -389,3 +391,123 @@ def model_tune_response(source: Any, families: Sequence[str] | None = None, *,
     """
     return _model_family_response(source, families, ("quadrupole",), lattice_tunes, setpoints, lattice, delta,
                                   TuneResponse)
+
+
+@dataclass
+class MeasuredTunes:
+    """Tunes read by the tune monitor (``measure_tune``).
+
+    Attributes:
+        q: (2,) mean fractional tunes (qx, qy).
+        q_std: (2,) standard deviation of the readings.
+        samples: (n_avg, 2) the readings.
+        uid: the run it was read from, if any.
+    """
+
+    q: FloatArray
+    q_std: FloatArray
+    samples: FloatArray
+    uid: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"MeasuredTunes(qx={self.q[0]:.5f} +- {self.q_std[0]:.1e}, qy={self.q[1]:.5f} +- {self.q_std[1]:.1e}, "
+                f"n_avg={len(self.samples)}{', uid=' + self.uid[:8] if self.uid else ''})")
+
+    def to_results(self) -> dict[str, Any]:
+        return {"qx": float(self.q[0]), "qy": float(self.q[1]), "qx_std": float(self.q_std[0]),
+                "qy_std": float(self.q_std[1]), "samples": self.samples}
+
+    @classmethod
+    def from_results(cls, results: Mapping[str, Any], start: Mapping[str, Any] | None = None) -> MeasuredTunes:
+        try:
+            q = np.array([float(results["qx"]), float(results["qy"])])
+        except KeyError as err:
+            raise KeyError(f"no tunes in these results (got {sorted(results)}): is it a 'tune' run?") from err
+        s = np.array([float(results.get("qx_std", np.nan)), float(results.get("qy_std", np.nan))])
+        smp = np.asarray(results.get("samples", q.reshape(1, 2)), dtype=float).reshape(-1, 2)
+        return cls(q=q, q_std=s, samples=smp, uid=(start or {}).get("uid"))
+
+    @classmethod
+    def from_run(cls, run: Any) -> MeasuredTunes:
+        """Read the tunes of a ``tune`` run back from the catalogue."""
+        start = run_start(run)
+        if start.get("tool") not in (None, "tune"):
+            raise ValueError(f"run {start.get('uid', '?')} is a {start.get('tool')!r} run, not a 'tune' run")
+        return cls.from_results(run_results(run), start)
+
+
+@dataclass
+class _Correction:
+    """What a correction run did (``tune_correction`` / ``chromaticity_correction``), read back from its run."""
+
+    families: list[str]
+    history: FloatArray  # (k, 2) measured values before each correction and after the last
+    std_history: FloatArray  # (k, 2)
+    steps_hw: FloatArray  # (iterations, families) [A]
+    delta_hw: FloatArray  # (families,) total [A]
+    delta_physics: FloatArray  # (families,) total in physics units
+    target: FloatArray  # (2,)
+    converged: bool
+    response_hw: FloatArray  # (2, families) [1/A]
+    uid: str | None = None
+    response_uid: str | None = None
+    figure: str | None = None
+
+    tool: ClassVar[str] = ""
+    _prefix: ClassVar[str] = ""
+
+    @property
+    def before(self) -> FloatArray:
+        return self.history[0]
+
+    @property
+    def after(self) -> FloatArray:
+        return self.history[-1]
+
+    @property
+    def iterations(self) -> int:
+        return len(self.steps_hw)
+
+    @classmethod
+    def from_results(cls, results: Mapping[str, Any], start: Mapping[str, Any] | None = None):
+        start = dict(start or {})
+        p = cls._prefix
+        try:
+            fams = list(start["families"])
+            n = len(fams)
+            hist = np.asarray(results[f"{p}_history"], dtype=float).reshape(-1, 2)
+        except KeyError as err:
+            raise KeyError(f"no {cls.tool} results here (missing {err}; got {sorted(results)})") from err
+        figs = start.get("figures") or {}
+        return cls(families=fams, history=hist,
+                   std_history=np.asarray(results.get(f"{p}_std_history", np.full(hist.shape, np.nan)),
+                                          dtype=float).reshape(-1, 2),
+                   steps_hw=np.asarray(results["steps_hw"], dtype=float).reshape(-1, n),
+                   delta_hw=np.asarray(results["delta_hw"], dtype=float).reshape(n),
+                   delta_physics=np.asarray(results["delta_physics"], dtype=float).reshape(n),
+                   target=np.asarray(results["target"], dtype=float).reshape(2),
+                   converged=bool(int(np.asarray(results["converged"]))),
+                   response_hw=np.asarray(results["response_hw"], dtype=float).reshape(2, n),
+                   uid=start.get("uid"), response_uid=start.get("response_uid"),
+                   figure=next(iter(figs.values()), None) if isinstance(figs, Mapping) else None)
+
+    @classmethod
+    def from_run(cls, run: Any):
+        """Read a correction back from its run in the catalogue."""
+        start = run_start(run)
+        if start.get("tool") not in (None, cls.tool):
+            raise ValueError(f"run {start.get('uid', '?')} is a {start.get('tool')!r} run, not a {cls.tool!r} run")
+        return cls.from_results(run_results(run), start)
+
+
+class TuneCorrection(_Correction):
+    """A ``tune_correction`` run: ``history`` are the measured tunes (qx, qy) before each correction and after
+    the last; ``steps_hw`` the family steps [A] per iteration; ``delta_physics`` in m^-2."""
+
+    tool: ClassVar[str] = "tune_correction"
+    _prefix: ClassVar[str] = "q"
+
+    def __repr__(self) -> str:
+        return (f"TuneCorrection({', '.join(self.families)}: ({self.before[0]:.5f}, {self.before[1]:.5f}) -> "
+                f"({self.after[0]:.5f}, {self.after[1]:.5f}), target ({self.target[0]:.5f}, {self.target[1]:.5f}), "
+                f"{self.iterations} iteration(s), {'converged' if self.converged else 'NOT converged'})")

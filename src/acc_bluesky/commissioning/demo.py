@@ -113,8 +113,8 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
         return uid
 
     step("save_config", "[2/7] saving the machine configuration ...", ap.save_config(m, name="before demo"))
-    orm_uid = step("orbit_response", "[3/7] measuring the orbit response matrix (all correctors, both planes) ...",
-                   ap.measure_orm(m))
+    orm_uid = step("orbit_response", "[3/7] measuring the orbit response matrix (all correctors, both planes, RF column) ...",
+                   ap.measure_orm(m, rf=True))
     step("correct_orbit", "[4/7] correcting the orbit (SVD, RF frequency fit) ...",
          ap.correct_orbit(m, orm=orm_uid, fit_rf=True))
     step("dispersion", "[5/7] measuring the dispersion (RF frequency step) ...", ap.measure_dispersion(m))
@@ -130,6 +130,7 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
     resp = OrbitResponse.from_run(cat[orm_uid])
     res.figures["orm"] = str(resp.plot(out / "orbit_response.png"))
     res.figures["tune_diagram"] = str(tune_diagram(
-        [q_before[0], after["tunes"][0]], [q_before[1], after["tunes"][1]], out / "tune_diagram.png"))
+        float(after["tunes"][0]), float(after["tunes"][1]), out / "tune_diagram.png", history=[q_before],
+        target=qt, title=f"{m.profile.facility} {m.profile.accelerator}: tunes before and after correct_tune"))
     res.seconds["total"] = time.perf_counter() - t0
     return res

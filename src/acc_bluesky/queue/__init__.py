@@ -19,6 +19,7 @@ and the user-group permissions.
 from .client import (
     QueueError,
     SubmissionRefused,
+    call_function,
     connect_api,
     format_item,
     history,
@@ -43,6 +44,7 @@ __all__ = [
     "QueueServer",
     "QueueServerError",
     "SubmissionRefused",
+    "call_function",
     "connect_api",
     "default_run_dir",
     "format_item",

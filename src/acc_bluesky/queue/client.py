@@ -18,6 +18,7 @@ import yaml
 __all__ = [
     "QueueError",
     "SubmissionRefused",
+    "call_function",
     "connect_api",
     "format_item",
     "history",
@@ -96,6 +97,8 @@ def _clean_reason(msg: str) -> str:
     """The manager's refusal without the echoed item and pydantic's documentation links."""
     keep = [ln.rstrip() for ln in msg.strip().splitlines()
             if ln.strip() and not ln.strip().startswith(("For further information", "Plan: {"))]
+    # an enum of 450 corrector names: keep the start of the list and the rejected input at the end
+    keep = [ln if len(ln) <= 400 else f"{ln[:200]} ... {ln[-150:]}" for ln in keep]
     text = "\n".join(keep)
     for prefix in ("Failed to add an item: ", "Plan validation failed: "):
         text = text.removeprefix(prefix)
@@ -115,6 +118,9 @@ def submit(api, plan: str, kwargs: Mapping[str, Any] | None = None, *, args: Seq
         group: user group whose permissions apply (default ``"primary"``).
         pos: ``"back"`` (default), ``"front"`` or an index.
 
+    The user and group go into the run's start document (``operator``, ``user_group``), so the catalogue says who
+    queued each measurement.
+
     Returns:
         The queue item uid.
 
@@ -122,10 +128,13 @@ def submit(api, plan: str, kwargs: Mapping[str, Any] | None = None, *, args: Seq
         SubmissionRefused: the plan is unknown or not permitted for ``group``, or a parameter is unknown, missing
             or of the wrong type, or out of its declared range. Nothing is queued.
     """
-    from bluesky_queueserver_api import BPlan
-
     kw = dict(kwargs or {})
-    item = BPlan(plan, *args, **kw)
+    meta = {}
+    if user:
+        meta["operator"] = user
+    if group:
+        meta["user_group"] = group
+    item = {"item_type": "plan", "name": plan, "args": list(args), "kwargs": kw, "meta": meta}
     try:
         resp = api.item_add(item, pos=pos, user=user, user_group=group)
     except api.RequestFailedError as err:
@@ -203,6 +212,32 @@ def run_queue(api, item_uids: Sequence[str], *, timeout: float = 600.0) -> list[
     """Start the queue and wait for ``item_uids`` (see :func:`wait_for_items`)."""
     since = start_queue(api)
     return wait_for_items(api, item_uids, timeout=timeout, since=since)
+
+
+def call_function(api, name: str, *args: Any, user: str | None = None, group: str | None = None,
+                  background: bool = False, timeout: float = 60.0, **kwargs: Any) -> Any:
+    """Execute a function of the worker namespace (e.g. ``sim_fault``) and return its return value.
+
+    ``background=False`` runs it when the worker is idle (between plans); ``True`` runs it in a thread while a
+    plan runs. Functions a group may call are listed in its ``allowed_functions`` permissions.
+
+    Raises:
+        QueueError: refused (unknown or not permitted), failed (with the worker's traceback) or timed out.
+    """
+    from bluesky_queueserver_api import BFunc
+
+    item = BFunc(name, *args, **kwargs)
+    resp = _request(f"execute {name}", api.function_execute, item, run_in_background=background, user=user,
+                    user_group=group)
+    uid = resp["task_uid"]
+    try:
+        api.wait_for_completed_task(uid, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - WaitTimeoutError
+        raise QueueError(f"{name} did not complete within {timeout} s: {err}") from err
+    res = _request(f"result of {name}", api.task_result, uid)["result"]
+    if not res.get("success"):
+        raise QueueError(f"{name} failed in the worker: {res.get('msg')}\n{res.get('return_value') or ''}")
+    return res.get("return_value")
 
 
 def format_item(item: Mapping[str, Any]) -> str:

@@ -4,7 +4,8 @@
 the manager and the worker as children), opens the worker environment and checks that it really exists (a failed
 open is reported as a success by the manager). The worker builds ``RE`` and the machine from
 ``profiles/<name>/startup.py`` with the profile, mode, seed and catalogue passed in environment variables
-(:data:`ENV_PROFILE`, :data:`ENV_MODE`, :data:`ENV_SEED`, :data:`ENV_CATALOG`, :data:`ENV_TILED`).
+(:data:`ENV_PROFILE`, :data:`ENV_MODE`, :data:`ENV_SEED`, and ``ACC_BLUESKY_CATALOG``, the data layer's own
+variable: an embedded catalogue folder or a Tiled server URI).
 
 The running server is described by ``server.json`` in its run folder (default
 ``$ACC_BLUESKY_QUEUE_DIR/<profile>`` or ``~/.local/state/acc_bluesky/queue/<profile>``), so ``acc-bluesky queue
@@ -36,7 +37,6 @@ __all__ = [
     "ENV_MODE",
     "ENV_PROFILE",
     "ENV_SEED",
-    "ENV_TILED",
     "PLANS_FILE",
     "PERMISSIONS_FILE",
     "QueueServer",
@@ -51,8 +51,7 @@ __all__ = [
 ENV_PROFILE = "ACC_BLUESKY_PROFILE"
 ENV_MODE = "ACC_BLUESKY_MODE"
 ENV_SEED = "ACC_BLUESKY_SEED"
-ENV_CATALOG = "ACC_BLUESKY_CATALOG"
-ENV_TILED = "ACC_BLUESKY_TILED"
+ENV_CATALOG = "ACC_BLUESKY_CATALOG"  # the data layer's: a catalogue folder or a Tiled URI
 ENV_QUEUE_DIR = "ACC_BLUESKY_QUEUE_DIR"
 
 PLANS_FILE = "existing_plans_and_devices.yaml"
@@ -181,15 +180,19 @@ def _seed_str(seed: int | None) -> str:
     return "none" if seed is None else str(int(seed))
 
 
-def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: str | os.PathLike | None,
-                       tiled: str | None) -> dict[str, str]:
-    """The environment variables that tell :mod:`acc_bluesky.queue.startup` what to build."""
+def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: str | os.PathLike | None = None,
+                       tiled: str | None = None) -> dict[str, str]:
+    """The environment variables that tell :mod:`acc_bluesky.queue.startup` what to build.
+
+    ``tiled`` (a server URI) wins over ``catalog_dir``; with neither, the worker inherits ``ACC_BLUESKY_CATALOG``
+    or uses the data layer's default folder.
+    """
     env = {ENV_PROFILE: str(profile), ENV_MODE: mode, ENV_SEED: _seed_str(seed), "PYTHONUNBUFFERED": "1",
            "MPLBACKEND": "Agg"}
-    if catalog_dir is not None:
-        env[ENV_CATALOG] = str(Path(catalog_dir).expanduser().resolve())
     if tiled is not None:
-        env[ENV_TILED] = tiled
+        env[ENV_CATALOG] = tiled
+    elif catalog_dir is not None:
+        env[ENV_CATALOG] = str(Path(catalog_dir).expanduser().resolve())
     return env
 
 
@@ -239,23 +242,24 @@ def gen_lists(profile: str | os.PathLike = "ebs", *, out_dir: str | os.PathLike 
     """
     import tempfile
 
-    from bluesky_queueserver import gen_list_of_plans_and_devices
-
     prof = load_profile(profile)
     profile_dir = prof.path.parent
     out = Path(out_dir) if out_dir is not None else profile_dir
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="acc_bluesky_genlists_") as tmp:
         startup = _startup_dir(profile_dir, Path(tmp))
-        env = worker_environment(str(prof.path), mode, seed, catalog_dir or Path(tmp) / "catalog", None)
-        env[ENV_PROFILE] = prof.name if startup == profile_dir else str(prof.path)
-        with _environ(env):
-            try:
-                gen_list_of_plans_and_devices(startup_dir=str(startup), file_dir=str(out), file_name=PLANS_FILE,
-                                              overwrite=True, device_max_depth=DEVICE_MAX_DEPTH)
-            except RuntimeError as err:
-                raise QueueServerError(f"could not list the plans and devices of profile {prof.name!r} "
-                                       f"(startup {startup / STARTUP_FILE}):\n{err}") from None
+        env = os.environ.copy()
+        env.update(worker_environment(str(prof.path), mode, seed, catalog_dir or Path(tmp) / "catalog"))
+        # A fresh interpreter: the generator forks, and this process may already run EPICS threads.
+        code = ("import sys\nfrom bluesky_queueserver import gen_list_of_plans_and_devices\n"
+                "gen_list_of_plans_and_devices(startup_dir=sys.argv[1], file_dir=sys.argv[2], file_name=sys.argv[3],"
+                f" overwrite=True, device_max_depth={DEVICE_MAX_DEPTH})\n")
+        proc = subprocess.run([sys.executable, "-c", code, str(startup), str(out), PLANS_FILE], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+            raise QueueServerError(f"could not list the plans and devices of profile {prof.name!r} "
+                                   f"(startup {startup / STARTUP_FILE}):\n{tail}")
     return out / PLANS_FILE
 
 
@@ -396,7 +400,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
                        zmq_info_port: int | None = None, catalog_dir: str | os.PathLike | None = None,
                        tiled: str | None = None, run_dir: str | os.PathLike | None = None,
                        redis_prefix: str | None = None, open_env: bool = True,
-                       timeout: float = 120.0) -> QueueServer:
+                       extra_env: dict[str, str] | None = None, timeout: float = 120.0) -> QueueServer:
     """Start Redis and an RE Manager for ``profile`` on 127.0.0.1, open the worker environment.
 
     Args:
@@ -404,11 +408,14 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
         mode: ``"sim"`` (the twin runs in the worker) or ``"epics"`` (live PVs).
         seed: sim error seed (``None``: ideal machine, no noise).
         redis_port, zmq_control_port, zmq_info_port: TCP ports on 127.0.0.1 (default: free ports).
-        catalog_dir: embedded Tiled catalogue the worker's RunEngine writes to (default: the data layer's).
-        tiled: URI of a Tiled server instead of the embedded catalogue (API key from ``TILED_API_KEY``).
+        catalog_dir: embedded Tiled catalogue the worker's RunEngine writes to (default: ``$ACC_BLUESKY_CATALOG``
+            or the data layer's default folder).
+        tiled: URI of a Tiled server instead of the embedded catalogue (API key from ``$TILED_API_KEY``).
         run_dir: folder for logs and the state file (default :func:`default_run_dir`).
         redis_prefix: Redis key prefix (default: unique per start, so queues never mix).
         open_env: open the worker environment (build RE + machine) before returning.
+        extra_env: more environment variables for the worker (e.g. ``ACC_BLUESKY_BACKUP``,
+            ``ACC_BLUESKY_FIGURE_DIR``, ``ACC_BLUESKY_OPERATOR``).
         timeout: seconds allowed for each stage (Redis, manager, environment).
 
     Returns:
@@ -453,6 +460,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     env = os.environ.copy()
     env.update(worker_environment(prof.name if startup == profile_dir else str(prof.path), mode, seed,
                                   catalog_dir, tiled))
+    env.update(extra_env or {})
     for k in ("QSERVER_ZMQ_CONTROL_ADDRESS_FOR_SERVER", "QSERVER_ZMQ_INFO_ADDRESS_FOR_SERVER",
               "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"):
         env.pop(k, None)
@@ -472,7 +480,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     qs = QueueServer(profile=prof.name, mode=mode, seed=seed, run_dir=str(rd), startup_dir=str(startup),
                      redis_port=redis_port, redis_prefix=prefix, zmq_control_addr=control, zmq_info_addr=info,
                      redis_pid=redis_proc.pid, manager_pid=mproc.pid,
-                     catalog_dir=env.get(ENV_CATALOG), tiled=tiled, started_at=time.time())
+                     catalog_dir=None if tiled else env.get(ENV_CATALOG), tiled=tiled, started_at=time.time())
     try:
         api = qs.api()
         try:

@@ -3,9 +3,10 @@
 Groups (names matched with the queue server's ``allowed_plans``/``forbidden_plans`` syntax: a plain name is an
 exact match, ``":regex"`` a regular expression searched in the plan name):
 
-- ``primary`` (the API's default group) and ``admin``: every plan and function.
+- ``primary`` (the API's default group) and ``admin``: every plan, and the simulator's fault injection
+  (``sim_*`` functions).
 - ``operator``: measurements (``measure_*``, ``count``, ``save_config``) and corrections (``correct_*``,
-  ``orbit_bump``); not ``restore_config``, ``set_magnet`` nor the simulator's fault injection (``sim_*``).
+  ``orbit_bump``); not ``restore_config``, nor any function.
 - ``guest``: measurements only (``measure_*``, ``count``).
 
 Measurements move correctors, quadrupoles or the RF frequency while they run but restore them at the end, also on
@@ -42,7 +43,7 @@ DEFAULT_PERMISSIONS: dict[str, Any] = {
             "forbidden_plans": [None],
             "allowed_devices": [":?.*:depth=5"],
             "forbidden_devices": [None],
-            "allowed_functions": [":.*"],
+            "allowed_functions": [":^sim_"],
             "forbidden_functions": [None],
         },
         "admin": {
@@ -50,7 +51,7 @@ DEFAULT_PERMISSIONS: dict[str, Any] = {
             "forbidden_plans": [None],
             "allowed_devices": [":?.*:depth=5"],
             "forbidden_devices": [None],
-            "allowed_functions": [":.*"],
+            "allowed_functions": [":^sim_"],
             "forbidden_functions": [None],
         },
         "operator": {
@@ -58,8 +59,8 @@ DEFAULT_PERMISSIONS: dict[str, Any] = {
             "forbidden_plans": [None],
             "allowed_devices": [":?.*:depth=5"],
             "forbidden_devices": [None],
-            "allowed_functions": [None],
-            "forbidden_functions": [":^sim_"],
+            "allowed_functions": [],
+            "forbidden_functions": [None],
         },
         "guest": {
             "allowed_plans": list(_MEASURE),
@@ -77,7 +78,7 @@ GROUPS = ("primary", "admin", "operator", "guest")
 _HEADER = """\
 # User-group permissions of the RE Manager for this profile (bluesky-queueserver syntax).
 # A plain name is an exact match; ":regex" is a regular expression searched in the name; null = everything.
-#   primary, admin: every plan and function.
+#   primary, admin: every plan, and the simulator's fault injection (sim_* functions).
 #   operator: measurements (measure_*, count, save_config) and corrections (correct_*, orbit_bump).
 #   guest: measurements only (measure_*, count).
 # Submit as a group with `acc-bluesky queue submit PLAN --group operator` (the API's default group is primary).

@@ -1,0 +1,24 @@
+"""``acc-bluesky ioc PROFILE``: serve the twin as a live EPICS IOC (Channel Access; PV Access with ``--pva``)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub) -> None:
+    from ..ioc.app import add_ioc_arguments
+
+    p = sub.add_parser(
+        "ioc", help="serve the twin as an EPICS IOC",
+        description="Serve a twin as an EPICS IOC: magnets, BPMs, orbit, RF, tunes and beam on PVs named by the "
+                    "profile's templates, plus {prefix}TWIN:CMD to drive anomalies. Stops on SIGTERM/Ctrl-C.")
+    add_ioc_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..ioc.app import run_ioc
+
+    return run_ioc(args)

@@ -1,0 +1,271 @@
+"""The RunEngine factory: every run recorded in Tiled, with FAIR metadata checked before the run opens."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import bluesky
+from bluesky.run_engine import RunEngineResult
+from event_model import RunRouter
+
+from .backup import BackupStore, BackupWriter, default_backup_dir
+from .catalog import (
+    ENV_CATALOG,
+    CatalogUnavailableError,
+    _embedded_client,
+    catalog_paths,
+    connect_tiled,
+    default_catalog_dir,
+    is_uri,
+)
+from .metadata import DEFAULT_LICENSE, ENV_LICENSE, make_md_validator, operator_name, software_versions
+
+__all__ = ["RunEngine", "RunResult", "TiledRecorder", "make_run_engine"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunResult(str):
+    """What ``RE(plan)`` returns: the uid of the run the plan recorded, as a ``str``, carrying the fields of
+    bluesky's :class:`~bluesky.run_engine.RunEngineResult` as attributes.
+
+    The uid is the plan's return value when the plan returns one of its runs' uids (the convention of the
+    plans of this project), else the uid of the last run the plan opened, else ``""``. So both
+    ``uid = RE(plan)`` then ``cat[uid]``, and ``RE(plan).plan_result`` / ``.run_start_uids`` work.
+    """
+
+    run_start_uids: tuple[str, ...]
+    plan_result: Any
+    exit_status: str
+    interrupted: bool
+    reason: str
+    exception: BaseException | None
+
+    def __new__(
+        cls,
+        uid: str = "",
+        *,
+        run_start_uids: tuple[str, ...] = (),
+        plan_result: Any = None,
+        exit_status: str = "success",
+        interrupted: bool = False,
+        reason: str = "",
+        exception: BaseException | None = None,
+    ) -> RunResult:
+        self = super().__new__(cls, uid)
+        self.run_start_uids = tuple(run_start_uids)
+        self.plan_result = plan_result
+        self.exit_status = exit_status
+        self.interrupted = interrupted
+        self.reason = reason
+        self.exception = exception
+        return self
+
+    @classmethod
+    def from_result(cls, result: RunEngineResult) -> RunResult:
+        uids = tuple(result.run_start_uids)
+        if isinstance(result.plan_result, str) and result.plan_result in uids:
+            uid = result.plan_result
+        else:
+            uid = uids[-1] if uids else ""
+        return cls(
+            uid,
+            run_start_uids=uids,
+            plan_result=result.plan_result,
+            exit_status=result.exit_status,
+            interrupted=result.interrupted,
+            reason=result.reason,
+            exception=result.exception,
+        )
+
+    @property
+    def uid(self) -> str:
+        """The run uid as a plain ``str``."""
+        return str.__str__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_run_result, (str(self), self.run_start_uids, self.exit_status))
+
+
+def _rebuild_run_result(uid: str, run_start_uids: tuple[str, ...], exit_status: str) -> RunResult:
+    return RunResult(uid, run_start_uids=run_start_uids, exit_status=exit_status)
+
+
+class RunEngine(bluesky.RunEngine):
+    """A bluesky RunEngine whose ``RE(plan)`` returns a :class:`RunResult` when ``call_returns_result``.
+
+    Extra attributes set by :func:`make_run_engine`: ``catalog`` (the Tiled client the runs go to, or None
+    when offline), ``tiled_recorder`` (the subscribed :class:`TiledRecorder`), ``backup_dir``.
+    """
+
+    tiled_recorder: TiledRecorder | None = None
+    backup_dir: pathlib.Path | None = None
+
+    @property
+    def catalog(self) -> Any:
+        """The Tiled client the runs are written to (None while offline)."""
+        return None if self.tiled_recorder is None else self.tiled_recorder.client
+
+    def _create_result(self, plan_return: Any) -> RunResult:
+        return RunResult.from_result(super()._create_result(plan_return))
+
+
+class TiledRecorder:
+    """Document callback: writes each run to Tiled with a :class:`~bluesky_tiled_plugins.TiledWriter`.
+
+    If writing fails (server down, disk full), the whole run (from its start document on) goes to the backup
+    folder instead (the TiledWriter's own fallback, with a numpy-aware :class:`BackupStore`). If no catalogue
+    is connected when a run starts, ``connect`` is tried again; failing that, the run goes to the backup.
+    """
+
+    def __init__(
+        self,
+        client: Any | None,
+        backup_dir: str | os.PathLike,
+        *,
+        connect: Callable[[], Any] | None = None,
+        batch_size: int | None = None,
+        max_array_size: int | None = None,
+    ) -> None:
+        self.backup_dir = pathlib.Path(backup_dir).expanduser()
+        self.backup_store = BackupStore(self.backup_dir)
+        self._connect = connect
+        self._writer_kwargs: dict[str, Any] = {}
+        if batch_size is not None:
+            self._writer_kwargs["batch_size"] = batch_size
+        if max_array_size is not None:
+            self._writer_kwargs["max_array_size"] = max_array_size
+        self._lock = threading.Lock()
+        self.client: Any | None = None
+        self.writer: Any | None = None
+        if client is not None:
+            self._set_client(client)
+        self._router = RunRouter([self._factory])
+
+    def _set_client(self, client: Any) -> None:
+        from bluesky_tiled_plugins import TiledWriter
+
+        self.client = client
+        self.writer = TiledWriter(client, backup_dictionary=self.backup_store, **self._writer_kwargs)
+
+    def _factory(self, name: str, doc: dict[str, Any]) -> tuple[list[Callable], list[Any]]:
+        with self._lock:
+            if self.writer is None and self._connect is not None:
+                try:
+                    self._set_client(self._connect())
+                    logger.info("Reconnected to the Tiled catalogue")
+                except CatalogUnavailableError as err:
+                    logger.warning("%s", err)
+        if self.writer is None:
+            return [BackupWriter(self.backup_dir)], []
+        return [self.writer], []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self._router(name, doc)
+
+
+def make_run_engine(
+    tiled: str | None = None,
+    api_key: str | None = None,
+    md: dict[str, Any] | None = None,
+    *,
+    catalog_dir: str | os.PathLike | None = None,
+    backup_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    call_returns_result: bool = True,
+    validate: bool = True,
+    offline_ok: bool = False,
+    batch_size: int | None = None,
+    context_managers: list[Any] | None = None,
+    during_task: Any | None = None,
+) -> RunEngine:
+    """A bluesky RunEngine that records every run in a Tiled catalogue with FAIR metadata.
+
+    Args:
+        tiled: URI of a Tiled server (``http://host:port``). Default: ``$ACC_BLUESKY_CATALOG`` if it is a URI,
+            else the embedded catalogue (SQLite + files, in-process, no server) in ``catalog_dir``.
+        api_key: the server's API key (writing needs a read-write key); default ``$TILED_API_KEY``.
+        md: persistent metadata merged into ``RE.md`` (and so into every start document).
+        catalog_dir: folder of the embedded catalogue; default ``$ACC_BLUESKY_CATALOG`` or
+            ``platformdirs.user_data_dir("acc_bluesky")/catalog``.
+        backup_dir: where runs go when Tiled cannot take them (JSON Lines, one file per run); default
+            ``$ACC_BLUESKY_BACKUP`` or ``user_data_dir/backup``. Replay with ``acc-bluesky catalog replay``.
+        progress: show bluesky progress bars while the RunEngine waits on motion.
+        call_returns_result: ``RE(plan)`` returns a :class:`RunResult` (a ``str``, the run uid, with the
+            fields of bluesky's ``RunEngineResult``: ``plan_result``, ``run_start_uids``, ``exit_status``...).
+            If False, bluesky's legacy tuple of run uids.
+        validate: refuse runs whose start document lacks FAIR metadata
+            (:func:`acc_bluesky.data.metadata.validate_metadata`, raised as ``MetadataError`` when the run
+            opens, before anything inside the run moves).
+        offline_ok: if the server cannot be reached now, still return a RunEngine: runs go to ``backup_dir``
+            until the server answers again (tried at each new run). If False (default), raise
+            :class:`~acc_bluesky.data.catalog.CatalogUnavailableError` naming the URI.
+        batch_size: events the TiledWriter collects before writing (default the plugin's, 10000: events are
+            written at the end of the run); use 1 for live readers.
+        context_managers, during_task: passed to bluesky's RunEngine (defaults: bluesky's SIGINT handling and
+            its matplotlib-aware waiting).
+
+    Returns:
+        A :class:`RunEngine` with a :class:`TiledRecorder` subscribed, ``RE.catalog`` the Tiled client (None
+        while offline), ``RE.md_validator`` the FAIR validator and ``RE.waiting_hook`` a progress bar manager.
+
+    Example:
+        >>> RE = make_run_engine()
+        >>> uid = RE(measure_orm(m))          # plans return their run uid
+        >>> RE.catalog[uid].metadata["start"]["tool"]
+        'orbit_response'
+    """
+    from bluesky.utils import ProgressBarManager
+
+    if tiled is None and catalog_dir is None:
+        env = os.environ.get(ENV_CATALOG)
+        if env and is_uri(env):
+            tiled = env
+    backup = pathlib.Path(backup_dir).expanduser() if backup_dir is not None else default_backup_dir()
+
+    connect: Callable[[], Any]
+    if tiled is not None:
+        uri = tiled
+
+        def connect() -> Any:
+            return connect_tiled(uri, api_key)
+
+    else:
+        directory = catalog_paths(catalog_dir if catalog_dir is not None else default_catalog_dir())["root"]
+
+        def connect() -> Any:
+            return _embedded_client(directory)
+
+    try:
+        client = connect()
+    except CatalogUnavailableError as err:
+        if not offline_ok:
+            raise
+        logger.warning("%s -- recording to the backup folder %s until it answers", err, backup)
+        client = None
+
+    kwargs: dict[str, Any] = {"call_returns_result": call_returns_result}
+    if context_managers is not None:
+        kwargs["context_managers"] = context_managers
+    if during_task is not None:
+        kwargs["during_task"] = during_task
+    RE = RunEngine(**kwargs)
+    RE.md.setdefault("operator", operator_name())
+    RE.md.setdefault("license", os.environ.get(ENV_LICENSE) or DEFAULT_LICENSE)
+    RE.md.setdefault("software", software_versions())
+    if md:
+        RE.md.update(md)
+    if validate:
+        RE.md_validator = make_md_validator()
+    recorder = TiledRecorder(client, backup, connect=connect, batch_size=batch_size)
+    RE.subscribe(recorder)
+    RE.tiled_recorder = recorder
+    RE.backup_dir = backup
+    if progress:
+        RE.waiting_hook = ProgressBarManager()
+    return RE

@@ -1,0 +1,284 @@
+"""Serve a catalogue folder over HTTP with a real Tiled server (``acc-bluesky catalog serve``).
+
+Two authentication set-ups, both refusing anonymous requests:
+
+* **one key** (``api_key`` only): Tiled's single-user mode; the key reads and writes.
+* **a writer key and read-only keys** (``read_only_keys``): Tiled's multi-user mode. Tiled only gives scoped
+  API keys to principals of an authentication database, so this module writes a Tiled configuration file
+  (``<folder>/tiled-server.yml``: the catalogue, an authentication provider with no password users, a
+  SQLite authentication database ``<folder>/authn.sqlite``) and registers the given keys in that database
+  as two service principals: the writer key (scopes: read, write, create, delete, register) and each
+  read-only key (scopes ``read:metadata``, ``read:data``). Keys are then hexadecimal strings, as Tiled's own
+  (``python -c "import secrets; print(secrets.token_hex(32))"``). The same file also runs with
+  ``tiled serve config <folder>/tiled-server.yml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .catalog import ROOT_SPEC, build_catalog_adapter, catalog_paths, init_catalog
+
+__all__ = [
+    "READ_ONLY_SCOPES",
+    "WRITER_SCOPES",
+    "ServerKeyError",
+    "build_server_app",
+    "serve_catalog",
+    "write_server_config",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Scopes of a read-only (analyst) key.
+READ_ONLY_SCOPES: tuple[str, ...] = ("read:metadata", "read:data")
+#: Scopes of the writer key in multi-key mode.
+WRITER_SCOPES: tuple[str, ...] = (
+    "read:metadata",
+    "read:data",
+    "create:node",
+    "write:metadata",
+    "write:data",
+    "delete:revision",
+    "delete:node",
+    "register",
+    "metrics",
+)
+_KEY_NOTE = "acc-bluesky"
+_CONFIG_NAME = "tiled-server.yml"
+_AUTHN_NAME = "authn.sqlite"
+
+
+class ServerKeyError(ValueError):
+    """An API key that Tiled would not accept."""
+
+
+def _check_keys(api_key: str, read_only_keys: Sequence[str]) -> None:
+    how = 'Make one with: python -c "import secrets; print(secrets.token_hex(32))"'
+    if not api_key.isalnum():
+        raise ServerKeyError(f"The API key must be alphanumeric (Tiled's rule). {how}")
+    if not read_only_keys:
+        return
+    for label, key in [("writer", api_key), *(("read-only", k) for k in read_only_keys)]:
+        try:
+            raw = bytes.fromhex(key)
+        except ValueError:
+            raw = b""
+        if len(raw) < 8:
+            raise ServerKeyError(
+                f"With read-only keys, Tiled needs every API key as hexadecimal, at least 16 hex digits; the "
+                f"{label} key is not. {how}"
+            )
+    if api_key in read_only_keys:
+        raise ServerKeyError("The writer key and a read-only key are the same")
+
+
+def write_server_config(
+    directory: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> pathlib.Path:
+    """Write ``<folder>/tiled-server.yml`` (multi-key mode) and return its path. Mode 0600: it holds the
+    token-signing secret."""
+    import yaml
+
+    paths = catalog_paths(directory)
+    config = {
+        "trees": [
+            {
+                "path": "/",
+                "tree": "catalog",
+                "args": {
+                    "uri": f"sqlite:///{paths['catalog']}",
+                    "writable_storage": [str(paths["data"]), f"sqlite:///{paths['tables']}"],
+                    "specs": [{"name": ROOT_SPEC[0], "version": ROOT_SPEC[1]}],
+                },
+            }
+        ],
+        "authentication": {
+            "providers": [
+                {
+                    # Required by Tiled for scoped API keys; it has no users: only the API keys work.
+                    "provider": "local",
+                    "authenticator": "tiled.authenticators:DictionaryAuthenticator",
+                    "args": {"users_to_passwords": {}},
+                }
+            ],
+            "secret_keys": [secrets.token_hex(32)],
+            "allow_anonymous_access": False,
+        },
+        "database": {"uri": f"sqlite:///{paths['root'] / _AUTHN_NAME}", "init_if_not_exists": True},
+        "media_types": {
+            "BlueskyRun": {"application/json-seq": "bluesky_tiled_plugins.exporters:json_seq_exporter"}
+        },
+        "uvicorn": {"host": host, "port": port},
+    }
+    path = paths["root"] / _CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# Written by acc-bluesky catalog serve. API keys live (hashed) in the authn database.\n")
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
+
+
+def _run_in_thread(fn: Any, *args: Any) -> Any:
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as err:
+            error.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+def _register_keys(authn_uri: str, api_key: str, read_only_keys: Sequence[str]) -> None:
+    """Initialise the authentication database if needed and (re)register our keys in it."""
+    import asyncio
+
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
+    from tiled.authn_database import orm
+    from tiled.authn_database.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
+    from tiled.authn_database.core import ALL_REVISIONS, REQUIRED_REVISION, create_service, initialize_database
+    from tiled.utils import ensure_specified_sql_driver
+
+    uri = ensure_specified_sql_driver(authn_uri)
+
+    async def init() -> bool:
+        engine = create_async_engine(uri)
+        try:
+            await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
+            return False
+        except UninitializedDatabase:
+            await initialize_database(engine)
+            return True
+        finally:
+            await engine.dispose()
+
+    if asyncio.run(init()):
+        stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
+
+    async def register() -> None:
+        engine = create_async_engine(uri)
+        try:
+            async with AsyncSession(engine, expire_on_commit=False) as db:
+                old = (
+                    (await db.execute(select(orm.APIKey).filter(orm.APIKey.note.like(f"{_KEY_NOTE}%"))))
+                    .unique()
+                    .scalars()
+                    .all()
+                )
+                principals = {k.principal_id for k in old}
+                for key in old:
+                    await db.delete(key)
+                await db.commit()
+                for pid in principals:  # services created for our keys only
+                    principal = await db.get(orm.Principal, pid)
+                    if principal is not None:
+                        await db.delete(principal)
+                await db.commit()
+                for role, note, scopes, keys in (
+                    ("admin", f"{_KEY_NOTE} writer", WRITER_SCOPES, [api_key]),
+                    ("user", f"{_KEY_NOTE} read-only", READ_ONLY_SCOPES, list(read_only_keys)),
+                ):
+                    principal = await create_service(db, role)
+                    for key in keys:
+                        secret = bytes.fromhex(key)
+                        db.add(
+                            orm.APIKey(
+                                first_eight=secret.hex()[:8],
+                                hashed_secret=hashlib.sha256(secret).digest(),
+                                principal_id=principal.id,
+                                scopes=list(scopes),
+                                note=note,
+                            )
+                        )
+                    await db.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(register())
+
+
+def build_server_app(
+    directory: str | os.PathLike,
+    *,
+    api_key: str,
+    read_only_keys: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> Any:
+    """The Tiled ASGI application serving a catalogue folder (created if needed), refusing anonymous use."""
+    from tiled.config import Authentication
+
+    _check_keys(api_key, read_only_keys)
+    root = init_catalog(directory)
+    if not read_only_keys:
+        from tiled.server.app import build_app
+
+        from .catalog import _serialization_registry
+
+        adapter = build_catalog_adapter(root, streaming_cache=True)
+        return build_app(
+            adapter,
+            authentication=Authentication(single_user_api_key=api_key, allow_anonymous_access=False),
+            serialization_registry=_serialization_registry(),
+        )
+    from tiled.config import parse_configs
+    from tiled.server.app import build_app_from_config
+
+    config_path = write_server_config(root, host=host, port=port)
+    _run_in_thread(_register_keys, f"sqlite:///{root / _AUTHN_NAME}", api_key, list(read_only_keys))
+    return build_app_from_config(parse_configs(config_path))
+
+
+def serve_catalog(
+    directory: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    read_only_keys: Sequence[str] = (),
+    log_level: str = "warning",
+) -> None:
+    """Serve a catalogue folder until interrupted (Ctrl-C or SIGTERM). Blocks.
+
+    Args:
+        directory: the catalogue folder (created if needed).
+        host: interface to listen on; keep 127.0.0.1 unless the network is trusted and firewalled.
+        port: TCP port.
+        api_key: the read-write key; default ``$TILED_SINGLE_USER_API_KEY`` or a random one (printed).
+        read_only_keys: keys that can only read (analysts); needs hexadecimal keys (see module docs).
+        log_level: uvicorn log level.
+    """
+    import uvicorn
+
+    generated = api_key is None and not os.environ.get("TILED_SINGLE_USER_API_KEY")
+    if api_key is None:
+        api_key = os.environ.get("TILED_SINGLE_USER_API_KEY") or secrets.token_hex(32)
+    app = build_server_app(directory, api_key=api_key, read_only_keys=read_only_keys, host=host, port=port)
+    root = catalog_paths(directory)["root"]
+    print(f"acc-bluesky: serving the catalogue {root} at http://{host}:{port}", flush=True)
+    if generated:
+        print(f"acc-bluesky: API key (read-write): {api_key}", flush=True)
+    if read_only_keys:
+        print(f"acc-bluesky: {len(read_only_keys)} read-only key(s); config {root / _CONFIG_NAME}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

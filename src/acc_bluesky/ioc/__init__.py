@@ -1,0 +1,46 @@
+"""The twin served as a live EPICS IOC, and the digital shadow that follows a live machine with a model.
+
+- :class:`TwinIoc` (:mod:`.server`): a :class:`~acc_bluesky.twin.Twin` as EPICS records named by the profile's
+  templates; ``acc-bluesky ioc PROFILE`` or ``python -m acc_bluesky.ioc serve PROFILE`` runs it.
+- :class:`Shadow` (:mod:`.shadow`): follows the live setpoints through EPICS monitors into its own twin and
+  publishes model predictions, residuals and an anomaly flag; ``acc-bluesky shadow PROFILE``.
+- :func:`twin_pv_names`, :func:`shadow_pv_names`: the extra PVs; :mod:`.commands`: the anomaly commands.
+
+pythonSoftIOC is imported only by the processes that serve records, never by importing this package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .commands import COMMAND_HELP, Command, CommandError, apply_command, parse_command
+from .names import default_shadow_prefix, shadow_pv_names, twin_pv_names
+from .observe import Observation, Observer, one_turn_tunes
+
+__all__ = [
+    "COMMAND_HELP",
+    "Command",
+    "CommandError",
+    "Observation",
+    "Observer",
+    "READY_MESSAGE",
+    "Shadow",
+    "ShadowConfig",
+    "TwinIoc",
+    "apply_command",
+    "default_shadow_prefix",
+    "one_turn_tunes",
+    "parse_command",
+    "shadow_pv_names",
+    "twin_pv_names",
+]
+
+_LAZY = {"TwinIoc": "server", "READY_MESSAGE": "server", "Shadow": "shadow", "ShadowConfig": "shadow"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,348 @@
+"""Machine plan stubs (never open a run): read the orbit, snapshot/restore setpoints, move families and
+correctors, check limits, and the ``restoring`` wrapper every tool uses.
+
+All values in hardware units: magnets [A], RF frequency [Hz], RF voltage [V], orbit [m].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import Msg, MsgGenerator
+
+from ..profile import LimitError
+
+__all__ = [
+    "BeamLostError",
+    "Record",
+    "emit",
+    "read_orbit",
+    "snapshot_setpoints",
+    "restore_setpoints",
+    "set_family",
+    "step_corrector",
+    "check_limits",
+    "restoring",
+    "resolve_corrector",
+    "all_families",
+    "move",
+]
+
+RF_FREQUENCY = "RF:frequency"
+RF_VOLTAGE = "RF:voltage"
+
+
+class BeamLostError(RuntimeError):
+    """The orbit reads NaN at in-service BPMs: the beam is lost (or those BPMs died). ``bpms`` lists them."""
+
+    def __init__(self, message: str, bpms: Sequence[str] = ()):
+        super().__init__(message)
+        self.bpms = list(bpms)
+
+
+class _EventArray(list):
+    """A list of floats that prints short: event-model validates every event with jsonschema, whose failure
+    branches format the instance (``repr``) of every value; for 224-value orbits that costs more than the
+    orbit itself (numpy arrays: ~1.5 ms each, lists: ~0.1 ms, this: ~0). Consumers see a plain list."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} values>"
+
+
+class Record:
+    """A readable holding values a plan computed (orbits at ±delta, steps, rms...), so they become event data.
+
+    Each field has units, a shape and a description (what it means), so every data key in the run says what it
+    is. Data keys are ``<name>-<field>`` unless ``prefix=False``.
+
+    Args:
+        name: device name (prefix of the data keys).
+        fields: ``{field: (units, shape, description)}``; shape ``()`` for a number, ``(n,)`` for an array.
+        hinted: fields shown by LiveTable / BestEffortCallback.
+        dtypes: optional ``{field: "integer"}`` for integer fields.
+    """
+
+    parent = None
+
+    def __init__(self, name: str, fields: Mapping[str, tuple[str, tuple[int, ...], str]],
+                 hinted: Sequence[str] = (), dtypes: Mapping[str, str] | None = None, prefix: bool = True):
+        self.name = name
+        self._fields = {k: (u, tuple(int(s) for s in shape), d) for k, (u, shape, d) in fields.items()}
+        self._dtypes = dict(dtypes or {})
+        self._prefix = prefix
+        self._values: dict[str, Any] = {}
+        for k, (_, shape, _) in self._fields.items():
+            self._values[k] = np.full(shape, np.nan) if shape else float("nan")
+        self.hints = {"fields": [self.key(h) for h in hinted]}
+
+    def key(self, field: str) -> str:
+        return f"{self.name}-{field}" if self._prefix else field
+
+    def update(self, **values: Any) -> None:
+        """Set the values the next read reports (arrays are copied)."""
+        for k, v in values.items():
+            if k not in self._fields:
+                raise KeyError(f"{self.name}: unknown field {k!r}; fields: {sorted(self._fields)}")
+            shape = self._fields[k][1]
+            if shape:
+                a = np.asarray(v, dtype=float)
+                if a.shape != shape:
+                    raise ValueError(f"{self.name}.{k}: expected shape {shape}, got {a.shape}")
+                self._values[k] = a.copy()
+            elif self._dtypes.get(k) == "integer":
+                self._values[k] = int(v)
+            else:
+                self._values[k] = float(v)
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        # arrays go out as (short-printing) lists, see _EventArray
+        t = time.time()
+        return {self.key(k): {"value": _EventArray(v.tolist()) if isinstance(v, np.ndarray) else v,
+                              "timestamp": t}
+                for k, v in self._values.items()}
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for k, (u, shape, d) in self._fields.items():
+            integer = self._dtypes.get(k) == "integer"
+            out[self.key(k)] = {
+                "source": f"acc_bluesky:{self.name}",
+                "dtype": "array" if shape else ("integer" if integer else "number"),
+                "shape": list(shape),
+                "dtype_numpy": "<i8" if integer else "<f8",
+                "units": u,
+                "description": d,
+            }
+        return out
+
+
+# The stubs below yield bluesky messages directly: ``bluesky.plan_stubs`` helpers are wrapped by ``@plan``, which
+# formats the Python stack at every call (~0.3 ms); in a 448-corrector ORM that is several per step.
+_GROUPS = iter(range(1 << 62))
+
+
+def move(*args: Any) -> MsgGenerator[None]:
+    """Move ``obj1, value1, obj2, value2, ...`` in parallel and wait (``bps.mv`` without the overhead)."""
+    if len(args) % 2:
+        raise ValueError("move takes pairs: device, value, device, value, ...")
+    group = f"acc-move-{next(_GROUPS)}"
+    for obj, value in zip(args[::2], args[1::2]):
+        yield Msg("set", obj, value, group=group)
+    yield Msg("wait", None, group=group)
+
+
+def emit(*readables: Any, stream: str = "primary") -> MsgGenerator[dict[str, Any]]:
+    """One event in ``stream`` from ``readables`` (no trigger: values already set or cheap to read)."""
+    yield Msg("create", name=stream)
+    out: dict[str, Any] = {}
+    for r in readables:
+        ret = yield Msg("read", r)
+        if ret:
+            out.update(ret)
+    yield Msg("save")
+    return out
+
+
+def _bpm_names(machine, idx: Iterable[int]) -> list[str]:
+    names = machine.bpm.names
+    return [names[i] for i in idx]
+
+
+def read_orbit(machine, n_avg: int = 1, check: bool = True, *, ignore: Iterable[int] = (),
+               period: float | None = None, where: str = "") -> MsgGenerator[tuple[np.ndarray, np.ndarray]]:
+    """Read the orbit (x, y) [m] at every BPM, averaged over ``n_avg`` acquisitions.
+
+    Args:
+        machine: the connected machine.
+        n_avg: number of acquisitions averaged.
+        check: raise :class:`BeamLostError` if an in-service BPM reads NaN.
+        ignore: more BPM indices excluded from the check (BPMs the caller already excludes).
+        period: wait [s] between acquisitions (default ``1 / profile.bpm.rate`` when the BPMs have a rate).
+        where: what the plan was doing, for the error message.
+
+    BPMs out of service (profile ``bpm.status.bad``) are excluded from the check; their values are returned as
+    read (usually NaN).
+    """
+    n_avg = int(n_avg)
+    if n_avg < 1:
+        raise ValueError(f"n_avg must be >= 1, got {n_avg!r}")
+    if period is None:
+        rate = machine.profile.spec.bpm.rate
+        period = 1.0 / rate if (rate and n_avg > 1) else 0.0
+    kx, ky = machine.bpm.x.name, machine.bpm.y.name
+    sx = sy = None
+    for i in range(n_avg):
+        if i and period:
+            yield Msg("sleep", None, period)
+        ret = yield Msg("read", machine.bpm)
+        if ret is None:  # plan iterated without a RunEngine (list(plan))
+            n = len(machine.bpm)
+            return np.zeros(n), np.zeros(n)
+        x = np.asarray(ret[kx]["value"], dtype=float)
+        y = np.asarray(ret[ky]["value"], dtype=float)
+        sx = x.copy() if sx is None else sx + x
+        sy = y.copy() if sy is None else sy + y
+    x, y = sx / n_avg, sy / n_avg
+    if check:
+        good = np.asarray(machine.bpm.good, dtype=bool).copy()
+        ign = list(ignore)
+        if ign:
+            good[ign] = False
+        bad = good & ~(np.isfinite(x) & np.isfinite(y))
+        if np.any(bad):
+            idx = np.nonzero(bad)[0]
+            names = _bpm_names(machine, idx)
+            shown = ", ".join(names[:10]) + (f" ... ({len(names)} BPMs)" if len(names) > 10 else "")
+            doing = f" while {where}" if where else ""
+            if idx.size == int(good.sum()):
+                msg = (f"beam lost{doing}: all {idx.size} in-service BPMs read NaN. The plan stops and restores "
+                       "every setpoint it changed; the data taken so far are in the run. Refill (on the twin: "
+                       "machine.twin.inject()) and retry.")
+            else:
+                msg = (f"{idx.size} in-service BPM(s) read NaN{doing}: {shown}. Beam partly lost or BPMs dead: "
+                       "mark dead BPMs out of service (profile bpm.status.bad) or exclude them, then retry. The "
+                       "plan stops and restores every setpoint it changed.")
+            raise BeamLostError(msg, names)
+    return x, y
+
+
+def all_families(machine) -> list[str]:
+    """Names of every magnet family of the machine."""
+    return list(machine.families)
+
+
+def snapshot_setpoints(machine, families: Iterable[str] | None = None,
+                       rf: bool = True) -> MsgGenerator[dict[str, Any]]:
+    """Hardware setpoints of ``families`` (default: all) ``{family: (n,) [A]}`` and, with ``rf``,
+    ``"RF:frequency"`` [Hz] and ``"RF:voltage"`` [V] (the layout of ``Twin.snapshot()``)."""
+    names = all_families(machine) if families is None else list(families)
+    snap: dict[str, Any] = {}
+    for n in names:
+        fam = machine.family(n)
+        v = yield from bps.rd(fam.setpoints)
+        snap[n] = np.array(v, dtype=float)
+    if rf:
+        snap[RF_FREQUENCY] = float((yield from bps.rd(machine.rf.frequency)))
+        snap[RF_VOLTAGE] = float((yield from bps.rd(machine.rf.voltage)))
+    return snap
+
+
+def restore_setpoints(machine, snapshot: Mapping[str, Any], only_changed: bool = True,
+                      group: str | None = None) -> MsgGenerator[dict[str, Any]]:
+    """Put back exactly the setpoints of a :func:`snapshot_setpoints` snapshot (all in parallel, then wait).
+
+    Args:
+        machine: the connected machine.
+        snapshot: ``{family: array, "RF:frequency": Hz, "RF:voltage": V}`` (any subset).
+        only_changed: read the present setpoints first and move only what differs.
+        group: bluesky wait group (default: a private one).
+
+    Returns:
+        ``{name: (before, after)}`` of what was moved.
+    """
+    group = group or f"restore-{id(snapshot)}-{time.monotonic_ns()}"
+    moved: dict[str, Any] = {}
+    for key, value in snapshot.items():
+        if key in (RF_FREQUENCY, RF_VOLTAGE):
+            sig = machine.rf.frequency if key == RF_FREQUENCY else machine.rf.voltage
+            target = float(value)
+            now = float((yield from bps.rd(sig))) if only_changed else None
+            if now is None or now != target:
+                obj = machine.rf if key == RF_FREQUENCY else sig
+                yield from bps.abs_set(obj, target, group=group)
+                moved[key] = (now, target)
+            continue
+        fam = machine.family(key)
+        target = np.array(value, dtype=float)
+        now = np.array((yield from bps.rd(fam.setpoints)), dtype=float) if only_changed else None
+        if now is None or now.shape != target.shape or not np.array_equal(now, target):
+            yield from bps.abs_set(fam, target, group=group)
+            moved[key] = (now, target)
+    if moved:
+        yield from bps.wait(group=group)
+    return moved
+
+
+def check_limits(device: Any, values: Any, what: str = "") -> None:
+    """Raise :class:`~acc_bluesky.profile.LimitError` (naming device, value, limits) before anything moves.
+
+    ``device``: a magnet family (``values`` an array), a single magnet/corrector, or the RF cavity (Hz).
+    """
+    lim = getattr(device, "limits", None) or getattr(device, "frequency_limits", None)
+    if lim is None:
+        return
+    label = getattr(device, "family_name", None) or getattr(device, "device_name", None) or device.name
+    units = getattr(device, "units", "Hz")
+    try:
+        lim.check(label, values, units)
+    except LimitError as err:
+        raise LimitError(f"{what}: {err}" if what else str(err)) from None
+
+
+def set_family(family: Any, values: Any, *, group: str | None = None, wait: bool = True) -> MsgGenerator[None]:
+    """Put a whole family's setpoints [A] in one go (one put, one recomputation); limits checked first."""
+    v = np.asarray(values, dtype=float)
+    check_limits(family, v)
+    yield from bps.abs_set(family, v, group=group, wait=wait)
+
+
+def resolve_corrector(machine, corrector: Any):
+    """A Corrector device from a device, a device name (``"HST:003"``) or ``(family, index)``."""
+    if hasattr(corrector, "setpoint") and hasattr(corrector, "device_name"):
+        return corrector
+    if isinstance(corrector, tuple):
+        fam, idx = corrector
+        f = machine.family(fam)
+        return f[f.index_of(idx)]
+    name = str(corrector)
+    fam, _, _ = name.rpartition(":")
+    f = machine.family(fam)
+    return f[f.index_of(name)]
+
+
+def step_corrector(machine, corrector: Any, delta: float, *, wait: bool = True,
+                   group: str | None = None) -> MsgGenerator[float]:
+    """Move one corrector by ``delta`` [A] from its present setpoint; returns the new setpoint [A]."""
+    dev = resolve_corrector(machine, corrector)
+    now = float((yield from bps.rd(dev.setpoint)))
+    new = now + float(delta)
+    check_limits(dev, new)
+    yield from bps.abs_set(dev, new, group=group, wait=wait)
+    return new
+
+
+def restoring(machine, plan: Any, families: Iterable[str] | None = None, *, rf: bool = True,
+              on_success: bool = True, snapshot: dict[str, Any] | None = None) -> MsgGenerator[Any]:
+    """Run ``plan`` and put back every setpoint it may touch, exactly, when it ends.
+
+    The snapshot (``families``: default all magnet families; ``rf``: RF frequency and voltage) is read before the
+    plan starts (or passed in ``snapshot``); the restore runs in a ``finalize_wrapper``, i.e. also on abort, stop,
+    pause + abort and exceptions. With ``on_success=False`` (corrections, bumps, config restores) the machine keeps
+    the new settings when the plan completes and is restored only when it did not.
+
+    Returns what ``plan`` returns (e.g. the run uid).
+    """
+    state: dict[str, Any] = {"done": False, "snap": snapshot}
+
+    def body():
+        if state["snap"] is None:
+            state["snap"] = yield from snapshot_setpoints(machine, families, rf=rf)
+        ret = yield from plan
+        state["done"] = True
+        return ret
+
+    def cleanup():
+        if state["snap"] is None:
+            return
+        if state["done"] and not on_success:
+            return
+        yield from restore_setpoints(machine, state["snap"])
+
+    return (yield from bpp.finalize_wrapper(body(), cleanup()))

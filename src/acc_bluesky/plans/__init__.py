@@ -1,0 +1,16 @@
+"""Bluesky plans (each opens one run, records its results to Tiled, returns the run uid, restores on abort).
+
+Orbit: :func:`measure_orm`, :func:`correct_orbit`, :func:`orbit_bump`, :func:`measure_dispersion`;
+configurations: :func:`save_config`, :func:`restore_config` (and :func:`compare_config`);
+optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`).
+"""
+
+from . import config as _config, orbit as _orbit
+from .config import *  # noqa: F403
+from .orbit import *  # noqa: F403
+
+# --- optics plans (tune, chromaticity: written by the optics engineer) ----------------------------------------
+from . import optics as _optics  # noqa: E402
+from .optics import *  # noqa: E402,F403
+
+__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__]

@@ -1,0 +1,788 @@
+"""Tune and chromaticity tools as Bluesky plans (MML's meastuneresp, settune, measchro, measchroresp, setchro).
+
+Every plan takes the :class:`~acc_bluesky.machine.Machine`, ``md=None`` last, opens one FAIR run (tool names
+``tune``, ``tune_response``, ``tune_correction``, ``chromaticity``, ``chromaticity_response``,
+``chromaticity_correction``), emits one event per reading in the ``primary`` stream (progress is visible live),
+stores its results in the run's ``results`` stream (so analysis needs only the catalogue), and returns the run uid.
+Whatever a plan changes (family setpoints, RF frequency) is put back exactly when it is aborted, stopped or
+fails; measurements also put everything back when they succeed, corrections keep their result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import MsgGenerator
+
+from ..analysis.chromaticity import (
+    Chromaticity,
+    ChromaticityResponse,
+    dp_from_rf_steps,
+    model_chromaticity_response,
+    model_momentum_compaction,
+    rf_steps_for_dp,
+    scan_points,
+)
+from ..analysis.plots import chromaticity_fit_plot, tune_diagram
+from ..analysis.tune import MODEL_FAMILY_TYPES, FamilyResponse, MeasuredTunes, TuneResponse, model_tune_response
+from ..data import default_catalog_dir, open_catalog
+from ..data.metadata import tool_metadata
+from ..machine import Machine
+from ..plan_stubs.machine import Record, check_limits, restoring, snapshot_setpoints
+from ..plan_stubs.optics import family_setpoints, move_families, read_tunes, resolve_families
+from ..plan_stubs.results import store_result
+from ..profile import LimitError
+
+__all__ = [
+    "measure_tune",
+    "measure_tune_response",
+    "correct_tune",
+    "measure_chromaticity",
+    "measure_chromaticity_response",
+    "correct_chromaticity",
+]
+
+#: Tune change [fractional tune units] that the default step of ``measure_tune_response`` aims at.
+TUNE_RESPONSE_DQ = 2e-3
+#: Chromaticity change that the default step of ``measure_chromaticity_response`` aims at.
+CHROMATICITY_RESPONSE_DXI = 1.0
+
+
+# Result keys of each tool: name -> (units, physics meaning), written in the results stream's descriptor.
+_TUNE_KEYS = {
+    "qx": ("", "horizontal fractional tune (mean of the readings)"),
+    "qy": ("", "vertical fractional tune (mean of the readings)"),
+    "qx_std": ("", "standard deviation of the qx readings"),
+    "qy_std": ("", "standard deviation of the qy readings"),
+    "samples": ("", "every reading (n_avg x 2): qx, qy"),
+}
+_TUNE_RESPONSE_KEYS = {
+    "dQ_dI": ("1/A", "tune response (2 x families): rows qx, qy; columns the start document's families"),
+    "dQ_dK": ("1/(m^-2)", "tune response per unit of family strength (through the calibration slope)"),
+    "Q_reference": ("", "tunes at the reference setting"),
+    "Q_reference_std": ("", "spread of the reference readings"),
+    "delta": ("A", "half step per family"),
+    "Q_plus": ("", "tunes with each family at +delta (2 x families)"),
+    "Q_minus": ("", "tunes with each family at -delta (2 x families)"),
+}
+_TUNE_CORRECTION_KEYS = {
+    "q_history": ("", "measured tunes (qx, qy) before each correction and after the last"),
+    "q_std_history": ("", "spread of the readings of each measurement"),
+    "steps_hw": ("A", "family steps applied per iteration (iterations x families)"),
+    "delta_hw": ("A", "total change per family"),
+    "delta_physics": ("m^-2", "total change per family in physics units"),
+    "q_before": ("", "tunes before the correction"),
+    "q_after": ("", "tunes after the correction"),
+    "target": ("", "requested fractional tunes"),
+    "converged": ("", "1 if both planes ended within tol of the target"),
+    "iterations": ("", "number of corrections applied"),
+    "response_hw": ("1/A", "tune response used (2 x families)"),
+}
+_CHROM_KEYS = {
+    "xi": ("", "chromaticities (xi_x, xi_y) = dQ/d(dp/p) at the starting RF frequency"),
+    "xi_std": ("", "standard errors of xi from the fit residuals"),
+    "dp": ("", "momentum deviation dp/p of each scan point (model momentum compaction)"),
+    "df": ("Hz", "RF frequency step of each point from f_rf"),
+    "qx": ("", "mean horizontal tune per point"),
+    "qy": ("", "mean vertical tune per point"),
+    "qx_std": ("", "spread of the qx readings per point"),
+    "qy_std": ("", "spread of the qy readings per point"),
+    "coeffs_x": ("", "fit coefficients of qx(dp), increasing powers of dp"),
+    "coeffs_y": ("", "fit coefficients of qy(dp), increasing powers of dp"),
+    "order": ("", "polynomial order of the fit"),
+    "f_rf": ("Hz", "starting RF frequency (restored after the scan)"),
+    "alphas": ("", "path-length polynomial of the model: dC/C = a1 dp + a2 dp^2 (a1: momentum compaction)"),
+}
+_CHROM_RESPONSE_KEYS = {
+    "dxi_dI": ("1/A", "chromaticity response (2 x families): rows xi_x, xi_y; columns the start document's "
+                      "families"),
+    "dxi_dK": ("1/(m^-3)", "chromaticity response per unit of family strength (through the calibration slope)"),
+    "xi_reference": ("", "chromaticities at the reference setting"),
+    "delta": ("A", "half step per family"),
+    "xi_plus": ("", "chromaticities with each family at +delta (2 x families)"),
+    "xi_minus": ("", "chromaticities with each family at -delta (2 x families)"),
+}
+_CHROM_CORRECTION_KEYS = {
+    "xi_history": ("", "measured chromaticities before each correction and after the last"),
+    "xi_std_history": ("", "fit errors of each measurement"),
+    "steps_hw": ("A", "family steps applied per iteration (iterations x families)"),
+    "delta_hw": ("A", "total change per family"),
+    "delta_physics": ("m^-3", "total change per family in physics units"),
+    "xi_before": ("", "chromaticities before the correction"),
+    "xi_after": ("", "chromaticities after the correction"),
+    "target": ("", "requested chromaticities"),
+    "converged": ("", "1 if both planes ended within tol of the target"),
+    "iterations": ("", "number of corrections applied"),
+    "response_hw": ("1/A", "chromaticity response used (2 x families)"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+def figure_directory(figure_dir: str | os.PathLike | None = None) -> Path:
+    """Where the optics plans write their PNG figures: ``figure_dir``, else ``$ACC_BLUESKY_FIGURES``, else
+    ``figures`` next to the default catalogue folder (``platformdirs.user_data_dir("acc_bluesky")/figures``)."""
+    if figure_dir is not None:
+        return Path(figure_dir).expanduser()
+    env = os.environ.get("ACC_BLUESKY_FIGURES")
+    if env:
+        return Path(env).expanduser()
+    return default_catalog_dir().parent / "figures"
+
+
+def _figure_path(figure_dir: str | os.PathLike | None | bool, tool: str) -> Path | None:
+    if figure_dir is False:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return figure_directory(None if figure_dir is True else figure_dir) / f"{tool}_{stamp}_{uuid.uuid4().hex[:6]}.png"
+
+
+def _save_figure(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a figure must not fail a measurement that is already stored
+        warnings.warn(f"could not write the figure {args[-1] if args else ''}: {err}", stacklevel=3)
+
+
+def _check_n_avg(n_avg: int) -> int:
+    if not isinstance(n_avg, (int, np.integer)) or n_avg < 1:
+        raise ValueError(f"n_avg must be an integer >= 1 (readings averaged per point), got {n_avg!r}")
+    return int(n_avg)
+
+
+def _check_iter(max_iter: int, tol: float, what: str) -> None:
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1 (correction iterations), got {max_iter!r}")
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive number ({what}), got {tol!r}")
+
+
+def _pair(value: Sequence[float], name: str) -> np.ndarray:
+    try:
+        v = np.asarray(value, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        v = np.array([])
+    if v.shape != (2,) or not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be two finite numbers (x, y), got {value!r}")
+    return v
+
+
+def _slopes(machine: Machine, families: Sequence[str], base: dict[str, np.ndarray]) -> np.ndarray:
+    """d(physics)/d(A) of each family at its operating point (mean of its in-service setpoints)."""
+    e = machine.profile.energy
+    out = []
+    for n in families:
+        fam = machine.families[n]
+        hw = float(np.mean(base[n][fam.good])) if np.any(fam.good) else float(np.mean(base[n]))
+        out.append(float(np.atleast_1d(fam.calibration.slope(hw, e, e))[0]))
+    return np.asarray(out)
+
+
+def _physics_units(machine: Machine, families: Sequence[str]) -> list[str]:
+    return [str(machine.families[n].physics_units) for n in families]
+
+
+def _model_setpoints(machine: Machine) -> MsgGenerator[dict[str, np.ndarray]]:
+    names = [n for n, f in machine.families.items() if f.type in MODEL_FAMILY_TYPES]
+    return (yield from family_setpoints(machine, names))
+
+
+def _steps(delta: float | Sequence[float] | dict[str, float] | None, families: list[str],
+           default: np.ndarray, what: str) -> np.ndarray:
+    if delta is None:
+        d = np.asarray(default, dtype=float)
+    elif isinstance(delta, dict):
+        unknown = set(delta) - set(families)
+        if unknown:
+            raise KeyError(f"delta names families that are not measured: {sorted(unknown)}; families: {families}")
+        d = np.array([float(delta.get(n, default[j])) for j, n in enumerate(families)])
+    else:
+        d = np.broadcast_to(np.asarray(delta, dtype=float), (len(families),)).astype(float)
+    if not np.all(np.isfinite(d)) or np.any(d <= 0):
+        raise ValueError(f"{what}: delta must be positive steps in A (one per family or one for all), got {delta!r}")
+    return d
+
+
+# Responses measured in this process, by run uid: correct_tune(response=uid) right after measure_tune_response
+# needs no catalogue round trip (any other uid is looked up in the default catalogue).
+_RECENT: dict[str, FamilyResponse] = {}
+
+
+def _remember(resp: FamilyResponse) -> None:
+    if resp.uid:
+        _RECENT[resp.uid] = resp
+        while len(_RECENT) > 16:
+            _RECENT.pop(next(iter(_RECENT)))
+
+
+def _store(results: dict[str, Any], keys: dict[str, tuple[str, str]]) -> MsgGenerator[None]:
+    """``store_result`` with units and meaning (``keys``: name -> (units, description)) of the keys present."""
+    yield from store_result(results, units={k: u for k, (u, _) in keys.items() if k in results},
+                            descriptions={k: d for k, (_, d) in keys.items() if k in results})
+
+
+def _resolve_run(uid: str) -> Any:
+    """A run of the default catalogue by uid."""
+    try:
+        cat = open_catalog()
+        return cat[uid]
+    except Exception as err:  # noqa: BLE001 - KeyError, catalogue unavailable...
+        raise KeyError(f"no run {uid!r} in the default catalogue ({type(err).__name__}: {err}); pass the run "
+                       "itself (catalog[uid]) or the response object (TuneResponse.from_run(catalog[uid]))") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# tunes
+def measure_tune(machine: Machine, n_avg: int = 1, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Read the fractional tunes from the tune monitor.
+
+    Args:
+        machine: the connected machine.
+        n_avg: number of readings averaged (one event each in ``primary``).
+        md: metadata merged into the run's start document.
+
+    Stores ``qx``, ``qy`` (fractional tunes), ``qx_std``, ``qy_std`` (spread of the readings) and ``samples``
+    (n_avg, 2). Read back with ``MeasuredTunes.from_run(cat[uid])``. Tool name ``tune``.
+    """
+    n_avg = _check_n_avg(n_avg)
+    _md = tool_metadata("tune", machine, n_avg=n_avg) | (md or {})
+
+    def inner() -> MsgGenerator[None]:
+        r = yield from read_tunes(machine, n_avg, where="while reading the tunes")
+        res = MeasuredTunes(r.mean, r.std, r.samples)
+        yield from _store(res.to_results(), _TUNE_KEYS)
+
+    return (yield from bpp.run_wrapper(inner(), md=_md))
+
+
+def _default_tune_steps(machine: Machine, families: list[str], base: dict[str, np.ndarray]) -> np.ndarray:
+    sp = {n: v for n, v in base.items()}
+    model = model_tune_response(machine.profile, families, setpoints=sp)
+    size = np.max(np.abs(model.matrix_hw), axis=0)
+    with np.errstate(divide="ignore"):
+        return np.where(size > 0, TUNE_RESPONSE_DQ / size, 0.1)
+
+
+def _tune_response(machine: Machine, families: Sequence[str] | str | None, delta, bipolar: bool, n_avg: int,
+                   md: dict[str, Any] | None) -> MsgGenerator[tuple[str, TuneResponse]]:
+    fams = resolve_families(machine, families, "quadrupole")
+    n_avg = _check_n_avg(n_avg)
+    snap = yield from snapshot_setpoints(machine, fams, rf=False)
+    base = {n: snap[n] for n in fams}
+    default = _default_tune_steps(machine, fams, (yield from _model_setpoints(machine))) if delta is None \
+        else np.zeros(len(fams))
+    d = _steps(delta, fams, default, "measure_tune_response")
+    for j, n in enumerate(fams):
+        good = machine.families[n].good
+        for sgn in ((1, -1) if bipolar else (1,)):
+            check_limits(machine.families[n], base[n] + sgn * d[j] * good,
+                         f"measure_tune_response: step {sgn * d[j]:+.4g} A of {n}")
+    units = _physics_units(machine, fams)
+    _md = tool_metadata("tune_response", machine, plan_name="measure_tune_response", families=fams,
+                        delta=[float(x) for x in d], bipolar=bool(bipolar), n_avg=n_avg) \
+        | {"families": fams, "physics_units": units, "response_kind": "measured"} | (md or {})
+    info = Record("step", {
+        "family": ("", (), "index of the stepped family in the start document's 'families' (-1: reference point)"),
+        "delta": ("A", (), "step applied to every in-service magnet of that family")}, dtypes={"family": "integer"})
+    out: dict[str, Any] = {}
+
+    def inner() -> MsgGenerator[None]:
+        info.update(family=-1, delta=0.0)
+        r0 = yield from read_tunes(machine, n_avg, extra=[info], where="at the reference point")
+        q0, s0 = r0.mean, r0.std
+        plus = np.full((2, len(fams)), np.nan)
+        minus = np.full((2, len(fams)), np.nan)
+        for j, n in enumerate(fams):
+            fam = machine.families[n]
+            for sgn, store in ((1, plus), (-1, minus)) if bipolar else ((1, plus),):
+                info.update(family=j, delta=sgn * d[j])
+                yield from bps.mv(fam, base[n] + sgn * d[j] * fam.good)
+                r = yield from read_tunes(machine, n_avg, extra=[info],
+                                          where=f"while {n} was stepped by {sgn * d[j]:+.4g} A")
+                store[:, j] = r.mean
+            yield from bps.mv(fam, base[n])
+        mhw = (plus - minus) / (2 * d) if bipolar else (plus - q0[:, None]) / d
+        mph = mhw / _slopes(machine, fams, base)
+        resp = TuneResponse(families=fams, matrix_hw=mhw, matrix=mph, reference=q0, delta=d, kind="measured",
+                            physics_units=units)
+        res = resp.to_results() | {"Q_plus": plus, "Q_reference_std": s0}
+        if bipolar:
+            res["Q_minus"] = minus
+        pu = "/".join(sorted(set(units))) or "physics unit"
+        yield from _store(res, _TUNE_RESPONSE_KEYS | {"dQ_dK": (f"1/({pu})", _TUNE_RESPONSE_KEYS["dQ_dK"][1])})
+        out["resp"] = resp
+
+    uid = yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), rf=False, snapshot=snap)
+    resp = out["resp"]
+    resp.uid = uid
+    _remember(resp)
+    return uid, resp
+
+
+def measure_tune_response(machine: Machine, families: Sequence[str] | str | None = None,
+                          delta: float | Sequence[float] | dict[str, float] | None = None, bipolar: bool = True,
+                          n_avg: int = 1, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Measure the tune response matrix dQ/dI of quadrupole families (MML ``meastuneresp``).
+
+    Each family in turn is stepped by ``+delta`` (and ``-delta`` if bipolar) on every in-service magnet, the tunes
+    are read, and the family is put back.
+
+    Args:
+        machine: the connected machine.
+        families: family names (default: every quadrupole family of the machine).
+        delta: half step [A]: one value, one per family, or ``{family: A}``. Default: sized from the model so that
+            each step moves the tunes by about 2e-3.
+        bipolar: step both ways (central difference) or only ``+delta`` (against the reference reading).
+        n_avg: tune readings averaged per point.
+        md: metadata merged into the run's start document.
+
+    Stores ``dQ_dI`` (2 x n, per A), ``dQ_dK`` (2 x n, per m^-2 through the calibration slope), ``Q_reference``,
+    ``delta`` [A] and the raw tunes. Read back with ``TuneResponse.from_run(cat[uid])``. Tool ``tune_response``.
+    """
+    uid, _ = yield from _tune_response(machine, families, delta, bipolar, n_avg, md)
+    return uid
+
+
+def _resolve_response(machine: Machine, response: Any, cls: type[FamilyResponse],
+                      families: list[str] | None, measure, model) -> MsgGenerator[FamilyResponse]:
+    if response is None:
+        _, resp = yield from measure(families)
+        return resp
+    if isinstance(response, str) and response == "model":
+        sp = yield from _model_setpoints(machine)
+        return model(machine.profile, families, setpoints=sp)
+    if isinstance(response, cls):
+        return response
+    if isinstance(response, FamilyResponse):
+        raise TypeError(f"expected a {cls.__name__}, got a {type(response).__name__}")
+    if isinstance(response, str):
+        hit = _RECENT.get(response)
+        if isinstance(hit, cls):
+            return hit
+        return cls.from_run(_resolve_run(response))
+    if hasattr(response, "metadata"):
+        return cls.from_run(response)
+    raise TypeError(f"response must be None, 'model', a {cls.__name__}, a run or its uid; got "
+                    f"{type(response).__name__}")
+
+
+def correct_tune(machine: Machine, target: Sequence[float], families: Sequence[str] | None = None,
+                 response: Any = None, max_iter: int = 3, tol: float = 1e-4, n_avg: int = 1,
+                 figure_dir: str | None = None, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Move the fractional tunes to ``target`` with two (or more) quadrupole families (MML ``settune``).
+
+    Iterates: read the tunes, solve ``response @ dI = target - q`` (SVD, least norm), check the limits, apply;
+    stops when both planes are within ``tol`` or after ``max_iter`` corrections.
+
+    Args:
+        machine: the connected machine.
+        target: fractional tunes (qx, qy), each in (0, 1).
+        families: quadrupole families to use (default: the best-conditioned pair of the response, by SVD).
+        response: ``None`` (measure it now, as its own ``tune_response`` run), ``"model"`` (pyAT, design lattice
+            at the present setpoints), a :class:`~acc_bluesky.analysis.TuneResponse`, a run or its uid.
+        max_iter: maximum number of corrections.
+        tol: convergence threshold on each plane [tune units].
+        n_avg: tune readings averaged per measurement.
+        figure_dir: folder of the tune-diagram PNG (default :func:`figure_directory`; ``False``: none).
+        md: metadata merged into the run's start document.
+
+    Stores ``q_history`` (k x 2), ``steps_hw`` (iterations x families, A), ``delta_hw`` (total A per family),
+    ``delta_physics`` (m^-2), ``q_before``, ``q_after``, ``converged``. Tool ``tune_correction``. On abort, stop or
+    failure the families are put back as they were.
+    """
+    tgt = _pair(target, "target")
+    if np.any((tgt <= 0) | (tgt >= 1)):
+        raise ValueError(f"target must be fractional tunes in (0, 1), got {tuple(tgt)}; e.g. for Q = 76.21 give 0.21")
+    _check_iter(max_iter, tol, "tune units")
+    n_avg = _check_n_avg(n_avg)
+    if families is not None:
+        families = resolve_families(machine, families, "quadrupole")
+        if len(families) < 2:
+            raise ValueError(f"correcting two tunes needs at least two families, got {families}")
+
+    def measure(fams):
+        return _tune_response(machine, fams, None, True, n_avg, None)
+
+    resp = yield from _resolve_response(machine, response, TuneResponse, families, measure, model_tune_response)
+    fams = list(families) if families is not None else list(resp.best_pair())
+    sub = resp.select(fams)
+    snap = yield from snapshot_setpoints(machine, fams, rf=False)
+    fig = _figure_path(figure_dir, "tune_correction")
+    _md = tool_metadata("tune_correction", machine, target=[float(x) for x in tgt], families=fams,
+                        response=resp.kind, response_uid=resp.uid, max_iter=int(max_iter), tol=float(tol),
+                        n_avg=n_avg) \
+        | {"families": fams, "physics_units": _physics_units(machine, fams), "response_kind": resp.kind,
+           "response_uid": resp.uid, "figures": {"tune_diagram": str(fig)} if fig else {}} | (md or {})
+    info = Record("correction", {"iteration": ("", (), "correction iteration (0: before any correction)")},
+                  dtypes={"iteration": "integer"})
+
+    def inner() -> MsgGenerator[None]:
+        current = {n: snap[n].copy() for n in fams}
+        q_hist, s_hist, steps = [], [], []
+        converged = False
+        for it in range(int(max_iter) + 1):
+            info.update(iteration=it)
+            r = yield from read_tunes(machine, n_avg, extra=[info],
+                                      where=f"while reading the tunes in iteration {it} of the tune correction")
+            q, s = r.mean, r.std
+            q_hist.append(q)
+            s_hist.append(s)
+            dq = tgt - q
+            if np.all(np.abs(dq) <= tol):
+                converged = True
+                break
+            if it == max_iter:
+                break
+            step = sub.step(dq)
+            new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
+            for n in fams:
+                check_limits(machine.families[n], new[n],
+                             f"correct_tune iteration {it + 1} (dq = {dq[0]:+.2e}, {dq[1]:+.2e})")
+            yield from move_families(machine, new)
+            current = new
+            steps.append(step)
+            yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info],
+                                            name="corrections")
+        steps_a = np.asarray(steps, dtype=float).reshape(-1, len(fams))
+        total = steps_a.sum(axis=0)
+        qh = np.asarray(q_hist)
+        res = {"q_history": qh, "q_std_history": np.asarray(s_hist), "steps_hw": steps_a, "delta_hw": total,
+               "delta_physics": total * _slopes(machine, fams, snap), "q_before": qh[0],
+               "q_after": qh[-1], "target": tgt, "converged": int(converged), "iterations": len(steps),
+               "response_hw": sub.matrix_hw}
+        pu = "/".join(sorted(set(_physics_units(machine, fams))))
+        yield from _store(res, _TUNE_CORRECTION_KEYS | {"delta_physics": (pu, "total change per family in physics "
+                                                                              "units")})
+        if fig is not None:
+            _save_figure(tune_diagram, qh[-1, 0], qh[-1, 1], fig, history=qh[:-1], order=4, target=tgt,
+                         title=f"tune correction with {', '.join(fams)}")
+
+    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), rf=False, on_success=False,
+                                 snapshot=snap))
+
+
+# ----------------------------------------------------------------------------------------------------
+# chromaticity
+_ALPHA_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _alphas(machine: Machine, setpoints: dict[str, np.ndarray], dp_max: float) -> np.ndarray:
+    key = (machine.profile.sha256, float(dp_max),
+           tuple((n, np.asarray(v, dtype=float).tobytes()) for n, v in sorted(setpoints.items())))
+    hit = _ALPHA_CACHE.get(key)
+    if hit is None:
+        if len(_ALPHA_CACHE) > 32:
+            _ALPHA_CACHE.clear()
+        hit = _ALPHA_CACHE[key] = model_momentum_compaction(machine.profile, setpoints, dp_range=dp_max)
+    return hit.copy()
+
+
+def _chrom_settings(machine: Machine, dp_max: float | None, steps: int | None, order: int | None
+                    ) -> tuple[float, int, int]:
+    d = machine.profile.tool_defaults("chromaticity")
+    dp_max = float(d.get("dp_max", 2e-3)) if dp_max is None else float(dp_max)
+    steps = int(d.get("steps", 5)) if steps is None else steps
+    order = int(d.get("order", 2)) if order is None else order
+    scan_points(dp_max, steps)  # validates
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3 (polynomial fit of Q(dp)), got {order!r}")
+    if steps < order + 2:
+        raise ValueError(f"a fit of order {order} needs steps >= {order + 2} points, got {steps}")
+    return dp_max, steps, order
+
+
+def _rf_plan(machine: Machine, dp_max: float, steps: int, what: str) -> MsgGenerator[tuple[float, np.ndarray,
+                                                                                            np.ndarray, np.ndarray]]:
+    """Frequencies of a scan (from the model's momentum compaction), limits checked before anything moves."""
+    f0 = float((yield from bps.rd(machine.rf.frequency)))
+    alphas = _alphas(machine, (yield from _model_setpoints(machine)), dp_max)
+    dps = scan_points(dp_max, steps)
+    df = rf_steps_for_dp(dps, f0, alphas)
+    try:
+        machine.rf.frequency_limits.check("RF frequency", f0 + df, "Hz")
+    except LimitError as err:
+        raise LimitError(f"{what}: the scan dp/p = +-{dp_max:g} needs RF steps up to {np.max(np.abs(df)):.1f} Hz "
+                         f"from {f0:.1f} Hz: {err}") from None
+    return f0, alphas, dps, df
+
+
+def _scan(machine: Machine, f0: float, alphas: np.ndarray, df: np.ndarray, order: int, n_avg: int,
+          info: Record, settle: float, where: str, **fixed: float) -> MsgGenerator[Chromaticity]:
+    """Emit the RF scan's events in the open run and fit; the RF is back at ``f0`` at the end."""
+    f_read, qx, qy, point = [], [], [], []
+    kf = machine.rf.frequency.name
+    for i, d in enumerate(df):
+        dp = float(dp_from_rf_steps(float(d), f0, alphas))
+        info.update(point=i, df=float(d), dp=dp, **fixed)
+        yield from bps.mv(machine.rf, f0 + float(d))
+        if settle > 0:
+            yield from bps.sleep(settle)
+        r = yield from read_tunes(machine, n_avg, extra=[machine.rf, info],
+                                  where=f"{where}, at scan point {i + 1}/{len(df)} (RF {d:+.1f} Hz, dp/p {dp:+.2e})")
+        for k in range(n_avg):
+            f_read.append(float(r.readings[k][kf]["value"]))
+            qx.append(r.samples[k, 0])
+            qy.append(r.samples[k, 1])
+            point.append(i)
+    yield from bps.mv(machine.rf, f0)
+    return Chromaticity.from_scan(np.asarray(f_read) - f0, qx, qy, f0, alphas, order, point=point)
+
+
+
+
+def _scan_info(extra: dict[str, tuple[str, tuple[int, ...], str]] | None = None,
+               integers: Sequence[str] = ()) -> Record:
+    fields = {"point": ("", (), "index of the scan point"),
+              "df": ("Hz", (), "RF frequency step from the starting frequency"),
+              "dp": ("", (), "momentum deviation dp/p of the point (model momentum compaction)")}
+    return Record("scan", fields | (extra or {}), dtypes={k: "integer" for k in ("point", *integers)})
+
+
+def measure_chromaticity(machine: Machine, dp_max: float | None = None, steps: int | None = None,
+                         order: int | None = None, n_avg: int = 1, settle: float = 0.0,
+                         figure_dir: str | None = None, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Measure the chromaticity by an RF frequency scan (MML ``measchro``).
+
+    The tool chooses the RF steps: for each momentum deviation ``dp`` of the scan it sets the RF frequency that
+    puts the beam there, from the model's momentum compaction (``df ~ -alpha_c f_rf dp``; pyAT ``get_mcf`` on the
+    design lattice at the present setpoints, with its second-order term). There is no 4D/6D choice to make. The
+    tunes are fitted with a polynomial in ``dp``; the chromaticity is its slope at ``dp = 0`` (the starting RF
+    frequency, which is restored at the end).
+
+    Args:
+        machine: the connected machine.
+        dp_max: largest |dp/p| of the scan (default: profile ``tools.chromaticity.dp_max``, else 2e-3).
+        steps: number of scan points, odd >= 3 (default: profile ``tools.chromaticity.steps``, else 5).
+        order: polynomial order of the fit, 1, 2 or 3 (default: profile ``tools.chromaticity.order``, else 2).
+        n_avg: tune readings per point.
+        settle: wait after each RF step [s].
+        figure_dir: folder of the fit PNG (default :func:`figure_directory`; ``False``: none).
+        md: metadata merged into the run's start document.
+
+    Stores ``xi``, ``xi_std``, the scan (``dp``, ``df`` [Hz], ``qx``, ``qy`` per point), the fit coefficients,
+    ``f_rf`` [Hz] and the momentum-compaction polynomial ``alphas``. Read back with
+    ``Chromaticity.from_run(cat[uid])``. Tool ``chromaticity``.
+    """
+    dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
+    n_avg = _check_n_avg(n_avg)
+    f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "measure_chromaticity")
+    fig = _figure_path(figure_dir, "chromaticity")
+    _md = tool_metadata("chromaticity", machine, dp_max=dp_max, steps=int(steps), order=int(order), n_avg=n_avg,
+                        settle=float(settle)) \
+        | {"alpha_c": float(alphas[0]), "rf_frequency": f0, "figures": {"fit": str(fig)} if fig else {}} | (md or {})
+    info = _scan_info()
+
+    def inner() -> MsgGenerator[None]:
+        chrom = yield from _scan(machine, f0, alphas, df, order, n_avg, info, settle, "during the chromaticity scan")
+        yield from _store(chrom.to_results(), _CHROM_KEYS)
+        if fig is not None:
+            _save_figure(chromaticity_fit_plot, chrom.dp, chrom.qx, chrom.qy, chrom.coeffs, fig, xi=chrom.xi,
+                         xi_std=chrom.xi_std, qx_std=chrom.qx_std, qy_std=chrom.qy_std,
+                         title=f"chromaticity: RF scan of {len(df)} points, dp/p +-{dp_max:g}")
+
+    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), families=[], rf=True))
+
+
+def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
+    model = model_chromaticity_response(machine.profile, families, setpoints=setpoints)
+    size = np.max(np.abs(model.matrix_hw), axis=0)
+    with np.errstate(divide="ignore"):
+        return np.where(size > 0, CHROMATICITY_RESPONSE_DXI / size, 1.0)
+
+
+def _chromaticity_response(machine: Machine, families, delta, bipolar: bool, dp_max, steps, order, n_avg: int,
+                           md: dict[str, Any] | None) -> MsgGenerator[tuple[str, ChromaticityResponse]]:
+    fams = resolve_families(machine, families, "sextupole")
+    dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
+    n_avg = _check_n_avg(n_avg)
+    snap = yield from snapshot_setpoints(machine, fams, rf=True)
+    base = {n: snap[n] for n in fams}
+    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine))) if delta is None \
+        else np.zeros(len(fams))
+    d = _steps(delta, fams, default, "measure_chromaticity_response")
+    for j, n in enumerate(fams):
+        good = machine.families[n].good
+        for sgn in ((1, -1) if bipolar else (1,)):
+            check_limits(machine.families[n], base[n] + sgn * d[j] * good,
+                         f"measure_chromaticity_response: step {sgn * d[j]:+.4g} A of {n}")
+    f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "measure_chromaticity_response")
+    units = _physics_units(machine, fams)
+    _md = tool_metadata("chromaticity_response", machine, plan_name="measure_chromaticity_response",
+                        families=fams, delta=[float(x) for x in d], bipolar=bool(bipolar), dp_max=dp_max,
+                        steps=int(steps), order=int(order), n_avg=n_avg) \
+        | {"families": fams, "physics_units": units, "response_kind": "measured", "alpha_c": float(alphas[0]),
+           "rf_frequency": f0} | (md or {})
+    info = _scan_info({
+        "family": ("", (), "index of the stepped family in the start document's 'families' (-1: reference)"),
+        "delta": ("A", (), "step applied to every in-service magnet of that family")}, integers=("family",))
+    out: dict[str, Any] = {}
+
+    def inner() -> MsgGenerator[None]:
+        ref = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
+                               "during the reference chromaticity scan", family=-1, delta=0.0)
+        plus = np.full((2, len(fams)), np.nan)
+        minus = np.full((2, len(fams)), np.nan)
+        for j, n in enumerate(fams):
+            fam = machine.families[n]
+            for sgn, store in ((1, plus), (-1, minus)) if bipolar else ((1, plus),):
+                yield from bps.mv(fam, base[n] + sgn * d[j] * fam.good)
+                c = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
+                                     f"while {n} was stepped by {sgn * d[j]:+.4g} A", family=j, delta=sgn * d[j])
+                store[:, j] = c.xi
+            yield from bps.mv(fam, base[n])
+        mhw = (plus - minus) / (2 * d) if bipolar else (plus - ref.xi[:, None]) / d
+        mph = mhw / _slopes(machine, fams, base)
+        resp = ChromaticityResponse(families=fams, matrix_hw=mhw, matrix=mph, reference=ref.xi, delta=d,
+                                    kind="measured", physics_units=units)
+        res = resp.to_results() | {"xi_plus": plus}
+        if bipolar:
+            res["xi_minus"] = minus
+        pu = "/".join(sorted(set(units))) or "physics unit"
+        yield from _store(res, _CHROM_RESPONSE_KEYS | {"dxi_dK": (f"1/({pu})", _CHROM_RESPONSE_KEYS["dxi_dK"][1])})
+        out["resp"] = resp
+
+    uid = yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), snapshot=snap)
+    resp = out["resp"]
+    resp.uid = uid
+    _remember(resp)
+    return uid, resp
+
+
+def measure_chromaticity_response(machine: Machine, families: Sequence[str] | str | None = None,
+                                  delta: float | Sequence[float] | dict[str, float] | None = None,
+                                  bipolar: bool = True, dp_max: float | None = None, steps: int | None = None,
+                                  order: int | None = None, n_avg: int = 1,
+                                  md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Measure the chromaticity response dxi/dI of sextupole families (MML ``measchroresp``).
+
+    A reference RF scan, then for each family a scan with the family at ``+delta`` (and ``-delta``); the family and
+    the RF frequency are put back after each step.
+
+    Args:
+        machine: the connected machine.
+        families: sextupole family names (default: every sextupole family).
+        delta: half step [A] (one, one per family, or ``{family: A}``); default sized from the model for a
+            chromaticity change of about 1.
+        bipolar: step both ways (central difference) or only ``+delta``.
+        dp_max, steps, order: the RF scan of each point, as in :func:`measure_chromaticity`.
+        n_avg: tune readings per scan point.
+        md: metadata merged into the run's start document.
+
+    Stores ``dxi_dI`` (2 x n, per A), ``dxi_dK`` (2 x n, per m^-3), ``xi_reference``, ``delta``. Read back with
+    ``ChromaticityResponse.from_run(cat[uid])``. Tool ``chromaticity_response``.
+    """
+    uid, _ = yield from _chromaticity_response(machine, families, delta, bipolar, dp_max, steps, order, n_avg, md)
+    return uid
+
+
+def correct_chromaticity(machine: Machine, target: Sequence[float], families: Sequence[str] | None = None,
+                         response: Any = "model", max_iter: int = 3, tol: float = 0.1,
+                         dp_max: float | None = None, steps: int | None = None, order: int | None = None,
+                         n_avg: int = 1, figure_dir: str | None = None,
+                         md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Move the chromaticities to ``target`` with two (or more) sextupole families (MML ``setchro``).
+
+    Iterates: measure the chromaticity (RF scan, as :func:`measure_chromaticity`), solve
+    ``response @ dI = target - xi`` (SVD, least norm), check the limits, apply; stops when both planes are within
+    ``tol`` or after ``max_iter`` corrections.
+
+    Args:
+        machine: the connected machine.
+        target: chromaticities (xi_x, xi_y) = dQ/d(dp/p).
+        families: sextupole families to use (default: the best-conditioned pair of the response, by SVD).
+        response: ``"model"`` (pyAT ``get_chrom`` on the design lattice at the present setpoints), ``None``
+            (measure it now as its own ``chromaticity_response`` run), a
+            :class:`~acc_bluesky.analysis.ChromaticityResponse`, a run or its uid.
+        max_iter: maximum number of corrections.
+        tol: convergence threshold on each plane.
+        dp_max, steps, order: the RF scans, as in :func:`measure_chromaticity`.
+        n_avg: tune readings per scan point.
+        figure_dir: folder of the PNG of the last scan's fit (default :func:`figure_directory`; ``False``: none).
+        md: metadata merged into the run's start document.
+
+    Stores ``xi_history`` (k x 2), ``xi_std_history``, ``steps_hw`` (iterations x families, A), ``delta_hw``,
+    ``delta_physics`` (m^-3), ``xi_before``, ``xi_after``, ``converged``. Tool ``chromaticity_correction``.
+    On abort, stop or failure the families and the RF frequency are put back as they were.
+    """
+    tgt = _pair(target, "target")
+    _check_iter(max_iter, tol, "chromaticity units")
+    dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
+    n_avg = _check_n_avg(n_avg)
+    if families is not None:
+        families = resolve_families(machine, families, "sextupole")
+        if len(families) < 2:
+            raise ValueError(f"correcting two chromaticities needs at least two families, got {families}")
+
+    def measure(fams):
+        return _chromaticity_response(machine, fams, None, True, dp_max, steps, order, n_avg, None)
+
+    resp = yield from _resolve_response(machine, response, ChromaticityResponse, families, measure,
+                                        model_chromaticity_response)
+    fams = list(families) if families is not None else list(resp.best_pair())
+    sub = resp.select(fams)
+    snap = yield from snapshot_setpoints(machine, fams, rf=True)
+    f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "correct_chromaticity")
+    fig = _figure_path(figure_dir, "chromaticity_correction")
+    _md = tool_metadata("chromaticity_correction", machine, target=[float(x) for x in tgt], families=fams,
+                        response=resp.kind, response_uid=resp.uid, max_iter=int(max_iter), tol=float(tol),
+                        dp_max=dp_max, steps=int(steps), order=int(order), n_avg=n_avg) \
+        | {"families": fams, "physics_units": _physics_units(machine, fams), "response_kind": resp.kind,
+           "response_uid": resp.uid, "alpha_c": float(alphas[0]), "rf_frequency": f0,
+           "figures": {"fit": str(fig)} if fig else {}} | (md or {})
+    info = _scan_info({"iteration": ("", (), "correction iteration (0: before any correction)")},
+                      integers=("iteration",))
+
+    def inner() -> MsgGenerator[None]:
+        current = {n: snap[n].copy() for n in fams}
+        x_hist, s_hist, steps_l = [], [], []
+        converged = False
+        chrom = None
+        for it in range(int(max_iter) + 1):
+            chrom = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
+                                     f"during the chromaticity scan of iteration {it}", iteration=it)
+            x_hist.append(chrom.xi)
+            s_hist.append(chrom.xi_std)
+            dxi = tgt - chrom.xi
+            if np.all(np.abs(dxi) <= tol):
+                converged = True
+                break
+            if it == max_iter:
+                break
+            step = sub.step(dxi)
+            new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
+            for n in fams:
+                check_limits(machine.families[n], new[n],
+                             f"correct_chromaticity iteration {it + 1} (dxi = {dxi[0]:+.2f}, {dxi[1]:+.2f})")
+            yield from move_families(machine, new)
+            current = new
+            steps_l.append(step)
+            info.update(point=-1, df=0.0, dp=0.0, iteration=it + 1)
+            yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info],
+                                            name="corrections")
+        steps_a = np.asarray(steps_l, dtype=float).reshape(-1, len(fams))
+        total = steps_a.sum(axis=0)
+        xh = np.asarray(x_hist)
+        res = {"xi_history": xh, "xi_std_history": np.asarray(s_hist), "steps_hw": steps_a, "delta_hw": total,
+               "delta_physics": total * _slopes(machine, fams, snap), "xi_before": xh[0],
+               "xi_after": xh[-1], "target": tgt, "converged": int(converged), "iterations": len(steps_l),
+               "response_hw": sub.matrix_hw}
+        pu = "/".join(sorted(set(_physics_units(machine, fams))))
+        yield from _store(res, _CHROM_CORRECTION_KEYS | {"delta_physics": (pu, "total change per family in physics "
+                                                                               "units")})
+        if fig is not None and chrom is not None:
+            _save_figure(chromaticity_fit_plot, chrom.dp, chrom.qx, chrom.qy, chrom.coeffs, fig, xi=chrom.xi,
+                         xi_std=chrom.xi_std, qx_std=chrom.qx_std, qy_std=chrom.qy_std,
+                         title=f"after chromaticity correction with {', '.join(fams)} (target {tgt[0]:g}, "
+                               f"{tgt[1]:g})")
+
+    # on success the sextupoles keep their new setpoints; every scan already put the RF frequency back
+    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), on_success=False, snapshot=snap))

@@ -1,0 +1,240 @@
+"""Runs in the embedded Tiled catalogue: round trips, results, the RunEngine convention, queries, export."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import bluesky.plan_stubs as bps
+import bluesky.plans as bp
+import bluesky.preprocessors as bpp
+import numpy as np
+import pytest
+from data_fixtures import (  # noqa: F401 - fixtures
+    N_BPM,
+    _isolated_data_env,
+    fake_machine,
+    machine,
+    make_bpm_device,
+    run_engine,
+)
+
+from acc_bluesky.cli.catalog import main as catalog_main
+from acc_bluesky.data import (
+    MetadataError,
+    RunResult,
+    export_run,
+    find_runs,
+    make_run_engine,
+    open_catalog,
+    read_results,
+    read_stream,
+    run_metadata,
+    stream_data_keys,
+    tool_metadata,
+)
+from acc_bluesky.data.export import read_hdf5_export
+from acc_bluesky.plan_stubs.results import store_result
+
+RNG = np.random.default_rng(1)
+
+
+def orbit_scan(machine, bpm, n_steps, results=None, tool="orbit_response", md=None):
+    """n_steps orbit readings while stepping the beam current, then the results; returns the run uid."""
+    _md = tool_metadata(tool, machine, n_steps=n_steps) | (md or {})
+
+    @bpp.run_decorator(md=_md)
+    def inner():
+        for i in range(n_steps):
+            yield from bps.mv(bpm.x, np.linspace(-1e-4, 1e-4, N_BPM) * (i + 1), bpm.current, 0.2 + 0.01 * i)
+            yield from bps.trigger_and_read([bpm])
+        if results:
+            units = {"orm": "m/rad", "singular_values": "m/rad", "rms": "m"}
+            yield from store_result(
+                results,
+                units={k: u for k, u in units.items() if k in results},
+                descriptions={"orm": "orbit response matrix, rows: BPM x then y; columns: hcor then vcor"}
+                if "orm" in results else None,
+            )
+        return (yield from bps.null()) or None
+
+    uid = yield from inner()
+    return uid
+
+
+def test_orm_and_orbit_round_trip_exactly(run_engine, machine):
+    bpm = make_bpm_device()
+    orm = RNG.normal(scale=1e-3, size=(224, 448))
+    sv = np.linalg.svd(orm, compute_uv=False)
+    results = {"orm": orm, "singular_values": sv, "rms": 1.25e-5, "n_corrector": 448, "converged": True,
+               "method": "svd"}
+    uid = run_engine(orbit_scan(machine, bpm, 12, results))
+
+    run = run_engine.catalog[uid]
+    back = read_results(run)
+    assert back["orm"].dtype == np.float64 and back["orm"].shape == (224, 448)
+    assert np.array_equal(back["orm"], orm)  # bit for bit
+    assert np.array_equal(back["singular_values"], sv)
+    assert float(back["rms"]) == 1.25e-5 and int(back["n_corrector"]) == 448
+    assert bool(back["converged"]) is True and str(back["method"]) == "svd"
+
+    keys = stream_data_keys(run, "results")
+    assert keys["orm"]["units"] == "m/rad" and keys["orm"]["description"].startswith("orbit response")
+    assert keys["orm"]["shape"] == [224, 448]
+    assert keys["rms"]["units"] == "m" and keys["n_corrector"]["units"] == ""
+
+    primary = read_stream(run)
+    assert primary["bpm-x"].shape == (12, N_BPM)
+    expected = np.linspace(-1e-4, 1e-4, N_BPM)[None, :] * np.arange(1, 13)[:, None]
+    assert np.array_equal(primary["bpm-x"], expected)
+    assert np.allclose(primary["bpm-current"], 0.2 + 0.01 * np.arange(12))
+    assert np.all(np.diff(primary["time"]) >= 0)
+    assert stream_data_keys(run)["bpm-x"]["units"] == "m"
+
+    start = run_metadata(run)
+    assert start["tool"] == "orbit_response" and start["parameters"] == {"n_steps": 12}
+    assert run.metadata["stop"]["exit_status"] == "success"
+
+
+def test_run_engine_returns_the_run_uid(run_engine, machine, tmp_path):
+    bpm = make_bpm_device()
+
+    def returns_uid():
+        @bpp.run_decorator(md=tool_metadata("tune", machine))
+        def inner():
+            yield from bps.trigger_and_read([bpm])
+
+        uid = yield from inner()
+        yield from bp.count([bpm], 1, md=tool_metadata("tune", machine))  # a second run after it
+        return uid
+
+    result = run_engine(returns_uid())
+    assert isinstance(result, RunResult) and isinstance(result, str)
+    assert len(result.run_start_uids) == 2
+    assert result == result.plan_result == result.run_start_uids[0]  # the uid the plan returned
+    assert result.exit_status == "success" and not result.interrupted
+    assert run_engine.catalog[result].metadata["start"]["uid"] == result
+
+    plain = run_engine(bp.count([bpm], 1, md=tool_metadata("tune", machine)))
+    assert plain == plain.run_start_uids[-1]  # bluesky plans: the last run's uid
+
+    legacy = make_run_engine(catalog_dir=tmp_path / "catalog", backup_dir=tmp_path / "bk", progress=False,
+                             call_returns_result=False)
+    uids = legacy(bp.count([bpm], 1, md=tool_metadata("tune", machine)))
+    assert isinstance(uids, tuple) and len(uids) == 1
+
+
+def test_validator_refuses_before_anything_moves(run_engine, machine, tmp_path):
+    bpm = make_bpm_device()
+    md = tool_metadata("orbit_response", machine)
+    del md["facility"], md["lattice"]
+
+    def plan():
+        @bpp.run_decorator(md=md)
+        def inner():
+            yield from bps.mv(bpm.current, 0.5)  # would move inside the run
+            yield from bps.trigger_and_read([bpm])
+
+        return (yield from inner())
+
+    with pytest.raises(MetadataError, match="facility, lattice"):
+        run_engine(plan())
+    assert run_engine.state == "idle"
+    value = run_engine(bps.rd(bpm.current)).plan_result
+    assert value == pytest.approx(0.2)  # never moved
+    assert list(run_engine.catalog) == []  # nothing recorded
+
+    with pytest.raises(MetadataError, match="seed"):  # sim runs need the error seed
+        run_engine(bp.count([bpm], 1, md={k: v for k, v in tool_metadata("x", machine).items() if k != "seed"}))
+
+    lax = make_run_engine(catalog_dir=tmp_path / "lax", validate=False, progress=False)
+    assert lax(bp.count([bpm], 1))  # validation can be switched off
+
+
+def test_find_runs_by_tool_facility_profile_mode_and_time(run_engine, machine, tmp_path):
+    bpm = make_bpm_device()
+    epics = fake_machine(tmp_path, mode="epics", seed=None)
+    t0 = time.time()
+    a = run_engine(orbit_scan(machine, bpm, 1, tool="orbit_response"))
+    b = run_engine(orbit_scan(machine, bpm, 1, tool="dispersion"))
+    time.sleep(0.05)
+    t1 = time.time()
+    c = run_engine(orbit_scan(epics, bpm, 1, tool="orbit_response"))
+    cat = run_engine.catalog
+
+    assert sorted(find_runs(cat, tool="orbit_response")) == sorted([a, c])
+    assert list(find_runs(cat, tool="orbit_response", mode="sim")) == [a]
+    assert list(find_runs(cat, mode="epics")) == [c]
+    assert sorted(find_runs(cat, facility="ESRF", profile="ebs")) == sorted([a, b, c])
+    assert list(find_runs(cat, facility="SLS")) == []
+    assert sorted(find_runs(cat, since=t0)) == sorted([a, b, c])
+    assert list(find_runs(cat, since=t1)) == [c]
+    assert sorted(find_runs(cat, until=t1)) == sorted([a, b])
+    import datetime
+
+    assert list(find_runs(cat, since=datetime.datetime.fromtimestamp(t1).isoformat(), tool="orbit_response")) == [c]
+    assert list(find_runs(cat, **{"parameters.n_steps": 1, "tool": "dispersion"})) == [b]
+    assert cat[-1].metadata["start"]["uid"] == c  # bluesky conveniences of the catalogue
+    assert cat[c[:8]].metadata["start"]["uid"] == c
+
+
+def test_open_catalog_and_default_folder(tmp_path, machine, monkeypatch):
+    monkeypatch.setenv("ACC_BLUESKY_CATALOG", str(tmp_path / "from-env"))
+    RE = make_run_engine(progress=False)  # embedded, folder from $ACC_BLUESKY_CATALOG
+    uid = RE(bp.count([make_bpm_device()], 2, md=tool_metadata("test", machine)))
+    assert (tmp_path / "from-env" / "catalog.db").exists()
+    assert (tmp_path / "from-env" / "data").is_dir()
+    for cat in (open_catalog(), open_catalog(catalog_dir=tmp_path / "from-env")):
+        assert read_stream(cat[uid])["bpm-x"].shape == (2, N_BPM)
+    assert list(open_catalog(catalog_dir=tmp_path / "empty")) == []
+
+
+def test_store_result_refuses_bad_input(run_engine, machine):
+    with pytest.raises(ValueError, match="reserved"):
+        list(store_result({"time": 1.0}))
+    with pytest.raises(KeyError, match="not results"):
+        list(store_result({"a": 1.0}, units={"b": "m"}))
+
+
+def test_export_hdf5_and_csv_round_trip(run_engine, machine, tmp_path):
+    bpm = make_bpm_device()
+    orm = RNG.normal(size=(224, 448))
+    uid = run_engine(orbit_scan(machine, bpm, 3, {"orm": orm, "rms": 2.0}))
+    run = run_engine.catalog[uid]
+
+    (h5,) = export_run(run, tmp_path / "run.h5")
+    back = read_hdf5_export(h5)
+    assert back["start"]["uid"] == uid and back["start"]["tool"] == "orbit_response"
+    assert back["stop"]["exit_status"] == "success"
+    assert np.array_equal(back["results"]["orm"][-1], orm)
+    assert np.array_equal(back["primary"]["bpm-x"], read_stream(run)["bpm-x"])
+    import h5py
+
+    with h5py.File(h5) as f:
+        assert f["entry"].attrs["NX_class"] == "NXentry"
+        assert f["entry/results/orm"].attrs["units"] == "m/rad"
+        assert f["entry/start"].attrs["facility"] == "ESRF"
+        assert f["entry/start/profile"].attrs["sha256"] == "a" * 64
+        assert f["entry/start/software"].attrs["bluesky"]
+
+    files = export_run(run, tmp_path / "run.csv", streams=["primary"])
+    assert [p.name for p in files] == ["run.primary.csv"]
+    lines = files[0].read_text().splitlines()
+    assert lines[0].startswith(f"# run uid: {uid}") and "bpm-x=m" in lines[1]
+    header = lines[2].split(",")
+    assert header[0] == "time" and "bpm-x[223]" in header and "bpm-current" in header
+    rows = np.array([[float(x) for x in line.split(",")] for line in lines[3:]])
+    assert rows.shape == (3, 1 + N_BPM + 1)
+    assert np.array_equal(rows[:, header.index("bpm-x[10]")], read_stream(run)["bpm-x"][:, 10])
+
+
+def test_cli_export_and_ls(run_engine, machine, tmp_path, capsys):
+    uid = run_engine(orbit_scan(machine, make_bpm_device(), 2, {"rms": 1.0}))
+    folder = str(tmp_path / "catalog")
+    assert catalog_main(["catalog", "export", uid[:8], str(tmp_path / "out.h5"), "--dir", folder]) == 0
+    assert read_hdf5_export(tmp_path / "out.h5")["start"]["uid"] == uid
+    assert catalog_main(["catalog", "ls", "--dir", folder, "--tool", "orbit_response"]) == 0
+    out = capsys.readouterr().out
+    assert uid in out and "orbit_response" in out and "success" in out
+    assert catalog_main(["catalog", "export", "nonexistent", str(tmp_path / "x.h5"), "--dir", folder]) == 1
+    json.dumps(run_metadata(run_engine.catalog[uid]))
