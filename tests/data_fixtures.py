@@ -73,9 +73,10 @@ def machine(tmp_path: pathlib.Path) -> types.SimpleNamespace:
 @pytest.fixture
 def run_engine(tmp_path: pathlib.Path):
     """A RunEngine on an embedded catalogue in ``tmp_path/catalog`` (backup in ``tmp_path/backup``)."""
-    from acc_bluesky.data import make_run_engine
+    from acc_bluesky.data import close_catalog, make_run_engine
 
-    return make_run_engine(catalog_dir=tmp_path / "catalog", backup_dir=tmp_path / "backup", progress=False)
+    yield make_run_engine(catalog_dir=tmp_path / "catalog", backup_dir=tmp_path / "backup", progress=False)
+    close_catalog()  # every embedded catalogue the test opened
 
 
 def free_port() -> int:

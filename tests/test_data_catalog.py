@@ -23,6 +23,7 @@ from acc_bluesky.cli.catalog import main as catalog_main
 from acc_bluesky.data import (
     MetadataError,
     RunResult,
+    close_catalog,
     export_run,
     find_runs,
     make_run_engine,
@@ -66,8 +67,10 @@ def test_orm_and_orbit_round_trip_exactly(run_engine, machine):
     bpm = make_bpm_device()
     orm = RNG.normal(scale=1e-3, size=(224, 448))
     sv = np.linalg.svd(orm, compute_uv=False)
+    tune_response = np.array([[0.5, -0.1], [0.2, 0.4]])  # small arrays too (SQLite tables hold no lists)
     results = {"orm": orm, "singular_values": sv, "rms": 1.25e-5, "n_corrector": 448, "converged": True,
-               "method": "svd"}
+               "method": "svd", "tunes": np.array([0.16, 0.34]), "tune_response": tune_response,
+               "bad_bpms": np.array([3, 17, 101])}
     uid = run_engine(orbit_scan(machine, bpm, 12, results))
 
     run = run_engine.catalog[uid]
@@ -77,6 +80,8 @@ def test_orm_and_orbit_round_trip_exactly(run_engine, machine):
     assert np.array_equal(back["singular_values"], sv)
     assert float(back["rms"]) == 1.25e-5 and int(back["n_corrector"]) == 448
     assert bool(back["converged"]) is True and str(back["method"]) == "svd"
+    assert np.array_equal(back["tunes"], [0.16, 0.34]) and np.array_equal(back["tune_response"], tune_response)
+    assert back["bad_bpms"].dtype.kind == "i" and back["bad_bpms"].tolist() == [3, 17, 101]
 
     keys = stream_data_keys(run, "results")
     assert keys["orm"]["units"] == "m/rad" and keys["orm"]["description"].startswith("orbit response")
@@ -187,9 +192,31 @@ def test_open_catalog_and_default_folder(tmp_path, machine, monkeypatch):
     for cat in (open_catalog(), open_catalog(catalog_dir=tmp_path / "from-env")):
         assert read_stream(cat[uid])["bpm-x"].shape == (2, N_BPM)
     assert list(open_catalog(catalog_dir=tmp_path / "empty")) == []
+    close_catalog()  # shut the in-process Tiled applications down: the runs stay on disk
+    assert read_stream(open_catalog()[uid])["bpm-x"].shape == (2, N_BPM)
+    close_catalog()
 
 
-def test_store_result_refuses_bad_input(run_engine, machine):
+def test_store_result_iterations_and_bad_input(run_engine, machine):
+    kicks = RNG.normal(scale=1e-5, size=(3, 448))
+
+    def correction():
+        @bpp.run_decorator(md=tool_metadata("orbit_correction", machine))
+        def inner():
+            for i, kick in enumerate(kicks):  # one event per iteration, same keys
+                yield from store_result({"kick": kick, "rms": 1e-4 / (i + 1)}, units={"kick": "rad", "rms": "m"})
+            yield from store_result({"converged": True}, stream="summary")
+
+        return (yield from inner())
+
+    run = run_engine.catalog[run_engine(correction())]
+    assert np.array_equal(read_stream(run, "results")["kick"], kicks)
+    assert np.array_equal(read_results(run)["kick"], kicks[-1])  # the last iteration
+    assert float(read_results(run)["rms"]) == pytest.approx(1e-4 / 3)
+    assert bool(read_results(run, "summary")["converged"])
+    with pytest.raises(KeyError, match="no stream 'nope'"):
+        read_results(run, "nope")
+
     with pytest.raises(ValueError, match="reserved"):
         list(store_result({"time": 1.0}))
     with pytest.raises(KeyError, match="not results"):

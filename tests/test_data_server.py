@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
@@ -43,7 +44,8 @@ def _plan(machine, bpm, n_events, orm, on_event=None):
                 on_event(i)
             yield from bps.mv(bpm.current, 0.2 + 0.001 * i)
             yield from bps.trigger_and_read([bpm])
-        yield from store_result({"orm": orm}, units={"orm": "m/rad"}, descriptions={"orm": "orbit response"})
+        yield from store_result({"orm": orm, "tunes": np.array([0.16, 0.34])}, units={"orm": "m/rad"},
+                                descriptions={"orm": "orbit response"})
 
     return (yield from inner())
 
@@ -139,6 +141,7 @@ def test_server_killed_mid_run_then_replay_exactly_once(tmp_path, machine, no_ti
         currents = read_stream(run)["bpm-current"]
         assert np.allclose(currents, 0.2 + 0.001 * np.arange(n_events))
         assert np.array_equal(read_results(run)["orm"], orm)  # float64 bit for bit through JSON
+        assert read_results(run)["tunes"].tolist() == [0.16, 0.34]
         assert not list(backup.glob("*.jsonl")) and (backup / "replayed" / f"{uid}.jsonl").exists()
 
         # Replaying again (e.g. the file copied back) must not duplicate anything.
@@ -177,5 +180,11 @@ def test_unreachable_server_error_then_offline_backup(tmp_path, machine):
         assert sorted(cat) == sorted([uid1, uid2])
         assert np.asarray(cat[uid1]["primary"]["seq_num"].read()).tolist() == [1, 2, 3]
         assert np.array_equal(read_results(cat[uid1])["orm"], orm)
+
+        server.stop()  # gone between two runs: the next run is backed up at once, without Tiled's 45 s of retries
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="backed up"):
+            uid3 = RE(_plan(machine, bpm, 2, orm))
+        assert time.monotonic() - t0 < 10 and (backup / f"{uid3}.jsonl").exists()
     finally:
         server.stop()

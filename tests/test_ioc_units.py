@@ -117,3 +117,15 @@ def test_cli_parsers():
     assert (a.profile, a.prefix, a.seed, a.port, a.max_rate) == ("ebs", "P:", 3, 6000, 20.0) and callable(a.func)
     b = parser.parse_args(["shadow", "ebs", "--shadow-prefix", "S:", "--orbit-threshold", "1e-5"])
     assert (b.shadow_prefix, b.orbit_threshold, b.seed) == ("S:", 1e-5, -1) and callable(b.func)
+
+
+def test_ioc_refuses_pv_names_epics_cannot_serve(twin):
+    from acc_bluesky.ioc.server import TwinIoc
+
+    with pytest.raises(ValueError, match=r"is not a valid EPICS record name: at most 60 characters.*key 'HST:001:setpoint'|"
+                                         r"key 'HST:001:setpoint'.*at most 60 characters"):
+        TwinIoc(twin, prefix="A-VERY-LONG-PREFIX-OF-A-FACILITY-THAT-LIKES-LONG-NAMES:")
+    with pytest.raises(ValueError, match="max_rate must be > 0"):
+        TwinIoc(twin, max_rate=0)
+    ioc = TwinIoc(twin, prefix="OK:")
+    assert ioc.pvs["orbit:x"] == "OK:ORBIT:X" and ioc.tpvs["cmd"] == "OK:TWIN:CMD"

@@ -110,6 +110,17 @@ def test_design_model_uses_the_start_reference(machine_twin, design_twin):
         design_twin.reset()
 
 
+def test_disconnected_live_pvs_raise_the_flag(machine_twin, model_twin):
+    sh = Shadow(machine_twin.profile, twin=model_twin, config=ShadowConfig(hold=0.0, reference="zero"))
+    m = measure(machine_twin)
+    assert not sh.evaluate(m, now=0.0).anomaly
+    m.disconnected = ["P:ORBIT:X", "P:ORBIT:Y"]
+    st = sh.evaluate(m, now=1.0)
+    assert st.anomaly and "live machine unreachable: 2 PV(s) disconnected (P:ORBIT:X, P:ORBIT:Y)" in st.reason
+    m.disconnected = []
+    assert sh.evaluate(m, now=2.0).edge == "cleared"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the shadow process following the twin IOC
 @pytest.fixture(scope="module")

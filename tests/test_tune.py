@@ -12,14 +12,32 @@ from acc_bluesky.plans.optics import correct_tune, measure_tune, measure_tune_re
 from acc_bluesky.profile import LimitError
 
 
+@pytest.fixture(scope="module")
+def RE(tmp_path_factory):  # noqa: N802 - one RunEngine and catalogue for the module (conftest's RE is per test)
+    from acc_bluesky.data import make_run_engine
+
+    re = make_run_engine(catalog_dir=tmp_path_factory.mktemp("catalog"), progress=False)
+    yield re
+    if re.state != "idle":
+        re.halt()
+
+
+@pytest.fixture(scope="module")
+def catalog(RE):
+    return RE.catalog
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
-def _collect(RE):
-    docs = []
-    RE.subscribe(lambda name, doc: docs.append((name, doc)))
-    return docs
+@pytest.fixture
+def docs(RE):
+    """The documents of the runs of one test."""
+    out = []
+    token = RE.subscribe(lambda name, doc: out.append((name, doc)))
+    yield out
+    RE.unsubscribe(token)
 
 
 def _events(docs, stream="primary"):
@@ -96,8 +114,7 @@ def test_resonance_lines_and_tune_diagram(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # plans on the EBS twin (default errors, seed 1, noise on)
-def test_measure_tune(machine, RE, catalog):
-    docs = _collect(RE)
+def test_measure_tune(machine, RE, catalog, docs):
     uid = RE(measure_tune(machine, n_avg=5)).plan_result
     tunes = MeasuredTunes.from_run(catalog[uid])
     truth = machine.twin.tunes()
@@ -109,11 +126,10 @@ def test_measure_tune(machine, RE, catalog):
     assert start["tool"] == "tune" and start["facility"] == "ESRF"
 
 
-def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(machine, RE, catalog):
+def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(machine, RE, catalog, docs):
     from acc_bluesky.twin import Twin
 
     before = machine.twin.snapshot()
-    docs = _collect(RE)
     uid = RE(measure_tune_response(machine)).plan_result
     assert _same(machine.twin.snapshot(), before)  # every family put back exactly
     resp = TuneResponse.from_run(catalog[uid])
@@ -139,6 +155,13 @@ def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(ma
     # one reference + 2 points per family
     assert len(_events(docs)) == 1 + 2 * len(resp.families)
     assert catalog[uid].metadata["start"]["tool"] == "tune_response"
+    # the measured response corrects the tunes, given by its uid (families: its best-conditioned pair)
+    tgt = _target(machine)
+    cuid = RE(correct_tune(machine, tgt, response=uid, figure_dir=False)).plan_result
+    assert np.all(np.abs(machine.twin.tunes() - tgt) <= 1e-3)
+    corr = TuneCorrection.from_run(catalog[cuid])
+    assert corr.response_uid == uid and tuple(corr.families) == resp.best_pair()
+    assert np.allclose(corr.response_hw, resp.select(corr.families).matrix_hw)
 
 
 def _target(machine):
@@ -146,22 +169,21 @@ def _target(machine):
     return (round(float(q[0]) + 0.01, 4), round(float(q[1]) - 0.01, 4))
 
 
-def test_correct_tune_with_a_measured_response(machine, RE, catalog, tmp_path):
+def test_correct_tune_measuring_the_response_on_the_spot(machine, RE, catalog, tmp_path):
     tgt = _target(machine)
     others = {n: machine.twin.get_setpoint(n) for n in machine.families}
-    uid = RE(correct_tune(machine, tgt, figure_dir=tmp_path)).plan_result
+    uid = RE(correct_tune(machine, tgt, families=["QD4", "QF7"], figure_dir=tmp_path)).plan_result
     truth = machine.twin.tunes()
     assert np.all(np.abs(truth - tgt) <= 1e-3), truth
     run = catalog[uid]
     start = run.metadata["start"]
     assert start["tool"] == "tune_correction" and run.metadata["stop"]["exit_status"] == "success"
     fams = start["families"]
-    assert len(fams) == 2
-    # the response was measured in its own run, referenced by the correction run
+    assert fams == ["QD4", "QF7"]
+    # the response was measured in its own run (of those families), referenced by the correction run
     resp_run = catalog[start["response_uid"]]
     assert resp_run.metadata["start"]["tool"] == "tune_response"
-    res = TuneResponse.from_run(resp_run)
-    assert set(fams) <= set(res.families)
+    assert TuneResponse.from_run(resp_run).families == fams
     # only the two chosen families moved, within their limits
     for n in machine.families:
         now = machine.twin.get_setpoint(n)
@@ -189,7 +211,7 @@ def test_correct_tune_with_model_or_given_response(machine, RE, response):
     assert np.all(np.abs(machine.twin.tunes() - tgt) <= 1e-3)
 
 
-def test_correct_tune_refuses_bad_input_and_restores_on_limit(machine, RE, catalog):
+def test_correct_tune_refuses_bad_input_and_restores_on_limit(machine, RE, catalog, docs):
     before = machine.twin.snapshot()
     with pytest.raises(ValueError, match="fractional tunes"):
         RE(correct_tune(machine, (76.43, 0.39)))
@@ -198,7 +220,6 @@ def test_correct_tune_refuses_bad_input_and_restores_on_limit(machine, RE, catal
     # a response 1e5 times too weak asks for huge steps: refused before anything moves, run marked failed
     weak = model_tune_response(machine.profile, ["QF2", "QD3"])
     weak.matrix_hw *= 1e-5
-    docs = _collect(RE)
     with pytest.raises(LimitError, match=r"correct_tune iteration 1 .*outside the limits"):
         RE(correct_tune(machine, _target(machine), families=["QF2", "QD3"], response=weak, figure_dir=False))
     assert _same(machine.twin.snapshot(), before)

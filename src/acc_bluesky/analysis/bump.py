@@ -27,7 +27,8 @@ from ._common import FloatArray, resolve_profile
 from .orm import OrbitResponse
 
 __all__ = ["BumpGeometry", "bump_geometry", "choose_bump_correctors", "constrained_lstsq", "solve_bump",
-           "angle_response", "angle_rows_hw", "needs_rf", "BumpSolution", "aux_correctors"]
+           "angle_response", "angle_rows_hw", "needs_rf", "BumpSolution", "aux_correctors", "free_segment",
+           "angle_from_orbit"]
 
 
 def constrained_lstsq(r_out: npt.ArrayLike, b_out: npt.ArrayLike, c: npt.ArrayLike, d: npt.ArrayLike,
@@ -128,6 +129,49 @@ def angle_rows_hw(source: Any, orm: OrbitResponse, bpm: int, correctors: Sequenc
     _, ang = angle_response(source, bpm, correctors, lattice=lattice)
     cal = orm.calibration()
     return {c: float(a * cal[orm.corrector_index(c)]) for c, a in zip(correctors, ang)}
+
+
+def free_segment(geometry: BumpGeometry, bpm: int, correctors: Sequence[str]) -> np.ndarray:
+    """Indices of the BPMs between the bump correctors nearest to BPM ``bpm`` (upstream and downstream): there
+    the orbit change is a free betatron motion, so their readings give the angle at the BPM."""
+    circ = geometry.circumference
+    s0 = float(geometry.s_bpm[bpm])
+    up = min((geometry.upstream(s0, c) for c in correctors if geometry.upstream(s0, c) <= circ / 2), default=0.0)
+    dn = min((geometry.downstream(s0, c) for c in correctors if geometry.upstream(s0, c) > circ / 2),
+             default=0.0)
+    rel = (geometry.s_bpm - s0 + up) % circ
+    return np.nonzero(rel <= up + dn)[0]
+
+
+def angle_from_orbit(source: Any, bpm: int, plane: str, change: FloatArray, segment: Sequence[int], *,
+                     lattice=None) -> float | None:
+    """Angle change [rad] at BPM ``bpm`` fitted to the orbit change [m] (2n, readings) at the BPMs of a free
+    segment (see :func:`free_segment`) with the model's transfer matrices; ``None`` with fewer than 2 BPMs or a
+    segment across the lattice origin."""
+    import at
+
+    seg = [int(j) for j in segment]
+    if len(seg) < 2 or bpm not in seg:
+        return None
+    prof = resolve_profile(source)
+    refs = np.asarray(prof.bpm_refpts)[seg]
+    if np.any(np.diff(refs.astype(np.int64)) <= 0):  # wraps around the origin: keep it simple, no estimate
+        return None
+    ring = prof.load_lattice() if lattice is None else lattice
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, ms = at.find_m44(ring, 0.0, refpts=refs)
+    k = 0 if plane == "x" else 2
+    i0 = seg.index(bpm)
+    inv0 = np.linalg.inv(ms[i0])
+    n = len(prof.bpm_refpts)
+    rows, vals = [], []
+    for i, j in enumerate(seg):
+        t = ms[i] @ inv0
+        rows.append([t[k, k], t[k, k + 1]])
+        vals.append(change[j] if plane == "x" else change[n + j])
+    sol = np.linalg.lstsq(np.asarray(rows), np.asarray(vals), rcond=None)[0]
+    return float(sol[1])
 
 
 def needs_rf(plane: str, n_correctors: int, angle: bool, orm: OrbitResponse | None = None) -> bool:

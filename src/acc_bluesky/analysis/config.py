@@ -7,7 +7,7 @@ A configuration is ``{family: (n,) hardware setpoints, "RF:frequency": Hz, "RF:v
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,44 +16,60 @@ import numpy as np
 from ._common import run_results, run_start
 
 __all__ = ["ConfigDifference", "compare_config", "config_from_run", "config_to_results", "format_differences",
-           "RF_KEYS"]
+           "split_setpoints", "RF_KEYS"]
 
 RF_KEYS = ("RF:frequency", "RF:voltage")
 _RF_RESULT = {"RF:frequency": "rf_frequency", "RF:voltage": "rf_voltage"}
 
 
-def config_to_results(config: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Result arrays of a configuration: ``sp_<family>`` per family, ``rf_frequency``, ``rf_voltage``."""
-    out: dict[str, np.ndarray] = {}
-    for k, v in config.items():
-        if k in _RF_RESULT:
-            out[_RF_RESULT[k]] = np.asarray(float(v))
-        else:
-            out[f"sp_{k}"] = np.asarray(v, dtype=float)
+def config_to_results(config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A configuration as run results and start-document layout.
+
+    Returns ``(results, layout)``: results ``setpoints`` (every family's setpoints concatenated, hardware
+    units), ``rf_frequency`` [Hz], ``rf_voltage`` [V]; layout ``{"config_families": [...],
+    "config_sizes": [...]}`` (the order and sizes to split ``setpoints``). One array rather than one per family:
+    each array is a node in Tiled, and a configuration is read and written as a whole.
+    """
+    fams = [k for k in config if k not in RF_KEYS]
+    arrays = [np.asarray(config[f], dtype=float).reshape(-1) for f in fams]
+    out: dict[str, np.ndarray] = {"setpoints": np.concatenate(arrays) if arrays else np.zeros(0)}
+    for k, rk in _RF_RESULT.items():
+        if k in config:
+            out[rk] = np.asarray(float(config[k]))
+    return out, {"config_families": fams, "config_sizes": [int(a.size) for a in arrays]}
+
+
+def split_setpoints(vector: Any, families: Sequence[str], sizes: Sequence[int]) -> dict[str, np.ndarray]:
+    """Split a concatenated setpoint vector back into ``{family: array}``."""
+    v = np.asarray(vector, dtype=float).reshape(-1)
+    if sum(sizes) != v.size:
+        raise ValueError(f"setpoint vector has {v.size} values, the layout says {sum(sizes)}")
+    out, k = {}, 0
+    for f, n in zip(families, sizes):
+        out[str(f)] = v[k:k + int(n)].copy()
+        k += int(n)
     return out
 
 
 def config_from_run(run: Any) -> dict[str, Any]:
-    """The configuration stored in a ``save_config`` (or ``restore_config``) run, or a mapping passed through.
+    """The configuration stored in a ``save_config`` run (``{family: array, "RF:frequency", "RF:voltage"}``), or a
+    configuration mapping passed through.
 
     Args:
         run: a Tiled ``BlueskyRun``, or an already-made configuration mapping.
     """
-    if isinstance(run, Mapping) and not hasattr(run, "metadata") and any(k in run for k in RF_KEYS):
+    if isinstance(run, Mapping) and not hasattr(run, "metadata") and "start" not in run:
         return {k: (float(v) if k in RF_KEYS else np.asarray(v, dtype=float)) for k, v in run.items()}
     start = run_start(run)
     if start.get("tool") not in (None, "config"):
         raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a config run")
     res = run_results(run)
-    cfg: dict[str, Any] = {}
-    for k, v in res.items():
-        if k.startswith("sp_"):
-            cfg[k[3:]] = np.asarray(v, dtype=float).reshape(-1)
+    if "setpoints" not in res or "config_families" not in start:
+        raise KeyError(f"run {start.get('uid', '?')[:8]} holds no configuration (results: {sorted(res)})")
+    cfg: dict[str, Any] = split_setpoints(res["setpoints"], start["config_families"], start["config_sizes"])
     for key, rk in _RF_RESULT.items():
         if rk in res:
             cfg[key] = float(np.asarray(res[rk]).reshape(-1)[0])
-    if not cfg:
-        raise KeyError(f"run {start.get('uid', '?')[:8]} holds no configuration (results: {sorted(res)})")
     return cfg
 
 

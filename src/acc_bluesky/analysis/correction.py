@@ -151,7 +151,7 @@ class CorrectionSystem:
     def build(cls, orm: OrbitResponse, *, fit_rf: bool = False, bpm_weights: npt.ArrayLike | None = None,
               corrector_weights: npt.ArrayLike | None = None, exclude_bpms: Sequence[str | int] = (),
               exclude_correctors: Sequence[str | int] = (), bad_bpms: npt.ArrayLike | None = None,
-              planes: Sequence[str] = ("x", "y")) -> CorrectionSystem:
+              planes: Sequence[str] | None = None) -> CorrectionSystem:
         """Assemble the system.
 
         Args:
@@ -162,9 +162,13 @@ class CorrectionSystem:
             exclude_bpms: BPM names/indices ignored (both planes).
             exclude_correctors: corrector names/indices never moved.
             bad_bpms: (n,) boolean mask of BPMs out of service (ignored).
-            planes: reading planes corrected (``("x",)`` corrects only the horizontal orbit).
+            planes: reading planes corrected (``("x",)`` corrects only the horizontal orbit); default: the planes
+                the ORM's correctors kick in (vertical correctors alone do not try to correct the horizontal
+                orbit through the coupling).
         """
         n = orm.nbpm
+        if planes is None:
+            planes = tuple(sorted(set(orm.planes)))
         resp = orm.matrix_hw
         notes: list[str] = []
         if fit_rf:

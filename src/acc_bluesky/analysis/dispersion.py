@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._common import FloatArray, resolve_profile, rms, run_results, run_start
-from .orm import momentum_compaction, rf_frequency_of
+from .orm import momentum_compaction
 
 __all__ = ["Dispersion", "dispersion_from_orbits", "dp_from_df", "model_momentum_compaction_of",
            "model_dispersion"]
@@ -121,8 +121,10 @@ class Dispersion:
         return -self.vector / (self.f_rf * self.alpha_c)
 
     def to_results(self) -> dict[str, np.ndarray]:
-        return {"eta_x": self.eta_x, "eta_y": self.eta_y, "df": self.df, "dp": np.asarray(self.dp),
-                "f_rf": np.asarray(self.f_rf), "alpha_c": np.asarray(self.alpha_c)}
+        """Arrays and numbers for the run's ``results`` stream; the RF offsets (a few values) go to the start
+        document (``rf_offsets``), as short arrays do not fit Tiled's SQL event tables."""
+        return {"eta_x": self.eta_x, "eta_y": self.eta_y, "f_rf": np.asarray(self.f_rf),
+                "alpha_c": np.asarray(self.alpha_c)}
 
     @classmethod
     def from_results(cls, results: dict[str, Any], start: dict[str, Any] | None = None) -> Dispersion:
@@ -133,8 +135,9 @@ class Dispersion:
         n = np.asarray(results["eta_x"]).size
         return cls(eta_x=results["eta_x"], eta_y=results["eta_y"],
                    bpm_names=list(start.get("bpm_names") or [f"BPM:{i + 1:03d}" for i in range(n)]),
-                   df=np.asarray(results.get("df", [np.nan])), f_rf=float(np.asarray(results["f_rf"])),
-                   alpha_c=float(np.asarray(results["alpha_c"])), dp=results.get("dp"), uid=start.get("uid"),
+                   df=np.asarray(results.get("df", start.get("rf_offsets", [np.nan])), dtype=float),
+                   f_rf=float(np.asarray(results["f_rf"])), alpha_c=float(np.asarray(results["alpha_c"])),
+                   dp=results.get("dp"), uid=start.get("uid"),
                    metadata={k: start[k] for k in ("profile", "seed", "mode", "time") if k in start})
 
     @classmethod

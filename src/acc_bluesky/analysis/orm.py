@@ -218,20 +218,32 @@ class OrbitResponse:
     # ------------------------------------------------------------------------------------------------
     # storage
     def to_results(self) -> dict[str, np.ndarray]:
-        """The arrays a plan stores in its ``results`` stream (names go to the start document)."""
-        out: dict[str, np.ndarray] = {
-            "orm": self.matrix, "orm_hw": self.matrix_hw,
-            "corrector_plane": np.array([0 if p == "x" else 1 for p in self.planes], dtype=np.int64),
-        }
+        """The arrays a plan stores in its ``results`` stream: the matrices (and RF column, step).
+
+        Per-corrector lists (names, planes, steps) go to the start document (:meth:`start_metadata`): short
+        arrays cannot be stored in Tiled's SQL event tables, and they are parameters of the measurement.
+        """
+        out: dict[str, np.ndarray] = {"orm": self.matrix, "orm_hw": self.matrix_hw}
         if self.rf is not None:
             out["orm_rf"] = self.rf
-        if self.delta is not None:
-            out["delta"] = np.asarray(self.delta, dtype=float)
-        if self.delta_physics is not None:
-            out["delta_physics"] = np.asarray(self.delta_physics, dtype=float)
         if self.df is not None:
             out["df"] = np.asarray(float(self.df))
         return out
+
+    def start_metadata(self) -> dict[str, Any]:
+        """What :meth:`from_results` needs from the start document: names, planes, steps, lattice indices."""
+        md: dict[str, Any] = {"bpm_names": list(self.bpm_names), "corrector_names": list(self.corrector_names),
+                              "corrector_planes": list(self.planes), "orm_kind": self.kind}
+        if self.delta is not None:
+            md["delta_hw"] = np.broadcast_to(np.asarray(self.delta, dtype=float), (self.ncor,)).tolist()
+        if self.delta_physics is not None:
+            md["delta_physics_rad"] = np.broadcast_to(np.asarray(self.delta_physics, dtype=float),
+                                                      (self.ncor,)).tolist()
+        if self.bpm_refpts is not None:
+            md["bpm_refpts"] = np.asarray(self.bpm_refpts).astype(int).tolist()
+        if self.corrector_refpts is not None:
+            md["corrector_refpts"] = np.asarray(self.corrector_refpts).astype(int).tolist()
+        return md
 
     @classmethod
     def from_results(cls, results: dict[str, Any], start: dict[str, Any] | None = None) -> OrbitResponse:
@@ -244,14 +256,14 @@ class OrbitResponse:
         nbpm = m.shape[0] // 2
         bpm_names = list(start.get("bpm_names") or [f"BPM:{i + 1:03d}" for i in range(nbpm)])
         cor_names = list(start.get("corrector_names") or [f"C{j}" for j in range(m.shape[1])])
-        if "corrector_plane" in results:
-            planes = ["x" if int(p) == 0 else "y" for p in np.asarray(results["corrector_plane"]).reshape(-1)]
-        else:
-            planes = list(start.get("corrector_planes") or ["x"] * m.shape[1])
+        planes = list(start.get("corrector_planes") or ["x"] * m.shape[1])
         df = results.get("df")
+        delta = results.get("delta", start.get("delta_hw"))
+        delta_ph = results.get("delta_physics", start.get("delta_physics_rad"))
         return cls(
             matrix=m, matrix_hw=mhw, bpm_names=bpm_names, corrector_names=cor_names, planes=planes,
-            rf=results.get("orm_rf"), delta=results.get("delta"), delta_physics=results.get("delta_physics"),
+            rf=results.get("orm_rf"), delta=None if delta is None else np.asarray(delta, dtype=float),
+            delta_physics=None if delta_ph is None else np.asarray(delta_ph, dtype=float),
             df=None if df is None else float(np.asarray(df).reshape(-1)[0]),
             kind=str(start.get("orm_kind", "measured")), uid=start.get("uid"),
             bpm_refpts=None if start.get("bpm_refpts") is None else np.asarray(start["bpm_refpts"]),
@@ -347,9 +359,35 @@ def model_orm(source: Any, correctors: Sequence[str] | str | None = None, *, rf:
     Returns:
         :class:`OrbitResponse` with ``kind="model"``.
     """
+    profile = resolve_profile(source)
+    key = None
+    if lattice is None and setpoints is None:
+        key = (str(profile.path), profile.sha256, None if correctors is None else tuple(
+            [correctors] if isinstance(correctors, str) else correctors), bool(rf), method, float(delta))
+        hit = _MODEL_CACHE.get(key)
+        if hit is not None:
+            return _copy_response(hit)
+    resp = _model_orm(profile, correctors, rf=rf, lattice=lattice, method=method, delta=delta, setpoints=setpoints)
+    if key is not None:
+        _MODEL_CACHE[key] = _copy_response(resp)
+        while len(_MODEL_CACHE) > 16:
+            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+    return resp
+
+
+_MODEL_CACHE: dict[tuple, OrbitResponse] = {}
+
+
+def _copy_response(r: OrbitResponse) -> OrbitResponse:
+    import copy
+
+    return copy.deepcopy(r)
+
+
+def _model_orm(profile: Profile, correctors, *, rf: bool, lattice, method: str, delta: float,
+               setpoints) -> OrbitResponse:
     import at
 
-    profile = resolve_profile(source)
     ring = profile.load_lattice() if lattice is None else lattice.deepcopy()
     if getattr(ring, "is_6d", False):
         ring = ring.disable_6d(copy=True)

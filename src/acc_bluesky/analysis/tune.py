@@ -134,13 +134,13 @@ def model_lattice(source: Any, setpoints: Mapping[str, npt.ArrayLike] | None = N
 
 
 def lattice_tunes(ring) -> FloatArray:
-    """Fractional tunes (qx, qy) of a pyAT ring (4D linear optics at dp=0)."""
+    """Fractional tunes (qx, qy) of a pyAT ring (pyAT ``get_tune``: one-turn matrix at dp=0, coupling included)."""
     import at
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, rd, _ = at.get_optics(ring)
-    return np.asarray(rd.tune[:2], dtype=float) % 1.0
+        q = at.get_tune(ring)
+    return np.asarray(q[:2], dtype=float) % 1.0
 
 
 def tune_difference(target: npt.ArrayLike, measured: npt.ArrayLike) -> FloatArray:
@@ -228,6 +228,8 @@ class FamilyResponse:
             families: the families to use (default: all in the response).
             units: ``"hw"`` -> steps in A, ``"physics"`` -> in physics units.
         """
+        if units not in ("hw", "physics"):
+            raise ValueError(f"units must be 'hw' (A) or 'physics', got {units!r}")
         sub = self if families is None else self.select(families)
         mat = sub.matrix_hw if units == "hw" else sub.matrix
         return family_step(mat, change)

@@ -6,6 +6,7 @@ This package never imports the device, machine or plan layers: the machine is du
 from .backup import BackupStore, ReplayReport, default_backup_dir, replay_backup
 from .catalog import (
     CatalogUnavailableError,
+    close_catalog,
     connect_tiled,
     default_catalog_dir,
     find_runs,
@@ -20,6 +21,7 @@ from .export import export_run
 from .metadata import (
     REQUIRED_KEYS,
     MetadataError,
+    machine_metadata,
     software_versions,
     tool_metadata,
     validate_metadata,
@@ -35,12 +37,14 @@ __all__ = [
     "RunEngine",
     "RunResult",
     "TiledRecorder",
+    "close_catalog",
     "connect_tiled",
     "default_backup_dir",
     "default_catalog_dir",
     "export_run",
     "find_runs",
     "init_catalog",
+    "machine_metadata",
     "make_run_engine",
     "open_catalog",
     "read_results",

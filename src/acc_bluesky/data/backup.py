@@ -204,10 +204,14 @@ def replay_backup(
     """
     from bluesky_tiled_plugins import TiledWriter
 
+    from .catalog import MAX_TABLE_ARRAY_SIZE
+
     report = ReplayReport()
     directory = pathlib.Path(directory).expanduser()
     done_dir = directory / "replayed"
-    kwargs = {} if batch_size is None else {"batch_size": batch_size}
+    kwargs: dict[str, Any] = {"max_array_size": MAX_TABLE_ARRAY_SIZE}
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
     for path in iter_backup_files(directory):
         docs = read_backup(path)
         starts = [d for n, d in docs if n == "start"]

@@ -3,8 +3,8 @@
 Layout of a catalogue folder (the same for the embedded catalogue and for ``acc-bluesky catalog serve``)::
 
     catalog.db      SQLite: the tree of runs, streams and their metadata (start/stop documents, data keys)
-    tables.sqlite   SQLite: the event tables (scalars and small arrays, one row per event)
-    data/           zarr arrays (arrays of more than 16 values, e.g. orbits and response matrices)
+    tables.sqlite   SQLite: the event tables (scalars and strings, one row per event)
+    data/           zarr arrays (every array-valued data key, e.g. orbits, tunes, response matrices)
 
 The embedded catalogue is a Tiled application running inside the Python process (no server, no port): the
 RunEngine's :class:`~bluesky_tiled_plugins.TiledWriter` and the analysis client talk to it in-process. One
@@ -27,8 +27,10 @@ import numpy as np
 
 __all__ = [
     "ENV_CATALOG",
+    "MAX_TABLE_ARRAY_SIZE",
     "CatalogUnavailableError",
     "catalog_paths",
+    "close_catalog",
     "connect_tiled",
     "default_catalog_dir",
     "find_runs",
@@ -49,6 +51,13 @@ ENV_CATALOG = "ACC_BLUESKY_CATALOG"
 #: Spec of the catalogue's root node: gives the client bluesky conveniences (``cat[-1]``, ``cat[scan_id]``,
 #: partial uids, ``TimeRange`` queries).
 ROOT_SPEC = ("CatalogOfBlueskyRuns", "3.0")
+
+
+#: Largest array (number of values) the TiledWriter may keep in a stream's event table; larger ones are zarr
+#: arrays. 0: every array is a zarr array, because the SQLite event tables of our catalogues cannot hold list
+#: columns ("Unsupported PyArrow type: list<item: double>"); the plugin's default, 16, would lose such runs.
+MAX_TABLE_ARRAY_SIZE = 0
+
 
 class CatalogUnavailableError(ConnectionError):
     """The Tiled catalogue cannot be reached or refuses us; the message says which and what to do."""
@@ -166,10 +175,16 @@ class _Embedded:
 
         self.directory = directory
         self.adapter = build_catalog_adapter(directory)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # starlette's TestClient-with-httpx deprecation notice
-            self.app = build_app(self.adapter, serialization_registry=_serialization_registry())
-            self.context = Context.from_app(self.app)
+        app_logger = logging.getLogger("tiled.server.app")  # prints "Tiled version ..." at start-up
+        level = app_logger.level
+        app_logger.setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # starlette's TestClient-with-httpx deprecation notice
+                self.app = build_app(self.adapter, serialization_registry=_serialization_registry())
+                self.context = Context.from_app(self.app)
+        finally:
+            app_logger.setLevel(level)
 
     def client(self) -> Any:
         from tiled.client import from_context
@@ -196,6 +211,23 @@ def _embedded_client(directory: str | os.PathLike) -> Any:
                     f"writable, or choose another one with catalog_dir=... or ${ENV_CATALOG}."
                 ) from err
     return emb.client()
+
+
+def close_catalog(catalog_dir: str | os.PathLike | None = None) -> None:
+    """Shut down the in-process Tiled application of an embedded catalogue folder (of all of them if None).
+
+    Clients of that folder stop working; the next ``open_catalog``/``make_run_engine`` starts a fresh one. Useful
+    in test suites that make many catalogues; at interpreter exit this happens by itself.
+    """
+    with _embedded_lock:
+        if catalog_dir is None:
+            roots = list(_embedded)
+        else:
+            roots = [catalog_paths(catalog_dir)["root"]]
+        for root in roots:
+            emb = _embedded.pop(root, None)
+            if emb is not None:
+                emb.context.close()
 
 
 def _serialization_registry() -> Any:

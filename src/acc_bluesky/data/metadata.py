@@ -34,6 +34,7 @@ __all__ = [
     "REQUIRED_SUBKEYS",
     "MetadataError",
     "json_safe",
+    "machine_metadata",
     "make_md_validator",
     "missing_metadata",
     "operator_name",
@@ -136,10 +137,14 @@ def validate_metadata(md: Mapping[str, Any]) -> None:
 
 def make_md_validator(extra: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
     """A ``RunEngine.md_validator``: bluesky's own checks, then :func:`validate_metadata`, then ``extra``."""
-    from bluesky.run_engine import _default_md_validator
+    try:  # bluesky's own check ('sample' must be a str or a dict); private, so optional
+        from bluesky.run_engine import _default_md_validator
+    except ImportError:  # pragma: no cover
+        _default_md_validator = None
 
     def md_validator(md: dict) -> None:
-        _default_md_validator(md)
+        if _default_md_validator is not None:
+            _default_md_validator(md)
         validate_metadata(md)
         if extra is not None:
             extra(md)
@@ -240,6 +245,24 @@ def tool_metadata(
     if plan_name is None:
         caller = sys._getframe(1).f_code.co_name
         plan_name = caller if caller.isidentifier() else tool
+    md = machine_metadata(machine)
+    md.update(
+        {
+            "tool": tool,
+            "operator": operator_name(),
+            "license": license or os.environ.get(ENV_LICENSE) or DEFAULT_LICENSE,
+            "software": software_versions(),
+            "parameters": json_safe(params),
+            "plan_name": plan_name,
+        }
+    )
+    return md
+
+
+def machine_metadata(machine: Any) -> dict[str, Any]:
+    """What a run records about the machine: ``facility``, ``accelerator``, ``profile`` ({name, sha256,
+    file}), ``lattice`` ({file, sha256}), ``mode`` and, in sim mode, ``seed``. ``machine`` is duck-typed as in
+    :func:`tool_metadata`. Used for ``RE.md`` in interactive sessions."""
     profile = machine.profile
     mode = str(machine.mode)
     md: dict[str, Any] = {
@@ -255,12 +278,6 @@ def tool_metadata(
             "sha256": str(profile.lattice_sha256),
         },
         "mode": mode,
-        "tool": tool,
-        "operator": operator_name(),
-        "license": license or os.environ.get(ENV_LICENSE) or DEFAULT_LICENSE,
-        "software": software_versions(),
-        "parameters": json_safe(params),
-        "plan_name": plan_name,
     }
     if mode == "sim":
         seed = getattr(machine, "seed", None)

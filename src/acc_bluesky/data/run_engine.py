@@ -10,14 +10,17 @@ from collections.abc import Callable
 from typing import Any
 
 import bluesky
+import numpy as np
 from bluesky.run_engine import RunEngineResult
 from event_model import RunRouter
 
 from .backup import BackupStore, BackupWriter, default_backup_dir
 from .catalog import (
     ENV_CATALOG,
+    MAX_TABLE_ARRAY_SIZE,
     CatalogUnavailableError,
     _embedded_client,
+    _probe,
     catalog_paths,
     connect_tiled,
     default_catalog_dir,
@@ -119,8 +122,9 @@ class TiledRecorder:
     """Document callback: writes each run to Tiled with a :class:`~bluesky_tiled_plugins.TiledWriter`.
 
     If writing fails (server down, disk full), the whole run (from its start document on) goes to the backup
-    folder instead (the TiledWriter's own fallback, with a numpy-aware :class:`BackupStore`). If no catalogue
-    is connected when a run starts, ``connect`` is tried again; failing that, the run goes to the backup.
+    folder instead (the TiledWriter's own fallback, with a numpy-aware :class:`BackupStore`). When a run
+    starts, ``check`` (if given) asks whether the server still answers, and ``connect`` is tried again if no
+    catalogue is connected; failing either, the run goes straight to the backup.
     """
 
     def __init__(
@@ -129,17 +133,17 @@ class TiledRecorder:
         backup_dir: str | os.PathLike,
         *,
         connect: Callable[[], Any] | None = None,
+        check: Callable[[], None] | None = None,
         batch_size: int | None = None,
-        max_array_size: int | None = None,
+        max_array_size: int = MAX_TABLE_ARRAY_SIZE,
     ) -> None:
         self.backup_dir = pathlib.Path(backup_dir).expanduser()
         self.backup_store = BackupStore(self.backup_dir)
         self._connect = connect
-        self._writer_kwargs: dict[str, Any] = {}
+        self._check = check
+        self._writer_kwargs: dict[str, Any] = {"max_array_size": max_array_size}
         if batch_size is not None:
             self._writer_kwargs["batch_size"] = batch_size
-        if max_array_size is not None:
-            self._writer_kwargs["max_array_size"] = max_array_size
         self._lock = threading.Lock()
         self.client: Any | None = None
         self.writer: Any | None = None
@@ -155,18 +159,40 @@ class TiledRecorder:
 
     def _factory(self, name: str, doc: dict[str, Any]) -> tuple[list[Callable], list[Any]]:
         with self._lock:
-            if self.writer is None and self._connect is not None:
-                try:
+            try:
+                if self.writer is None and self._connect is not None:
                     self._set_client(self._connect())
                     logger.info("Reconnected to the Tiled catalogue")
-                except CatalogUnavailableError as err:
-                    logger.warning("%s", err)
-        if self.writer is None:
+                elif self.writer is not None and self._check is not None:
+                    self._check()  # a server that went away: back up at once, not after Tiled's retries
+                online = self.writer is not None
+            except CatalogUnavailableError as err:
+                logger.warning("%s", err)
+                online = False
+        if not online:
             return [BackupWriter(self.backup_dir)], []
         return [self.writer], []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "event":
+            doc = {**doc, "data": {k: _plain(v) for k, v in doc["data"].items()}}
+        elif name == "event_page":
+            doc = {**doc, "data": {k: [_plain(v) for v in vs] for k, vs in doc["data"].items()}}
         self._router(name, doc)
+
+
+def _plain(value: Any) -> Any:
+    """numpy values as lists and Python numbers, for the TiledWriter.
+
+    The writer validates every document against the event-model JSON schema: with a numpy array of 224 values in
+    an event this takes ~5 ms (the validator formats the array in the errors of the schema branches it tries),
+    with a list ~0.5 ms. The writer makes arrays of the descriptor's dtype again, so values are unchanged.
+    """
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def make_run_engine(
@@ -181,6 +207,7 @@ def make_run_engine(
     validate: bool = True,
     offline_ok: bool = False,
     batch_size: int | None = None,
+    max_array_size: int = MAX_TABLE_ARRAY_SIZE,
     context_managers: list[Any] | None = None,
     during_task: Any | None = None,
 ) -> RunEngine:
@@ -207,6 +234,8 @@ def make_run_engine(
             :class:`~acc_bluesky.data.catalog.CatalogUnavailableError` naming the URI.
         batch_size: events the TiledWriter collects before writing (default the plugin's, 10000: events are
             written at the end of the run); use 1 for live readers.
+        max_array_size: arrays with more values than this are written as zarr arrays, smaller ones in the
+            event table. Default 0 (every array as zarr): the SQLite event tables cannot hold lists.
         context_managers, during_task: passed to bluesky's RunEngine (defaults: bluesky's SIGINT handling and
             its matplotlib-aware waiting).
 
@@ -214,11 +243,11 @@ def make_run_engine(
         A :class:`RunEngine` with a :class:`TiledRecorder` subscribed, ``RE.catalog`` the Tiled client (None
         while offline), ``RE.md_validator`` the FAIR validator and ``RE.waiting_hook`` a progress bar manager.
 
-    Example:
-        >>> RE = make_run_engine()
-        >>> uid = RE(measure_orm(m))          # plans return their run uid
-        >>> RE.catalog[uid].metadata["start"]["tool"]
-        'orbit_response'
+    Example::
+
+        RE = make_run_engine()
+        uid = RE(measure_orm(m))                       # plans return their run uid
+        RE.catalog[uid].metadata["start"]["tool"]      # 'orbit_response'
     """
     from bluesky.utils import ProgressBarManager
 
@@ -229,11 +258,15 @@ def make_run_engine(
     backup = pathlib.Path(backup_dir).expanduser() if backup_dir is not None else default_backup_dir()
 
     connect: Callable[[], Any]
+    check: Callable[[], None] | None = None
     if tiled is not None:
         uri = tiled
 
         def connect() -> Any:
             return connect_tiled(uri, api_key)
+
+        def check() -> None:
+            _probe(uri, timeout=2.0)
 
     else:
         directory = catalog_paths(catalog_dir if catalog_dir is not None else default_catalog_dir())["root"]
@@ -262,7 +295,8 @@ def make_run_engine(
         RE.md.update(md)
     if validate:
         RE.md_validator = make_md_validator()
-    recorder = TiledRecorder(client, backup, connect=connect, batch_size=batch_size)
+    recorder = TiledRecorder(client, backup, connect=connect, check=check, batch_size=batch_size,
+                             max_array_size=max_array_size)
     RE.subscribe(recorder)
     RE.tiled_recorder = recorder
     RE.backup_dir = backup

@@ -75,6 +75,22 @@ def _clamped(err: Exception, value: float, lim: Limits, units: str) -> str:
     return str(err)
 
 
+_MAX_NAME = 60  # EPICS record names
+
+
+def _check_names(names: dict[str, str]) -> None:
+    """Refuse PV names EPICS cannot serve (too long, blanks) or that two keys share, naming the keys."""
+    seen: dict[str, str] = {}
+    for key, pv in names.items():
+        if len(pv) > _MAX_NAME or not pv or any(c.isspace() for c in pv):
+            raise ValueError(f"PV name {pv!r} (key {key!r}) is not a valid EPICS record name: at most {_MAX_NAME} "
+                             "characters, no blanks. Shorten the prefix or the profile's controls templates.")
+        if pv in seen:
+            raise ValueError(f"PV name {pv!r} is used by both {seen[pv]!r} and {key!r}: the profile's controls "
+                             "templates must give every magnet, BPM and family its own name.")
+        seen[pv] = key
+
+
 class _Put:
     """One queued change: a callable applied to the twin by the publisher, and the future completing the put."""
 
@@ -116,6 +132,8 @@ class TwinIoc:
         self.prefix = self.profile.spec.controls.prefix if prefix is None else prefix
         self.pvs = pv_names(self.profile, self.prefix)
         self.tpvs = twin_pv_names(self.profile, self.prefix)
+        _check_names({**self.pvs, **{f"TWIN:{k}": v for k, v in self.tpvs.items()}})
+        self._nfan = 0
         self.max_rate = float(max_rate)
         self.idle_rate = float(idle_rate)
         self.put_timeout = float(put_timeout)
@@ -175,7 +193,7 @@ class TwinIoc:
                 rbs.append(builder.records.ai(
                     p[f"{key}:readback"], INP=f"{p[f'{fname}:readbacks']}.[{i}] NPP NMS", EGU=egu, PREC=4,
                     **disp, DESC=f"{st.fam.element_names[i]} readback"[:40]))
-            rb_wf.FLNK = self._fanout(f"{p[f'{fname}:readbacks']}:FAN", rbs, builder)
+            rb_wf.FLNK = self._fanout(rbs, builder)
 
         # BPMs ----------------------------------------------------------------------------------------
         nb = t.nbpm
@@ -186,7 +204,7 @@ class TwinIoc:
             ais = [builder.records.ai(p[f"BPM:{i + 1:03d}:{plane}"], INP=f"{p[f'orbit:{plane}']}.[{i}] NPP NMS",
                                       EGU="m", PREC=9, DESC=f"{self.profile.bpm_names[i]} {plane}"[:40])
                    for i in range(nb)]
-            wf.FLNK = self._fanout(f"{p[f'orbit:{plane}']}:FAN", ais, builder)
+            wf.FLNK = self._fanout(ais, builder)
 
         # RF, tunes, beam -----------------------------------------------------------------------------
         rf = self.profile.spec.rf
@@ -227,14 +245,14 @@ class TwinIoc:
         self._store_last(obs)
         return self.n_records
 
-    @staticmethod
-    def _fanout(name: str, targets: list, builder) -> Any:
+    def _fanout(self, targets: list, builder) -> Any:
         """A tree of fanout records processing every target (depth log16(n); no deep FLNK recursion)."""
         groups = [targets[i:i + _FAN] for i in range(0, len(targets), _FAN)]
-        if len(groups) == 1:
-            return builder.records.fanout(name, SELM="All", **{f"LNK{k:X}": r for k, r in enumerate(groups[0])})
-        subs = [TwinIoc._fanout(f"{name}{j}", g, builder) for j, g in enumerate(groups)]
-        return TwinIoc._fanout(name, subs, builder)
+        if len(groups) > 1:
+            return self._fanout([self._fanout(g, builder) for g in groups], builder)
+        self._nfan += 1
+        return builder.records.fanout(f"{self.prefix}TWIN:FAN{self._nfan}", SELM="All",
+                                      **{f"LNK{k:X}": r for k, r in enumerate(groups[0])})
 
     # ------------------------------------------------------------------------------------------------
     # puts: validate in the record's processing thread, apply in the publisher
@@ -306,10 +324,13 @@ class TwinIoc:
         return put.future
 
     async def _wait(self, fut: concurrent.futures.Future) -> None:
+        """Wait until the queued change is published; the put completes either way (never left in progress)."""
         try:
             await asyncio.wait_for(asyncio.wrap_future(fut), self.put_timeout)
         except TimeoutError:
             log.error("put not published within %.1f s (publisher stalled?)", self.put_timeout)
+        except Exception as err:  # noqa: BLE001 - stopping, or the publication failed (already logged)
+            log.info("put completed without publication: %s", err)
 
     def _on_magnet(self, fname: str, i: int):
         t = self.twin

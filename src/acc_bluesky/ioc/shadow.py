@@ -388,7 +388,6 @@ class ShadowServer:
         self.n_records = 0
         self._latest: dict[str, Any] = {}
         self._connected: dict[str, bool] = dict.fromkeys(self.follow_keys, False)
-        self._seq = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._rebaseline = threading.Event()
@@ -463,7 +462,6 @@ class ShadowServer:
             else:
                 self._connected[key] = True
                 self._latest[key] = np.array(value, dtype=float) if np.ndim(value) else float(value)
-            self._seq += 1
             self._wake.set()
 
         return cb
@@ -500,7 +498,7 @@ class ShadowServer:
 
     def _run(self) -> None:
         min_period = 1.0 / self.config.max_rate
-        last, seen = 0.0, -1
+        last = 0.0
         while not self._stop.is_set():
             self._wake.wait(0.2)  # also re-evaluate periodically for the hold debounce
             if self._stop.is_set():
@@ -511,12 +509,11 @@ class ShadowServer:
             self._wake.clear()
             last = time.monotonic()
             try:
-                self._step(seen)
-                seen = self._seq
+                self._step()
             except Exception:  # noqa: BLE001 - keep following
                 log.exception("shadow evaluation failed")
 
-    def _step(self, seen: int) -> None:
+    def _step(self) -> None:
         m = self.measurement()
         R = self.records
         if m is None:
@@ -527,8 +524,7 @@ class ShadowServer:
         if self._rebaseline.is_set():
             self._rebaseline.clear()
             self.shadow.rebaseline()
-        if self._seq != seen:
-            self.shadow.follow(m)
+        self.shadow.follow(m)  # applies only the families whose setpoints changed
         st = self.shadow.evaluate(m)
         self.state = st
         self._publish(st, m)

@@ -45,15 +45,19 @@ class BeamLostError(RuntimeError):
         self.bpms = list(bpms)
 
 
-class _EventArray(list):
-    """A list of floats that prints short: event-model validates every event with jsonschema, whose failure
-    branches format the instance (``repr``) of every value; for 224-value orbits that costs more than the
-    orbit itself (numpy arrays: ~1.5 ms each, lists: ~0.1 ms, this: ~0). Consumers see a plain list."""
+class _EventArray(np.ndarray):
+    """A numpy array that prints short.
 
-    __slots__ = ()
+    Every event is validated by event-model with jsonschema, whose failure branches format (``repr``) each value:
+    ~1.5 ms per 224-value numpy array, several per event. Lists avoid that but the TiledWriter deep-copies each
+    event, float by float. This subclass is cheap for both (validation ~0.05 ms, copy ~0.02 ms per array);
+    consumers see a numpy array.
+    """
 
     def __repr__(self) -> str:
-        return f"<{len(self)} values>"
+        return f"<array {self.shape} {self.dtype}>"
+
+    __str__ = __repr__
 
 
 class Record:
@@ -104,7 +108,7 @@ class Record:
     def read(self) -> dict[str, dict[str, Any]]:
         # arrays go out as (short-printing) lists, see _EventArray
         t = time.time()
-        return {self.key(k): {"value": _EventArray(v.tolist()) if isinstance(v, np.ndarray) else v,
+        return {self.key(k): {"value": v.copy().view(_EventArray) if isinstance(v, np.ndarray) else v,
                               "timestamp": t}
                 for k, v in self._values.items()}
 

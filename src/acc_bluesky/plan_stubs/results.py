@@ -80,6 +80,17 @@ class ResultsReadable:
         }
         self._timestamp = time.time()
 
+    def _signature(self) -> tuple[Any, ...]:
+        return (self._name, tuple(sorted((k, repr(sorted(v.items()))) for k, v in self._keys.items())))
+
+    # Equal when they describe the same stream (name, keys, shapes, dtypes, units): bluesky then adds the
+    # readings of a later store_result to the same stream as a new event.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResultsReadable) and self._signature() == other._signature()
+
+    def __hash__(self) -> int:
+        return hash(self._signature())
+
     @property
     def name(self) -> str:
         return self._name
@@ -109,11 +120,14 @@ def store_result(
             [m/rad]), numbers, booleans or strings. Keys must not be ``time`` or ``seq_num``.
         units: key -> units written in the descriptor (``units``); missing keys get ``""``.
         descriptions: key -> physics meaning written in the descriptor (``description``).
-        stream: the stream name; call once per stream and run.
+        stream: the stream name. Calling again in the same run with the same keys, shapes, dtypes and units
+            adds an event to the stream (e.g. one per correction iteration; :func:`read_results` gives the
+            last one, :func:`acc_bluesky.data.read_stream` all); other keys need another stream name.
 
-    Example:
-        >>> yield from store_result({"orm": R, "s": s}, units={"orm": "m/rad", "s": "m/rad"},
-        ...                         descriptions={"orm": "orbit response, rows BPM x then y"})
+    Example::
+
+        yield from store_result({"orm": R, "s": s}, units={"orm": "m/rad", "s": "m/rad"},
+                                descriptions={"orm": "orbit response, rows BPM x then y"})
     """
     reserved = {"time", "seq_num"} & set(results)
     if reserved:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import bluesky.plan_stubs as bps
-import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
 
@@ -23,16 +21,8 @@ from ..analysis.config import (
     format_differences,
 )
 from ..analysis.config import compare_config as _compare
-from ..plan_stubs.machine import (
-    Record,
-    emit,
-    read_orbit,
-    restore_setpoints,
-    restoring,
-    snapshot_setpoints,
-)
-from ..plan_stubs.results import store_result
-from .orbit import _catalog_run, _metadata
+from ..plan_stubs.machine import Record, emit, restore_setpoints, restoring, snapshot_setpoints
+from .orbit import _catalog_run, _metadata, _run, _store
 
 __all__ = ["save_config", "restore_config", "compare_config", "machine_config", "ConfigDifferences"]
 
@@ -54,9 +44,10 @@ def _units(machine) -> dict[str, str]:
 def save_config(machine, name: str = "", md: dict | None = None) -> MsgGenerator[str]:
     """Save every setpoint of the machine as a run: all magnet families [A], RF frequency [Hz] and voltage [V].
 
-    One event in the ``primary`` stream reads the family setpoint waveforms, the RF and the orbit; the results
-    hold the configuration (``sp_<family>``, ``rf_frequency``, ``rf_voltage``) and the orbit (``orbit_x``,
-    ``orbit_y`` [m]: usable as a golden orbit, ``correct_orbit(target=uid)``). Nothing moves.
+    One event in the ``primary`` stream records the setpoints (all families concatenated: ``config-setpoints``,
+    layout ``config_families``/``config_sizes`` in the start document), the RF and the orbit [m]; the results
+    hold the configuration (``setpoints``, ``rf_frequency``, ``rf_voltage``) and the orbit (``orbit_x``,
+    ``orbit_y``: usable as a golden orbit, ``correct_orbit(target=uid)``). Nothing moves.
 
     Args:
         machine: the connected machine.
@@ -67,29 +58,39 @@ def save_config(machine, name: str = "", md: dict | None = None) -> MsgGenerator
         the run uid; restore it with ``restore_config(machine, uid)``.
     """
     fams = list(machine.families)
-    _md = _metadata("config", machine, {"name": name}, {"config_name": name, "families": fams,
+    sizes = [len(machine.families[f]) for f in fams]
+    layout = {"config_families": fams, "config_sizes": sizes}
+    _md = _metadata("config", machine, {"name": name}, {"config_name": name, **layout,
                                                          "bpm_names": list(machine.bpm.names), "num_points": 1},
                     md, "save_config")
+    rec = _setpoint_record(machine, "config", sum(sizes))
 
     def inner() -> MsgGenerator[None]:
-        yield from bps.create("primary")
-        for f in fams:
-            yield from bps.read(machine.families[f].setpoints)
-        yield from bps.read(machine.rf)
-        yield from bps.read(machine.bpm)
-        yield from bps.save()
         snap = yield from snapshot_setpoints(machine, fams, rf=True)
-        x, y = yield from read_orbit(machine, 1, check=False)
-        res = config_to_results(snap)
+        res, _ = config_to_results(snap)
+        rec.update(setpoints=res["setpoints"], rf_frequency=snap["RF:frequency"], rf_voltage=snap["RF:voltage"])
+        ret = yield from emit(rec, machine.bpm)
+        x = np.asarray(ret[machine.bpm.x.name]["value"], dtype=float)
+        y = np.asarray(ret[machine.bpm.y.name]["value"], dtype=float)
         res["orbit_x"], res["orbit_y"] = x, y
-        units = {f"sp_{f}": machine.families[f].units for f in fams} | {
-            "rf_frequency": "Hz", "rf_voltage": "V", "orbit_x": "m", "orbit_y": "m"}
-        desc = {f"sp_{f}": f"{f} setpoints" for f in fams} | {
-            "rf_frequency": "RF frequency setpoint", "rf_voltage": "RF voltage setpoint",
-            "orbit_x": "horizontal orbit when saved", "orbit_y": "vertical orbit when saved"}
-        yield from store_result(res, units=units, descriptions=desc)
+        units = {"setpoints": "A", "rf_frequency": "Hz", "rf_voltage": "V", "orbit_x": "m", "orbit_y": "m"}
+        desc = {"setpoints": "every family's setpoints, concatenated (start document: config_families, "
+                             "config_sizes)",
+                "rf_frequency": "RF frequency setpoint", "rf_voltage": "RF voltage setpoint",
+                "orbit_x": "horizontal orbit when saved", "orbit_y": "vertical orbit when saved"}
+        yield from _store(holder, res, units, desc)
 
-    return (yield from bpp.run_wrapper(inner(), md=_md))
+    holder: dict[str, Any] = {}
+    return (yield from _run(inner(), _md, holder))
+
+
+def _setpoint_record(machine, name: str, total: int) -> Record:
+    return Record(name, {
+        "setpoints": ("A", (total,), "every family's setpoints, concatenated (start document: config_families, "
+                                     "config_sizes)"),
+        "rf_frequency": ("Hz", (), "RF frequency setpoint"),
+        "rf_voltage": ("V", (), "RF voltage setpoint"),
+    })
 
 
 def _load_config(machine, config: Any) -> tuple[dict[str, Any], str | None]:
@@ -122,8 +123,9 @@ def restore_config(machine, uid_or_run: Any, md: dict | None = None) -> MsgGener
 
     Every family and the RF are validated first (names, sizes, limits: nothing moves on a bad configuration),
     then only the setpoints that differ are moved, all in parallel. Events: the setpoints before (``before``
-    stream) and after (``primary``); results: the number of setpoints changed and, per family, the change [A].
-    If interrupted or failing it puts the machine back as it was before the restore.
+    stream) and after (``primary``); results: the number of setpoints changed, the change of every setpoint
+    (``delta_setpoints`` [A], layout in the start document) and of the RF. If interrupted or failing it puts the
+    machine back as it was before the restore.
 
     Args:
         machine: the connected machine.
@@ -135,35 +137,38 @@ def restore_config(machine, uid_or_run: Any, md: dict | None = None) -> MsgGener
     """
     cfg, src_uid = _load_config(machine, uid_or_run)
     fams = [k for k in cfg if k not in RF_KEYS]
+    sizes = [len(machine.families[f]) for f in fams]
     _md = _metadata("config_restore", machine, {"source": src_uid or "mapping"},
-                    {"config_source": src_uid, "families": fams, "num_points": 1}, md,
-                    "restore_config")
+                    {"config_source": src_uid, "config_families": fams, "config_sizes": sizes, "num_points": 1},
+                    md, "restore_config")
+    rec = _setpoint_record(machine, "config", sum(sizes))
 
-    def readables():
-        return [machine.families[f].setpoints for f in fams] + [machine.rf]
+    def record(snap: dict[str, Any], stream: str) -> MsgGenerator[None]:
+        res, _ = config_to_results({f: snap[f] for f in fams})
+        rec.update(setpoints=res["setpoints"], rf_frequency=snap["RF:frequency"], rf_voltage=snap["RF:voltage"])
+        yield from emit(rec, stream=stream)
 
     def inner() -> MsgGenerator[None]:
         before = yield from snapshot_setpoints(machine, fams, rf=True)
-        yield from emit(*readables(), stream="before")
-        moved = yield from restore_setpoints(machine, cfg)
-        yield from emit(*readables(), stream="primary")
-        diffs = _compare(before, cfg, units=_units(machine))
-        res: dict[str, Any] = {"n_changed": np.asarray(len(diffs))}
-        units = {"n_changed": ""}
-        desc = {"n_changed": "number of setpoints changed"}
-        for f in fams:
-            res[f"delta_{f}"] = np.asarray(cfg[f], dtype=float) - before[f]
-            units[f"delta_{f}"] = machine.families[f].units
-            desc[f"delta_{f}"] = f"{f} change (restored - before)"
-        for key, rk, u in (("RF:frequency", "delta_rf_frequency", "Hz"), ("RF:voltage", "delta_rf_voltage", "V")):
-            if key in cfg:
-                res[rk] = np.asarray(float(cfg[key]) - float(before[key]))
-                units[rk] = u
-                desc[rk] = f"{key} change"
-        del moved
-        yield from store_result(res, units=units, descriptions=desc)
+        yield from record(before, "before")
+        yield from restore_setpoints(machine, cfg)
+        after = yield from snapshot_setpoints(machine, fams, rf=True)
+        yield from record(after, "primary")
+        diffs = _compare(before, after, units=_units(machine))
+        res: dict[str, Any] = {
+            "n_changed": np.asarray(len(diffs)),
+            "delta_setpoints": np.concatenate([after[f] - before[f] for f in fams]) if fams else np.zeros(0),
+            "delta_rf_frequency": np.asarray(after["RF:frequency"] - before["RF:frequency"]),
+            "delta_rf_voltage": np.asarray(after["RF:voltage"] - before["RF:voltage"])}
+        units = {"n_changed": "", "delta_setpoints": "A", "delta_rf_frequency": "Hz", "delta_rf_voltage": "V"}
+        desc = {"n_changed": "number of setpoints changed",
+                "delta_setpoints": "change of every setpoint, restored - before (layout: config_families, "
+                                   "config_sizes)",
+                "delta_rf_frequency": "RF frequency change", "delta_rf_voltage": "RF voltage change"}
+        yield from _store(holder, res, units, desc)
 
-    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), families=fams, rf=True,
+    holder: dict[str, Any] = {}
+    return (yield from restoring(machine, _run(inner(), _md, holder), families=fams, rf=True,
                                  on_success=False))
 
 

@@ -264,9 +264,13 @@ def measure_tune(machine: Machine, n_avg: int = 1, md: dict[str, Any] | None = N
     return (yield from bpp.run_wrapper(inner(), md=_md))
 
 
-def _default_tune_steps(machine: Machine, families: list[str], base: dict[str, np.ndarray]) -> np.ndarray:
-    sp = {n: v for n, v in base.items()}
-    model = model_tune_response(machine.profile, families, setpoints=sp)
+def _needs_default(delta: Any, families: list[str]) -> bool:
+    return delta is None or (isinstance(delta, dict) and bool(set(families) - set(delta)))
+
+
+def _default_tune_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
+    """Steps [A] that move the tunes by about TUNE_RESPONSE_DQ, from the model at the present setpoints."""
+    model = model_tune_response(machine.profile, families, setpoints=setpoints)
     size = np.max(np.abs(model.matrix_hw), axis=0)
     with np.errstate(divide="ignore"):
         return np.where(size > 0, TUNE_RESPONSE_DQ / size, 0.1)
@@ -278,8 +282,8 @@ def _tune_response(machine: Machine, families: Sequence[str] | str | None, delta
     n_avg = _check_n_avg(n_avg)
     snap = yield from snapshot_setpoints(machine, fams, rf=False)
     base = {n: snap[n] for n in fams}
-    default = _default_tune_steps(machine, fams, (yield from _model_setpoints(machine))) if delta is None \
-        else np.zeros(len(fams))
+    default = _default_tune_steps(machine, fams, (yield from _model_setpoints(machine))) \
+        if _needs_default(delta, fams) else np.zeros(len(fams))
     d = _steps(delta, fams, default, "measure_tune_response")
     for j, n in enumerate(fams):
         good = machine.families[n].good
@@ -537,8 +541,6 @@ def _scan(machine: Machine, f0: float, alphas: np.ndarray, df: np.ndarray, order
     return Chromaticity.from_scan(np.asarray(f_read) - f0, qx, qy, f0, alphas, order, point=point)
 
 
-
-
 def _scan_info(extra: dict[str, tuple[str, tuple[int, ...], str]] | None = None,
                integers: Sequence[str] = ()) -> Record:
     fields = {"point": ("", (), "index of the scan point"),
@@ -593,6 +595,7 @@ def measure_chromaticity(machine: Machine, dp_max: float | None = None, steps: i
 
 
 def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
+    """Steps [A] that move the chromaticities by about CHROMATICITY_RESPONSE_DXI, from the model."""
     model = model_chromaticity_response(machine.profile, families, setpoints=setpoints)
     size = np.max(np.abs(model.matrix_hw), axis=0)
     with np.errstate(divide="ignore"):
@@ -606,8 +609,8 @@ def _chromaticity_response(machine: Machine, families, delta, bipolar: bool, dp_
     n_avg = _check_n_avg(n_avg)
     snap = yield from snapshot_setpoints(machine, fams, rf=True)
     base = {n: snap[n] for n in fams}
-    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine))) if delta is None \
-        else np.zeros(len(fams))
+    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine))) \
+        if _needs_default(delta, fams) else np.zeros(len(fams))
     d = _steps(delta, fams, default, "measure_chromaticity_response")
     for j, n in enumerate(fams):
         good = machine.families[n].good

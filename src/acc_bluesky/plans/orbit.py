@@ -22,7 +22,7 @@ import numpy as np
 from bluesky.utils import MsgGenerator
 
 from ..analysis import bump as _bump
-from ..analysis._common import corrector_table, rms
+from ..analysis._common import corrector_table, rms, run_start
 from ..analysis.correction import CorrectionSystem, limit_step
 from ..analysis.dispersion import Dispersion, dispersion_from_orbits
 from ..analysis.orm import OrbitResponse, model_orm, momentum_compaction, response_from_orbits
@@ -39,16 +39,33 @@ __all__ = [
     "BeamLostError",
 ]
 
-# The last OrbitResponse measured in this process, by run uid: correct_orbit(orm=uid) right after measure_orm
-# needs no catalogue round trip (the catalogue is used for any other uid).
-_RECENT: dict[str, OrbitResponse] = {}
-_RECENT_MAX = 8
+# The runs recorded by these plans in this process: uid -> {"start": start document, **results}. A uid given to
+# a plan (orm=uid, target=uid, restore_config(uid)) is found here first, then in the catalogue: right after a
+# measurement no catalogue round trip is needed, and it works whatever catalogue the RunEngine writes to.
+_RUNS: dict[str, dict[str, Any]] = {}
+_RUNS_MAX = 16
 
 
-def _remember(uid: str, orm: OrbitResponse) -> None:
-    _RECENT[uid] = orm
-    while len(_RECENT) > _RECENT_MAX:
-        _RECENT.pop(next(iter(_RECENT)))
+def _keep(uid: str, md: dict[str, Any], holder: dict[str, Any]) -> None:
+    if "results" not in holder:
+        return
+    _RUNS[uid] = {"start": {**md, "uid": uid}, **{k: np.array(v, copy=True) for k, v in holder["results"].items()}}
+    while len(_RUNS) > _RUNS_MAX:
+        _RUNS.pop(next(iter(_RUNS)))
+
+
+def _store(holder: dict[str, Any], results: dict[str, Any], units: dict[str, str],
+           descriptions: dict[str, str]) -> MsgGenerator[None]:
+    """store_result, keeping a copy for :func:`_keep`."""
+    holder["results"] = results
+    yield from store_result(results, units=units, descriptions=descriptions)
+
+
+def _run(inner: Any, md: dict[str, Any], holder: dict[str, Any]) -> MsgGenerator[str]:
+    """Open the run around ``inner``; remember its results under its uid; return the uid."""
+    uid = yield from bpp.run_wrapper(inner, md=md)
+    _keep(uid, md, holder)
+    return uid
 
 
 def _jsonable(v: Any) -> Any:
@@ -72,11 +89,14 @@ def _metadata(tool: str, machine, params: dict[str, Any], extra: dict[str, Any],
 
 
 def _catalog_run(uid: str):
-    """A run of the catalogue by uid (the catalogue the RunEngine writes to)."""
+    """A run by uid: one recorded by these plans in this process, else from the catalogue
+    (``acc_bluesky.data.open_catalog()``: ``$ACC_BLUESKY_CATALOG`` or the default folder)."""
+    if uid in _RUNS:
+        return _RUNS[uid]
     from .. import data
 
     errors = []
-    for name in ("current_catalog", "default_catalog", "open_catalog"):
+    for name in ("current_catalog", "open_catalog"):
         fn = getattr(data, name, None)
         if fn is None:
             continue
@@ -91,8 +111,8 @@ def _catalog_run(uid: str):
             return cat[uid]
         except KeyError:
             errors.append(f"{name}: no run {uid!r}")
-    raise KeyError(f"no run {uid!r} in the catalogue ({'; '.join(errors) or 'no catalogue found'}); pass the run "
-                   "itself (catalog[uid]) or an OrbitResponse")
+    raise KeyError(f"no run {uid!r} in this session or the catalogue ({'; '.join(errors) or 'no catalogue'}); "
+                   "pass the run itself (catalog[uid]) or an OrbitResponse")
 
 
 def load_orm(orm: Any, machine=None) -> OrbitResponse:
@@ -104,8 +124,6 @@ def load_orm(orm: Any, machine=None) -> OrbitResponse:
             if machine is None:
                 raise ValueError("orm='model' needs the machine")
             return model_orm(machine.profile, rf=True, setpoints=None)
-        if orm in _RECENT:
-            return _RECENT[orm]
         return OrbitResponse.from_run(_catalog_run(orm))
     if hasattr(orm, "metadata"):
         return OrbitResponse.from_run(orm)
@@ -180,10 +198,8 @@ def _orm_plan(machine, rows, d_hw, d_ph, setpoints, *, bipolar: bool, n_avg: int
         "setpoint0": ("A", (), "corrector setpoint before and after its steps"),
         "delta_plus": ("A", (), "corrector step of the first orbit (setpoint0 + delta_plus)"),
         "delta_minus": ("A", (), "corrector step of the second orbit (0 for one-sided: the reference orbit)"),
-        "x_plus": ("m", (n,), "horizontal orbit at setpoint0 + delta_plus"),
-        "y_plus": ("m", (n,), "vertical orbit at setpoint0 + delta_plus"),
-        "x_minus": ("m", (n,), "horizontal orbit at setpoint0 + delta_minus"),
-        "y_minus": ("m", (n,), "vertical orbit at setpoint0 + delta_minus"),
+        "orbit_plus": ("m", (2 * n,), "orbit [x; y] at every BPM at setpoint0 + delta_plus"),
+        "orbit_minus": ("m", (2 * n,), "orbit [x; y] at every BPM at setpoint0 + delta_minus"),
         "response_rms": ("m/A", (), "rms of this corrector's response column (both planes)"),
     }, hinted=("index", "response_rms"), dtypes={"index": "integer"})
     devs = {(fam, i): machine.families[fam][i] for (_, fam, i, _) in rows}
@@ -217,8 +233,8 @@ def _orm_plan(machine, rows, d_hw, d_ph, setpoints, *, bipolar: bool, n_avg: int
             resp_hw[:, j] = col
             kick = float(d_ph[j]) * (2.0 if bipolar else 1.0)
             resp_ph[:, j] = col * (dp - dm) / kick
-            rec.update(index=j, setpoint0=sp0, delta_plus=dp, delta_minus=dm, x_plus=xp, y_plus=yp, x_minus=xm,
-                       y_minus=ym, response_rms=rms(col))
+            rec.update(index=j, setpoint0=sp0, delta_plus=dp, delta_minus=dm, orbit_plus=np.concatenate([xp, yp]),
+                       orbit_minus=np.concatenate([xm, ym]), response_rms=rms(col))
             yield from emit(rec)
         if pending is not None:
             yield from move(*pending)
@@ -228,10 +244,8 @@ def _orm_plan(machine, rows, d_hw, d_ph, setpoints, *, bipolar: bool, n_avg: int
                 "f0": ("Hz", (), "RF frequency before and after the steps"),
                 "df_plus": ("Hz", (), "RF step of the first orbit"),
                 "df_minus": ("Hz", (), "RF step of the second orbit"),
-                "x_plus": ("m", (n,), "horizontal orbit at f0 + df_plus"),
-                "y_plus": ("m", (n,), "vertical orbit at f0 + df_plus"),
-                "x_minus": ("m", (n,), "horizontal orbit at f0 + df_minus"),
-                "y_minus": ("m", (n,), "vertical orbit at f0 + df_minus"),
+                "orbit_plus": ("m", (2 * n,), "orbit [x; y] at f0 + df_plus"),
+                "orbit_minus": ("m", (2 * n,), "orbit [x; y] at f0 + df_minus"),
             })
             dfp, dfm = df, (-df if bipolar else 0.0)
             yield from move(machine.rf, f0 + dfp)
@@ -247,7 +261,8 @@ def _orm_plan(machine, rows, d_hw, d_ph, setpoints, *, bipolar: bool, n_avg: int
                 xm, ym = x0, y0
             yield from move(machine.rf, f0)
             rf_col = response_from_orbits(xp, yp, xm, ym, dfp - dfm)
-            rrec.update(f0=f0, df_plus=dfp, df_minus=dfm, x_plus=xp, y_plus=yp, x_minus=xm, y_minus=ym)
+            rrec.update(f0=f0, df_plus=dfp, df_minus=dfm, orbit_plus=np.concatenate([xp, yp]),
+                        orbit_minus=np.concatenate([xm, ym]))
             yield from emit(rrec, stream="rf")
         orm = OrbitResponse(
             matrix=resp_ph, matrix_hw=resp_hw, bpm_names=list(machine.bpm.names),
@@ -257,19 +272,16 @@ def _orm_plan(machine, rows, d_hw, d_ph, setpoints, *, bipolar: bool, n_avg: int
                 [int(machine.profile.families[f].refpts[i]) for (_, f, i, _) in rows]))
         out["orm"] = orm
         res = orm.to_results()
-        units = {"orm": "m/rad", "orm_hw": "m/A", "orm_rf": "m/Hz", "delta": "A", "delta_physics": "rad",
-                 "df": "Hz", "corrector_plane": ""}
-        desc = {"orm": "orbit response [x; y at every BPM] x corrector, physics units",
+        units = {"orm": "m/rad", "orm_hw": "m/A", "orm_rf": "m/Hz", "df": "Hz"}
+        desc = {"orm": "orbit response [x; y at every BPM] x corrector (start document: corrector_names), "
+                       "physics units",
                 "orm_hw": "orbit response [x; y at every BPM] x corrector, hardware units",
-                "orm_rf": "orbit response to the RF frequency [x; y]",
-                "delta": "half step of each corrector (hardware)", "delta_physics": "half kick of each corrector",
-                "df": "half RF frequency step", "corrector_plane": "kick plane per corrector: 0 = x, 1 = y"}
-        yield from store_result(res, units={k: units[k] for k in res}, descriptions={k: desc[k] for k in res})
+                "orm_rf": "orbit response to the RF frequency [x; y]", "df": "half RF frequency step"}
+        yield from _store(out, res, {k: units[k] for k in res}, {k: desc[k] for k in res})
 
-    uid = yield from bpp.run_wrapper(inner(), md=md)
+    uid = yield from _run(inner(), md, out)
     if "orm" in out:
         out["orm"].uid = uid
-        _remember(uid, out["orm"])
     return uid
 
 
@@ -340,6 +352,7 @@ def measure_orm(machine, correctors: Any = None, delta: float | Sequence[float] 
                   "n_avg": int(n_avg), "settle": settle, "rf": rf, "df": df if rf else None}
         extra = {"bpm_names": list(machine.bpm.names), "corrector_names": [r[0] for r in rows],
                  "corrector_planes": [r[3] for r in rows], "orm_kind": "measured",
+                 "delta_hw": d_hw.tolist(), "delta_physics_rad": d_ph.tolist(),
                  "bpm_refpts": np.asarray(machine.bpm.refpts).tolist(),
                  "corrector_refpts": [int(prof.families[f].refpts[i]) for (_, f, i, _) in rows],
                  "num_points": len(rows)}
@@ -406,7 +419,7 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                   exclude_bpms: Sequence[str | int] = (), exclude_correctors: Sequence[str | int] = (),
                   fit_rf: bool = False, gain: float = 1.0, max_step: float | None = None, max_iter: int = 3,
                   tol: float | None = None, target: Any = None, n_avg: int = 1,
-                  figure_dir: str | Path | None = None, md: dict | None = None) -> MsgGenerator[str]:
+                  figure_dir: str | Path | bool | None = None, md: dict | None = None) -> MsgGenerator[str]:
     """Correct the closed orbit by SVD (MML's ``setorbit``), iterating until converged.
 
     Each iteration reads the orbit, computes the corrector steps that cancel ``gain`` x (reading - target) with
@@ -435,7 +448,8 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
         target: golden orbit: ``(x, y)`` arrays [m], a (2n,) vector, or a run (uid or Tiled run) holding an
             orbit (``save_config`` records one).
         n_avg: orbit acquisitions averaged per reading.
-        figure_dir: folder of the PNG (default ``$ACC_BLUESKY_FIGURE_DIR`` or the user data folder).
+        figure_dir: folder of the PNG (default ``$ACC_BLUESKY_FIGURE_DIR`` or the user data folder); ``False``:
+            no figure.
         md: metadata merged into the start document.
 
     Returns:
@@ -456,7 +470,7 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
         if orm is None:
             uid = yield from measure_orm(machine, rf=fit_rf)
             holder["orm_uid"] = uid
-            return _RECENT[uid]
+            return OrbitResponse.from_run(_RUNS[uid])
         r = load_orm(orm, machine)
         holder["orm_uid"] = r.uid if r.kind == "measured" else "model"
         return r
@@ -472,6 +486,11 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
             s = system.solver.used_singular_values()
             rcond = float(machine.profile.tool_defaults("orbit_correction").get("rcond", 1e-3))
             nsv = int(np.sum(s >= rcond * s[0]))
+        n_all = len(system.solver.used_singular_values())
+        if nsv is not None and not 1 <= int(nsv) <= n_all:
+            raise ValueError(f"n_sv must be between 1 and {n_all} (number of singular values), got {nsv}")
+        if tikhonov is not None and tikhonov < 0:
+            raise ValueError(f"tikhonov alpha must be >= 0, got {tikhonov}")
         sv_used = system.solver.used_singular_values(nsv)
         excluded = [resp.bpm_index(b) for b in exclude_bpms]
         # correctors of the ORM grouped by family (one put per family per iteration)
@@ -482,17 +501,22 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                 raise KeyError(f"the ORM's corrector {name!r} is not a device of this machine")
             groups.setdefault(fam, []).append((j, int(num) - 1))
         fams = list(groups)
-        fig_path = _figure_dir(figure_dir) / f"correct_orbit_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.png"
+        fig_path = None if figure_dir is False else (
+            _figure_dir(figure_dir) / f"correct_orbit_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.png")
         params = {"orm": holder.get("orm_uid"), "n_sv": nsv, "tikhonov": tikhonov,
                   "bpm_weights": None if bpm_weights is None else "given",
                   "corrector_weights": None if corrector_weights is None else "given",
                   "exclude_bpms": [str(b) for b in exclude_bpms],
                   "exclude_correctors": [str(c) for c in exclude_correctors], "fit_rf": fit_rf, "gain": gain,
                   "max_step": max_step, "max_iter": int(max_iter), "tol": tol,
-                  "target": None if target is None else (target if isinstance(target, str) else "arrays"),
+                  "target": None if target is None else (
+                      target if isinstance(target, str) else run_start(target).get("uid", "run")
+                      if hasattr(target, "metadata") else "arrays (start document: target_x, target_y)"),
                   "n_avg": int(n_avg)}
         extra = {"orm_uid": holder.get("orm_uid"), "bpm_names": list(machine.bpm.names),
-                 "corrector_names": list(resp.corrector_names), "figures": {"orbit": str(fig_path)},
+                 **({"target_x": tx.tolist(), "target_y": ty.tolist()} if target is not None else {}),
+                 "corrector_names": list(resp.corrector_names),
+                 "figures": {} if fig_path is None else {"orbit": str(fig_path)},
                  "num_points": int(max_iter)}
         _md = _metadata("orbit_correction", machine, params, extra, md, "correct_orbit")
         rec_fields: dict[str, tuple[str, tuple[int, ...], str]] = {
@@ -583,28 +607,31 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                 yield from emit(rec)
                 used = it
                 x, y = xa, ya
-            fig = _orbit_figure(fig_path, x_first - tx, y_first - ty, x - tx, y - ty,
-                                f"{machine.profile.facility} {machine.profile.accelerator}: orbit correction "
-                                f"({used} iteration(s), {len(sv_used)} singular values)")
+            if fig_path is not None:
+                holder["figure"] = str(_orbit_figure(
+                    fig_path, x_first - tx, y_first - ty, x - tx, y - ty,
+                    f"{machine.profile.facility} {machine.profile.accelerator}: orbit correction "
+                    f"({used} iteration(s), {len(sv_used)} singular values)"))
+            # (the orbits before each step are in the primary stream; the results hold the final state)
             res: dict[str, Any] = {
-                "x_before": x_first, "y_before": y_first, "x_after": x, "y_after": y,
+                "x_after": x, "y_after": y,
                 "rms_x_before": rms(x_first - tx, ~bad), "rms_y_before": rms(y_first - ty, ~bad),
                 "rms_x_after": rms(x - tx, ~bad), "rms_y_after": rms(y - ty, ~bad),
-                "singular_values": sv_used, "iterations": np.asarray(used),
-                "rf_correction": np.asarray(f_now - f_start if fit_rf else 0.0),
-                "target_x": tx, "target_y": ty}
-            units = {k: "m" for k in res} | {"singular_values": "", "iterations": "", "rf_correction": "Hz"}
+                "singular_values": system.solver.used_singular_values(), "n_sv": np.asarray(len(sv_used)),
+                "iterations": np.asarray(used),
+                "rf_correction": np.asarray(f_now - f_start if fit_rf else 0.0)}
+            units = {k: "m" for k in res} | {"singular_values": "", "iterations": "", "rf_correction": "Hz",
+                                              "n_sv": ""}
             for f in fams:
                 res[f"{f}_correction"] = sp[f] - start_sp[f]
                 units[f"{f}_correction"] = "A"
-            desc = {"singular_values": "weighted singular values used", "iterations": "iterations applied",
-                    "rf_correction": "total RF frequency change", "target_x": "golden orbit x",
-                    "target_y": "golden orbit y"}
-            holder["figure"] = str(fig)
-            yield from store_result(res, units=units, descriptions={k: desc.get(k, k.replace("_", " "))
-                                                                    for k in res})
+            desc = {"singular_values": "all weighted singular values (the first n_sv were used)",
+                    "n_sv": "number of singular values used", "iterations": "iterations applied",
+                    "rf_correction": "total RF frequency change", "x_after": "horizontal orbit at the end",
+                    "y_after": "vertical orbit at the end"}
+            yield from _store(holder, res, units, {k: desc.get(k, k.replace("_", " ")) for k in res})
 
-        return (yield from bpp.run_wrapper(inner(), md=_md))
+        return (yield from _run(inner(), _md, holder))
 
     def whole() -> MsgGenerator[str]:
         return (yield from plan())
@@ -713,8 +740,9 @@ def orbit_bump(machine, bpm: str | int, amplitude: float | tuple[float | None, f
                 rows = _bump.angle_rows_hw(prof, resp, b, cors)
                 arow = np.array([rows[c] for c in cors])
             aux = _bump.aux_correctors(resp, cors, p, geo, exclude_correctors) if couple else []
+            seg = _bump.free_segment(geo, b, cors) if ang is not None else np.array([], dtype=int)
             setups.append({"plane": p, "amp": float(amps[p]), "angle": ang, "cors": cors, "inside": inside,
-                           "rf": use_rf, "arow": arow, "aux": aux})
+                           "rf": use_rf, "arow": arow, "aux": aux, "segment": seg})
         all_cors = list(dict.fromkeys(c for s in setups for c in (*s["cors"], *s["aux"])))
         fams = sorted({c.rpartition(":")[0] for c in all_cors})
         any_rf = any(s["rf"] for s in setups)
@@ -729,16 +757,28 @@ def orbit_bump(machine, bpm: str | int, amplitude: float | tuple[float | None, f
                  "bump_span_bpms": [machine.bpm.names[i] for i in np.nonzero(~outside_any)[0]],
                  "num_points": int(max_iter) + 1}
         _md = _metadata("orbit_bump", machine, params, extra, md, "orbit_bump")
-        ncor = len(all_cors)
-        rec = Record("bump", {
+        fields: dict[str, tuple[str, tuple[int, ...], str]] = {
             "iteration": ("", (), "0 = first application, then measured refinements"),
             "amplitude_x": ("m", (), "measured x change at the BPM"),
             "amplitude_y": ("m", (), "measured y change at the BPM"),
             "closure_rms": ("m", (), "rms orbit change outside the bump span (both planes)"),
             "x": ("m", (n,), "horizontal orbit"), "y": ("m", (n,), "vertical orbit"),
-            "steps": ("A", (ncor,), "total change of the bump correctors (start document: bump_correctors)"),
             "rf_step": ("Hz", (), "total RF frequency change"),
-        }, hinted=("iteration", "closure_rms"), dtypes={"iteration": "integer"})
+            "angle_x": ("rad", (), "x angle change at the BPM from the readings of its free segment "
+                                   "(NaN: not measurable there, the model's is used)"),
+            "angle_y": ("rad", (), "y angle change at the BPM from the readings of its free segment"),
+        }
+        for f in fams:
+            fields[f"{f}_step"] = ("A", (len(machine.families[f]),),
+                                   f"total change of the {f} setpoints (non-zero: the bump's correctors)")
+        rec = Record("bump", fields, hinted=("iteration", "closure_rms"), dtypes={"iteration": "integer"})
+
+        def family_steps(total: dict[str, float]) -> dict[str, np.ndarray]:
+            out = {f: np.zeros(len(machine.families[f])) for f in fams}
+            for c, v in total.items():
+                fam, _, num = c.rpartition(":")
+                out[fam][int(num) - 1] = v
+            return out
 
         def inner() -> MsgGenerator[None]:
             snap = yield from snapshot_setpoints(machine, fams, rf=any_rf)
@@ -751,15 +791,19 @@ def orbit_bump(machine, bpm: str | int, amplitude: float | tuple[float | None, f
             residual = None
             closure = float("nan")
             got = {}
+            measured_angle: dict[str, float | None] = {}
             for it in range(0, int(max_iter) + 1):
                 dk = dict.fromkeys(all_cors, 0.0)
                 drf = 0.0
                 for s in setups:
+                    cur_angle = 0.0
+                    if s["arow"] is not None:  # measured (free segment around the BPM), else the model's
+                        cur_angle = measured_angle.get(s["plane"])
+                        if cur_angle is None:
+                            cur_angle = float(s["arow"] @ np.array([total[c] for c in s["cors"]]))
                     sol = _bump.solve_bump(resp, b, s["plane"], s["amp"], s["cors"], s["inside"], angle=s["angle"],
                                            angle_row_hw=s["arow"], use_rf=s["rf"], residual=residual,
-                                           current_angle=0.0 if s["arow"] is None else float(
-                                               s["arow"] @ np.array([total[c] for c in s["cors"]])),
-                                           aux=[] if len(setups) > 1 else s["aux"])
+                                           current_angle=cur_angle, aux=[] if len(setups) > 1 else s["aux"])
                     for c, v in zip(sol.correctors, sol.step_hw):
                         dk[c] += float(v)
                     drf += sol.rf_step
@@ -783,25 +827,36 @@ def orbit_bump(machine, bpm: str | int, amplitude: float | tuple[float | None, f
                 out2 = np.concatenate([outside_any, outside_any])
                 closure = rms(residual[out2])
                 got = {"x": residual[b], "y": residual[n + b]}
+                for s in setups:
+                    if s["angle"] is not None:
+                        measured_angle[s["plane"]] = _bump.angle_from_orbit(prof, b, s["plane"], residual,
+                                                                            s["segment"])
+                ma = {k: (np.nan if measured_angle.get(k) is None else measured_angle[k]) for k in ("x", "y")}
                 rec.update(iteration=it, amplitude_x=got["x"], amplitude_y=got["y"], closure_rms=closure, x=x, y=y,
-                           steps=np.array([total[c] for c in all_cors]), rf_step=rf_total)
+                           rf_step=rf_total, angle_x=ma["x"], angle_y=ma["y"],
+                           **{f"{f}_step": v for f, v in family_steps(total).items()})
                 yield from emit(rec)
                 amp_ok = all(abs(got[s["plane"]] - s["amp"]) <= max(1e-3 * abs(s["amp"]), tol) for s in setups)
-                if closure <= tol and amp_ok:
+                ang_ok = all(s["angle"] is None or measured_angle.get(s["plane"]) is None
+                             or abs(measured_angle[s["plane"]] - s["angle"]) <= max(2e-3 * abs(s["angle"]), 1e-8)
+                             for s in setups)
+                if closure <= tol and amp_ok and ang_ok:
                     break
-            res = {"steps": np.array([total[c] for c in all_cors]), "rf_step": np.asarray(rf_total),
+            res = {**{f"{f}_step": v for f, v in family_steps(total).items()}, "rf_step": np.asarray(rf_total),
                    "amplitude_x": np.asarray(got.get("x", np.nan)), "amplitude_y": np.asarray(got.get("y", np.nan)),
                    "closure_rms": np.asarray(closure), "orbit_change_x": residual[:n], "orbit_change_y": residual[n:],
                    "inside": (~outside_any).astype(np.int64)}
-            units = {"steps": "A", "rf_step": "Hz", "amplitude_x": "m", "amplitude_y": "m", "closure_rms": "m",
-                     "orbit_change_x": "m", "orbit_change_y": "m", "inside": ""}
-            desc = {"steps": "corrector changes (names: bump_correctors)", "rf_step": "RF frequency change",
+            units = {**{f"{f}_step": "A" for f in fams}, "rf_step": "Hz", "amplitude_x": "m", "amplitude_y": "m",
+                     "closure_rms": "m", "orbit_change_x": "m", "orbit_change_y": "m", "inside": ""}
+            desc = {**{f"{f}_step": f"{f} setpoint changes (the bump's correctors: start document "
+                                    "bump_correctors)" for f in fams}, "rf_step": "RF frequency change",
                     "amplitude_x": "x change at the BPM", "amplitude_y": "y change at the BPM",
                     "closure_rms": "rms change outside the span", "orbit_change_x": "x change at every BPM",
                     "orbit_change_y": "y change at every BPM", "inside": "1 = BPM inside the bump span"}
-            yield from store_result(res, units=units, descriptions=desc)
+            yield from _store(holder, res, units, desc)
 
-        return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), families=fams, rf=True,
+        holder: dict[str, Any] = {}
+        return (yield from restoring(machine, _run(inner(), _md, holder), families=fams, rf=True,
                                      on_success=False))
 
     return (yield from plan())
@@ -855,7 +910,7 @@ def measure_dispersion(machine, df: float | None = None, n_steps: int = 1, n_avg
             machine.rf.frequency_limits.check("RF frequency", f0 + d, "Hz")
         params = {"df": df, "n_steps": int(n_steps), "n_avg": int(n_avg), "settle": settle}
         extra = {"bpm_names": list(machine.bpm.names), "alpha_c": alpha_c, "rf_frequency": f0,
-                 "num_points": len(offsets)}
+                 "rf_offsets": offsets.tolist(), "num_points": len(offsets)}
         _md = _metadata("dispersion", machine, params, extra, md, "measure_dispersion")
 
         def inner() -> MsgGenerator[None]:
@@ -873,13 +928,14 @@ def measure_dispersion(machine, df: float | None = None, n_steps: int = 1, n_avg
             ex, ey = dispersion_from_orbits(np.array(xs), np.array(ys), offsets, f0, alpha_c)
             disp = Dispersion(ex, ey, list(machine.bpm.names), offsets, f0, alpha_c)
             res = disp.to_results()
-            units = {"eta_x": "m", "eta_y": "m", "df": "Hz", "dp": "", "f_rf": "Hz", "alpha_c": ""}
+            units = {"eta_x": "m", "eta_y": "m", "f_rf": "Hz", "alpha_c": ""}
             desc = {"eta_x": "horizontal dispersion at the BPMs", "eta_y": "vertical dispersion at the BPMs",
-                    "df": "RF offsets used", "dp": "momentum deviations of the steps",
-                    "f_rf": "reference RF frequency", "alpha_c": "momentum compaction of the model"}
-            yield from store_result(res, units=units, descriptions=desc)
+                    "f_rf": "reference RF frequency (offsets: start document rf_offsets)",
+                    "alpha_c": "momentum compaction of the model"}
+            yield from _store(holder, res, units, desc)
 
-        return (yield from bpp.run_wrapper(inner(), md=_md))
+        holder: dict[str, Any] = {}
+        return (yield from _run(inner(), _md, holder))
 
     return (yield from restoring(machine, plan(), families=(), rf=True))
 

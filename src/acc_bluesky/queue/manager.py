@@ -196,20 +196,6 @@ def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: s
     return env
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _startup_dir(profile_dir: Path, run_dir: Path) -> Path:
     """The profile folder if it has a ``startup.py``; else a generated one-file startup folder in ``run_dir``."""
     if (profile_dir / STARTUP_FILE).is_file():
@@ -468,20 +454,25 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     redis_log = rd / "redis.log"
     manager_log = rd / "re_manager.log"
     manager_log.write_text("")
-    redis_proc = _start_redis(redis_port, redis_log, timeout)
     cmd = [*_manager_exe(), "--startup-dir", str(startup), "--existing-plans-devices", str(plans),
            "--update-existing-plans-devices", "ENVIRONMENT_OPEN", "--user-group-permissions", str(perms),
            "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix", prefix,
            "--zmq-control-addr", control, "--zmq-info-addr", info, "--zmq-publish-console", "ON",
            "--device-max-depth", str(DEVICE_MAX_DEPTH)]
-    with open(manager_log, "ab") as out:
-        mproc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 cwd=str(rd), start_new_session=True)
+    redis_proc = _start_redis(redis_port, redis_log, timeout)
+    try:
+        with open(manager_log, "ab") as out:
+            mproc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     cwd=str(rd), start_new_session=True)
+    except BaseException:
+        _terminate(redis_proc.pid, "redis-server", 5.0)
+        raise
     qs = QueueServer(profile=prof.name, mode=mode, seed=seed, run_dir=str(rd), startup_dir=str(startup),
                      redis_port=redis_port, redis_prefix=prefix, zmq_control_addr=control, zmq_info_addr=info,
                      redis_pid=redis_proc.pid, manager_pid=mproc.pid,
                      catalog_dir=None if tiled else env.get(ENV_CATALOG), tiled=tiled, started_at=time.time())
     try:
+        qs.save()  # from now on `queue stop` finds it, also while the environment opens
         api = qs.api()
         try:
             _wait_for_manager(api, mproc, manager_log, timeout)
@@ -492,5 +483,4 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     except BaseException:
         qs.stop()
         raise
-    qs.save()
     return qs

@@ -171,7 +171,7 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
         }})
     def count(detectors: list = ["bpm"], num: int = 1, delay: float = 0.0,  # noqa: B006 - queue default
               md: dict | None = None) -> MsgGenerator[str]:
-        """Read detectors ``num`` times (bluesky's count) and record the readings with FAIR metadata.
+        """Read detectors num times (one event each) and record the readings with FAIR metadata.
 
         Parameters
         ----------
@@ -185,14 +185,24 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
         md
             metadata merged into the start document.
         """
-        import bluesky.plans as bp
+        import bluesky.plan_stubs as bps
+        import bluesky.preprocessors as bpp
 
         from ..data.metadata import tool_metadata
 
         dets = [readable[d] if isinstance(d, str) else d for d in detectors]
         _md = tool_metadata("count", m, plan_name="count", detectors=[d.name for d in dets], num=num,
-                            delay=delay) | (md or {})
-        return (yield from bp.count(dets, num=int(num), delay=float(delay), md=_md))
+                            delay=delay) | {"num_points": int(num)} | (md or {})
+
+        # Like bluesky's count, without staging: a staged sim signal serves a cached reading, and the tools
+        # read the machine the same way (bps.read of unstaged devices).
+        def inner() -> MsgGenerator[None]:
+            for i in range(int(num)):
+                if i and delay:
+                    yield from bps.sleep(float(delay))
+                yield from bps.trigger_and_read(dets)
+
+        return (yield from bpp.run_wrapper(inner(), md=_md))
 
     # ------------------------------------------------------------------------------------------------- orbit
     @parameter_annotation_decorator({
@@ -309,7 +319,7 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
     def orbit_bump(bpm: str, amplitude: float, plane: str = "x", angle: float | None = None,
                    n_correctors: int = 3, orm: str = MODEL, rf: bool | None = None,
                    correctors: list[str] | None = None, exclude_correctors: list[str] | None = None,
-                   max_iter: int = 4, tol: float = 0.3e-6, n_avg: int = 1,
+                   couple: bool = True, max_iter: int = 4, tol: float = 0.3e-6, n_avg: int = 1,
                    md: dict | None = None) -> MsgGenerator[str]:
         """A closed local orbit bump at one BPM (MML setorbitbump), refined from measured orbits.
 
@@ -335,6 +345,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
             force these corrector names, else the nearest usable ones are chosen.
         exclude_correctors
             never use these correctors.
+        couple
+            also use the other plane's correctors at the bump to cancel the x-y coupling leakage.
         max_iter
             measured refinements at most.
         tol
@@ -347,8 +359,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
         resp = None if orm == MODEL else lookup.resolve(orm, "orbit_response")
         return (yield from _orbit.orbit_bump(
             m, bpm, amplitude, angle=angle, plane=plane, n_correctors=n_correctors, orm=resp, rf=rf,
-            correctors=correctors, exclude_correctors=list(exclude_correctors or ()), max_iter=max_iter, tol=tol,
-            n_avg=n_avg, md=md))
+            correctors=correctors, exclude_correctors=list(exclude_correctors or ()), couple=couple,
+            max_iter=max_iter, tol=tol, n_avg=n_avg, md=md))
 
     @parameter_annotation_decorator({"parameters": {"n_steps": _rng(1), "n_avg": _rng(1), "settle": _rng(0)}})
     def measure_dispersion(df: float | None = None, n_steps: int = 1, n_avg: int = 1, settle: float = 0.0,
@@ -633,7 +645,7 @@ def queue_functions(m: Machine) -> dict[str, Callable[..., Any]]:
 
 def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | None = None, seed: Any = "env",
                     catalog_dir: str | os.PathLike | None = None, tiled: str | None = None,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool | None = None) -> dict[str, Any]:
     """Build ``RE`` (first), the machine ``m``, its devices, the queue plans and functions.
 
     Args:
@@ -643,13 +655,17 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
         catalog_dir: embedded Tiled catalogue folder; with ``tiled``, both default to ``$ACC_BLUESKY_CATALOG``
             (a folder or a URI), else the data layer's default folder.
         tiled: Tiled server URI instead (API key from ``$TILED_API_KEY``).
-        progress: progress bars (off in a queue worker, whose output goes to a log).
+        progress: progress bars; default: off in a queue worker (its output goes to a log), on in IPython.
 
     Returns:
         The namespace: ``RE``, ``m``, the devices by name, the queue plans and functions (``RE.catalog`` is the
         Tiled client the runs go to).
     """
     s = settings_from_env(profile, mode, seed)
+    if progress is None:
+        from bluesky_queueserver import is_re_worker_active
+
+        progress = not is_re_worker_active()
     RE = make_run_engine(tiled=tiled, catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
     m = connect(s["profile"], mode=s["mode"], seed=s["seed"])
 

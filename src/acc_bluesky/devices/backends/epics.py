@@ -36,7 +36,7 @@ def _unreachable(pv: str, op: str, timeout: float, err: BaseException) -> PvUnre
 
 def _timed_ca_backend():
     """A Channel Access signal backend whose reads and puts time out with :class:`PvUnreachable`."""
-    from aioca import CANothing
+    from aioca import CANothing, connect
     from ophyd_async.epics.core._aioca import CaSignalBackend
 
     class TimedCaSignalBackend(CaSignalBackend):
@@ -52,10 +52,15 @@ def _timed_ca_backend():
                 raise _unreachable(pv, "read", self.timeout, err) from err
 
         async def put(self, value):
+            op = f"put of {_short(value)}"
+            try:  # a disconnected PV fails within the connection timeout, not the (longer) completion one
+                await connect(self.write_pv, timeout=self.timeout)
+            except (TimeoutError, CANothing) as err:
+                raise _unreachable(self.write_pv, op, self.timeout, err) from err
             try:
                 return await asyncio.wait_for(super().put(value), self.put_timeout)
             except (TimeoutError, CANothing) as err:
-                raise _unreachable(self.write_pv, f"put of {_short(value)}", self.put_timeout, err) from err
+                raise _unreachable(self.write_pv, op, self.put_timeout, err) from err
 
     return TimedCaSignalBackend
 

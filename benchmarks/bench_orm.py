@@ -1,0 +1,131 @@
+"""ORM measurement cost (DESIGN's performance contract), side by side in one run.
+
+``measure_orm`` on the EBS twin (every corrector, both planes, bipolar: 896 orbits) with the RunEngine writing to
+an embedded Tiled catalogue, against pyAT's own ``OrbitResponseMatrix(...).build(use_mp=False)`` on the same
+errored lattice for the same two planes, per orbit computed. pyAT is timed on a subset of its columns
+(``pyat_columns`` per plane, every corrector with ``full=True``): its cost per orbit does not depend on the
+number of columns.
+
+Printed and returned:
+- ``ratio``: measure_orm time per orbit / pyAT time per orbit (target <= 0.5);
+- ``share_outside_physics``: fraction of measure_orm's wall time not spent in the twin (RunEngine, devices,
+  events, Tiled; target <= 0.3).
+
+    python benchmarks/bench_orm.py
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+import warnings
+
+__all__ = ["run"]
+
+
+class _TwinTimer:
+    """Wall time spent inside the twin's methods the sim backend calls (outermost calls only)."""
+
+    METHODS = ("set_setpoint", "get_setpoint", "get_readback", "read_bpms", "set_rf_frequency", "get_strength")
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.total = 0.0
+        self.calls = 0
+        self._depth = 0
+        self._orig = {}
+
+    def __enter__(self):
+        for name in self.METHODS:
+            orig = getattr(self.cls, name)
+            self._orig[name] = orig
+            setattr(self.cls, name, self._wrap(orig))
+        return self
+
+    def __exit__(self, *exc):
+        for name, orig in self._orig.items():
+            setattr(self.cls, name, orig)
+
+    def _wrap(self, fn):
+        timer = self
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if timer._depth:
+                return fn(*args, **kwargs)
+            timer._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer.total += time.perf_counter() - t0
+                timer.calls += 1
+                timer._depth -= 1
+
+        return wrapper
+
+
+def _pyat_per_orbit(ring, profile, columns: int | None) -> tuple[float, int]:
+    import at
+    import numpy as np
+
+    bpms = profile.bpm_refpts
+    steer = profile.families["HST"].refpts
+    if columns is not None:
+        steer = steer[np.linspace(0, len(steer) - 1, columns).astype(int)]
+    total, orbits = 0.0, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for plane in ("x", "y"):
+            orm = at.OrbitResponseMatrix(ring, plane, bpms, steer, steerdelta=1e-5)
+            t0 = time.perf_counter()
+            orm.build(use_mp=False)
+            total += time.perf_counter() - t0
+            orbits += 2 * len(steer)  # +delta and -delta per column
+    return total / orbits, orbits
+
+
+def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dict:
+    import numpy as np
+
+    from acc_bluesky.analysis import OrbitResponse
+    from acc_bluesky.data import make_run_engine, open_catalog
+    from acc_bluesky.machine import connect
+    from acc_bluesky.plans import measure_orm
+    from acc_bluesky.twin import Twin
+
+    m = connect(profile, mode="sim", seed=1)
+    cat_dir = tempfile.mkdtemp(prefix="bench_orm_")
+    RE = make_run_engine(catalog_dir=cat_dir, progress=False)  # noqa: N806 - bluesky's name
+    cat = open_catalog(catalog_dir=cat_dir)
+    RE(measure_orm(m, correctors=["HST:001"]))  # warm up: catalogue, descriptors, converted lattice
+
+    with _TwinTimer(Twin) as timer:
+        t0 = time.perf_counter()
+        uid = RE(measure_orm(m))
+        wall = time.perf_counter() - t0
+    t_read = time.perf_counter()
+    resp = OrbitResponse.from_run(cat[uid])
+    read_back = time.perf_counter() - t_read
+    n_orbits = 2 * resp.ncor
+    ours = wall / n_orbits
+    outside = 1.0 - timer.total / wall
+
+    ring = m.twin.ring.deepcopy()
+    pyat, pyat_orbits = _pyat_per_orbit(ring, m.profile, None if full else pyat_columns)
+    ratio = ours / pyat
+    assert resp.matrix.shape == (2 * len(m.bpm), 448) and np.all(np.isfinite(resp.matrix))
+    print(f"measure_orm {profile}: {resp.ncor} correctors, {n_orbits} orbits in {wall:.2f} s "
+          f"({ours * 1e3:.2f} ms/orbit, TiledWriter on; read back from Tiled in {read_back:.2f} s)")
+    print(f"  twin physics {timer.total:.2f} s ({timer.total / n_orbits * 1e3:.2f} ms/orbit), outside the physics "
+          f"{outside:.1%} (RunEngine, devices, events, Tiled; target <= 30%)")
+    print(f"  pyAT OrbitResponseMatrix.build(use_mp=False): {pyat * 1e3:.2f} ms/orbit over {pyat_orbits} orbits")
+    print(f"  ratio measure_orm / pyAT per orbit: {ratio:.3f} (target <= 0.5)")
+    return {"ms_per_orbit": ours * 1e3, "pyat_ms_per_orbit": pyat * 1e3, "ratio": ratio,
+            "share_outside_physics": outside, "physics_ms_per_orbit": timer.total / n_orbits * 1e3,
+            "orbits": n_orbits, "wall_s": wall, "target": "ratio <= 0.5, share_outside_physics <= 0.3"}
+
+
+if __name__ == "__main__":
+    run()

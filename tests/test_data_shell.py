@@ -1,0 +1,70 @@
+"""The IPython session: its namespace, and a real IPython process running a plan into the catalogue."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+from bluesky.callbacks.best_effort import BestEffortCallback
+from event_model import DocumentNames
+from data_fixtures import _isolated_data_env  # noqa: F401 - fixture
+
+from acc_bluesky.cli.shell import build_namespace, has_display
+from acc_bluesky.data import RunEngine, open_catalog, read_stream
+
+
+def test_namespace_without_machine(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert has_display() == (sys.platform in ("darwin", "win32"))
+    ns = build_namespace(machine=False, catalog_dir=tmp_path / "catalog", progress=True)
+    RE = ns["RE"]
+    assert isinstance(RE, RunEngine) and ns["m"] is None
+    assert ns["cat"] is RE.catalog is not None
+    assert RE.waiting_hook is not None  # progress bars
+    assert isinstance(ns["bec"], BestEffortCallback)
+    RE.dispatcher.process(DocumentNames.start, {"uid": "0" * 36, "time": 0.0, "scan_id": 7})
+    assert "Transient Scan ID: 7" in capsys.readouterr().out  # the BestEffortCallback is subscribed
+    assert ns["bec"]._plots_enabled is has_display()
+    assert ("ap" in ns) == (importlib.util.find_spec("acc_bluesky.plans") is not None)
+    for name in ("bp", "bps", "bpp", "np", "find_runs", "read_results", "read_stream", "tool_metadata"):
+        assert name in ns
+
+
+SESSION = textwrap.dedent(
+    """
+    from ophyd_async.core import soft_signal_rw, init_devices
+    with init_devices():
+        orbit = soft_signal_rw(np.ndarray, np.linspace(-1e-4, 1e-4, 224), units="m")
+
+    md = dict(facility="ESRF", accelerator="EBS", mode="sim", seed=1, tool="orbit_snapshot")
+    md["profile"] = {"name": "ebs", "sha256": "0" * 64}
+    md["lattice"] = {"file": "esrf.m", "sha256": "0" * 64}
+    uid = RE(bp.count([orbit], 3, md=md))
+    print("RESULT", uid, read_stream(cat[uid])["orbit"].shape)
+    exit
+    """
+)
+
+
+def test_ipython_session_runs_a_plan(tmp_path):
+    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(tmp_path / "catalog"), PYTHONUNBUFFERED="1")
+    env.pop("DISPLAY", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "acc_bluesky.cli.shell", "--no-machine", "--simple-prompt", "--quiet"],
+        input=SESSION, capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = [line for line in proc.stdout.splitlines() if "RESULT" in line]
+    assert result, proc.stdout + proc.stderr
+    uid = result[0].split("RESULT")[1].split()[0]
+    assert result[0].rstrip().endswith("(3, 224)")
+    assert "Transient Scan ID" in proc.stdout  # BestEffortCallback's live table
+    run = open_catalog(catalog_dir=tmp_path / "catalog")[uid]
+    start = run.metadata["start"]
+    assert start["tool"] == "orbit_snapshot" and start["operator"] == "tester"
+    assert start["software"]["bluesky"] and start["license"] == "CC-BY-4.0"
+    assert read_stream(run)["orbit"].shape == (3, 224)

@@ -1,0 +1,188 @@
+"""measure_orm / model_orm / OrbitResponse against the twin's truth.
+
+The truth of a measured ORM is what the errored machine's BPMs would report for the calibrated kick: finite
+differences of pyAT's ``find_orbit4`` (fixed path length, the twin's ``dct``) on a copy of ``twin.ring``, with the
+corrector kick ``delta [A] x 5e-5 rad/A x (1 + calibration error)``, transformed by the BPM gains and rolls
+(``errors.bpm_linear()``). Tolerance: relative rms difference (Frobenius norm) <= 1 %.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import at
+import numpy as np
+import pytest
+
+from acc_bluesky.analysis import OrbitResponse, model_orm
+from acc_bluesky.plans import measure_orm
+from acc_bluesky.plans.orbit import _corrector_rows
+from acc_bluesky.profile import LimitError
+from acc_bluesky.twin import Twin
+
+SUBSET = ["HST:001", "HST:040", "HST:077", "HST:150", "HST:201", "VST:003", "VST:050", "VST:111", "VST:160",
+          "VST:222"]
+
+
+def _dct(twin, df: float) -> float:
+    """The twin's path lengthening for an RF deviation ``df`` [Hz] (``find_orbit4(dct=...)`` convention)."""
+    f0 = twin.rf_nominal_frequency
+    return -twin.ring.circumference * df / (f0 + df)
+
+
+def truth_orm(twin, names, delta_hw: float, *, bpm_frame: bool = True) -> np.ndarray:
+    """(2n, m) [m/A]: response of the errored lattice to ``delta_hw`` steps, as its BPMs would read it."""
+    prof = twin.profile
+    ring = twin.ring.deepcopy()
+    bpms = prof.bpm_refpts
+    dct = _dct(twin, twin.df)
+    out = np.zeros((2 * twin.nbpm, len(names)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for j, name in enumerate(names):
+            fam, _, num = name.rpartition(":")
+            i = int(num) - 1
+            spec = prof.families[fam].spec
+            plane = 0 if spec.type == "hcor" else 1
+            kick = spec.calibration.hw2physics(delta_hw, twin.energy, twin.energy) * (
+                1.0 + twin.errors.corrector_calibration[fam][i])
+            el = ring[int(prof.families[fam].refpts[i])]
+            k0 = np.array(el.KickAngle, dtype=float)
+            orbits = []
+            for sgn in (+1, -1):
+                ka = k0.copy()
+                ka[plane] += sgn * kick
+                el.KickAngle = ka
+                _, o = at.find_orbit4(ring, dct=dct, refpts=bpms)
+                orbits.append(np.concatenate([o[:, 0], o[:, 2]]))
+            el.KickAngle = k0
+            out[:, j] = (orbits[0] - orbits[1]) / (2 * delta_hw)
+    return twin.errors.bpm_linear() @ out if bpm_frame else out
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_measured_orm_matches_the_errored_machine(machine, RE, catalog):
+    twin = machine.twin
+    before = twin.snapshot()
+    uid = RE(measure_orm(machine, correctors=SUBSET, n_avg=2))
+    resp = OrbitResponse.from_run(catalog[uid])  # only the catalogue
+    assert resp.corrector_names == SUBSET and resp.planes == ["x"] * 5 + ["y"] * 5
+    assert resp.bpm_names == machine.profile.bpm_names and resp.matrix.shape == (448, 10)
+    assert resp.uid == uid and resp.kind == "measured"
+    np.testing.assert_allclose(resp.delta, 0.2)  # profile default tools.orbit_response.delta [A]
+    truth = truth_orm(twin, SUBSET, 0.2)
+    err = rel(resp.matrix_hw, truth)
+    assert err <= 0.01, f"measured ORM differs from the truth by {err:.2%} rms"
+    # the BPM errors matter at this tolerance: without them the comparison is off by more
+    assert rel(resp.matrix_hw, truth_orm(twin, SUBSET, 0.2, bpm_frame=False)) > 2 * err
+    # physics units: the nominal 5e-5 rad/A
+    np.testing.assert_allclose(resp.matrix * 5e-5, resp.matrix_hw, rtol=1e-12)
+    np.testing.assert_allclose(resp.delta_physics, 0.2 * 5e-5, rtol=1e-12)
+    # coupling blocks are measured (x response to vertical correctors is small but not zero)
+    assert 0 < np.abs(resp.block("x", "y")).max() < 0.05 * np.abs(resp.block("y", "y")).max()
+    # the machine is left exactly as found
+    assert all(np.array_equal(np.asarray(twin.snapshot()[k]), np.asarray(before[k])) for k in before)
+    # one event per corrector in the primary stream, with both orbits
+    run = catalog[uid]
+    assert run.metadata["start"]["tool"] == "orbit_response" and run.metadata["stop"]["exit_status"] == "success"
+    assert run.metadata["stop"]["num_events"]["primary"] == 10
+
+
+def test_full_matrix_all_correctors(machine, RE, catalog, ebs):
+    """The default: every in-service corrector, both planes, 448 x 448; checked against a noiseless twin copy."""
+    uid = RE(measure_orm(machine))
+    resp = OrbitResponse.from_run(catalog[uid])
+    assert resp.matrix.shape == (448, 448) and resp.ncor == 448
+    # truth from a separate, noiseless instance of the same machine (same errors): its own BPM readings
+    ref = Twin(ebs, seed=1)
+    ref.noise_on = False
+    truth = np.zeros((448, 448))
+    for j, name in enumerate(resp.corrector_names):
+        fam, _, num = name.rpartition(":")
+        i = int(num) - 1
+        ref.set_setpoint(fam, 0.2, i)
+        xp, yp = ref.read_bpms()
+        ref.set_setpoint(fam, -0.2, i)
+        xm, ym = ref.read_bpms()
+        ref.set_setpoint(fam, 0.0, i)
+        truth[:, j] = np.concatenate([xp - xm, yp - ym]) / 0.4
+    err = rel(resp.matrix_hw, truth)
+    assert err <= 0.01, f"full ORM differs from the truth by {err:.2%}"
+    # and it agrees with the model of the design lattice to the level of the errors (a few %), not exactly
+    model = model_orm(ebs)
+    assert 0.005 < resp.compare(model) < 0.2
+
+
+def test_one_sided_physics_step_rf_column(machine, RE, catalog):
+    twin = machine.twin
+    # first, bad requests: refused before anything moves and before a run opens
+    before = twin.snapshot()
+    with pytest.raises(LimitError, match="HST:001.*outside the limits"):
+        RE(measure_orm(machine, correctors=["HST:001"], delta=9.0))
+    with pytest.raises(KeyError, match="unknown corrector 'HXX:001'"):
+        RE(measure_orm(machine, correctors=["HXX:001"]))
+    with pytest.raises(ValueError, match="delta .* or delta_physics"):
+        RE(measure_orm(machine, correctors=["HST:001"], delta=0.1, delta_physics=1e-6))
+    assert all(np.array_equal(np.asarray(twin.snapshot()[k]), np.asarray(before[k])) for k in before)
+    assert len(list(catalog)) == 0
+    names = ["HST:020", "VST:020"]
+    # correctors as a device and a name (a MagnetFamily selects its in-service correctors)
+    assert [r[0] for r in _corrector_rows(machine, machine.vcor)] == machine.vcor.names
+    uid = RE(measure_orm(machine, correctors=[machine.hcor[19], "VST:020"], delta_physics=10e-6, bipolar=False,
+                         rf=True, df=30.0))
+    resp = OrbitResponse.from_run(catalog[uid])
+    assert resp.corrector_names == names
+    np.testing.assert_allclose(resp.delta, 10e-6 / 5e-5, rtol=1e-12)  # 0.2 A
+    assert rel(resp.matrix_hw, truth_orm(twin, names, 0.2)) <= 0.01
+    # RF column [m/Hz] against the truth (fixed path length, BPM frame)
+    ring = twin.ring.deepcopy()
+    orbits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sgn in (+1, 0):  # one-sided: +df against the reference
+            _, o = at.find_orbit4(ring, dct=_dct(twin, twin.df + sgn * 30.0), refpts=machine.profile.bpm_refpts)
+            orbits.append(np.concatenate([o[:, 0], o[:, 2]]))
+    truth_rf = twin.errors.bpm_linear() @ (orbits[0] - orbits[1]) / 30.0
+    assert rel(resp.rf, truth_rf) <= 0.01
+    assert resp.df == 30.0
+    assert list(catalog[uid]) == ["primary", "results", "rf"] or set(catalog[uid]) >= {"primary", "results", "rf"}
+
+
+def test_model_orm_is_the_ideal_machine(machine_ideal, RE, catalog, ebs):
+    """The model (analytic + fixed-path-length term) equals a measurement on the ideal twin."""
+    names = ["HST:005", "HST:100", "VST:007", "VST:180"]
+    uid = RE(measure_orm(machine_ideal, correctors=names))
+    meas = OrbitResponse.from_run(catalog[uid])
+    model = model_orm(ebs, names)
+    assert model.kind == "model" and model.matrix.shape == (448, 4)
+    assert rel(model.matrix, meas.matrix) <= 0.01
+    np.testing.assert_allclose(model.matrix_hw, model.matrix * 5e-5, rtol=1e-12)
+    tracked = model_orm(ebs, names, method="tracking")
+    assert rel(model.matrix, tracked.matrix) <= 0.01
+    # the RF column: -eta / (alpha_c f)
+    full = model_orm(ebs, rf=True)
+    assert full.rf is not None and np.abs(full.rf).max() > 1e-6
+    assert full.ncor == 448 and full.planes[:224] == ["x"] * 224
+
+
+def test_orbit_response_tools(tmp_path, ebs):
+    resp = model_orm(ebs, rf=True)
+    sub = resp.submatrix(bpms=["BPM:001", "BPM:010"], correctors=["HST:003", "VST:004"])
+    assert sub.matrix.shape == (4, 2) and sub.corrector_names == ["HST:003", "VST:004"]
+    np.testing.assert_array_equal(sub.matrix[0, 0], resp.matrix[0, 2])
+    np.testing.assert_array_equal(sub.matrix[3, 1], resp.matrix[224 + 9, 224 + 3])
+    assert sub.rf.shape == (4,)
+    assert resp.submatrix(planes="y").ncor == 224
+    assert resp.block("y", "y").shape == (224, 224)
+    np.testing.assert_array_equal(resp.to_hw(), resp.matrix_hw)
+    np.testing.assert_array_equal(resp.to_physics(), resp.matrix)
+    png = resp.plot(tmp_path / "orm.png")
+    assert png.stat().st_size > 10_000
+    back = OrbitResponse.from_results(resp.to_results(), resp.start_metadata())
+    np.testing.assert_array_equal(back.matrix, resp.matrix)
+    assert back.planes == resp.planes
+    with pytest.raises(KeyError, match="not in this response matrix"):
+        resp.column("QF2:001")
