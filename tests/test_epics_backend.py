@@ -242,5 +242,5 @@ def test_ioc_killed_mid_plan_fails_the_run_keeps_data_and_names_the_pvs(fault_io
     stop = run.metadata["stop"]
     assert stop["exit_status"] == "fail" and fault_ioc.prefix in stop["reason"], stop
     data = read_stream(run)
-    assert np.asarray(data["orm-x_plus"]).shape[0] >= 4
-    assert np.all(np.isfinite(np.asarray(data["orm-x_plus"])[:4]))
+    assert np.asarray(data["orm-orbit_plus"]).shape[0] >= 4
+    assert np.all(np.isfinite(np.asarray(data["orm-orbit_plus"])[:4]))
