@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["SeedResult", "commission_seed", "run_campaign", "measure_orm_on_twin"]
+__all__ = ["SeedResult", "commission_seed", "run_campaign", "measure_orm_on_twin", "warm_worker"]
 
 
 @dataclass
@@ -113,20 +113,30 @@ def commission_seed(profile: str, seed: int, *, n_sv: int | None = None, max_ite
                       nsv, worst, lost or bool(twin.beam_lost), time.perf_counter() - t0, worker).as_dict()
 
 
+def warm_worker(profile: str) -> str:
+    """Import the twin and parse the profile's lattice once in this process (run on each worker before a campaign)."""
+    from ..twin import Twin
+
+    Twin(profile)
+    return profile
+
+
 def run_campaign(profile: str, seeds: Sequence[int], *, address: str | None = None, n_workers: int = 2,
-                 threads_per_worker: int = 1, progress: bool = False, **kwargs) -> list[dict]:
-    """Commission every seed on Dask: a ``LocalCluster`` of ``n_workers`` processes, or the cluster at ``address``.
+                 threads_per_worker: int = 1, progress: bool = False, client=None, **kwargs) -> list[dict]:
+    """Commission every seed on Dask: a ``LocalCluster`` of ``n_workers`` processes, or the cluster at ``address``,
+    or an open ``distributed.Client`` (kept open: many campaigns on one cluster pay its start-up once).
 
     Returns one dict per seed (see :class:`SeedResult`), in the order of ``seeds``.
     """
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
-    if address is None:
+    own_client = client is None
+    if own_client and address is None:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=None, host="127.0.0.1")
         client = Client(cluster)
-    else:
+    elif own_client:
         client = Client(address)
     try:
         futures = [client.submit(commission_seed, profile, int(s), pure=False, **kwargs) for s in seeds]
@@ -137,6 +147,7 @@ def run_campaign(profile: str, seeds: Sequence[int], *, address: str | None = No
                 print(f"  {done}/{len(futures)} seeds done", flush=True)
         return client.gather(futures)
     finally:
-        client.close()
+        if own_client:
+            client.close()
         if cluster is not None:
             cluster.close()

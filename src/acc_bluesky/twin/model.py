@@ -159,6 +159,8 @@ class Twin:
         for st in self._families.values():
             for i in range(len(st.refpts)):
                 st.write(i, st.applied[i])
+        # element lengths never change in the twin: the revolution path is computed once, not at every solve
+        self._path_per_period = float(self.ring.circumference / self.ring.periodicity)
         self._f0 = self._design_frequency()
         self.rf_frequency_setpoint = self._f0
         self.rf_voltage_setpoint = self._design_voltage()
@@ -411,7 +413,7 @@ class Twin:
     def _dct(self) -> float:
         frf = self._f0
         df = self.df
-        return -self.ring.circumference / self.ring.periodicity * df / (frf + df) if frf else 0.0
+        return -self._path_per_period * df / (frf + df) if frf else 0.0
 
     def _solve_4d(self) -> Observables:
         import at
