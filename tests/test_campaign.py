@@ -24,3 +24,22 @@ def test_parse_seeds():
     assert parse_seeds("1-3,7, 9-10") == [1, 2, 3, 7, 9, 10]
     with pytest.raises(Exception, match="end before start"):
         parse_seeds("5-2")
+
+
+def test_campaign_on_an_open_client_leaves_it_open_and_is_deterministic():
+    """A campaign on a client the caller owns (a cluster by address) reuses it; same seed, same result."""
+    from distributed import Client, LocalCluster
+
+    from acc_bluesky.commissioning import commission_seed, warm_worker
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        assert list(client.run(warm_worker, "ebs").values()) == ["ebs"]
+        first = run_campaign("ebs", [2], client=client)
+        assert client.status == "running"  # not closed by the campaign
+        again = run_campaign("ebs", [2], client=client)
+    local = commission_seed("ebs", 2)
+    for key in ("iterations", "n_sv"):
+        assert first[0][key] == again[0][key] == local[key], key
+    for key in ("orbit_x_before", "orbit_x_after", "orbit_y_after", "max_corrector"):  # same to rounding
+        assert first[0][key] == pytest.approx(local[key], rel=1e-6) == again[0][key], key
