@@ -22,6 +22,7 @@ from acc_bluesky.analysis.chromaticity import (
 from acc_bluesky.analysis.tune import model_lattice
 from acc_bluesky.plans.optics import correct_chromaticity, measure_chromaticity, measure_chromaticity_response
 from acc_bluesky.profile import LimitError
+from helpers import events, same
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,6 @@ def catalog(RE):
     return RE.catalog
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-
 @pytest.fixture
 def docs(RE):
     """The documents of the runs of one test."""
@@ -50,11 +47,6 @@ def docs(RE):
     token = RE.subscribe(lambda name, doc: out.append((name, doc)))
     yield out
     RE.unsubscribe(token)
-
-
-def _events(docs, stream="primary"):
-    names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
-    return [d for n, d in docs if n == "event" and names[d["descriptor"]] == stream]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,7 +108,7 @@ def test_measure_chromaticity_vs_truth_with_errors(machine, RE, catalog, tmp_pat
     f0 = machine.twin.rf_frequency_setpoint
     before = machine.twin.snapshot()
     uid = RE(measure_chromaticity(machine, figure_dir=tmp_path)).plan_result
-    assert machine.twin.rf_frequency_setpoint == f0 and _same(machine.twin.snapshot(), before)
+    assert machine.twin.rf_frequency_setpoint == f0 and same(machine.twin.snapshot(), before)
     run = catalog[uid]
     chrom = Chromaticity.from_run(run)
     truth = machine.twin.chromaticity()
@@ -127,7 +119,7 @@ def test_measure_chromaticity_vs_truth_with_errors(machine, RE, catalog, tmp_pat
     alpha = machine.twin.momentum_compaction()
     assert np.allclose(chrom.df, -alpha * f0 * chrom.dp, rtol=3e-3, atol=1e-9)
     assert chrom.f_rf == f0 and chrom.order == 2
-    ev = _events(docs)
+    ev = events(docs)
     assert len(ev) == 5 and [e["data"]["scan-point"] for e in ev] == list(range(5))
     start = run.metadata["start"]
     assert start["tool"] == "chromaticity" and start["alpha_c"] == pytest.approx(alpha, rel=1e-3)
@@ -140,7 +132,7 @@ def test_measure_chromaticity_response_matches_finite_differences(machine, RE, c
 
     before = machine.twin.snapshot()
     uid = RE(measure_chromaticity_response(machine, families=["S4", "S20"], steps=3, order=1)).plan_result
-    assert _same(machine.twin.snapshot(), before)
+    assert same(machine.twin.snapshot(), before)
     resp = ChromaticityResponse.from_run(catalog[uid])
     copy = Twin(machine.profile, seed=1)
     copy.noise_on = False
@@ -197,7 +189,7 @@ def test_chromaticity_scan_past_the_rf_limit_is_refused_before_anything_moves(ma
     before = machine.twin.snapshot()
     with pytest.raises(LimitError, match=r"measure_chromaticity: the scan dp/p = \+-0.002 needs RF steps"):
         RE(measure_chromaticity(machine, figure_dir=False))
-    assert _same(machine.twin.snapshot(), before)
+    assert same(machine.twin.snapshot(), before)
     with pytest.raises(ValueError, match="odd integer"):
         RE(measure_chromaticity(machine, steps=4))
     with pytest.raises(ValueError, match="needs steps >= 4"):

@@ -4,13 +4,12 @@ is compared with exact equality."""
 
 from __future__ import annotations
 
-import zlib
 
-import numpy as np
 import pytest
-from bluesky.utils import Msg, RunEngineInterrupted
+from bluesky.utils import RunEngineInterrupted
 
 from acc_bluesky.plan_stubs.machine import BeamLostError
+from helpers import Interrupt, draw_step, same
 from acc_bluesky.plans import optics as po
 
 # plan factory; the range of steps (``set`` messages and events, counted in the plan's order) where the
@@ -34,57 +33,8 @@ def _tune_target(m):
     return (round(float(q[0]) + 0.01, 4), round(float(q[1]) - 0.01, 4))
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-
-class Interrupt:
-    """Preprocessor: forwards a plan's messages and, at its k-th step (a ``set`` message or an event ``save``),
-    does ``action`` before the message runs: throw an exception into the plan, yield a ``pause``, or call a
-    function (e.g. lose the beam). Records whether the machine had been changed before that moment."""
-
-    def __init__(self, machine, k: int, action):
-        self.machine, self.k, self.action = machine, k, action
-        self.count = 0
-        self.fired = False
-        self.before = machine.twin.snapshot()
-        self.changed = False
-
-    def __call__(self, plan):
-        gen = iter(plan)
-        reply, exc = None, None
-        while True:
-            try:
-                msg = gen.throw(exc) if exc is not None else gen.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            exc = None
-            if msg.command in ("set", "save"):
-                self.count += 1
-                if self.count == self.k:
-                    self.fired = True
-                    if isinstance(self.action, BaseException):
-                        exc, reply = self.action, None
-                        continue
-                    if self.action == "pause":
-                        try:
-                            yield Msg("pause", None, defer=False)
-                        except BaseException as err:  # noqa: BLE001 - abort/stop while paused: to the plan
-                            exc, reply = err, None
-                            continue
-                    else:
-                        self.action()
-            try:
-                reply = yield msg
-            except BaseException as err:  # noqa: BLE001 - forward RunEngine exceptions (abort, stop) to the plan
-                exc = err
-            if not self.fired and not self.changed:  # (a set completes at its wait: check after every message)
-                self.changed = not _same(self.machine.twin.snapshot(), self.before)
-
-
 def _k(name: str, mode: str) -> int:
-    lo, hi = PLANS[name][1]
-    return int(np.random.default_rng(zlib.crc32(f"{name}/{mode}".encode())).integers(lo, hi + 1))
+    return draw_step(name, mode, *PLANS[name][1])
 
 
 def _stops(docs):
@@ -149,7 +99,7 @@ def test_interrupted_plan_restores_every_setpoint(name, mode, machine, RE, docs)
         assert _stops(docs)[-1]["exit_status"] == ("abort" if mode == "abort" else "success")
     assert hook.fired, f"the plan ended before step {k}"
     assert hook.changed == changes  # the plan had moved something before the interruption: not a vacuous test
-    assert _same(machine.twin.snapshot(), before), f"{name}: not restored after {mode} at step {k}"
+    assert same(machine.twin.snapshot(), before), f"{name}: not restored after {mode} at step {k}"
 
 
 @pytest.mark.parametrize("name", ["measure_tune_response", "measure_chromaticity", "correct_chromaticity"])
@@ -159,7 +109,7 @@ def test_beam_loss_during_a_scan(name, machine, RE, catalog, docs):
     hook = Interrupt(machine, (lo + hi) // 2, machine.twin.anomalies.lose_beam)
     with pytest.raises(BeamLostError, match="beam lost .*tune monitor reads \\(nan, nan\\).*beam current is 0 A"):
         RE(hook(make(machine)))
-    assert _same(machine.twin.snapshot(), before)
+    assert same(machine.twin.snapshot(), before)
     stop = _stops(docs)[-1]
     assert stop["exit_status"] == "fail" and "beam lost" in stop["reason"]
     run = catalog[stop["run_start"]]

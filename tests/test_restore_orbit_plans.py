@@ -6,14 +6,14 @@ partial data kept)."""
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
-from bluesky.utils import Msg, RunEngineInterrupted
+from bluesky.utils import RunEngineInterrupted
 
 from acc_bluesky.data import read_stream
 from acc_bluesky.plan_stubs.machine import BeamLostError
+from helpers import Interrupt, draw_step, same
 from acc_bluesky.plans import (
     correct_orbit,
     measure_dispersion,
@@ -47,56 +47,8 @@ PLANS = {
 }
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-
-class Interrupt:
-    """Preprocessor: forwards a plan's messages and at its k-th step (a ``set`` or an event ``save``) throws an
-    exception into the plan, yields a ``pause``, or calls a function (e.g. lose the beam) before the message runs.
-    Records whether the machine had been changed before that moment (so the test is not vacuous)."""
-
-    def __init__(self, machine, k: int, action):
-        self.machine, self.k, self.action = machine, k, action
-        self.count = 0
-        self.fired = False
-        self.before = machine.twin.snapshot()
-        self.changed = False
-
-    def __call__(self, plan):
-        gen = iter(plan)
-        reply, exc = None, None
-        while True:
-            try:
-                msg = gen.throw(exc) if exc is not None else gen.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            exc = None
-            if msg.command in ("set", "save") and not self.fired:
-                self.count += 1
-                if self.count == self.k:
-                    self.fired = True
-                    self.changed = not _same(self.machine.twin.snapshot(), self.before)
-                    if isinstance(self.action, BaseException):
-                        exc, reply = self.action, None
-                        continue
-                    if self.action == "pause":
-                        try:
-                            yield Msg("pause", None, defer=False)
-                        except BaseException as err:  # noqa: BLE001 - abort/stop while paused: to the plan
-                            exc, reply = err, None
-                            continue
-                    else:
-                        self.action()
-            try:
-                reply = yield msg
-            except BaseException as err:  # noqa: BLE001 - forward RunEngine exceptions (abort, stop) to the plan
-                exc = err
-
-
 def _k(name: str, mode: str) -> int:
-    lo, hi = PLANS[name][1]
-    return int(np.random.default_rng(zlib.crc32(f"{name}/{mode}".encode())).integers(lo, hi + 1))
+    return draw_step(name, mode, *PLANS[name][1])
 
 
 @pytest.mark.parametrize("name", list(PLANS))
@@ -122,7 +74,7 @@ def test_interrupted_plan_restores_every_setpoint(name, machine, RE):
             assert stops[-1]["exit_status"] == ("abort" if mode == "abort" else "success")
         assert hook.fired, f"{name} ended before step {k}"
         assert hook.changed, f"{name}: nothing had moved before step {k}: the test would prove nothing"
-        assert _same(machine.twin.snapshot(), before), f"{name}: not restored exactly after {mode} at step {k}"
+        assert same(machine.twin.snapshot(), before), f"{name}: not restored exactly after {mode} at step {k}"
 
 
 def test_beam_lost_midway_through_an_orm(machine, RE, catalog):
@@ -136,7 +88,7 @@ def test_beam_lost_midway_through_an_orm(machine, RE, catalog):
                                             ".*restores every setpoint") as err:
         RE(hook(measure_orm(machine, correctors=names)))
     assert len(err.value.bpms) == 224
-    assert _same(twin.snapshot(), before)  # correctors restored although the beam is gone
+    assert same(twin.snapshot(), before)  # correctors restored although the beam is gone
     stop = stops[-1]
     assert stop["exit_status"] == "fail" and "beam lost" in stop["reason"]
     run = catalog[stop["run_start"]]
@@ -203,8 +155,8 @@ def test_machine_stubs(machine, RE):
     now = twin.snapshot()
     with pytest.raises(RuntimeError, match="injected"):
         RE(Interrupt(machine, 1, RuntimeError("injected"))(save_config(machine)))
-    assert _same(twin.snapshot(), now)
+    assert same(twin.snapshot(), now)
 
 
 def same_snapshot(a: dict, b: dict) -> bool:
-    return _same(a, b)
+    return same(a, b)

@@ -10,6 +10,7 @@ from acc_bluesky.analysis.plots import resonance_lines, tune_diagram
 from acc_bluesky.analysis.tune import lattice_tunes, model_lattice, select_families
 from acc_bluesky.plans.optics import correct_tune, measure_tune, measure_tune_response
 from acc_bluesky.profile import LimitError
+from helpers import events, same
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,6 @@ def catalog(RE):
     return RE.catalog
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-
 @pytest.fixture
 def docs(RE):
     """The documents of the runs of one test."""
@@ -38,11 +35,6 @@ def docs(RE):
     token = RE.subscribe(lambda name, doc: out.append((name, doc)))
     yield out
     RE.unsubscribe(token)
-
-
-def _events(docs, stream="primary"):
-    names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
-    return [d for n, d in docs if n == "event" and names[d["descriptor"]] == stream]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def test_measure_tune(machine, RE, catalog, docs):
     assert np.all(np.abs(tunes.q - truth) < 3e-5)  # monitor noise 1e-5 rms, 5 readings
     assert np.all((tunes.q_std > 1e-6) & (tunes.q_std < 3e-5))
     assert tunes.samples.shape == (5, 2)
-    assert len(_events(docs)) == 5
+    assert len(events(docs)) == 5
     start = catalog[uid].metadata["start"]
     assert start["tool"] == "tune" and start["facility"] == "ESRF"
 
@@ -131,7 +123,7 @@ def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(ma
 
     before = machine.twin.snapshot()
     uid = RE(measure_tune_response(machine)).plan_result
-    assert _same(machine.twin.snapshot(), before)  # every family put back exactly
+    assert same(machine.twin.snapshot(), before)  # every family put back exactly
     resp = TuneResponse.from_run(catalog[uid])
     assert resp.families == list(machine.quad) and resp.kind == "measured" and resp.uid == uid
     # truth: a separate copy of the same errored twin, noise off, the same steps
@@ -153,7 +145,7 @@ def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(ma
     assert np.all((dq > 1.5e-3) & (dq < 2.5e-3)), dq
     assert np.allclose(resp.matrix, resp.matrix_hw / 0.01)
     # one reference + 2 points per family
-    assert len(_events(docs)) == 1 + 2 * len(resp.families)
+    assert len(events(docs)) == 1 + 2 * len(resp.families)
     assert catalog[uid].metadata["start"]["tool"] == "tune_response"
     # the measured response corrects the tunes, given by its uid (families: its best-conditioned pair)
     tgt = _target(machine)
@@ -222,7 +214,7 @@ def test_correct_tune_refuses_bad_input_and_restores_on_limit(machine, RE, catal
     weak.matrix_hw *= 1e-5
     with pytest.raises(LimitError, match=r"correct_tune iteration 1 .*outside the limits"):
         RE(correct_tune(machine, _target(machine), families=["QF2", "QD3"], response=weak, figure_dir=False))
-    assert _same(machine.twin.snapshot(), before)
+    assert same(machine.twin.snapshot(), before)
     stop = [d for n, d in docs if n == "stop"][-1]
     assert stop["exit_status"] == "fail" and "limits" in stop["reason"]
     assert catalog[stop["run_start"]].metadata["stop"]["exit_status"] == "fail"

@@ -121,30 +121,40 @@ def init_catalog(directory: str | os.PathLike) -> pathlib.Path:
     return paths["root"]
 
 
-def _init_sqlite_catalog(uri: str) -> None:
+def init_sql_database(uri: str, kind: str = "catalog") -> bool:
+    """Create a Tiled SQL database (``kind`` ``"catalog"`` or ``"authn"``) and stamp its schema revision, unless it
+    already exists at the revision this Tiled needs. Returns True if it was created."""
     import asyncio
+    import importlib
 
     from sqlalchemy.ext.asyncio import create_async_engine
     from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
-    from tiled.catalog.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
-    from tiled.catalog.core import ALL_REVISIONS, REQUIRED_REVISION, initialize_database
     from tiled.utils import ensure_specified_sql_driver
 
+    package = {"catalog": "tiled.catalog", "authn": "tiled.authn_database"}[kind]
+    core = importlib.import_module(f"{package}.core")
+    alembic = importlib.import_module(f"{package}.alembic_constants")
     uri = ensure_specified_sql_driver(uri)
 
     async def setup() -> bool:
         engine = create_async_engine(uri)
         try:
-            await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
+            await check_database(engine, core.REQUIRED_REVISION, core.ALL_REVISIONS)
             return False
         except UninitializedDatabase:
-            await initialize_database(engine)
+            await core.initialize_database(engine)
             return True
         finally:
             await engine.dispose()
 
-    if asyncio.run(setup()):
-        stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
+    created = asyncio.run(setup())
+    if created:
+        stamp_head(alembic.ALEMBIC_INI_TEMPLATE_PATH, alembic.ALEMBIC_DIR, uri)
+    return created
+
+
+def _init_sqlite_catalog(uri: str) -> None:
+    init_sql_database(uri, "catalog")
 
 
 def build_catalog_adapter(directory: str | os.PathLike, *, streaming_cache: bool = False) -> Any:

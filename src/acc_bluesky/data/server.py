@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .catalog import ROOT_SPEC, build_catalog_adapter, catalog_paths, init_catalog
+from .catalog import ROOT_SPEC, build_catalog_adapter, catalog_paths, init_catalog, init_sql_database
 
 __all__ = [
     "READ_ONLY_SCOPES",
@@ -154,27 +154,12 @@ def _register_keys(authn_uri: str, api_key: str, read_only_keys: Sequence[str]) 
 
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-    from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
     from tiled.authn_database import orm
-    from tiled.authn_database.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
-    from tiled.authn_database.core import ALL_REVISIONS, REQUIRED_REVISION, create_service, initialize_database
+    from tiled.authn_database.core import create_service
     from tiled.utils import ensure_specified_sql_driver
 
     uri = ensure_specified_sql_driver(authn_uri)
-
-    async def init() -> bool:
-        engine = create_async_engine(uri)
-        try:
-            await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
-            return False
-        except UninitializedDatabase:
-            await initialize_database(engine)
-            return True
-        finally:
-            await engine.dispose()
-
-    if asyncio.run(init()):
-        stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
+    init_sql_database(uri, "authn")
 
     async def register() -> None:
         engine = create_async_engine(uri)
