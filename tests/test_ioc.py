@@ -146,6 +146,10 @@ def test_out_of_limit_puts_are_refused_by_the_ioc(reset_ioc):
     f0 = caget(p["rf:frequency"])
     caput(p["rf:frequency"], 353e6)
     assert caget(p["rf:frequency"]) == f0
+    # the counter record is updated from the refusing put's validation, asynchronously to that put's completion
+    deadline = time.monotonic() + 5
+    while int(caget(tp["refused"])) < n0 + 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert int(caget(tp["refused"])) == n0 + 5
     assert int(caget(tp["version"])) == v0  # nothing reached the twin
     x1, _ = orbit(p)
