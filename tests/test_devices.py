@@ -132,3 +132,31 @@ async def test_epics_backend_devices_with_mock_signals(ebs):
 def test_connect_bad_mode(ebs):
     with pytest.raises(ValueError, match="mode must be 'sim' or 'epics'"):
         connect(ebs, mode="tango")
+
+
+def test_standard_bluesky_plans_record_what_the_machine_shows(machine_ideal):
+    """bluesky's own plans stage (and may monitor) their detectors: staged sim signals still ask the twin, so
+    ``bp.count``/``bp.scan`` record the present orbit, tunes and current, never a stale cached value."""
+    import bluesky.plans as bp
+    from bluesky import RunEngine
+
+    m = machine_ideal
+    RE = RunEngine(call_returns_result=True)  # noqa: N806 - bluesky's name
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    m.twin.set_setpoint("HST", 2.0, 10)
+    RE(bp.count([m.bpm, m.beam, m.tune], 2))
+    events = [d for n, d in docs if n == "event"]
+    assert len(events) == 2
+    x_truth, _ = m.twin.orbit()
+    assert np.array_equal(events[0]["data"]["bpm-x"], x_truth)  # ideal machine: BPM == truth
+    assert events[0]["data"]["beam-current"] == pytest.approx(m.twin.beam_current(), rel=1e-4)  # decays slowly
+    assert events[0]["data"]["tune-x"] == pytest.approx(m.twin.tunes()[0], abs=1e-12)
+    docs.clear()
+    RE(bp.scan([m.bpm], m.hcor[0], -2.0, 2.0, 3))
+    events = [d for n, d in docs if n == "event"]
+    seen = [np.asarray(e["data"]["bpm-x"]) for e in events]
+    for kick, x in zip((-2.0, 0.0, 2.0), seen):
+        m.twin.set_setpoint("HST", kick, 0)
+        assert np.array_equal(x, m.twin.orbit()[0]), kick
+    assert np.std(seen[2] - seen[0]) > 1e-5  # the scan moved the orbit

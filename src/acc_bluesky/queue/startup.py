@@ -185,24 +185,14 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
         md
             metadata merged into the start document.
         """
-        import bluesky.plan_stubs as bps
-        import bluesky.preprocessors as bpp
+        import bluesky.plans as bp
 
         from ..data.metadata import tool_metadata
 
         dets = [readable[d] if isinstance(d, str) else d for d in detectors]
         _md = tool_metadata("count", m, plan_name="count", detectors=[d.name for d in dets], num=num,
                             delay=delay) | {"num_points": int(num)} | (md or {})
-
-        # Like bluesky's count, without staging: a staged sim signal serves a cached reading, and the tools
-        # read the machine the same way (bps.read of unstaged devices).
-        def inner() -> MsgGenerator[None]:
-            for i in range(int(num)):
-                if i and delay:
-                    yield from bps.sleep(float(delay))
-                yield from bps.trigger_and_read(dets)
-
-        return (yield from bpp.run_wrapper(inner(), md=_md))
+        return (yield from bp.count(dets, num=int(num), delay=float(delay), md=_md))
 
     # ------------------------------------------------------------------------------------------------- orbit
     @parameter_annotation_decorator({

@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from ophyd_async.core import Array1D, SignalR, SignalRW, soft_signal_r_and_setter, soft_signal_rw
+from ophyd_async.core import Array1D, SignalR, SignalRW, SoftSignalBackend
 
 from ...twin import Twin
 
-__all__ = ["SimBackend"]
+__all__ = ["SimBackend", "LiveSignalR", "LiveSignalRW"]
+
+
+class _Live:
+    """A soft signal whose getter asks the twin: every read asks it, unless a cached read is asked for explicitly.
+
+    ophyd-async serves a staged or monitored signal from its cache, which a getter-backed soft signal only refreshes
+    when its getter runs; a plan that stages its detectors (``bp.count``, ``bp.scan``) would record stale values.
+    """
+
+    def _backend_or_cache(self, cached: bool | None = None) -> Any:
+        return super()._backend_or_cache(bool(cached))  # type: ignore[misc]
+
+
+class LiveSignalR(_Live, SignalR):
+    """A read-only :class:`_Live` soft signal."""
+
+
+class LiveSignalRW(_Live, SignalRW):
+    """A read-write :class:`_Live` soft signal."""
+
+
+def soft_signal_rw(datatype, initial_value=None, units: str | None = None, precision: int | None = None, *,
+                   getter, setter) -> LiveSignalRW:
+    """Like ophyd-async's ``soft_signal_rw`` with a getter and a setter, as a :class:`LiveSignalRW`."""
+    return LiveSignalRW(SoftSignalBackend(datatype, initial_value, units, precision, getter=getter, setter=setter))
+
+
+def soft_signal_r(datatype, initial_value=None, units: str | None = None, precision: int | None = None, *,
+                  getter) -> LiveSignalR:
+    """A read-only soft signal whose getter asks the twin, as a :class:`LiveSignalR`."""
+    return LiveSignalR(SoftSignalBackend(datatype, initial_value, units, precision, getter=getter))
 
 
 class SimBackend:
@@ -30,10 +63,9 @@ class SimBackend:
 
     def magnet_readback(self, family: str, index: int) -> SignalR[float]:
         t = self.twin
-        sig, _ = soft_signal_r_and_setter(
+        return soft_signal_r(
             float, float(t.get_readback(family, index)), units=t.family(family).spec.units,
             getter=lambda: t.get_readback(family, index))
-        return sig
 
     def family_setpoints(self, family: str) -> SignalRW[Array1D[np.float64]]:
         t = self.twin
@@ -45,24 +77,21 @@ class SimBackend:
 
     def family_readbacks(self, family: str) -> SignalR[Array1D[np.float64]]:
         t = self.twin
-        sig, _ = soft_signal_r_and_setter(
+        return soft_signal_r(
             Array1D[np.float64], t.get_readback(family), units=t.family(family).spec.units,
             getter=lambda: t.get_readback(family))
-        return sig
 
     # BPMs ------------------------------------------------------------------------------------------
     def orbit(self, plane: str) -> SignalR[Array1D[np.float64]]:
         t = self.twin
         k = "xy".index(plane)
-        sig, _ = soft_signal_r_and_setter(
+        return soft_signal_r(
             Array1D[np.float64], np.zeros(t.nbpm), units="m", getter=lambda: t.read_bpms()[k])
-        return sig
 
     def bpm(self, index: int, plane: str) -> SignalR[float]:
         t = self.twin
         k = "xy".index(plane)
-        sig, _ = soft_signal_r_and_setter(float, 0.0, units="m", getter=lambda: float(t.read_bpms()[k][index]))
-        return sig
+        return soft_signal_r(float, 0.0, units="m", getter=lambda: float(t.read_bpms()[k][index]))
 
     # RF, tune, beam --------------------------------------------------------------------------------
     def rf_frequency(self) -> SignalRW[float]:
@@ -78,16 +107,12 @@ class SimBackend:
     def tune(self, plane: str) -> SignalR[float]:
         t = self.twin
         k = "xy".index(plane)
-        sig, _ = soft_signal_r_and_setter(float, 0.0, units="", precision=5,
-                                          getter=lambda: float(t.read_tunes()[k]))
-        return sig
+        return soft_signal_r(float, 0.0, units="", precision=5, getter=lambda: float(t.read_tunes()[k]))
 
     def beam_current(self) -> SignalR[float]:
         t = self.twin
-        sig, _ = soft_signal_r_and_setter(float, 0.0, units="A", getter=t.beam_current)
-        return sig
+        return soft_signal_r(float, 0.0, units="A", getter=t.beam_current)
 
     def beam_lifetime(self) -> SignalR[float]:
         t = self.twin
-        sig, _ = soft_signal_r_and_setter(float, 0.0, units="s", getter=t.beam_lifetime)
-        return sig
+        return soft_signal_r(float, 0.0, units="s", getter=t.beam_lifetime)
