@@ -133,6 +133,9 @@ class Twin:
         self.seed = seed
         self._clock = clock
         self._lock = threading.RLock()
+        self._optics_version = 0  # bumped by every change of a non-corrector magnet
+        self._optics_checked = -1  # the optics version whose linear stability was last checked
+        self._unstable: str | None = None  # why the one-turn map is unstable, at that version
         self.design = self.profile.load_lattice()
         self.ring = self.profile.load_lattice()
         self.is_ring = self.profile.kind == "ring"
@@ -287,6 +290,8 @@ class Twin:
         name = st.fam.name
         factor = 0.0 if (self.anomalies.is_dead(name, i) or self.anomalies.is_tripped(name)) else 1.0
         st.write(i, st.applied[i], factor)
+        if st.spec.type not in ("hcor", "vcor"):
+            self._optics_version += 1
         if st.arrays[i] is None:
             self._engine_gen = -1  # scalar attribute: the converted lattice is stale
 
@@ -429,7 +434,7 @@ class Twin:
                 if it > 4:
                     self._a_inv = np.linalg.inv(_engine.orbit_jacobian(self.ring, z, keep=True))
                 self._guess = z
-                return self._check_aperture(z, pos)
+                return self._check_stability(z) or self._check_aperture(z, pos)
         # cold: pyAT's own solver, then the Jacobian for the next time
         self.stats["cold"] += 1
         guess = self._guess if np.all(np.isfinite(self._guess)) else np.zeros(6)
@@ -437,10 +442,27 @@ class Twin:
         if not np.all(np.isfinite(z)):
             return self._lost("no closed orbit (tracking lost the particle)")
         self._engine_gen = _engine.generation()
-        self._a_inv = np.linalg.inv(_engine.orbit_jacobian(self.ring, z, keep=True))
+        a = _engine.orbit_jacobian(self.ring, z, keep=True)
+        self._a_inv = np.linalg.inv(a)
         self._engine_gen = _engine.generation()
         self._guess = z
-        return self._check_aperture(z, pos)
+        return self._check_stability(z, a) or self._check_aperture(z, pos)
+
+    def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None) -> Observables | None:
+        """Beam lost (an Observables) if the transverse one-turn map at the orbit ``z`` is unstable, else None.
+
+        Checked once per change of the optics (any non-corrector magnet): a closed orbit can exist on a lattice that
+        no beam survives (a tune pushed onto an integer or half-integer resonance by a quadrupole)."""
+        if self._optics_checked != self._optics_version:
+            if a is None:
+                a = _engine.orbit_jacobian(self.ring, z, keep=True)
+            m44 = a[:4, :4] + np.eye(4)  # orbit_jacobian gives J - I' in (x, px, y, py, dp)
+            rho = float(np.max(np.abs(np.linalg.eigvals(m44))))
+            self._unstable = (None if rho < 1.0 + 1e-3 else  # finite-difference map: |eig| = 1 to ~1e-5
+                              f"unstable optics: one-turn map eigenvalue of modulus {rho:.4g} > 1 (a tune on a "
+                              "resonance?); restore the quadrupoles")
+            self._optics_checked = self._optics_version
+        return self._lost(self._unstable) if self._unstable else None
 
     def _solve_6d(self) -> Observables:
         import at
