@@ -205,6 +205,7 @@ def test_ioc_killed_mid_plan_fails_the_run_keeps_data_and_names_the_pvs(fault_io
     from acc_bluesky.data import read_stream
     from acc_bluesky.devices.backends.epics import PvUnreachable
     from acc_bluesky.machine import connect
+    from acc_bluesky.plan_stubs.machine import RestoreError
     from acc_bluesky.plans import measure_orm
 
     RE, catalog = tiled_RE
@@ -232,10 +233,17 @@ def test_ioc_killed_mid_plan_fails_the_run_keeps_data_and_names_the_pvs(fault_io
     # the error raised names a PV of the dead IOC and says so; every PV error of the chain is on that IOC (the
     # measurement's put or read, then the restore's, when it ran: see docs/ioc.md)
     top = info.value
-    assert isinstance(top, (PvUnreachable, FailedStatus)), repr(top)
+    assert isinstance(top, (PvUnreachable, FailedStatus, RestoreError)), repr(top)
     assert fault_ioc.prefix in str(top) and "down or unreachable" in str(top), str(top)
     unreachable = [e for e in chain if isinstance(e, PvUnreachable)]
     assert unreachable and all(pv.startswith(fault_ioc.prefix) for e in unreachable for pv in e.pvs)
+    # what could not be put back is reported: every snapshot item was tried, each failure names its PV and target
+    restore = [e for e in chain if isinstance(e, RestoreError)]
+    assert restore, "the restore failures are not reported"
+    failed = restore[0].failed
+    assert "HST" in failed and failed["HST"][1] == f"{fault_ioc.prefix}HST:I-SP", failed
+    assert np.array_equal(failed["HST"][0], np.zeros(224))  # the setpoints it should have: the snapshot's
+    assert all(src.startswith(fault_ioc.prefix) for _, src, _ in failed.values())
     assert elapsed < 60
     # the run is closed as failed, naming the PV, with the events measured before the crash
     run = catalog[starts[0]]

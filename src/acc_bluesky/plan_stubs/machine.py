@@ -20,6 +20,7 @@ from ..profile import LimitError
 
 __all__ = [
     "BeamLostError",
+    "RestoreError",
     "Record",
     "emit",
     "read_orbit",
@@ -36,6 +37,25 @@ __all__ = [
 
 RF_FREQUENCY = "RF:frequency"
 RF_VOLTAGE = "RF:voltage"
+
+
+class RestoreError(RuntimeError):
+    """Setpoints that could not be put back. ``failed`` maps each name (family or ``RF:frequency``) to
+    ``(target, source, error)``: the value it should have [A, Hz, V], the control-system source of its setpoint
+    (the PV) and why it failed. Everything else of the snapshot was restored."""
+
+    def __init__(self, failed: Mapping[str, tuple[Any, str, BaseException]], restored: Sequence[str] = ()):
+        self.failed = dict(failed)
+        self.restored = list(restored)
+        lines = []
+        for name, (target, source, err) in self.failed.items():
+            shown = (f"{np.array2string(np.asarray(target), threshold=6, precision=6)}"
+                     if np.ndim(target) else f"{float(target):.10g}")
+            lines.append(f"  {name} ({source}): should be {shown}; {type(err).__name__}: {err}")
+        super().__init__(
+            f"could not restore {len(self.failed)} setting(s); put them back by hand (or restore_config of the "
+            f"saved configuration) once the control system answers:\n" + "\n".join(lines)
+            + (f"\nrestored: {', '.join(self.restored)}" if self.restored else ""))
 
 
 class BeamLostError(RuntimeError):
@@ -236,28 +256,50 @@ def restore_setpoints(machine, snapshot: Mapping[str, Any], only_changed: bool =
 
     Returns:
         ``{name: (before, after)}`` of what was moved.
+
+    Raises:
+        RestoreError: some items could not be put back (control system down...): every item is tried, and the
+            error lists each failed one with its target value and PV, and what was restored.
     """
     group = group or f"restore-{id(snapshot)}-{time.monotonic_ns()}"
     moved: dict[str, Any] = {}
-    for key, value in snapshot.items():
+    failed: dict[str, tuple[Any, str, BaseException]] = {}
+    setters: dict[str, Any] = {}  # name -> (device moved, setpoint signal read back)
+    for key, value in snapshot.items():  # every item is tried, whatever failed before it
         if key in (RF_FREQUENCY, RF_VOLTAGE):
             sig = machine.rf.frequency if key == RF_FREQUENCY else machine.rf.voltage
-            target = float(value)
-            now = float((yield from bps.rd(sig))) if only_changed else None
-            if now is None or now != target:
-                obj = machine.rf if key == RF_FREQUENCY else sig
+            obj, target = (machine.rf if key == RF_FREQUENCY else sig), float(value)
+        else:
+            fam = machine.family(key)
+            sig, obj, target = fam.setpoints, fam, np.array(value, dtype=float)
+        setters[key] = sig
+        try:
+            now = (yield from bps.rd(sig)) if only_changed else None
+            if now is None or np.shape(now) != np.shape(target) or not np.array_equal(now, target):
                 yield from bps.abs_set(obj, target, group=group)
-                moved[key] = (now, target)
-            continue
-        fam = machine.family(key)
-        target = np.array(value, dtype=float)
-        now = np.array((yield from bps.rd(fam.setpoints)), dtype=float) if only_changed else None
-        if now is None or now.shape != target.shape or not np.array_equal(now, target):
-            yield from bps.abs_set(fam, target, group=group)
-            moved[key] = (now, target)
+                moved[key] = (None if now is None else (np.array(now, dtype=float) if np.ndim(target) else float(now)),
+                              target)
+        except Exception as err:  # noqa: BLE001 - collected and reported together below
+            failed[key] = (target, _source(sig), err)
     if moved:
-        yield from bps.wait(group=group)
+        try:
+            yield from bps.wait(group=group)
+        except Exception as err:  # noqa: BLE001 - find which ones did not arrive
+            for key, (_, target) in moved.items():
+                try:
+                    now = yield from bps.rd(setters[key])
+                    if not np.array_equal(np.asarray(now, dtype=float), target):
+                        failed[key] = (target, _source(setters[key]), err)
+                except Exception as err2:  # noqa: BLE001
+                    failed[key] = (target, _source(setters[key]), err2)
+    if failed:
+        raise RestoreError(failed, [k for k in snapshot if k not in failed])
     return moved
+
+
+def _source(signal: Any) -> str:
+    src = getattr(signal, "source", "")
+    return str(src).split("://", 1)[-1] or getattr(signal, "name", "?")
 
 
 def check_limits(device: Any, values: Any, what: str = "") -> None:
