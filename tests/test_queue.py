@@ -110,7 +110,7 @@ def test_shipped_plan_list_is_up_to_date(ebs, tmp_path):
     assert "machine" not in par
     cors = par["correctors"]["annotation"]["enums"]["Correctors"]
     assert len(cors) == 2 + 224 + 224 and cors[:3] == ["HST", "VST", "HST:001"]
-    assert float(par["delta"]["max"]) == 16.0 and "[A]" in par["delta"]["description"]
+    assert float(par["delta"]["max"]) == 8.0 and "[A]" in par["delta"]["description"]  # half the +-8 A span
     assert {"bpm", "rf", "tune", "beam", "HST", "VST", "QF2", "S4"} <= set(fresh["existing_devices"])
 
 
@@ -131,6 +131,13 @@ def test_server_started_on_loopback(queue_server, api):  # noqa: F811
     ("measure_orm", {"deltaa": 0.2}, None, "unexpected keyword argument 'deltaa'"),
     ("measure_orm", {"correctors": ["HST:999"]}, None, "HST:999"),
     ("measure_orm", {"delta": 40.0}, None, "40.0"),
+    ("measure_orm", {"delta": 9.0}, None, "out of range"),
+    ("measure_dispersion", {"df": 1e9}, None, "out of range"),
+    ("measure_tune_response", {"delta": 1e6}, None, "out of range"),
+    ("measure_chromaticity", {"steps": 4000}, None, "out of range"),
+    ("correct_tune", {"target": [0.2]}, None, "target"),
+    ("correct_tune", {"target": [0.44, 0.39, 0.1]}, None, "target"),
+    ("correct_chromaticity", {"target": [1e6, 5.0]}, None, "out of range"),
     ("correct_orbit", {"gain": 1.5}, None, "1.5"),
     ("correct_tune", {}, None, "target"),
     ("orbit_bump", {"bpm": "BPM:999", "amplitude": 1e-4}, None, "BPM:999"),
@@ -222,12 +229,14 @@ def test_failed_plans_leave_queue_usable_and_machine_restored(api, queue_dirs): 
     (ref,) = _run_items(api, [("save_config", {"name": "reference"}, {})])
     ref_uid = ref["result"]["run_uids"][0]
 
-    # 1. a corrector step past its limit (+-8 A): refused when the plan starts, before anything moves
-    (fail1,) = _run_items(api, [("measure_orm", {"correctors": HST10, "delta": 9.0}, {})])
+    # 1. a bump the correctors cannot make (+-8 A limits): refused when the plan starts, before anything moves
+    #    (a parameter out of its declared range, e.g. a corrector step past half the span, never gets this far:
+    #    the submission is refused, see test_bad_submission_is_refused_before_anything_runs)
+    (fail1,) = _run_items(api, [("orbit_bump", {"bpm": "BPM:010", "amplitude": 0.01}, {})])
     assert fail1["result"]["exit_status"] == "failed"
-    assert "HST:001" in fail1["result"]["msg"] and "limit" in fail1["result"]["msg"].lower()
+    assert "HST:0" in fail1["result"]["msg"] and "limit" in fail1["result"]["msg"].lower()
     q = api.queue_get(reload=True)["items"]
-    assert [i["name"] for i in q] == ["measure_orm"] and q[0]["item_uid"] != fail1["item_uid"]
+    assert [i["name"] for i in q] == ["orbit_bump"] and q[0]["item_uid"] != fail1["item_uid"]
     api.item_remove(pos="front")
 
     # 2. the beam is lost while correctors are being stepped: the plan stops and puts them back

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from bluesky.utils import MsgGenerator
 from bluesky_queueserver import parameter_annotation_decorator
 
@@ -135,6 +136,11 @@ def _span(machine: Machine, families: list[str]) -> float | None:
     return max(spans) if spans else None
 
 
+def _half_span(span: float | None) -> dict[str, float]:
+    """A symmetric range of +-span/2 (a step larger than half the setpoint span leaves it from mid-range), or none."""
+    return _rng(-span / 2, span / 2) if span else {}
+
+
 def _rng(lo: float | None = None, hi: float | None = None) -> dict[str, float]:
     out = {}
     if lo is not None:
@@ -154,6 +160,10 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
     bpms = list(m.bpm.names)
     quads, sexts = list(m.quad), list(m.sext)
     cspan = _span(m, cor_fams)
+    qspan, sspan = _span(m, quads), _span(m, sexts)
+    rf_lim = m.rf.frequency_limits
+    rf_half = (rf_lim.high - rf_lim.low) / 2 if np.isfinite(rf_lim.high - rf_lim.low) else None
+    pair = "typing.Tuple[float, float]"  # exactly two values: (x, y)
     cor_enum = {"Correctors": [*cor_fams, *cors]}
     bpm_enum = {"BPMs": bpms}
     readable = {d.name: d for d in (m.bpm, m.tune, m.beam, m.rf)}
@@ -198,8 +208,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
     @parameter_annotation_decorator({
         "parameters": {
             "correctors": {"annotation": opt("typing.List[Correctors]"), "enums": cor_enum},
-            "delta": _rng(-cspan if cspan else None, cspan),
-            "n_avg": _rng(1), "settle": _rng(0), "df": _rng(0),
+            "delta": _half_span(cspan), "delta_physics": _rng(-0.01, 0.01),
+            "n_avg": _rng(1), "settle": _rng(0), "df": _rng(0, rf_half),
         }})
     def measure_orm(correctors: list[str] | None = None, delta: float | None = None,
                     delta_physics: float | None = None, bipolar: bool = True, n_avg: int = 1, settle: float = 0.0,
@@ -352,7 +362,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
             correctors=correctors, exclude_correctors=list(exclude_correctors or ()), couple=couple,
             max_iter=max_iter, tol=tol, n_avg=n_avg, md=md))
 
-    @parameter_annotation_decorator({"parameters": {"n_steps": _rng(1), "n_avg": _rng(1), "settle": _rng(0)}})
+    @parameter_annotation_decorator({"parameters": {"df": _rng(0, rf_half), "n_steps": _rng(1, 10), "n_avg": _rng(1),
+                                                    "settle": _rng(0)}})
     def measure_dispersion(df: float | None = None, n_steps: int = 1, n_avg: int = 1, settle: float = 0.0,
                            md: dict | None = None) -> MsgGenerator[str]:
         """Measure the dispersion at every BPM from symmetric RF frequency steps (MML measdisp).
@@ -431,7 +442,7 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
     @parameter_annotation_decorator({
         "parameters": {
             "families": {"annotation": opt("typing.List[QuadFamilies]"), "enums": quad_enum},
-            "n_avg": _rng(1),
+            "delta": _half_span(qspan), "n_avg": _rng(1),
         }})
     def measure_tune_response(families: list[str] | None = None, delta: float | None = None, bipolar: bool = True,
                               n_avg: int = 1, md: dict | None = None) -> MsgGenerator[str]:
@@ -455,11 +466,11 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
 
     @parameter_annotation_decorator({
         "parameters": {
-            "target": {"annotation": "typing.List[float]", "min": 0.0, "max": 1.0},
+            "target": {"annotation": pair, "min": 0.0, "max": 1.0},
             "families": {"annotation": opt("typing.List[QuadFamilies]"), "enums": quad_enum},
             "max_iter": _rng(1), "tol": _rng(0), "n_avg": _rng(1),
         }})
-    def correct_tune(target: list[float], families: list[str] | None = None, response: str = MEASURE,
+    def correct_tune(target: tuple[float, float], families: list[str] | None = None, response: str = MEASURE,
                      max_iter: int = 3, tol: float = 1e-4, n_avg: int = 1,
                      md: dict | None = None) -> MsgGenerator[str]:
         """Move the fractional tunes to target with quadrupole families (MML settune).
@@ -488,7 +499,7 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
                                                 tol=tol, n_avg=n_avg, md=md))
 
     @parameter_annotation_decorator({
-        "parameters": {"dp_max": _rng(0, 0.05), "steps": _rng(3), "order": _rng(1, 3), "n_avg": _rng(1),
+        "parameters": {"dp_max": _rng(0, 0.05), "steps": _rng(3, 51), "order": _rng(1, 3), "n_avg": _rng(1),
                        "settle": _rng(0)}})
     def measure_chromaticity(dp_max: float | None = None, steps: int | None = None, order: int | None = None,
                              n_avg: int = 1, settle: float = 0.0, md: dict | None = None) -> MsgGenerator[str]:
@@ -515,7 +526,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
     @parameter_annotation_decorator({
         "parameters": {
             "families": {"annotation": opt("typing.List[SextFamilies]"), "enums": sext_enum},
-            "dp_max": _rng(0, 0.05), "steps": _rng(3), "order": _rng(1, 3), "n_avg": _rng(1),
+            "delta": _half_span(sspan), "dp_max": _rng(0, 0.05), "steps": _rng(3, 51), "order": _rng(1, 3),
+            "n_avg": _rng(1),
         }})
     def measure_chromaticity_response(families: list[str] | None = None, delta: float | None = None,
                                       bipolar: bool = True, dp_max: float | None = None, steps: int | None = None,
@@ -548,11 +560,12 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
 
     @parameter_annotation_decorator({
         "parameters": {
+            "target": {"annotation": pair, "min": -100.0, "max": 100.0},
             "families": {"annotation": opt("typing.List[SextFamilies]"), "enums": sext_enum},
-            "max_iter": _rng(1), "tol": _rng(0), "dp_max": _rng(0, 0.05), "steps": _rng(3), "order": _rng(1, 3),
+            "max_iter": _rng(1), "tol": _rng(0), "dp_max": _rng(0, 0.05), "steps": _rng(3, 51), "order": _rng(1, 3),
             "n_avg": _rng(1),
         }})
-    def correct_chromaticity(target: list[float], families: list[str] | None = None, response: str = MODEL,
+    def correct_chromaticity(target: tuple[float, float], families: list[str] | None = None, response: str = MODEL,
                              max_iter: int = 3, tol: float = 0.1, dp_max: float | None = None,
                              steps: int | None = None, order: int | None = None, n_avg: int = 1,
                              md: dict | None = None) -> MsgGenerator[str]:
