@@ -168,6 +168,26 @@ def test_model_orm_is_the_ideal_machine(machine_ideal, RE, catalog, ebs):
     assert full.ncor == 448 and full.planes[:224] == ["x"] * 224
 
 
+def test_model_orm_plan_records_the_model_and_corrections_name_it(machine, RE, catalog, ebs):
+    """The model ORM as a run: the catalogue gives back exactly the model matrices (m/rad, m/A, RF column), nothing
+    moved, and a correction made with it names that run."""
+    from acc_bluesky.plans import correct_orbit
+    from acc_bluesky.plans import model_orm as model_orm_plan
+
+    before = machine.twin.snapshot()
+    uid = RE(model_orm_plan(machine))
+    assert all(np.array_equal(np.asarray(v), np.asarray(machine.twin.snapshot()[k])) for k, v in before.items())
+    run = catalog[uid]
+    assert run.metadata["start"]["tool"] == "orbit_response" and run.metadata["start"]["orm_kind"] == "model"
+    got, ref = OrbitResponse.from_run(run), model_orm(ebs, rf=True)
+    assert got.kind == "model" and got.uid == uid
+    for a, b in ((got.matrix, ref.matrix), (got.matrix_hw, ref.matrix_hw), (got.rf, ref.rf)):
+        np.testing.assert_array_equal(a, b)
+    assert got.corrector_names == ref.corrector_names and got.bpm_names == ref.bpm_names
+    cuid = RE(correct_orbit(machine, orm=uid, max_iter=1, figure_dir=False))
+    assert catalog[cuid].metadata["start"]["orm_uid"] == uid
+
+
 def test_orbit_response_tools(tmp_path, ebs):
     resp = model_orm(ebs, rf=True)
     sub = resp.submatrix(bpms=["BPM:001", "BPM:010"], correctors=["HST:003", "VST:004"])

@@ -25,13 +25,15 @@ from ..analysis import bump as _bump
 from ..analysis._common import corrector_table, rms, run_start
 from ..analysis.correction import CorrectionSystem, limit_step
 from ..analysis.dispersion import Dispersion, dispersion_from_orbits
-from ..analysis.orm import OrbitResponse, model_orm, momentum_compaction, response_from_orbits
+from ..analysis.orm import OrbitResponse, momentum_compaction, response_from_orbits
+from ..analysis.orm import model_orm as _model_response
 from ..data.metadata import tool_metadata
 from ..plan_stubs.machine import BeamLostError, Record, emit, move, read_orbit, restoring, snapshot_setpoints
 from ..plan_stubs.results import store_result
 
 __all__ = [
     "measure_orm",
+    "model_orm",
     "correct_orbit",
     "orbit_bump",
     "measure_dispersion",
@@ -123,7 +125,7 @@ def load_orm(orm: Any, machine=None) -> OrbitResponse:
         if orm == "model":
             if machine is None:
                 raise ValueError("orm='model' needs the machine")
-            return model_orm(machine.profile, rf=True, setpoints=None)
+            return _model_response(machine.profile, rf=True, setpoints=None)
         return OrbitResponse.from_run(_catalog_run(orm))
     if hasattr(orm, "metadata"):
         return OrbitResponse.from_run(orm)
@@ -271,17 +273,55 @@ def _orm_plan(machine, rows, d_hw, d_ph, setpoints, *, bipolar: bool, n_avg: int
             bpm_refpts=np.asarray(machine.bpm.refpts), corrector_refpts=np.array(
                 [int(machine.profile.families[f].refpts[i]) for (_, f, i, _) in rows]))
         out["orm"] = orm
-        res = orm.to_results()
-        units = {"orm": "m/rad", "orm_hw": "m/A", "orm_rf": "m/Hz", "df": "Hz"}
-        desc = {"orm": "orbit response [x; y at every BPM] x corrector (start document: corrector_names), "
-                       "physics units",
-                "orm_hw": "orbit response [x; y at every BPM] x corrector, hardware units",
-                "orm_rf": "orbit response to the RF frequency [x; y]", "df": "half RF frequency step"}
-        yield from _store(out, res, {k: units[k] for k in res}, {k: desc[k] for k in res})
+        yield from _store_orm(out, orm)
 
     uid = yield from _run(inner(), md, out)
     if "orm" in out:
         out["orm"].uid = uid
+    return uid
+
+
+_ORM_UNITS = {"orm": "m/rad", "orm_hw": "m/A", "orm_rf": "m/Hz", "df": "Hz"}
+_ORM_DESCRIPTIONS = {
+    "orm": "orbit response [x; y at every BPM] x corrector (start document: corrector_names), physics units",
+    "orm_hw": "orbit response [x; y at every BPM] x corrector, hardware units",
+    "orm_rf": "orbit response to the RF frequency [x; y]", "df": "half RF frequency step"}
+
+
+def _store_orm(holder: dict[str, Any], orm: OrbitResponse) -> MsgGenerator[None]:
+    res = orm.to_results()
+    yield from _store(holder, res, {k: _ORM_UNITS[k] for k in res}, {k: _ORM_DESCRIPTIONS[k] for k in res})
+
+
+def model_orm(machine, correctors: Any = None, rf: bool = True, method: str = "analytic",
+              md: dict | None = None) -> MsgGenerator[str]:
+    """Record the model orbit response of the design lattice as an ``orbit_response`` run: nothing moves.
+
+    The same matrix as ``correct_orbit(orm="model")`` uses (pyAT's analytic response of the profile's design lattice,
+    both planes at every BPM, in m/rad and, through the nominal calibrations, m/A), stored in the run
+    (``orm_kind="model"``) so that a correction made with it, or a comparison with a measured ORM, can be analysed
+    from the catalogue alone: ``OrbitResponse.from_run(catalog[uid])``, and ``correct_orbit(m, orm=uid)``.
+
+    Args:
+        machine: the connected machine (its profile gives the lattice, BPMs and correctors).
+        correctors: ``None`` (every in-service corrector, h then v families), devices, or names (``"HST:003"``,
+            ``"VST"``).
+        rf: also the response to the RF frequency [m/Hz] (fixed path length: the dispersion term).
+        method: ``"analytic"`` (pyAT's ``OrbitResponseMatrix.build_analytical``) or ``"tracking"`` (finite
+            differences of ``find_orbit4``).
+        md: metadata merged into the start document.
+
+    Returns:
+        the run uid.
+    """
+    rows = _corrector_rows(machine, correctors)
+    names = [r[0] for r in rows]
+    resp = _model_response(machine.profile, names, rf=rf, method=method)
+    params = {"correctors": "all" if correctors is None else names, "rf": rf, "method": method}
+    _md = _metadata("orbit_response", machine, params, resp.start_metadata() | {"num_points": 0}, md, "model_orm")
+    out: dict[str, Any] = {}
+    uid = yield from _run(_store_orm(out, resp), _md, out)
+    resp.uid = uid
     return uid
 
 
@@ -472,7 +512,7 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
             holder["orm_uid"] = uid
             return OrbitResponse.from_run(_RUNS[uid])
         r = load_orm(orm, machine)
-        holder["orm_uid"] = r.uid if r.kind == "measured" else "model"
+        holder["orm_uid"] = r.uid or ("model" if r.kind == "model" else None)  # a recorded model: its run
         return r
 
     def plan() -> MsgGenerator[str]:
@@ -706,9 +746,9 @@ def orbit_bump(machine, bpm: str | int, amplitude: float | tuple[float | None, f
         raise ValueError(f"BPM {machine.bpm.names[b]} is out of service: a bump there cannot be measured")
 
     def plan() -> MsgGenerator[str]:
-        resp = model_orm(prof, rf=True) if orm is None else load_orm(orm, machine)
+        resp = _model_response(prof, rf=True) if orm is None else load_orm(orm, machine)
         if resp.rf is None:
-            model = model_orm(prof, resp.corrector_names, rf=True)
+            model = _model_response(prof, resp.corrector_names, rf=True)
             resp = OrbitResponse(resp.matrix, resp.matrix_hw, resp.bpm_names, resp.corrector_names, resp.planes,
                                  rf=model.rf, delta=resp.delta, delta_physics=resp.delta_physics, df=resp.df,
                                  kind=resp.kind, uid=resp.uid, bpm_refpts=resp.bpm_refpts,
