@@ -160,3 +160,21 @@ def test_standard_bluesky_plans_record_what_the_machine_shows(machine_ideal):
         m.twin.set_setpoint("HST", kick, 0)
         assert np.allclose(x, m.twin.orbit()[0], rtol=0, atol=1e-9), kick  # solver tolerance: 1 nm
     assert np.std(seen[2] - seen[0]) > 1e-5  # the scan moved the orbit
+
+
+def test_unknown_device_keys_say_what_is_valid_and_names_work(machine_ideal):
+    m = machine_ideal
+    assert m.hcor["HST:003"] is m.hcor[2] and m.bpm.channel["BPM:005"] is m.bpm.channel[4]
+    with pytest.raises(KeyError, match=r"HST: no device 999; give an index 0..223 or a name HST:001 ... HST:224"):
+        m.hcor[999]
+    with pytest.raises(KeyError, match=r"BPM: no device 300; give an index 0..223 or a name BPM:001"):
+        m.bpm.channel[300]
+
+
+async def test_a_family_put_past_a_limit_names_the_first_offender(machine_ideal):
+    m = machine_ideal
+    sp = np.zeros(224)
+    sp[[10, 20]] = [9.0, -12.0]
+    with pytest.raises(LimitError, match=r"HST HST:011 \(and 1 more\): setpoint 9 A is outside the limits \[-8, 8\]"):
+        await m.hcor.set(sp)
+    assert np.all(m.twin.get_setpoint("HST") == 0.0)  # nothing moved

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from bluesky.protocols import Movable
-from ophyd_async.core import AsyncStatus, DeviceVector, StandardReadable, StandardReadableFormat
+from ophyd_async.core import AsyncStatus, StandardReadable, StandardReadableFormat
 
 from ..profile import Limits
+from .vector import NamedVector
 
 __all__ = ["Bpm", "Orbit", "RfCavity", "TuneMonitor", "BeamCurrent"]
 
@@ -35,7 +36,7 @@ class Orbit(StandardReadable):
         with self.add_children_as_readables():
             self.x = backend.orbit("x")
             self.y = backend.orbit("y")
-        self.channel = DeviceVector({i: Bpm(backend, i) for i in range(len(self.refpts))})
+        self.channel = NamedVector({i: Bpm(backend, i) for i in range(len(self.refpts))}, "BPM", self.names)
         super().__init__(name=name)
 
     def __len__(self) -> int:

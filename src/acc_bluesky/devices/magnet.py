@@ -6,13 +6,13 @@ import numpy as np
 from bluesky.protocols import Movable
 from ophyd_async.core import (
     AsyncStatus,
-    DeviceVector,
     StandardReadable,
     StandardReadableFormat,
     derived_signal_r,
 )
 
 from ..profile import Family
+from .vector import NamedVector
 
 __all__ = ["Magnet", "Corrector", "MagnetFamily"]
 
@@ -68,7 +68,7 @@ class Corrector(Magnet):
     """A steering magnet (or a kick winding): setpoint and readback in A, ``strength`` (kick) in rad."""
 
 
-class MagnetFamily(DeviceVector[Magnet], Movable[np.ndarray]):
+class MagnetFamily(NamedVector, Movable[np.ndarray]):
     """A family of magnets (a ``DeviceVector``) with its lattice indices and names.
 
     ``setpoints``/``readbacks`` read or write the whole family at once (one put, one recomputation);
@@ -77,7 +77,8 @@ class MagnetFamily(DeviceVector[Magnet], Movable[np.ndarray]):
 
     def __init__(self, backend, family: Family, energy: float, name: str = "") -> None:
         cls = Corrector if family.spec.type in ("hcor", "vcor") else Magnet
-        super().__init__({i: cls(backend, family, i, energy) for i in range(len(family))})
+        super().__init__({i: cls(backend, family, i, energy) for i in range(len(family))}, family.name,
+                         family.device_names)
         self.family_name = family.name
         self.type = family.spec.type
         self.refpts = np.asarray(family.refpts)
@@ -116,5 +117,5 @@ class MagnetFamily(DeviceVector[Magnet], Movable[np.ndarray]):
         v = np.asarray(value, dtype=float)
         if v.shape != (len(self),):
             raise ValueError(f"{self.family_name}: expected {len(self)} setpoints, got shape {v.shape}")
-        self.limits.check(self.family_name, v, self.units)
+        self.limits.check(self.family_name, v, self.units, names=self.names)
         await self.setpoints.set(v)

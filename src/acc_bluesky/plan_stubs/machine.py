@@ -313,7 +313,7 @@ def check_limits(device: Any, values: Any, what: str = "") -> None:
     label = getattr(device, "family_name", None) or getattr(device, "device_name", None) or device.name
     units = getattr(device, "units", "Hz")
     try:
-        lim.check(label, values, units)
+        lim.check(label, values, units, names=getattr(device, "names", None))
     except LimitError as err:
         raise LimitError(f"{what}: {err}" if what else str(err)) from None
 

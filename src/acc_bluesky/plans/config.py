@@ -110,7 +110,7 @@ def _load_config(machine, config: Any) -> tuple[dict[str, Any], str | None]:
         n = len(machine.families[k])
         if np.asarray(v).shape != (n,):
             raise ValueError(f"configuration family {k!r} has {np.asarray(v).size} setpoints, the machine {n}")
-        machine.families[k].limits.check(k, v, machine.families[k].units)
+        machine.families[k].limits.check(k, v, machine.families[k].units, names=machine.families[k].names)
     if "RF:frequency" in cfg:
         machine.rf.frequency_limits.check("RF frequency", cfg["RF:frequency"], "Hz")
     if "RF:voltage" in cfg:

@@ -41,18 +41,30 @@ class Limits(BaseModel):
             raise ValueError(f"limits must have low <= high, got [{self.low}, {self.high}]")
         return self
 
-    def check(self, device: str, value, units: str = "") -> None:
-        """Raise :class:`LimitError` naming the device, the value and the limit if ``value`` is outside."""
+    def check(self, device: str, value, units: str = "", names=None) -> None:
+        """Raise :class:`LimitError` naming the device, the value and the limit if ``value`` is outside.
+
+        For an array of setpoints (a family), ``names`` (one per value) lets the message name the first offender;
+        without them it gives its index in the family (1-based, as the device names)."""
         v = np.asarray(value, dtype=float)
-        if np.any(~np.isfinite(v)):
-            raise LimitError(f"{device}: setpoint {value!r} is not a finite number; nothing was changed")
-        bad = (v < self.low) | (v > self.high)
-        if np.any(bad):
-            worst = v[bad].flat[0] if v.ndim else float(v)
-            raise LimitError(
-                f"{device}: setpoint {worst:g} {units} is outside the limits [{self.low:g}, {self.high:g}] {units}; "
-                "nothing was changed. Use a smaller step or check the profile's limits."
-            )
+        bad = ~np.isfinite(v) | (v < self.low) | (v > self.high)
+        if not np.any(bad):
+            return
+        where = device
+        if v.ndim:
+            i = int(np.flatnonzero(bad)[0])
+            n = int(np.count_nonzero(bad))
+            who = names[i] if names is not None and i < len(names) else f"#{i + 1}"
+            where = f"{device} {who}" + (f" (and {n - 1} more)" if n > 1 else "")
+            worst = float(v.flat[i])
+        else:
+            worst = float(v)
+        if not np.isfinite(worst):
+            raise LimitError(f"{where}: setpoint {worst!r} is not a finite number; nothing was changed")
+        raise LimitError(
+            f"{where}: setpoint {worst:g} {units} is outside the limits [{self.low:g}, {self.high:g}] {units}; "
+            "nothing was changed. Use a smaller step or check the profile's limits."
+        )
 
 
 class Calibration(BaseModel):

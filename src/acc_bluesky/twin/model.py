@@ -248,8 +248,10 @@ class Twin:
             st = self.family(family)
             idx = self._indices(st, index)
             vals = np.broadcast_to(np.asarray(values, dtype=float), idx.shape).copy()
-            st.spec.limits.check(
-                f"{family}" + (f":{idx[0] + 1:03d}" if len(idx) == 1 else ""), vals, st.spec.units)
+            if len(idx) == 1:
+                st.spec.limits.check(f"{family}:{idx[0] + 1:03d}", vals[0], st.spec.units)
+            else:
+                st.spec.limits.check(family, vals, st.spec.units, names=[st.fam.device_names[i] for i in idx])
             now = self._clock()
             ramp = st.spec.ramp_rate
             for i, v in zip(idx.tolist(), vals.tolist()):
