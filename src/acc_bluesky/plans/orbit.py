@@ -458,7 +458,7 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                   bpm_weights: Sequence[float] | None = None, corrector_weights: Sequence[float] | None = None,
                   exclude_bpms: Sequence[str | int] = (), exclude_correctors: Sequence[str | int] = (),
                   fit_rf: bool = False, gain: float = 1.0, max_step: float | None = None, max_iter: int = 3,
-                  tol: float | None = None, target: Any = None, n_avg: int = 1,
+                  tol: float | None = None, target: Any = None, n_avg: int = 1, min_improvement: float = 0.02,
                   figure_dir: str | Path | bool | None = None, md: dict | None = None) -> MsgGenerator[str]:
     """Correct the closed orbit by SVD (MML's ``setorbit``), iterating until converged.
 
@@ -485,6 +485,10 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
         max_step: largest corrector move per iteration [A] (the whole step is scaled to respect it).
         max_iter: iterations at most.
         tol: stop when the rms of (reading - target) in both planes is below this [m].
+        min_improvement: stop when an iteration reduced the larger of the two rms by less than this fraction of
+            what the gain allows (``min_improvement * gain``): the correction cannot do better with these settings
+            (noise, BPM offsets, the singular values kept). The result ``converged`` is 1 when ``tol`` was reached
+            or the correction stalled so, 0 when ``max_iter`` ended it while it was still improving.
         target: golden orbit: ``(x, y)`` arrays [m], a (2n,) vector, or a run (uid or Tiled run) holding an
             orbit (``save_config`` records one).
         n_avg: orbit acquisitions averaged per reading.
@@ -500,6 +504,8 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
         raise ValueError(f"gain must be in (0, 1], got {gain}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not 0 <= min_improvement < 1:
+        raise ValueError(f"min_improvement must be in [0, 1), got {min_improvement}")
     if n_sv is not None and tikhonov is not None:
         raise ValueError("give n_sv or tikhonov, not both")
     n = len(machine.bpm)
@@ -548,7 +554,7 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                   "corrector_weights": None if corrector_weights is None else "given",
                   "exclude_bpms": [str(b) for b in exclude_bpms],
                   "exclude_correctors": [str(c) for c in exclude_correctors], "fit_rf": fit_rf, "gain": gain,
-                  "max_step": max_step, "max_iter": int(max_iter), "tol": tol,
+                  "max_step": max_step, "max_iter": int(max_iter), "tol": tol, "min_improvement": min_improvement,
                   "target": None if target is None else (
                       target if isinstance(target, str) else run_start(target).get("uid", "run")
                       if hasattr(target, "metadata") else "arrays (start document: target_x, target_y)"),
@@ -595,6 +601,7 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                 dev = np.concatenate([x - tx, y - ty])
                 rx, ry = rms(dev[:n], ~bad), rms(dev[n:], ~bad)
                 if tol is not None and max(rx, ry) <= tol:
+                    state["converged"] = True
                     break
                 dk, drf = system.step(dev, n_sv=nsv, tikhonov=tikhonov, gain=gain)
                 # make the step safe: max_step then limits, per family
@@ -647,6 +654,13 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                 yield from emit(rec)
                 used = it
                 x, y = xa, ya
+                worst_before, worst_after = max(rx, ry), max(upd["rms_x_after"], upd["rms_y_after"])
+                if tol is not None and worst_after <= tol:
+                    state["converged"] = True
+                    break
+                if worst_after > worst_before * (1.0 - min_improvement * gain):
+                    state["converged"] = True  # stalled: more iterations would not help
+                    break
             if fig_path is not None:
                 holder["figure"] = str(_orbit_figure(
                     fig_path, x_first - tx, y_first - ty, x - tx, y - ty,
@@ -658,15 +672,17 @@ def correct_orbit(machine, orm: Any = None, n_sv: int | None = None, tikhonov: f
                 "rms_x_before": rms(x_first - tx, ~bad), "rms_y_before": rms(y_first - ty, ~bad),
                 "rms_x_after": rms(x - tx, ~bad), "rms_y_after": rms(y - ty, ~bad),
                 "singular_values": system.solver.used_singular_values(), "n_sv": np.asarray(len(sv_used)),
-                "iterations": np.asarray(used),
+                "iterations": np.asarray(used), "converged": np.asarray(int(state.get("converged", False))),
                 "rf_correction": np.asarray(f_now - f_start if fit_rf else 0.0)}
             units = {k: "m" for k in res} | {"singular_values": "", "iterations": "", "rf_correction": "Hz",
-                                              "n_sv": ""}
+                                              "n_sv": "", "converged": ""}
             for f in fams:
                 res[f"{f}_correction"] = sp[f] - start_sp[f]
                 units[f"{f}_correction"] = "A"
             desc = {"singular_values": "all weighted singular values (the first n_sv were used)",
                     "n_sv": "number of singular values used", "iterations": "iterations applied",
+                    "converged": "1: tol reached or the last iteration no longer improved (min_improvement); 0: "
+                                 "max_iter ended it while it still improved",
                     "rf_correction": "total RF frequency change", "x_after": "horizontal orbit at the end",
                     "y_after": "vertical orbit at the end"}
             yield from _store(holder, res, units, {k: desc.get(k, k.replace("_", " ")) for k in res})

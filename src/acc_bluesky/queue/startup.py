@@ -249,13 +249,14 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
             "exclude_correctors": {"annotation": opt("typing.List[Correctors]"), "enums": cor_enum},
             "n_sv": _rng(1), "tikhonov": _rng(0), "bpm_weights": _rng(0), "corrector_weights": _rng(0),
             "gain": _rng(0, 1), "max_step": _rng(0), "max_iter": _rng(1), "tol": _rng(0), "n_avg": _rng(1),
+            "min_improvement": _rng(0, 0.99),
         }})
     def correct_orbit(orm: str = LATEST, n_sv: int | None = None, tikhonov: float | None = None,
                       bpm_weights: list[float] | None = None, corrector_weights: list[float] | None = None,
                       exclude_bpms: list[str] | None = None, exclude_correctors: list[str] | None = None,
                       fit_rf: bool = False, gain: float = 1.0, max_step: float | None = None, max_iter: int = 3,
                       tol: float | None = None, target: str | None = None, n_avg: int = 1,
-                      md: dict | None = None) -> MsgGenerator[str]:
+                      min_improvement: float = 0.02, md: dict | None = None) -> MsgGenerator[str]:
         """Correct the closed orbit by SVD with a measured or model orbit response matrix (MML setorbit).
 
         Kept when it completes; on failure or abort every corrector (and the RF) is put back.
@@ -291,6 +292,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
             golden orbit: uid of a save_config run, or the name it was saved under ('golden').
         n_avg
             orbit acquisitions averaged per reading.
+        min_improvement
+            stop when an iteration reduced the rms by less than this fraction (times gain): converged.
         md
             metadata merged into the start document.
         """
@@ -304,7 +307,8 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
         return (yield from _orbit.correct_orbit(
             m, orm=resp, n_sv=n_sv, tikhonov=tikhonov, bpm_weights=bpm_weights, corrector_weights=corrector_weights,
             exclude_bpms=list(exclude_bpms or ()), exclude_correctors=list(exclude_correctors or ()), fit_rf=fit_rf,
-            gain=gain, max_step=max_step, max_iter=max_iter, tol=tol, target=tgt, n_avg=n_avg, md=md))
+            gain=gain, max_step=max_step, max_iter=max_iter, tol=tol, target=tgt, n_avg=n_avg,
+            min_improvement=min_improvement, md=md))
 
     @parameter_annotation_decorator({
         "parameters": {
