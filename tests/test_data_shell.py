@@ -68,3 +68,62 @@ def test_ipython_session_runs_a_plan(tmp_path):
     assert start["tool"] == "orbit_snapshot" and start["operator"] == "tester"
     assert start["software"]["bluesky"] and start["license"] == "CC-BY-4.0"
     assert read_stream(run)["orbit"].shape == (3, 224)
+
+
+MACHINE_SESSION = textwrap.dedent(
+    """
+    m.twin.set_setpoint("HST", 2.0, 10)
+    uid = RE(ap.measure_orm(m, correctors=["HST:001", "VST:001"]))
+    r = ab.analysis.OrbitResponse.from_run(cat[uid])
+    c = RE(bp.count([m.bpm, m.beam], 2, md={"tool": "orbit_snapshot"}))
+    x = read_stream(cat[c])["bpm-x"]
+    print("RESULT", r.matrix.shape, bool(np.allclose(x[0], m.twin.read_bpms()[0], atol=1e-6)),
+          float(read_stream(cat[c])["beam-current"][0]) > 0.1)
+    exit
+    """
+)
+
+
+def test_ipython_session_with_the_machine(tmp_path):
+    """``acc-bluesky shell ebs --seed 1``: a real IPython process measures an ORM on the twin and counts the live
+    orbit with bluesky's own plan; both runs are read back from the catalogue."""
+    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(tmp_path / "catalog"), PYTHONUNBUFFERED="1")
+    env.pop("DISPLAY", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "acc_bluesky.cli.shell", "ebs", "--seed", "1", "--simple-prompt", "--quiet"],
+        input=MACHINE_SESSION, capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = [line for line in proc.stdout.splitlines() if "RESULT" in line]
+    assert result and result[0].split("RESULT")[1].split() == ["(448,", "2)", "True", "True"], \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+STARTUP_SESSION = textwrap.dedent(
+    """
+    %run -i {startup}
+    print("NAMES", sorted(k for k in ("RE", "m", "cat", "bec", "ap", "bp", "measure_orm") if k in globals()))
+    uid = RE(ap.measure_tune(m))
+    print("RESULT", cat[uid].metadata["start"]["tool"], cat[uid].metadata["stop"]["exit_status"])
+    exit
+    """
+)
+
+
+def test_profile_startup_file_in_ipython(tmp_path):
+    """``profiles/ebs/startup.py`` run in IPython gives the RunEngine, the machine, the catalogue and the plans."""
+    from acc_bluesky.profile import load_profile
+
+    startup = load_profile("ebs").path.parent / "startup.py"
+    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(tmp_path / "catalog"), ACC_BLUESKY_SEED="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("DISPLAY", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "IPython", "--simple-prompt", "--no-banner", "--quick"],
+        input=STARTUP_SESSION.format(startup=startup), capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = [line for line in proc.stdout.splitlines() if "NAMES" in line]
+    assert names and all(k in names[0] for k in ("'RE'", "'m'", "'cat'", "'bec'", "'ap'", "'bp'", "'measure_orm'")), \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any("RESULT tune success" in line for line in proc.stdout.splitlines()), proc.stdout[-3000:]

@@ -689,7 +689,32 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
     ns.update(queue_plans(m, lookup))
     if m.mode == "sim":
         ns.update(queue_functions(m))
+    ns.update(_ipython_extras(RE))
     return ns
+
+
+def _ipython_extras(RE: Any) -> dict[str, Any]:  # noqa: N803 - bluesky's name
+    """In an IPython session (``%run -i startup.py``, or the file as an IPython startup file): the catalogue
+    ``cat``, the tool plans ``ap`` (``ap.measure_orm(m)``; the bare names are the queue's machine-bound wrappers),
+    bluesky's ``bp``/``bps`` and a subscribed BestEffortCallback ``bec`` (live tables; plots with a display).
+    Nothing in a queue worker or when the queue server lists the plans."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return {}
+    if get_ipython() is None:
+        return {}
+    import importlib
+
+    import bluesky.plan_stubs as bps
+    import bluesky.plans as bp
+    from bluesky.callbacks.best_effort import BestEffortCallback
+
+    bec = BestEffortCallback()
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        bec.disable_plots()
+    RE.subscribe(bec)
+    return {"cat": RE.catalog, "bec": bec, "ap": importlib.import_module("acc_bluesky.plans"), "bp": bp, "bps": bps}
 
 
 def profile_from_startup_file(file: str | None, default: str) -> str:

@@ -2,6 +2,9 @@
 
 Builds ``RE`` first, then the machine ``m`` (sim twin or EPICS, from ``$ACC_BLUESKY_MODE``/``$ACC_BLUESKY_SEED``),
 its devices and the queue plans; see :mod:`acc_bluesky.queue.startup`. ``acc-bluesky queue start ebs`` uses it.
+In IPython (``%run -i startup.py``, or as a startup file) it also gives ``cat`` (the catalogue), ``ap`` (the tool
+plans: ``RE(ap.measure_orm(m))``; the bare ``measure_orm(...)`` is the queue's wrapper, machine already bound),
+``bp``/``bps`` and a live-table ``bec``.
 """
 
 from acc_bluesky.queue.startup import build_namespace as _build_namespace
