@@ -28,6 +28,7 @@ async def test_units_in_every_describe(machine):
     for dev in (m.bpm, m.hcor[0], m.quad["QF2"][0], m.rf, m.tune, m.beam):
         desc = await dev.describe()
         assert desc and all("units" in d for d in desc.values()), dev.name
+        assert all(d.get("description") for d in desc.values()), (dev.name, desc)  # the physics meaning
     d = await m.bpm.describe()
     assert d["bpm-x"]["units"] == "m" and d["bpm-x"]["shape"] == [224]
     assert (await m.rf.describe())["rf-frequency"]["units"] == "Hz"

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 from bluesky.protocols import Movable
-from ophyd_async.core import AsyncStatus, StandardReadable, StandardReadableFormat
+from ophyd_async.core import AsyncStatus, StandardReadableFormat
 
 from ..profile import Limits
+from .described import Described
 from .vector import NamedVector
 
 __all__ = ["Bpm", "Orbit", "RfCavity", "TuneMonitor", "BeamCurrent"]
 
 
-class Bpm(StandardReadable):
+class Bpm(Described):
     """One beam position monitor: ``x``, ``y`` in m (NaN when the beam is lost or the BPM is dead)."""
+
+    DESCRIPTIONS = {"x": "horizontal beam position read by this BPM (offset, gain, roll and noise included)",
+                    "y": "vertical beam position read by this BPM (offset, gain, roll and noise included)"}
 
     def __init__(self, backend, index: int, name: str = "") -> None:
         self.index = index
@@ -23,11 +27,14 @@ class Bpm(StandardReadable):
         super().__init__(name=name)
 
 
-class Orbit(StandardReadable):
+class Orbit(Described):
     """All BPMs read in one go: ``x`` and ``y`` arrays [m]; ``channel[i]`` is BPM i.
 
     Attributes ``refpts`` (lattice indices), ``names`` and ``good`` (in-service mask) come from the profile.
     """
+
+    DESCRIPTIONS = {"x": "horizontal closed orbit read by every BPM, in the order of the profile's BPM names",
+                    "y": "vertical closed orbit read by every BPM, in the order of the profile's BPM names"}
 
     def __init__(self, backend, refpts, names: list[str], good: np.ndarray, name: str = "") -> None:
         self.refpts = np.asarray(refpts)
@@ -43,8 +50,11 @@ class Orbit(StandardReadable):
         return len(self.refpts)
 
 
-class RfCavity(StandardReadable, Movable[float]):
+class RfCavity(Described, Movable[float]):
     """RF: ``frequency`` [Hz] (``set`` moves it, limits checked) and ``voltage`` [V]."""
+
+    DESCRIPTIONS = {"frequency": "RF frequency setpoint (sets the beam energy through the momentum compaction)",
+                    "voltage": "total RF accelerating voltage"}
 
     def __init__(self, backend, frequency_limits: Limits, voltage_limits: Limits, name: str = "") -> None:
         self.frequency_limits = frequency_limits
@@ -62,8 +72,10 @@ class RfCavity(StandardReadable, Movable[float]):
         await self.frequency.set(float(value))
 
 
-class TuneMonitor(StandardReadable):
+class TuneMonitor(Described):
     """Fractional tunes ``x``, ``y``."""
+
+    DESCRIPTIONS = {"x": "horizontal fractional betatron tune", "y": "vertical fractional betatron tune"}
 
     def __init__(self, backend, name: str = "") -> None:
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
@@ -72,8 +84,10 @@ class TuneMonitor(StandardReadable):
         super().__init__(name=name)
 
 
-class BeamCurrent(StandardReadable):
+class BeamCurrent(Described):
     """Stored ``current`` [A] and ``lifetime`` [s]."""
+
+    DESCRIPTIONS = {"current": "stored beam current (0 when the beam is lost)", "lifetime": "beam lifetime"}
 
     def __init__(self, backend, name: str = "") -> None:
         with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):

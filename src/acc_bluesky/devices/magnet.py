@@ -6,18 +6,18 @@ import numpy as np
 from bluesky.protocols import Movable
 from ophyd_async.core import (
     AsyncStatus,
-    StandardReadable,
     StandardReadableFormat,
     derived_signal_r,
 )
 
 from ..profile import Family
+from .described import Described
 from .vector import NamedVector
 
 __all__ = ["Magnet", "Corrector", "MagnetFamily"]
 
 
-class Magnet(StandardReadable, Movable[float]):
+class Magnet(Described, Movable[float]):
     """One magnet power supply: ``setpoint``/``readback`` in A, ``strength`` in physics units.
 
     ``set(value)`` takes amperes; a value past the profile's limits is refused before anything moves.
@@ -45,9 +45,17 @@ class Magnet(StandardReadable, Movable[float]):
         def to_physics(readback: float) -> float:
             return float(cal.hw2physics(readback, e, e))
 
-        self.strength = derived_signal_r(to_physics, derived_units=self.physics_units, derived_datatype=float,
-                                         readback=self.readback)
+        with self.add_children_as_readables():
+            self.strength = derived_signal_r(to_physics, derived_units=self.physics_units, derived_datatype=float,
+                                             readback=self.readback)
         super().__init__(name=name)
+
+    def describe_signal(self, child: str) -> str | None:
+        what = f"{self.device_name} ({self.element_name}, {self.family_name})"
+        return {"setpoint": f"power-supply setpoint of {what}",
+                "readback": f"power-supply current delivered to {what}",
+                "strength": f"field strength of {what}: the readback through the calibration, at the beam energy",
+                }.get(child)
 
     def to_physics(self, hw):
         """Hardware value(s) [A] -> physics (rad, m^-2, ...) at the machine energy."""
