@@ -733,7 +733,7 @@ def orbit_bump(machine, bpm: str | int, amplitude: float | tuple[float | None, f
         md: metadata merged into the start document.
 
     Returns:
-        the run uid. Results: ``<plane>_correctors`` steps [A], ``rf_step`` [Hz], achieved amplitude, closure rms.
+        the run uid. Results: ``<family>_step`` setpoint changes [A], ``rf_step`` [Hz], achieved amplitude, closure rms.
     """
     if isinstance(amplitude, (tuple, list)):
         amps = {"x": amplitude[0], "y": amplitude[1] if len(amplitude) > 1 else None}
