@@ -35,6 +35,10 @@ def _new(args: argparse.Namespace) -> int:
     except (ProfileError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - pyAT's reader: AtError, KeyError... on a malformed file
+        print(f"error: could not read the lattice {args.lattice}: {type(err).__name__}: {err}. Is it a pyAT lattice "
+              "(.m, .mat, .json, .lat...) whose elements all have a Class?", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 
