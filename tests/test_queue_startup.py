@@ -38,7 +38,10 @@ def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("ACC_BLUESKY_PROFILE", "ebs")
     monkeypatch.setenv("ACC_BLUESKY_MODE", "sim")
     monkeypatch.setenv("ACC_BLUESKY_SEED", "none")
-    assert settings_from_env() == {"profile": "ebs", "mode": "sim", "seed": None}
+    monkeypatch.delenv("ACC_BLUESKY_PREFIX", raising=False)
+    assert settings_from_env() == {"profile": "ebs", "mode": "sim", "seed": None, "prefix": None}
+    monkeypatch.setenv("ACC_BLUESKY_PREFIX", "SR-TEST:")
+    assert settings_from_env()["prefix"] == "SR-TEST:"
     monkeypatch.setenv("ACC_BLUESKY_SEED", "7")
     assert settings_from_env()["seed"] == 7
     assert settings_from_env(seed=3)["seed"] == 3

@@ -35,6 +35,7 @@ from ..profile import load_profile
 __all__ = [
     "ENV_CATALOG",
     "ENV_MODE",
+    "ENV_PREFIX",
     "ENV_PROFILE",
     "ENV_SEED",
     "PLANS_FILE",
@@ -51,6 +52,7 @@ __all__ = [
 ENV_PROFILE = "ACC_BLUESKY_PROFILE"
 ENV_MODE = "ACC_BLUESKY_MODE"
 ENV_SEED = "ACC_BLUESKY_SEED"
+ENV_PREFIX = "ACC_BLUESKY_PREFIX"  # epics mode: the PV prefix (default: the profile's controls.prefix)
 ENV_CATALOG = "ACC_BLUESKY_CATALOG"  # the data layer's: a catalogue folder or a Tiled URI
 ENV_QUEUE_DIR = "ACC_BLUESKY_QUEUE_DIR"
 
@@ -181,7 +183,7 @@ def _seed_str(seed: int | None) -> str:
 
 
 def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: str | os.PathLike | None = None,
-                       tiled: str | None = None) -> dict[str, str]:
+                       tiled: str | None = None, prefix: str | None = None) -> dict[str, str]:
     """The environment variables that tell :mod:`acc_bluesky.queue.startup` what to build.
 
     ``tiled`` (a server URI) wins over ``catalog_dir``; with neither, the worker inherits ``ACC_BLUESKY_CATALOG``
@@ -193,6 +195,8 @@ def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: s
         env[ENV_CATALOG] = tiled
     elif catalog_dir is not None:
         env[ENV_CATALOG] = str(Path(catalog_dir).expanduser().resolve())
+    if prefix is not None:
+        env[ENV_PREFIX] = prefix
     return env
 
 
@@ -386,7 +390,8 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
                        zmq_info_port: int | None = None, catalog_dir: str | os.PathLike | None = None,
                        tiled: str | None = None, run_dir: str | os.PathLike | None = None,
                        redis_prefix: str | None = None, open_env: bool = True,
-                       extra_env: dict[str, str] | None = None, timeout: float = 120.0) -> QueueServer:
+                       extra_env: dict[str, str] | None = None, timeout: float = 120.0,
+                       prefix: str | None = None) -> QueueServer:
     """Start Redis and an RE Manager for ``profile`` on 127.0.0.1, open the worker environment.
 
     Args:
@@ -398,6 +403,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
             or the data layer's default folder).
         tiled: URI of a Tiled server instead of the embedded catalogue (API key from ``$TILED_API_KEY``).
         run_dir: folder for logs and the state file (default :func:`default_run_dir`).
+        prefix: epics mode: the PV prefix of the machine (default: the profile's ``controls.prefix``).
         redis_prefix: Redis key prefix (default: unique per start, so queues never mix).
         open_env: open the worker environment (build RE + machine) before returning.
         extra_env: more environment variables for the worker (e.g. ``ACC_BLUESKY_BACKUP``,
@@ -442,10 +448,10 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     redis_port = redis_port or free_port()
     control = f"tcp://127.0.0.1:{zmq_control_port or free_port()}"
     info = f"tcp://127.0.0.1:{zmq_info_port or free_port()}"
-    prefix = redis_prefix or f"acc_bluesky_{prof.name}_{uuid.uuid4().hex[:10]}"
+    redis_name = redis_prefix or f"acc_bluesky_{prof.name}_{uuid.uuid4().hex[:10]}"
     env = os.environ.copy()
     env.update(worker_environment(prof.name if startup == profile_dir else str(prof.path), mode, seed,
-                                  catalog_dir, tiled))
+                                  catalog_dir, tiled, prefix))
     env.update(extra_env or {})
     for k in ("QSERVER_ZMQ_CONTROL_ADDRESS_FOR_SERVER", "QSERVER_ZMQ_INFO_ADDRESS_FOR_SERVER",
               "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"):
@@ -456,7 +462,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     manager_log.write_text("")
     cmd = [*_manager_exe(), "--startup-dir", str(startup), "--existing-plans-devices", str(plans),
            "--update-existing-plans-devices", "ENVIRONMENT_OPEN", "--user-group-permissions", str(perms),
-           "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix", prefix,
+           "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix", redis_name,
            "--zmq-control-addr", control, "--zmq-info-addr", info, "--zmq-publish-console", "ON",
            "--device-max-depth", str(DEVICE_MAX_DEPTH)]
     redis_proc = _start_redis(redis_port, redis_log, timeout)
@@ -468,7 +474,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
         _terminate(redis_proc.pid, "redis-server", 5.0)
         raise
     qs = QueueServer(profile=prof.name, mode=mode, seed=seed, run_dir=str(rd), startup_dir=str(startup),
-                     redis_port=redis_port, redis_prefix=prefix, zmq_control_addr=control, zmq_info_addr=info,
+                     redis_port=redis_port, redis_prefix=redis_name, zmq_control_addr=control, zmq_info_addr=info,
                      redis_pid=redis_proc.pid, manager_pid=mproc.pid,
                      catalog_dir=None if tiled else env.get(ENV_CATALOG), tiled=tiled, started_at=time.time())
     try:

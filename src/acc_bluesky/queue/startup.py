@@ -11,6 +11,7 @@
 
 Settings come from arguments, else from the environment that ``acc-bluesky queue start`` sets:
 ``ACC_BLUESKY_PROFILE``, ``ACC_BLUESKY_MODE`` (sim/epics), ``ACC_BLUESKY_SEED`` (int or ``none``),
+``ACC_BLUESKY_PREFIX`` (epics: the PV prefix, default the profile's),
 and the data layer's ``ACC_BLUESKY_CATALOG`` (an embedded catalogue folder or a Tiled server URI; API key from
 ``TILED_API_KEY``).
 
@@ -36,7 +37,7 @@ from ..machine import Machine, connect
 from ..plans import config as _config
 from ..plans import optics as _optics
 from ..plans import orbit as _orbit
-from .manager import ENV_MODE, ENV_PROFILE, ENV_SEED
+from .manager import ENV_MODE, ENV_PREFIX, ENV_PROFILE, ENV_SEED
 
 __all__ = ["build_namespace", "queue_plans", "queue_functions", "settings_from_env", "RunLookup"]
 
@@ -65,7 +66,7 @@ def settings_from_env(profile: str | os.PathLike | None = None, mode: str | None
                 seed = int(text)
             except ValueError:
                 raise ValueError(f"{ENV_SEED} must be an integer or 'none', got {text!r}") from None
-    return {"profile": profile, "mode": mode, "seed": seed}
+    return {"profile": profile, "mode": mode, "seed": seed, "prefix": os.environ.get(ENV_PREFIX) or None}
 
 
 class RunLookup:
@@ -674,7 +675,7 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
 
         progress = not is_re_worker_active()
     RE = make_run_engine(tiled=tiled, catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
-    m = connect(s["profile"], mode=s["mode"], seed=s["seed"])
+    m = connect(s["profile"], mode=s["mode"], seed=s["seed"], prefix=s["prefix"])
 
     def catalog():
         if RE.catalog is None:
