@@ -28,14 +28,6 @@ def mcat(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("plans_catalog")
     re = make_run_engine(catalog_dir=d, progress=False)
-    rec = re.tiled_recorder
-    if getattr(rec.writer, "_max_array_size", 0) != 0:
-        # Workaround until make_run_engine does it: the TiledWriter puts arrays of <= 16 values in the SQL table,
-        # which the embedded (SQLite) catalogue cannot store ("Unsupported PyArrow type: list<item: double>"):
-        # such runs (tunes, 2x2 results) would go to the backup folder instead of the catalogue.
-        from bluesky_tiled_plugins import TiledWriter
-
-        rec.writer = TiledWriter(rec.client, backup_dictionary=rec.backup_store, max_array_size=0)
     return re, open_catalog(catalog_dir=d)
 
 
@@ -175,6 +167,38 @@ def test_measure_chromaticity(both):
     s, e = both(lambda m: measure_chromaticity(m, figure_dir=False))
     xs, xe = Chromaticity.from_run(s).xi, Chromaticity.from_run(e).xi
     assert np.all(np.abs(xe - xs) < 0.05), (xs, xe)
+
+
+def test_measure_chromaticity_response(both):
+    from acc_bluesky.analysis import ChromaticityResponse
+    from acc_bluesky.plans import measure_chromaticity_response
+
+    s, e = both(lambda m: measure_chromaticity_response(m, families=["S4", "S20"], steps=3, order=1))
+    rs, re_ = ChromaticityResponse.from_run(s), ChromaticityResponse.from_run(e)
+    assert np.all(np.abs(rs.matrix_hw) > 1e-3)  # each family moves the chromaticity [1/A]
+    assert rel(re_.matrix, rs.matrix) <= 0.03, (rs.matrix, re_.matrix)
+
+
+def test_correct_orbit_with_an_orm_measured_on_the_ioc(both):
+    """The control-room sequence on live PVs: measure an ORM, then correct with that run (not the model)."""
+    from acc_bluesky.data import read_results
+    from acc_bluesky.plans import correct_orbit, measure_orm
+
+    cors = [f"HST:{i:03d}" for i in range(5, 224, 14)] + [f"VST:{i:03d}" for i in range(5, 224, 14)]
+    orms = {}
+
+    def measure_then_correct(m):
+        orms[m.mode] = yield from measure_orm(m, correctors=cors)
+        return (yield from correct_orbit(m, orm=orms[m.mode], max_iter=2, figure_dir=False))
+
+    s, e = both(measure_then_correct)
+    assert e.metadata["start"]["orm_uid"] == orms["epics"] and s.metadata["start"]["orm_uid"] == orms["sim"]
+    rs, re_ = read_results(s), read_results(e)
+    for plane in "xy":
+        assert re_[f"rms_{plane}_after"] < 0.7 * re_[f"rms_{plane}_before"]  # 32 correctors: a partial correction
+        assert re_[f"rms_{plane}_after"] == pytest.approx(rs[f"rms_{plane}_after"], rel=0.05)
+    for fam in ("HST", "VST"):
+        assert rel(re_[f"{fam}_correction"], rs[f"{fam}_correction"]) <= 0.02, fam
 
 
 def test_correct_chromaticity(both):
