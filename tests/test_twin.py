@@ -169,18 +169,42 @@ def test_anomalies(ebs):
     assert np.allclose(t.tunes(), q0, atol=1e-12)
 
 
-def test_ramp_rate_readback_lags(ebs):
+def _realistic_profile(ebs, tmp_path):
+    """The EBS profile with a 10 A/s ramp on QF2 and BPMs acquiring at 10 Hz (set in the YAML, as a site would)."""
+    import yaml
+
+    spec = yaml.safe_load(ebs.path.read_text())
+    spec["families"]["QF2"]["ramp_rate"] = 10.0
+    spec["bpm"]["rate"] = 10.0
+    path = tmp_path / "ebs_real" / "profile.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_ramp_rate_readback_lags(ebs, tmp_path):
     now = [0.0]
-    t = Twin(ebs, seed=None, clock=lambda: now[0])
-    st = t.family("QF2")
-    object.__setattr__(st.spec, "ramp_rate", 10.0)  # A/s (spec is frozen-free pydantic; set for the test)
+    t = Twin(_realistic_profile(ebs, tmp_path), seed=None, clock=lambda: now[0])
     start = float(t.get_readback("QF2", 0))
     t.set_setpoint("QF2", start + 5.0, index=0)
+    assert t.get_setpoint("QF2", 0) == start + 5.0 and t.get_readback("QF2", 0) == start
     now[0] = 0.2
     assert t.get_readback("QF2", 0) == pytest.approx(start + 2.0)
     now[0] = 1.0
     assert t.get_readback("QF2", 0) == pytest.approx(start + 5.0)
-    object.__setattr__(st.spec, "ramp_rate", None)
+
+
+def test_bpm_acquisition_rate_holds_each_acquisition(ebs, tmp_path):
+    """At 10 Hz a read returns the acquisition of its 100 ms period: a corrector move shows from the next one."""
+    now = [0.0]
+    t = Twin(_realistic_profile(ebs, tmp_path), seed=None, clock=lambda: now[0])
+    x0, _ = t.read_bpms()
+    t.set_setpoint("HST", 2.0, index=5)
+    now[0] = 0.05
+    assert np.array_equal(t.read_bpms()[0], x0)  # same acquisition: the move is not seen yet
+    now[0] = 0.1
+    x1, _ = t.read_bpms()
+    assert np.array_equal(x1, t.orbit()[0]) and np.max(np.abs(x1 - x0)) > 1e-5  # next acquisition: seen
 
 
 def test_lume_interface(twin_errors):
@@ -241,3 +265,37 @@ def test_trajectory_first_turns(ebs):
     sref = ebs.families["HST"].refpts[0]
     after = ebs.bpm_refpts > sref
     assert np.allclose(x[0, ~after], 0.0) and np.max(np.abs(x[0, after])) > 1e-5
+
+
+def test_6d_profile_orbit_equals_pyat_and_follows_the_rf(ebs, tmp_path):
+    """A profile asking for the 6D orbit (radiation, cavities): the twin's orbit is pyAT's find_orbit6 of the same
+    lattice, with a corrector kick and after an RF step (the energy offset moves the orbit along the dispersion)."""
+    import warnings
+
+    import yaml
+
+    spec = yaml.safe_load(ebs.path.read_text())
+    spec["orbit_model"] = "6d"
+    path = tmp_path / "ebs6d" / "profile.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(spec))
+    t = Twin(str(path), seed=None)
+    assert t.is_6d
+    ring = t.ring.deepcopy()
+    bpms = t.profile.bpm_refpts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.set_setpoint("HST", 2.0, index=7)
+        el = ring[int(t.profile.families["HST"].refpts[7])]
+        el.KickAngle = [2.0 * 5e-5, 0.0]
+        _, o = at.find_orbit6(ring, refpts=bpms)
+        x, y = t.read_bpms()
+        np.testing.assert_allclose(x, o[:, 0], rtol=0, atol=1e-9)
+        f0 = t.rf_frequency_setpoint
+        t.set_rf_frequency(f0 + 50.0)
+        ring.set_rf_frequency(f0 + 50.0)
+        _, o2 = at.find_orbit6(ring, refpts=bpms)
+        x2, _ = t.read_bpms()
+    np.testing.assert_allclose(x2, o2[:, 0], rtol=0, atol=1e-9)
+    assert np.max(np.abs(x2 - x)) > 1e-5  # 50 Hz: a dispersive orbit of tens of um
+    assert np.all(o2[:, 4] < 0) and np.all(np.isfinite(t.tunes()))  # higher frequency: lower energy

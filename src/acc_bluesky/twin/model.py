@@ -603,13 +603,19 @@ class Twin:
     # ------------------------------------------------------------------------------------------------
     # what the instruments show
     def read_bpms(self) -> tuple[np.ndarray, np.ndarray]:
-        """BPM readings (x, y) [m]: truth transformed by offsets, gains, rolls, plus noise; NaN if lost/dead."""
+        """BPM readings (x, y) [m]: truth transformed by offsets, gains, rolls, plus noise; NaN if lost/dead.
+
+        With an acquisition rate (profile ``bpm.rate`` [Hz]) the BPM system acquires at the ticks ``k / rate`` of
+        the clock: every read within one period returns that period's acquisition, whatever changed since (a
+        plan sees a corrector move only from the next acquisition on: what ``settle`` waits for). Without one,
+        every read is a fresh acquisition (fresh noise)."""
         with self._lock:
             now = self._clock()
             rate = self.profile.spec.bpm.rate
-            if rate and self._bpm_last is not None and now - self._bpm_last[0] < 1.0 / rate \
-                    and self._cache.get("bpm_version") == self._version:
-                return self._bpm_last[1].copy(), self._bpm_last[2].copy()
+            if rate:
+                now = math.floor(now * rate)  # the acquisition this read falls in
+                if self._bpm_last is not None and self._bpm_last[0] == now:
+                    return self._bpm_last[1].copy(), self._bpm_last[2].copy()
             x, y = self.orbit()
             xm, ym = self.errors.bpm_transform(x, y)
             if self.noise_on and self.errors.bpm_noise > 0:
@@ -620,7 +626,6 @@ class Twin:
                 xm[list(dead)] = np.nan
                 ym[list(dead)] = np.nan
             self._bpm_last = (now, xm, ym)
-            self._cache["bpm_version"] = self._version
             return xm.copy(), ym.copy()
 
     def read_tunes(self) -> np.ndarray:
