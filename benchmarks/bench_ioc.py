@@ -102,7 +102,12 @@ def run(n_latency: int = 100, duration: float = 10.0) -> dict:
     import epicscorelibs.path.pyepics  # noqa: F401 - same libca as the rest of the stack
     import epics
 
+    from acc_bluesky.devices import pv_names
+    from acc_bluesky.ioc import twin_pv_names
+    from acc_bluesky.profile import load_profile
+
     prefix = f"BENCH{os.getpid()}:"
+    pvs, tpvs = pv_names(load_profile("ebs"), prefix), twin_pv_names(load_profile("ebs"), prefix)  # the templates
     log = Path(tempfile.mkstemp(prefix="bench_ioc_", suffix=".log")[1])
     t0 = time.perf_counter()
     proc, ready = _start_ioc(port, prefix, log)
@@ -110,10 +115,10 @@ def run(n_latency: int = 100, duration: float = 10.0) -> dict:
     try:
         records = int(re.search(r"records=(\d+)", ready).group(1))
         start_ioc_s = float(re.search(r"start=([\d.]+)s", ready).group(1))
-        watch = _OrbitWatch(epics, f"{prefix}ORBIT:X")
-        cor = epics.PV(f"{prefix}HST:010:I-SP")
-        solves = epics.PV(f"{prefix}TWIN:SOLVES")
-        published = epics.PV(f"{prefix}TWIN:PUBLISHED")
+        watch = _OrbitWatch(epics, pvs["orbit:x"])
+        cor = epics.PV(pvs["HST:010:setpoint"])
+        solves = epics.PV(tpvs["solves"])
+        published = epics.PV(tpvs["published"])
         for pv in (cor, solves, published):
             pv.wait_for_connection(20)
         time.sleep(1.0)
@@ -135,7 +140,7 @@ def run(n_latency: int = 100, duration: float = 10.0) -> dict:
         lat_ms = np.array(lat) * 1e3
 
         # rate under continuous puts -----------------------------------------------------------------------
-        chans = [epics.PV(f"{prefix}HST:{i:03d}:I-SP") for i in range(1, 225, 4)]
+        chans = [epics.PV(pvs[f"HST:{i:03d}:setpoint"]) for i in range(1, 225, 4)]
         for c in chans:
             c.wait_for_connection(20)
         stop = threading.Event()

@@ -60,6 +60,8 @@ def test_minimal_profile_loads(tmp_path):
         (("calibration: {linear: 0.01}", "calibration: {linear: 0.01, poly: [0, 1]}"), r"exactly one of"),
         (("select: {name: QF2}", "select: {name: 'QF2['}"), r"not a valid regular expression"),
         (("facility: X\n", ""), r"key 'facility': Field required"),
+        (("limits: [-100, 100]}", "limits: [-100, 100], pv: {readbakc: 'X'}}"),
+         r"families.Q.pv.readbakc.*'setpoint', 'readback', 'setpoints' or 'readbacks'"),
     ],
 )
 def test_profile_errors_name_file_key_and_expectation(tmp_path, replace, expect):

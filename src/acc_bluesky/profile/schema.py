@@ -107,7 +107,9 @@ class FamilySpec(_Strict):
     physics_units: str = ""
     status: dict[Literal["bad"], list[int | str]] = Field(default_factory=lambda: {"bad": []})
     ramp_rate: float | None = Field(default=None, gt=0, description="A/s; None = instantaneous")
-    pv: dict[str, str] = Field(default_factory=dict)
+    pv: dict[Literal["setpoint", "readback", "setpoints", "readbacks"], str] = Field(
+        default_factory=dict, description="PV templates of this family, overriding controls: magnet_setpoint, "
+        "magnet_readback, family_setpoints, family_readbacks")
     description: str = ""
 
     @field_validator("field")
@@ -130,14 +132,15 @@ class BpmSpec(_Strict):
     select: Selector = Selector(**{"class": "Monitor"})
     status: dict[Literal["bad"], list[int | str]] = Field(default_factory=lambda: {"bad": []})
     rate: float | None = Field(default=None, gt=0, description="acquisition rate [Hz]; None = every read")
-    pv: dict[str, str] = Field(default_factory=dict)
+    pv: dict[Literal["x", "y"], str] = Field(default_factory=dict, description="PV templates overriding controls.bpm_x/y")
 
 
 class RfSpec(_Strict):
     frequency_limits: Limits = Limits()
     voltage_limits: Limits = Limits(low=0.0)
     harmonic_number: int | None = None
-    pv: dict[str, str] = Field(default_factory=dict)
+    pv: dict[Literal["frequency", "frequency_rb", "voltage"], str] = Field(
+        default_factory=dict, description="PV templates overriding controls.rf_frequency, rf_frequency_rb, rf_voltage")
 
 
 class MagnetErrorSpec(_Strict):
@@ -176,6 +179,8 @@ class ControlsSpec(_Strict):
     prefix: str = "SIM:"
     magnet_setpoint: str = "{prefix}{family}:{index:03d}:I-SP"
     magnet_readback: str = "{prefix}{family}:{index:03d}:I-RB"
+    family_setpoints: str = "{prefix}{family}:I-SP"
+    family_readbacks: str = "{prefix}{family}:I-RB"
     bpm_x: str = "{prefix}BPM:{index:03d}:X"
     bpm_y: str = "{prefix}BPM:{index:03d}:Y"
     orbit_x: str = "{prefix}ORBIT:X"

@@ -87,17 +87,18 @@ def pv_names(profile: Profile, prefix: str | None = None) -> dict[str, str]:
             kw = {"prefix": p, "family": fname, "index": i + 1, "name": ename}
             out[f"{fname}:{i + 1:03d}:setpoint"] = sp_t.format(**kw)
             out[f"{fname}:{i + 1:03d}:readback"] = rb_t.format(**kw)
-        out[f"{fname}:setpoints"] = tpl(fam.spec.pv, "setpoints", "{prefix}{family}:I-SP").format(prefix=p, family=fname)
-        out[f"{fname}:readbacks"] = tpl(fam.spec.pv, "readbacks", "{prefix}{family}:I-RB").format(prefix=p, family=fname)
+        out[f"{fname}:setpoints"] = tpl(fam.spec.pv, "setpoints", c.family_setpoints).format(prefix=p, family=fname)
+        out[f"{fname}:readbacks"] = tpl(fam.spec.pv, "readbacks", c.family_readbacks).format(prefix=p, family=fname)
     bpv = profile.spec.bpm.pv
     for i in range(len(profile.bpm_refpts)):
         out[f"BPM:{i + 1:03d}:x"] = tpl(bpv, "x", c.bpm_x).format(prefix=p, index=i + 1)
         out[f"BPM:{i + 1:03d}:y"] = tpl(bpv, "y", c.bpm_y).format(prefix=p, index=i + 1)
     out["orbit:x"] = c.orbit_x.format(prefix=p)
     out["orbit:y"] = c.orbit_y.format(prefix=p)
-    out["rf:frequency"] = c.rf_frequency.format(prefix=p)
-    out["rf:frequency_rb"] = c.rf_frequency_rb.format(prefix=p)
-    out["rf:voltage"] = c.rf_voltage.format(prefix=p)
+    rpv = profile.spec.rf.pv
+    out["rf:frequency"] = tpl(rpv, "frequency", c.rf_frequency).format(prefix=p)
+    out["rf:frequency_rb"] = tpl(rpv, "frequency_rb", c.rf_frequency_rb).format(prefix=p)
+    out["rf:voltage"] = tpl(rpv, "voltage", c.rf_voltage).format(prefix=p)
     out["tune:x"] = c.tune_x.format(prefix=p)
     out["tune:y"] = c.tune_y.format(prefix=p)
     out["beam:current"] = c.beam_current.format(prefix=p)
