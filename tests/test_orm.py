@@ -195,3 +195,21 @@ def test_orbit_response_tools(tmp_path, ebs):
     assert back.planes == resp.planes
     with pytest.raises(KeyError, match="not in this response matrix"):
         resp.column("QF2:001")
+
+
+def test_bpms_with_an_acquisition_rate_never_give_a_stale_response(ebs, RE, catalog, tmp_path):
+    """BPMs acquiring at 10 Hz: each reading of the plan waits for a fresh acquisition, so the measured columns
+    are the true response, not zero (a reading of the acquisition taken before the corrector moved)."""
+    import yaml
+
+    from acc_bluesky.machine import connect
+
+    spec = yaml.safe_load(ebs.path.read_text())
+    spec["bpm"]["rate"] = 10.0
+    path = tmp_path / "ebs10hz" / "profile.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(spec))
+    m = connect(str(path), mode="sim", seed=1)
+    names = ["HST:020", "VST:033"]
+    resp = OrbitResponse.from_run(catalog[RE(measure_orm(m, correctors=names))])
+    assert rel(resp.matrix_hw, truth_orm(m.twin, names, 0.2)) <= 0.01

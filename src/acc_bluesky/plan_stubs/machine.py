@@ -174,7 +174,9 @@ def read_orbit(machine, n_avg: int = 1, check: bool = True, *, ignore: Iterable[
         n_avg: number of acquisitions averaged.
         check: raise :class:`BeamLostError` if an in-service BPM reads NaN.
         ignore: more BPM indices excluded from the check (BPMs the caller already excludes).
-        period: wait [s] between acquisitions (default ``1 / profile.bpm.rate`` when the BPMs have a rate).
+        period: wait [s] before each acquisition (default ``1 / profile.bpm.rate`` when the BPMs acquire at a
+            rate: every reading is then a fresh acquisition, taken after whatever the plan moved before; 0 when
+            every read is a fresh acquisition).
         where: what the plan was doing, for the error message.
 
     BPMs out of service (profile ``bpm.status.bad``) are excluded from the check; their values are returned as
@@ -185,11 +187,11 @@ def read_orbit(machine, n_avg: int = 1, check: bool = True, *, ignore: Iterable[
         raise ValueError(f"n_avg must be >= 1, got {n_avg!r}")
     if period is None:
         rate = machine.profile.spec.bpm.rate
-        period = 1.0 / rate if (rate and n_avg > 1) else 0.0
+        period = 1.0 / rate if rate else 0.0
     kx, ky = machine.bpm.x.name, machine.bpm.y.name
     sx = sy = None
-    for i in range(n_avg):
-        if i and period:
+    for _ in range(n_avg):
+        if period:
             yield Msg("sleep", None, period)
         ret = yield Msg("read", machine.bpm)
         if ret is None:  # plan iterated without a RunEngine (list(plan))
