@@ -5,7 +5,8 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-from bluesky.utils import Msg
+import pytest
+from bluesky.utils import Msg, RunEngineInterrupted
 
 
 def same(a: dict, b: dict) -> bool:
@@ -65,3 +66,46 @@ def events(docs, stream: str = "primary") -> list[dict]:
     """The event documents of ``stream`` among collected ``(name, doc)`` pairs."""
     names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
     return [d for n, d in docs if n == "event" and names[d["descriptor"]] == stream]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module-scoped RunEngine fixtures (import them into a test module: ``from helpers import module_run_engine, ...``)
+@pytest.fixture(scope="module", name="RE")
+def module_run_engine(tmp_path_factory):
+    """One RunEngine and embedded catalogue for the module (conftest's ``RE`` is per test)."""
+    from acc_bluesky.data import make_run_engine
+
+    re = make_run_engine(catalog_dir=tmp_path_factory.mktemp("catalog"), progress=False)
+    yield re
+    if re.state != "idle":
+        re.halt()
+
+
+@pytest.fixture(scope="module", name="catalog")
+def module_catalog(RE):  # noqa: N803 - the bluesky name
+    return RE.catalog
+
+
+@pytest.fixture(name="docs")
+def run_documents(RE):  # noqa: N803 - the bluesky name
+    """The ``(name, document)`` pairs of the runs of one test."""
+    out = []
+    token = RE.subscribe(lambda name, doc: out.append((name, doc)))
+    yield out
+    RE.unsubscribe(token)
+
+
+def run_interrupted(RE, hook, plan, mode: str, stops) -> None:  # noqa: N803 - the bluesky name
+    """Run ``hook(plan)`` whose interruption is ``mode`` ("exception": the injected fault; "abort"/"stop": a pause,
+    then ``RE.abort()``/``RE.stop()``) and check how the run ended (``stops()``: the stop documents seen)."""
+    if mode == "exception":
+        with pytest.raises(RuntimeError, match="injected fault"):
+            RE(hook(plan))
+        assert stops()[-1]["exit_status"] == "fail"
+        return
+    with pytest.raises(RunEngineInterrupted):
+        RE(hook(plan))
+    assert RE.state == "paused"
+    RE.abort("test abort") if mode == "abort" else RE.stop()
+    assert RE.state == "idle"
+    assert stops()[-1]["exit_status"] == ("abort" if mode == "abort" else "success")

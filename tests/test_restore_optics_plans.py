@@ -6,10 +6,17 @@ from __future__ import annotations
 
 
 import pytest
-from bluesky.utils import RunEngineInterrupted
 
 from acc_bluesky.plan_stubs.machine import BeamLostError
-from helpers import Interrupt, draw_step, same
+from helpers import (  # noqa: F401 - fixtures
+    Interrupt,
+    draw_step,
+    module_catalog,
+    module_run_engine,
+    run_documents,
+    run_interrupted,
+    same,
+)
 from acc_bluesky.plans import optics as po
 
 # plan factory; the range of steps (``set`` messages and events, counted in the plan's order) where the
@@ -56,29 +63,6 @@ def machine(shared_machine):
     return shared_machine
 
 
-@pytest.fixture(scope="module")
-def RE(tmp_path_factory):  # noqa: N802 - the bluesky name
-    from acc_bluesky.data import make_run_engine
-
-    re = make_run_engine(catalog_dir=tmp_path_factory.mktemp("catalog"), progress=False)
-    yield re
-    if re.state != "idle":
-        re.halt()
-
-
-@pytest.fixture
-def catalog(RE):
-    return RE.catalog
-
-
-@pytest.fixture
-def docs(RE):
-    out = []
-    token = RE.subscribe(lambda name, doc: out.append((name, doc)))
-    yield out
-    RE.unsubscribe(token)
-
-
 @pytest.mark.parametrize("mode", ["exception", "abort", "stop"])
 @pytest.mark.parametrize("name", list(PLANS))
 def test_interrupted_plan_restores_every_setpoint(name, mode, machine, RE, docs):
@@ -86,17 +70,7 @@ def test_interrupted_plan_restores_every_setpoint(name, mode, machine, RE, docs)
     before = machine.twin.snapshot()
     k = _k(name, mode)
     hook = Interrupt(machine, k, RuntimeError("injected fault") if mode == "exception" else "pause")
-    if mode == "exception":
-        with pytest.raises(RuntimeError, match="injected fault"):
-            RE(hook(make(machine)))
-        assert _stops(docs)[-1]["exit_status"] == "fail"
-    else:
-        with pytest.raises(RunEngineInterrupted):
-            RE(hook(make(machine)))
-        assert RE.state == "paused"
-        RE.abort("test abort") if mode == "abort" else RE.stop()
-        assert RE.state == "idle"
-        assert _stops(docs)[-1]["exit_status"] == ("abort" if mode == "abort" else "success")
+    run_interrupted(RE, hook, make(machine), mode, lambda: _stops(docs))
     assert hook.fired, f"the plan ended before step {k}"
     assert hook.changed == changes  # the plan had moved something before the interruption: not a vacuous test
     assert same(machine.twin.snapshot(), before), f"{name}: not restored after {mode} at step {k}"

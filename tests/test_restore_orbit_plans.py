@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bluesky.utils import RunEngineInterrupted
 
 from acc_bluesky.data import read_stream
 from acc_bluesky.plan_stubs.machine import BeamLostError
-from helpers import Interrupt, draw_step, same
+from helpers import Interrupt, draw_step, run_interrupted, same
 from acc_bluesky.plans import (
     correct_orbit,
     measure_dispersion,
@@ -61,17 +60,7 @@ def test_interrupted_plan_restores_every_setpoint(name, machine, RE):
     for mode in ("exception", "abort", "stop"):
         k = _k(name, mode)
         hook = Interrupt(machine, k, RuntimeError("injected fault") if mode == "exception" else "pause")
-        if mode == "exception":
-            with pytest.raises(RuntimeError, match="injected fault"):
-                RE(hook(make(machine)))
-            assert stops[-1]["exit_status"] == "fail"
-        else:
-            with pytest.raises(RunEngineInterrupted):
-                RE(hook(make(machine)))
-            assert RE.state == "paused"
-            RE.abort("test abort") if mode == "abort" else RE.stop()
-            assert RE.state == "idle"
-            assert stops[-1]["exit_status"] == ("abort" if mode == "abort" else "success")
+        run_interrupted(RE, hook, make(machine), mode, lambda: stops)
         assert hook.fired, f"{name} ended before step {k}"
         assert hook.changed, f"{name}: nothing had moved before step {k}: the test would prove nothing"
         assert same(machine.twin.snapshot(), before), f"{name}: not restored exactly after {mode} at step {k}"

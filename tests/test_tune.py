@@ -10,31 +10,7 @@ from acc_bluesky.analysis.plots import resonance_lines, tune_diagram
 from acc_bluesky.analysis.tune import lattice_tunes, model_lattice, select_families
 from acc_bluesky.plans.optics import correct_tune, measure_tune, measure_tune_response
 from acc_bluesky.profile import LimitError
-from helpers import events, same
-
-
-@pytest.fixture(scope="module")
-def RE(tmp_path_factory):  # noqa: N802 - one RunEngine and catalogue for the module (conftest's RE is per test)
-    from acc_bluesky.data import make_run_engine
-
-    re = make_run_engine(catalog_dir=tmp_path_factory.mktemp("catalog"), progress=False)
-    yield re
-    if re.state != "idle":
-        re.halt()
-
-
-@pytest.fixture(scope="module")
-def catalog(RE):
-    return RE.catalog
-
-
-@pytest.fixture
-def docs(RE):
-    """The documents of the runs of one test."""
-    out = []
-    token = RE.subscribe(lambda name, doc: out.append((name, doc)))
-    yield out
-    RE.unsubscribe(token)
+from helpers import events, module_catalog, module_run_engine, run_documents, same  # noqa: F401 - fixtures
 
 
 # ----------------------------------------------------------------------------------------------------
