@@ -26,7 +26,7 @@ from .metadata import (
     tool_metadata,
     validate_metadata,
 )
-from .run_engine import RunEngine, RunResult, TiledRecorder, make_run_engine
+from .run_engine import EventArray, RunEngine, RunResult, TiledRecorder, make_run_engine
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -34,6 +34,7 @@ __all__ = [
     "CatalogUnavailableError",
     "MetadataError",
     "ReplayReport",
+    "EventArray",
     "RunEngine",
     "RunResult",
     "TiledRecorder",
