@@ -70,9 +70,14 @@ def test_same_code_runs_on_a_transfer_line(tmp_path):
     assert {f.spec.type for f in prof.families.values()} >= {"hcor", "vcor", "quadrupole"}
     assert len(prof.families["HCM"]) == 8 and len(prof.families["VCM"]) == 8  # split H/V by name
     m = connect(prof, mode="sim", seed=None)
-    twin = m.twin
-    twin.set_setpoint("HCM", 10.0, index=2)  # 10 A * 1e-5 rad/A = 100 urad
-    x, _ = twin.read_bpms()
+    # through the devices and a Bluesky plan, as on a ring: the corrector moves, the BPMs read the trajectory
+    from bluesky import RunEngine
+    from bluesky import plan_stubs as bps
+
+    RE = RunEngine(call_returns_result=True)  # noqa: N806 - bluesky's name
+    RE(bps.mv(m.families["HCM"][2], 10.0))  # 10 A * 1e-5 rad/A = 100 urad
+    assert m.twin.get_setpoint("HCM", 2) == 10.0
+    x = np.asarray(RE(bps.rd(m.bpm.x)).plan_result)
     ring = prof.load_lattice()
     ring[int(prof.families["HCM"].refpts[2])].KickAngle = np.array([1e-4, 0.0])
     ref = at.lattice_pass(ring, np.zeros((6, 1)), refpts=prof.bpm_refpts)[0, 0, :, 0]
