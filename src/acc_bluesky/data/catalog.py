@@ -106,7 +106,7 @@ def init_catalog(directory: str | os.PathLike) -> pathlib.Path:
 
     def work() -> None:
         try:
-            _init_sqlite_catalog(_sqlite_uri(paths["catalog"]))
+            init_sql_database(_sqlite_uri(paths["catalog"]), "catalog")
         except BaseException as err:  # re-raised in the calling thread
             error.append(err)
 
@@ -151,10 +151,6 @@ def init_sql_database(uri: str, kind: str = "catalog") -> bool:
     if created:
         stamp_head(alembic.ALEMBIC_INI_TEMPLATE_PATH, alembic.ALEMBIC_DIR, uri)
     return created
-
-
-def _init_sqlite_catalog(uri: str) -> None:
-    init_sql_database(uri, "catalog")
 
 
 def build_catalog_adapter(directory: str | os.PathLike, *, streaming_cache: bool = False) -> Any:

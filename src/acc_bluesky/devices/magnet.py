@@ -108,17 +108,6 @@ class MagnetFamily(NamedVector, Movable[np.ndarray]):
     def to_hw(self, physics):
         return self.calibration.physics2hw(physics, self.energy, self.energy)
 
-    def index_of(self, device: str | int) -> int:
-        """Index of a device by name (``"HST:003"``), element name or int; unknown names list valid ones."""
-        if isinstance(device, (int, np.integer)):
-            if not 0 <= int(device) < len(self):
-                raise KeyError(f"{self.family_name}: index {device} out of range 0..{len(self) - 1}")
-            return int(device)
-        if device in self.names:
-            return self.names.index(device)
-        raise KeyError(f"{self.family_name}: unknown device {device!r}; valid names: "
-                       f"{self.names[:4]} ... {self.names[-1]}")
-
     @AsyncStatus.wrap
     async def set(self, value) -> None:
         """Move all setpoints to ``value`` [A] (array of the family's length); limits checked first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from ophyd_async.core import DeviceVector
 
 __all__ = ["NamedVector"]
@@ -21,11 +22,20 @@ class NamedVector(DeviceVector):
         self._device_names = list(device_names)
         super().__init__(children, name=name)
 
+    def index_of(self, device: str | int) -> int:
+        """Index of a device by name (``"HST:003"``) or int; unknown names list valid ones."""
+        if isinstance(device, (int, np.integer)):
+            if not 0 <= int(device) < len(self._device_names):
+                raise KeyError(f"{self._what}: index {device} out of range 0..{len(self._device_names) - 1}")
+            return int(device)
+        if device in self._device_names:
+            return self._device_names.index(device)
+        raise KeyError(f"{self._what}: unknown device {device!r}; valid names: "
+                       f"{self._device_names[:4]} ... {self._device_names[-1]}")
+
     def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str) and key in self._device_names:
-            key = self._device_names.index(key)
         try:
-            return super().__getitem__(key)
+            return super().__getitem__(self.index_of(key) if isinstance(key, str) else key)
         except (KeyError, TypeError):
             n = len(self._device_names)
             raise KeyError(

@@ -266,7 +266,7 @@ def restore_setpoints(machine, snapshot: Mapping[str, Any], only_changed: bool =
     group = group or f"restore-{id(snapshot)}-{time.monotonic_ns()}"
     moved: dict[str, Any] = {}
     failed: dict[str, tuple[Any, str, BaseException]] = {}
-    setters: dict[str, Any] = {}  # name -> (device moved, setpoint signal read back)
+    setters: dict[str, Any] = {}  # name -> its setpoint signal (read back to find what did not arrive)
     for key, value in snapshot.items():  # every item is tried, whatever failed before it
         if key in (RF_FREQUENCY, RF_VOLTAGE):
             sig = machine.rf.frequency if key == RF_FREQUENCY else machine.rf.voltage

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..profile import Family, LimitError, Profile, load_profile
+from ..profile import Family, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
 from .errors import ErrorModel
