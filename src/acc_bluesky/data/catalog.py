@@ -191,6 +191,17 @@ class _Embedded:
                 self.context = Context.from_app(self.app)
         finally:
             app_logger.setLevel(level)
+        # runs written by the writer process: every request of this process first waits for what is pending
+        from .writer import wait_for_writer
+
+        http = self.context.http_client
+        send = http.send
+
+        def send_after_writer(request: Any, **kwargs: Any) -> Any:
+            wait_for_writer(directory)
+            return send(request, **kwargs)
+
+        http.send = send_after_writer
 
     def client(self) -> Any:
         from tiled.client import from_context
@@ -222,14 +233,18 @@ def _embedded_client(directory: str | os.PathLike) -> Any:
 def close_catalog(catalog_dir: str | os.PathLike | None = None) -> None:
     """Shut down the in-process Tiled application of an embedded catalogue folder (of all of them if None).
 
-    Clients of that folder stop working; the next ``open_catalog``/``make_run_engine`` starts a fresh one. Useful
-    in test suites that make many catalogues; at interpreter exit this happens by itself.
+    What the catalogue writer process still has to write there is written first, then it closes its side too.
+    Clients of that folder stop working; the next ``open_catalog``/``make_run_engine`` starts a fresh one (a
+    RunEngine of that folder goes on recording). Useful in test suites that make many catalogues; at interpreter
+    exit this happens by itself.
     """
+    from .writer import forget_catalog
+
     with _embedded_lock:
-        if catalog_dir is None:
-            roots = list(_embedded)
-        else:
-            roots = [catalog_paths(catalog_dir)["root"]]
+        roots = list(_embedded) if catalog_dir is None else [catalog_paths(catalog_dir)["root"]]
+    for root in roots:
+        forget_catalog(root)
+    with _embedded_lock:
         for root in roots:
             emb = _embedded.pop(root, None)
             if emb is not None:

@@ -26,7 +26,14 @@ from .catalog import (
     default_catalog_dir,
     is_uri,
 )
-from .metadata import DEFAULT_LICENSE, ENV_LICENSE, make_md_validator, operator_name, software_versions
+from .metadata import (
+    DEFAULT_LICENSE,
+    ENV_LICENSE,
+    make_md_validator,
+    operator_name,
+    software_versions,
+)
+from .writer import WriterProcessRecorder
 
 __all__ = ["EventArray", "RunEngine", "RunResult", "TiledRecorder", "make_run_engine"]
 
@@ -103,16 +110,24 @@ class RunEngine(bluesky.RunEngine):
     """A bluesky RunEngine whose ``RE(plan)`` returns a :class:`RunResult` when ``call_returns_result``.
 
     Extra attributes set by :func:`make_run_engine`: ``catalog`` (the Tiled client the runs go to, or None
-    when offline), ``tiled_recorder`` (the subscribed :class:`TiledRecorder`), ``backup_dir``.
+    when offline), ``tiled_recorder`` (the subscribed :class:`TiledRecorder`, or for an embedded catalogue the
+    :class:`~acc_bluesky.data.writer.WriterProcessRecorder`), ``backup_dir``.
     """
 
-    tiled_recorder: TiledRecorder | None = None
+    tiled_recorder: TiledRecorder | WriterProcessRecorder | None = None
     backup_dir: pathlib.Path | None = None
 
     @property
     def catalog(self) -> Any:
         """The Tiled client the runs are written to (None while offline)."""
         return None if self.tiled_recorder is None else self.tiled_recorder.client
+
+    def wait_for_catalog(self, timeout: float | None = None) -> None:
+        """Wait until every run recorded so far is written in the catalogue (or backed up). Reads from this
+        process wait by themselves; this is for other processes' readers (a Tiled server of the same folder)."""
+        wait = getattr(self.tiled_recorder, "wait", None)
+        if wait is not None:
+            wait(timeout)
 
     def _create_result(self, plan_return: Any) -> RunResult:
         return RunResult.from_result(super()._create_result(plan_return))
@@ -174,11 +189,16 @@ class TiledRecorder:
         return [self.writer], []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "event":
-            doc = {**doc, "data": {k: _plain(v) for k, v in doc["data"].items()}}
-        elif name == "event_page":
-            doc = {**doc, "data": {k: [_plain(v) for v in vs] for k, vs in doc["data"].items()}}
-        self._router(name, doc)
+        self._router(name, plain_document(name, doc))
+
+
+def plain_document(name: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """An event (page) with its numpy values as the writer takes them best (:func:`_plain`); others unchanged."""
+    if name == "event":
+        return {**doc, "data": {k: _plain(v) for k, v in doc["data"].items()}}
+    if name == "event_page":
+        return {**doc, "data": {k: [_plain(v) for v in vs] for k, vs in doc["data"].items()}}
+    return doc
 
 
 class EventArray(np.ndarray):
@@ -218,6 +238,7 @@ def make_run_engine(
     offline_ok: bool = False,
     batch_size: int | None = None,
     max_array_size: int = MAX_TABLE_ARRAY_SIZE,
+    writer: str | None = None,
     context_managers: list[Any] | None = None,
     during_task: Any | None = None,
 ) -> RunEngine:
@@ -242,10 +263,16 @@ def make_run_engine(
         offline_ok: if the server cannot be reached now, still return a RunEngine: runs go to ``backup_dir``
             until the server answers again (tried at each new run). If False (default), raise
             :class:`~acc_bluesky.data.catalog.CatalogUnavailableError` naming the URI.
-        batch_size: events the TiledWriter collects before writing (default the plugin's, 10000: events are
-            written at the end of the run); use 1 for live readers.
+        batch_size: with ``writer="inline"``, events the TiledWriter collects before writing (default the
+            plugin's, 10000: events are written at the end of the run); use 1 for live readers. The writer process
+            writes events as they come, in the groups that queued up meanwhile.
         max_array_size: arrays with more values than this are written as zarr arrays, smaller ones in the
             event table. Default 0 (every array as zarr): the SQLite event tables cannot hold lists.
+        writer: ``"process"`` (default for the embedded catalogue): a child process writes the runs while the plans
+            go on; reads from this process wait for it, so ``cat[uid]`` right after ``uid = RE(plan)`` is the
+            complete run (see :mod:`acc_bluesky.data.writer`; ``RE.wait_for_catalog()`` for other processes).
+            ``"inline"`` (default, and the only choice, for a Tiled server): the TiledWriter runs in the RunEngine's
+            thread and ``RE(plan)`` returns with the run written.
         context_managers, during_task: passed to bluesky's RunEngine (defaults: bluesky's SIGINT handling and
             its matplotlib-aware waiting).
 
@@ -266,6 +293,12 @@ def make_run_engine(
         if env and is_uri(env):
             tiled = env
     backup = pathlib.Path(backup_dir).expanduser() if backup_dir is not None else default_backup_dir()
+    if writer is None:
+        writer = "inline" if tiled is not None else "process"
+    if writer not in ("process", "inline"):
+        raise ValueError(f"writer must be 'process' or 'inline', got {writer!r}")
+    if writer == "process" and tiled is not None:
+        raise ValueError("writer='process' writes embedded catalogues only; a Tiled server is written inline")
 
     connect: Callable[[], Any]
     check: Callable[[], None] | None = None
@@ -305,8 +338,15 @@ def make_run_engine(
         RE.md.update(md)
     if validate:
         RE.md_validator = make_md_validator()
-    recorder = TiledRecorder(client, backup, connect=connect, check=check, batch_size=batch_size,
+    def inline() -> TiledRecorder:
+        return TiledRecorder(client, backup, connect=connect, check=check, batch_size=batch_size,
                              max_array_size=max_array_size)
+
+    recorder: TiledRecorder | WriterProcessRecorder
+    if writer == "process" and client is not None:
+        recorder = WriterProcessRecorder(directory, client, backup, max_array_size=max_array_size, fallback=inline)
+    else:
+        recorder = inline()
     RE.subscribe(recorder)
     RE.tiled_recorder = recorder
     RE.backup_dir = backup

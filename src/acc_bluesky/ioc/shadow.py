@@ -356,6 +356,7 @@ class SnapshotWriter:
             yield from bps.save()
 
         uid = str(self.RE(plan()))
+        self.RE.wait_for_catalog()  # counted (the snapshots PV) once other processes can read it
         self.written += 1
         return uid
 

@@ -129,6 +129,37 @@ def _terminate(pid: int, marker: str, timeout: float) -> None:
         os.waitpid(pid, 0)
 
 
+def _end_group(pgid: int, timeout: float) -> None:
+    """Wait until every process of the group ``pgid`` (the manager's session) has exited; SIGKILL the group after
+    ``timeout`` [s]. The worker's catalogue writer process is in it: it ends once it has written what it holds."""
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if not _group_running(pgid):  # zombies only, waiting for whoever reaps them
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs (is not a zombie); True where /proc cannot tell."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
 def _wait_for_redis(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     import redis
 
@@ -309,7 +340,10 @@ class QueueServer:
 
     def stop(self, *, timeout: float = 20.0) -> None:
         """Stop the RE Manager (SIGTERM to the watchdog ends manager and worker) and Redis; forget the state."""
+        alive = _pid_alive(self.manager_pid, "start-re-manager")
         _terminate(self.manager_pid, "start-re-manager", timeout)
+        if alive:  # the worker's catalogue writer process: let it finish writing, then end the session's group
+            _end_group(self.manager_pid, timeout)
         _terminate(self.redis_pid, "redis-server", 5.0)
         with contextlib.suppress(FileNotFoundError):
             if self.state_file.is_file() and json.loads(self.state_file.read_text()).get(
