@@ -186,3 +186,24 @@ def test_writer_inline_and_bad_choice(tmp_path, machine):
     with pytest.raises(ValueError, match="embedded catalogues only"):
         make_run_engine(tiled="http://127.0.0.1:1", progress=False, writer="process", offline_ok=True)
     close_catalog()
+
+
+def test_run_engine_keeps_full_collections_off_the_session_heap_during_plans(tmp_path, machine):
+    import gc
+
+    RE = make_run_engine(catalog_dir=tmp_path / "c", backup_dir=tmp_path / "b", progress=False)  # noqa: N806
+    seen = []
+    bpm = make_bpm_device()
+
+    def plan():
+        seen.append(gc.get_freeze_count())
+        yield from _scan(machine, bpm, 1)
+
+    assert gc.get_freeze_count() == 0
+    RE(plan())
+    assert seen[0] > 10_000 and gc.get_freeze_count() == 0  # the heap was frozen during the plan only
+    RE.freeze_gc = False
+    seen.clear()
+    RE(plan())
+    assert seen == [0]
+    close_catalog()

@@ -596,7 +596,10 @@ def _child_main(rfd: int, wfd: int) -> None:
     threading.Thread(target=read, name="reader", daemon=True).start()
     try:
         _stay_in_the_background()
-        _speed_up_tiled_server()
+        try:
+            _speed_up_tiled_server()
+        except Exception as err:  # an optional speed-up: another FastAPI may not have this function
+            logger.warning("FastAPI dependency memo not installed: %r", err)
         writer_cls = _writer_class()
         from . import catalog  # noqa: F401 - the Tiled stack imported before "ready"
     except Exception as err:  # pragma: no cover - a broken installation
