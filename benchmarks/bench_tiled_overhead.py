@@ -1,8 +1,17 @@
 """RunEngine + TiledWriter overhead per event on the embedded catalogue, against a RunEngine without writer.
 
-Both RunEngines run the same ``bluesky.plans.count`` over an ophyd-async device with a 224-value orbit [m]
-and a beam current [A] (soft signals), side by side in one process. Printed: time per event for short and long
-runs, the fixed cost of a run (fit t = t_run + n * t_event), and the ratios writer / no writer.
+The RunEngines run the same ``bluesky.plans.count`` over an ophyd-async device with a 224-value orbit [m] and a
+beam current [A] (soft signals), side by side in one process:
+
+- ``plain``: bluesky's RunEngine, no writer;
+- ``writer``: ``make_run_engine()``'s default, the catalogue writer process (``RE`` returns when the run is handed
+  over to it);
+- ``written``: the same, plus ``RE.wait_for_catalog()`` after each run (until the run is written);
+- ``inline``: ``make_run_engine(writer="inline")``, the TiledWriter in the RunEngine's thread;
+- ``live``: inline with ``batch_size=1`` (every event written at once).
+
+Printed: time per event for short and long runs, the fixed cost of a run (fit t = t_run + n * t_event), and the
+ratios to no writer.
 
     python benchmarks/bench_tiled_overhead.py
 """
@@ -46,14 +55,16 @@ def _md() -> dict[str, Any]:
     }
 
 
-def _time_runs(RE, bpm, n: int) -> float:
-    """Median wall time of one run of n events [s]."""
+def _time_runs(RE, bpm, n: int, wait: bool = False) -> float:
+    """Median wall time of one run of n events [s] (with ``wait``: until it is written in the catalogue)."""
     import bluesky.plans as bp
 
     times = []
     for _ in range(REPEAT):
         t0 = time.perf_counter()
         RE(bp.count([bpm], n, md=_md()))
+        if wait:
+            RE.wait_for_catalog()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -72,46 +83,51 @@ def run(directory: str | Path | None = None) -> dict[str, float]:
             return run(tmp)
     directory = Path(directory)
     plain = bluesky.RunEngine(context_managers=[])
-    writer = make_run_engine(catalog_dir=directory / "catalog", backup_dir=directory / "backup", progress=False)
-    live = make_run_engine(catalog_dir=directory / "catalog", backup_dir=directory / "backup", progress=False,
-                           batch_size=1)
+    kw: dict[str, Any] = {"catalog_dir": directory / "catalog", "backup_dir": directory / "backup", "progress": False}
+    writer = make_run_engine(**kw)
+    inline = make_run_engine(**kw, writer="inline")
+    live = make_run_engine(**kw, writer="inline", batch_size=1)
     bpm = _device()
-    for RE in (plain, writer, live):  # warm-up: imports, first table creation
+    for RE in (plain, writer, inline, live):  # warm-up: imports, writer process, first table creation
         RE(bp.count([bpm], 2, md=_md()))
+    writer.wait_for_catalog()
 
     figures: dict[str, float] = {}
-    for label, RE in (("plain", plain), ("writer", writer)):
-        t_short, t_long = _time_runs(RE, bpm, SHORT), _time_runs(RE, bpm, LONG)
+    for label, RE, wait in (("plain", plain, False), ("writer", writer, False), ("written", writer, True),
+                            ("inline", inline, False)):
+        t_short, t_long = _time_runs(RE, bpm, SHORT, wait), _time_runs(RE, bpm, LONG, wait)
         per_event = (t_long - t_short) / (LONG - SHORT)
         figures[f"{label}_ms_per_event_{SHORT}"] = 1e3 * t_short / SHORT
         figures[f"{label}_ms_per_event_{LONG}"] = 1e3 * t_long / LONG
         figures[f"{label}_marginal_ms_per_event"] = 1e3 * per_event
         figures[f"{label}_ms_per_run_fixed"] = 1e3 * (t_short - SHORT * per_event)
-    t_live = _time_runs(live, bpm, SHORT)
-    figures[f"live_ms_per_event_{SHORT}"] = 1e3 * t_live / SHORT
+        writer.wait_for_catalog()
+    figures[f"live_ms_per_event_{SHORT}"] = 1e3 * _time_runs(live, bpm, SHORT) / SHORT
 
-    figures[f"ratio_per_event_{LONG}"] = figures[f"writer_ms_per_event_{LONG}"] / figures[f"plain_ms_per_event_{LONG}"]
-    figures[f"ratio_per_event_{SHORT}"] = (
-        figures[f"writer_ms_per_event_{SHORT}"] / figures[f"plain_ms_per_event_{SHORT}"]
-    )
-    figures["ratio"] = figures[f"ratio_per_event_{LONG}"]  # the headline: per event, runs of LONG events
+    for label in ("writer", "written", "inline"):
+        for n in (SHORT, LONG):
+            figures[f"ratio_{label}_per_event_{n}"] = (
+                figures[f"{label}_ms_per_event_{n}"] / figures[f"plain_ms_per_event_{n}"])
+        figures[f"ratio_{label}_marginal"] = (
+            figures[f"{label}_marginal_ms_per_event"] / figures["plain_marginal_ms_per_event"])
+    figures["ratio"] = figures[f"ratio_writer_per_event_{LONG}"]  # the headline: the default, runs of LONG events
     figures["reference_ratio"] = REFERENCE_RATIO
-    figures["ratio_marginal"] = figures["writer_marginal_ms_per_event"] / figures["plain_marginal_ms_per_event"]
     figures[f"ratio_live_per_event_{SHORT}"] = (
-        figures[f"live_ms_per_event_{SHORT}"] / figures[f"plain_ms_per_event_{SHORT}"]
-    )
+        figures[f"live_ms_per_event_{SHORT}"] / figures[f"plain_ms_per_event_{SHORT}"])
 
     print(f"RunEngine + TiledWriter (embedded catalogue) vs RunEngine alone; {N_BPM}-value orbit + 1 scalar")
-    print(f"{'':32}{'no writer':>12}{'TiledWriter':>14}{'ratio':>8}")
-    for n in (SHORT, LONG):
-        a, b = figures[f"plain_ms_per_event_{n}"], figures[f"writer_ms_per_event_{n}"]
-        print(f"{f'ms/event, runs of {n} events':32}{a:12.2f}{b:14.2f}{b / a:8.2f}")
-    a, b = figures["plain_marginal_ms_per_event"], figures["writer_marginal_ms_per_event"]
-    print(f"{'ms/event, marginal':32}{a:12.2f}{b:14.2f}{b / a:8.2f}")
-    a, b = figures["plain_ms_per_run_fixed"], figures["writer_ms_per_run_fixed"]
-    print(f"{'ms/run, fixed':32}{a:12.1f}{b:14.1f}")
-    print(f"{f'ms/event, live (batch_size=1), {SHORT} events':32}{figures[f'plain_ms_per_event_{SHORT}']:12.2f}"
-          f"{figures[f'live_ms_per_event_{SHORT}']:14.2f}{figures[f'ratio_live_per_event_{SHORT}']:8.2f}")
+    print(f"{'':30}{'no writer':>10}{'process':>9}{'ratio':>7}{'+written':>10}{'ratio':>7}{'inline':>9}{'ratio':>7}")
+    rows = [(f"ms/event, runs of {n} events", f"ms_per_event_{n}") for n in (SHORT, LONG)]
+    rows.append(("ms/event, marginal", "marginal_ms_per_event"))
+    for title, key in rows:
+        a = figures[f"plain_{key}"]
+        cells = "".join(f"{figures[f'{lab}_{key}']:9.2f}{figures[f'{lab}_{key}'] / a:7.2f}"
+                        for lab in ("writer", "written", "inline"))
+        print(f"{title:30}{a:10.2f}{cells}")
+    print(f"{'ms/run, fixed':30}{figures['plain_ms_per_run_fixed']:10.1f}"
+          + "".join(f"{figures[f'{lab}_ms_per_run_fixed']:9.1f}{'':7}" for lab in ("writer", "written", "inline")))
+    print(f"{f'ms/event, live (inline, batch_size=1), {SHORT} events':30} "
+          f"{figures[f'live_ms_per_event_{SHORT}']:.2f} (ratio {figures[f'ratio_live_per_event_{SHORT}']:.2f})")
     return figures
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
     print("\nSummary (ratios; lower is better unless the target says >=):")
     for name, r in results.items():
-        ratios = {k: v for k, v in r.items() if "ratio" in k or k in ("target", "share_outside_physics",
+        ratios = {k: v for k, v in r.items() if "ratio" in k or k.startswith("share_") or k in ("target",
                                                                         "p95_ms", "rate_hz", "speedup")}
         print(f"  {name:20s} " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in ratios.items()) + ("  ERROR " + r["error"] if "error" in r else ""))

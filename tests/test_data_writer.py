@@ -92,6 +92,9 @@ def test_another_process_sees_the_run_after_wait_for_catalog(recorder_run_engine
                          env={**os.environ, "MPLBACKEND": "Agg"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["success", "20"]
+    RE.wait_written = True  # (the queue server's worker): RE(plan) returns with the run written
+    RE(_scan(machine, make_bpm_device(), 5))
+    assert not RE.tiled_recorder.process.pending(RE.tiled_recorder.directory)
 
 
 def test_writer_killed_mid_run_backs_up_the_run_then_writes_in_process(recorder_run_engine, machine, tmp_path):

@@ -122,14 +122,26 @@ class RunEngine(bluesky.RunEngine):
     #: until it ends: a session holds a large heap (the lattice, the Tiled and FastAPI objects), which a full
     #: collection in the middle of a plan walks for ~0.3 s. Objects made during the plan are collected as usual.
     freeze_gc: bool = True
+    #: ``RE(plan)`` returns only once its runs are written in the catalogue (readable from other processes too),
+    #: not only handed to the writer process: for services whose clients read the catalogue as soon as they hear
+    #: the plan ended (the queue server's worker).
+    wait_written: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _gc_frozen(self.freeze_gc):
-            return super().__call__(*args, **kwargs)
+        try:
+            with _gc_frozen(self.freeze_gc):
+                return super().__call__(*args, **kwargs)
+        finally:
+            if self.wait_written:
+                self.wait_for_catalog()
 
     def resume(self) -> Any:
-        with _gc_frozen(self.freeze_gc):
-            return super().resume()
+        try:
+            with _gc_frozen(self.freeze_gc):
+                return super().resume()
+        finally:
+            if self.wait_written:
+                self.wait_for_catalog()
 
     @property
     def catalog(self) -> Any:

@@ -675,6 +675,7 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
 
         progress = not is_re_worker_active()
     RE = make_run_engine(tiled=tiled, catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
+    RE.wait_written = True  # a queue client reads the runs of an item as soon as the queue says it completed
     m = connect(s["profile"], mode=s["mode"], seed=s["seed"], prefix=s["prefix"])
 
     def catalog():
