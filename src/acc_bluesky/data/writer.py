@@ -221,11 +221,19 @@ class CatalogWriterProcess:
         with self._cond:
             return bool(self._unfinished.get(directory))
 
-    def take_reports(self, directory: str) -> list[tuple[str, str, str]]:
-        """The child's reports on runs of that folder since the last call: ``(kind, run uid, message)`` with kind
-        ``done`` (written, or backed up: then a ``backup`` report follows), ``backup`` or ``error``."""
+    def take_reports(self, directory: str, runs: set[str] | None = None) -> list[tuple[str, str, str]]:
+        """The child's reports on runs of that folder (of ``runs`` only, if given; two RunEngines may record in
+        one folder) since the last call: ``(kind, run uid, message)`` with kind ``done`` (written, or backed up:
+        then a ``backup`` report follows), ``backup`` or ``error``."""
         with self._cond:
-            return self._reports.pop(directory, [])
+            reports = self._reports.pop(directory, [])
+            if runs is None:
+                return reports
+            mine = [r for r in reports if r[1] in runs]
+            others = [r for r in reports if r[1] not in runs]
+            if others:
+                self._reports[directory] = others
+            return mine
 
     def close(self, timeout: float = 120.0) -> None:
         """Let the child finish what it was sent, then stop it (at interpreter exit this happens by itself)."""
@@ -417,7 +425,9 @@ class WriterProcessRecorder:
     def _handle_reports(self) -> None:
         if self.process is None:
             return
-        for kind, run, message in self.process.take_reports(self.directory):
+        with self._lock:
+            runs = set(self._open)
+        for kind, run, message in self.process.take_reports(self.directory, runs):
             if kind == "done":
                 with self._lock:
                     self._open.pop(run, None)
@@ -544,11 +554,21 @@ class _Target:
         self.writer = writer_cls(self.client, backup_dictionary=self.store, batch_size=1 << 62,
                                  max_array_size=max_array_size)
         self.last_write: dict[str, float] = {}
+        self.run_of: dict[str, str] = {}  # descriptor uid -> run uid
+
+    def run_uid(self, name: str, doc: dict[str, Any]) -> str:
+        if name == "start":
+            return doc.get("uid", "")
+        if name in ("event", "event_page"):
+            return self.run_of.get(doc.get("descriptor", ""), "")
+        return doc.get("run_start", "")
 
     def deliver(self, name: str, doc: dict[str, Any]) -> list[tuple[str, str, str]] | None:
         """Hand one document to the writer; at a stop, return the run's reports."""
         from .run_engine import plain_document
 
+        if name == "descriptor":
+            self.run_of[doc["uid"]] = doc["run_start"]
         self.writer(name, plain_document(name, doc))
         if name == "start":
             self.last_write[doc["uid"]] = time.monotonic()
@@ -557,6 +577,7 @@ class _Target:
         uid = doc["run_start"]
         self.writer.run_writers.pop(uid, None)
         self.last_write.pop(uid, None)
+        self.run_of = {d: r for d, r in self.run_of.items() if r != uid}
         path = self.store.directory / f"{uid}.jsonl"  # (the backup file of a run is named after its uid)
         if path.exists():
             return [("backup", uid, f"Tiled could not take run {uid}: its documents are backed up in {path}. "
@@ -642,7 +663,8 @@ def _child_main(rfd: int, wfd: int) -> None:
         except Exception as err:
             logger.exception("catalogue writer: %s failed", kind)
             if kind == "doc":
-                uid = msg[3].get("run_start") or msg[3].get("uid", "")
+                target = targets.get(msg[1])
+                uid = target.run_uid(msg[2], msg[3]) if target is not None else msg[3].get("run_start", "")
                 errors.setdefault(uid, []).append(("error", uid, f"the {msg[2]} document failed: {err!r}"))
                 if msg[2] == "stop":
                     reply("done", msg[1], uid, errors.pop(uid, []))
