@@ -128,17 +128,19 @@ class RunEngine(bluesky.RunEngine):
     wait_written: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            with _gc_frozen(self.freeze_gc):
-                return super().__call__(*args, **kwargs)
-        finally:
-            if self.wait_written:
-                self.wait_for_catalog()
+        with self._running_plan():
+            return super().__call__(*args, **kwargs)
 
     def resume(self) -> Any:
+        with self._running_plan():
+            return super().resume()
+
+    @contextlib.contextmanager
+    def _running_plan(self) -> Iterator[None]:
+        """Around a plan's execution: the heap frozen (``freeze_gc``), then the runs written (``wait_written``)."""
         try:
             with _gc_frozen(self.freeze_gc):
-                return super().resume()
+                yield
         finally:
             if self.wait_written:
                 self.wait_for_catalog()
@@ -376,6 +378,7 @@ def make_run_engine(
         RE.md.update(md)
     if validate:
         RE.md_validator = make_md_validator()
+
     def inline() -> TiledRecorder:
         return TiledRecorder(client, backup, connect=connect, check=check, batch_size=batch_size,
                              max_array_size=max_array_size)

@@ -179,10 +179,9 @@ class CatalogWriterProcess:
         """Queue a message for the child (never blocks)."""
         if not self.alive:
             raise WriterProcessError(f"the catalogue writer process is not running: {self._dead or 'closed'}")
-        if message[0] == "doc" and message[2] == "stop":
-            with self._cond:
-                self._unfinished.setdefault(message[1], set()).add(message[3]["run_start"])
         with self._cond:
+            if message[0] == "doc" and message[2] == "stop":
+                self._unfinished.setdefault(message[1], set()).add(message[3]["run_start"])
             self._queued += 1
         self._outbox.put(message)
         if message[0] != "doc" or message[2] == "stop":
@@ -268,6 +267,7 @@ def _widen_pipe(fd: int) -> None:
 _process: CatalogWriterProcess | None = None
 _process_lock = threading.Lock()
 _recorders: dict[str, WriterProcessRecorder] = {}  # catalogue folder -> its recorder (the last one made)
+_closing = False  # set at interpreter exit: no new writer process then
 
 
 def writer_process(start: bool = True) -> CatalogWriterProcess | None:
@@ -277,9 +277,6 @@ def writer_process(start: bool = True) -> CatalogWriterProcess | None:
         if (_process is None or not _process.alive) and start and not _closing:
             _process = CatalogWriterProcess()
         return _process
-
-
-_closing = False
 
 
 @atexit.register
@@ -323,6 +320,27 @@ def forget_catalog(directory: str | os.PathLike) -> None:
             logger.warning("%s", err)
 
 
+class _RunIndex:
+    """Which run a document belongs to: a start document's own uid, ``run_start``, or for events the run of their
+    descriptor (noted when the descriptor passes)."""
+
+    def __init__(self) -> None:
+        self._descriptors: dict[str, str] = {}  # descriptor uid -> run uid
+
+    def run_of(self, name: str, doc: dict[str, Any]) -> str | None:
+        if name == "start":
+            return doc["uid"]
+        if name == "descriptor":
+            self._descriptors[doc["uid"]] = doc["run_start"]
+        if name in ("event", "event_page"):
+            return self._descriptors.get(doc["descriptor"])
+        return doc.get("run_start")  # stop, descriptor; resources and datums when they say
+
+    def forget(self, runs: set[str]) -> None:
+        """Drop the descriptors of these runs."""
+        self._descriptors = {d: r for d, r in self._descriptors.items() if r not in runs}
+
+
 class WriterProcessRecorder:
     """Document callback: hands every document to the catalogue writer process, for one embedded catalogue.
 
@@ -343,7 +361,7 @@ class WriterProcessRecorder:
         self._fallback_factory = fallback
         self._fallback: Callable[[str, dict[str, Any]], None] | None = None
         self._open: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # run uid -> documents not confirmed
-        self._run_of: dict[str, str] = {}  # descriptor uid -> run uid
+        self._runs = _RunIndex()
         self._orphans: dict[str, Callable[[str, dict[str, Any]], None]] = {}  # runs open when the child died
         self._lock = threading.RLock()
         self._config = {"backup_dir": str(self.backup_dir), "max_array_size": int(max_array_size)}
@@ -367,30 +385,17 @@ class WriterProcessRecorder:
         self.process = None
         self._fallback = self._fallback_factory()
 
-    def _run_uid(self, name: str, doc: dict[str, Any]) -> str | None:
-        if name == "start":
-            return doc["uid"]
-        if name in ("event", "event_page"):
-            return self._run_of.get(doc["descriptor"])
-        return doc.get("run_start")  # stop, descriptor; resources and datums when they say
-
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         with self._lock:
+            uid = self._runs.run_of(name, doc)
             if self._fallback is not None:
-                if name == "descriptor" and doc["run_start"] in self._orphans:
-                    self._run_of[doc["uid"]] = doc["run_start"]
-                orphan = self._orphans.get(self._run_uid(name, doc) or "")
-                if orphan is None:
-                    self._fallback(name, doc)
-                    return
-                orphan(name, doc)  # the rest of a run the child did not finish: to its backup file
-                if name == "stop":
-                    self._orphans.pop(doc["run_start"], None)
+                # the rest of a run the child did not finish goes to its backup file; new runs to the fallback
+                (self._orphans.get(uid or "") or self._fallback)(name, doc)
+                if name == "stop" and uid is not None:
+                    self._orphans.pop(uid, None)
+                    self._runs.forget({uid})
                 return
             assert self.process is not None
-            if name == "descriptor":
-                self._run_of[doc["uid"]] = doc["run_start"]
-            uid = self._run_uid(name, doc)
             if uid is not None:
                 self._open.setdefault(uid, []).append((name, doc))
             try:
@@ -431,7 +436,7 @@ class WriterProcessRecorder:
             if kind == "done":
                 with self._lock:
                     self._open.pop(run, None)
-                    self._run_of = {d: r for d, r in self._run_of.items() if r != run}
+                    self._runs.forget({run})
             elif kind == "backup":
                 logger.warning("%s", message)
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -449,8 +454,8 @@ class WriterProcessRecorder:
                 self._orphans[uid] = writer
             logger.error("run %s was not confirmed by the catalogue writer process (%s): backed up in %s", uid, why,
                          self.backup_dir)
+        self._runs.forget(set(self._open) - set(self._orphans))
         self._open.clear()
-        self._run_of = {d: r for d, r in self._run_of.items() if r in self._orphans}
 
 
 # ======================================================================================================
@@ -554,21 +559,13 @@ class _Target:
         self.writer = writer_cls(self.client, backup_dictionary=self.store, batch_size=1 << 62,
                                  max_array_size=max_array_size)
         self.last_write: dict[str, float] = {}
-        self.run_of: dict[str, str] = {}  # descriptor uid -> run uid
-
-    def run_uid(self, name: str, doc: dict[str, Any]) -> str:
-        if name == "start":
-            return doc.get("uid", "")
-        if name in ("event", "event_page"):
-            return self.run_of.get(doc.get("descriptor", ""), "")
-        return doc.get("run_start", "")
+        self.runs = _RunIndex()
 
     def deliver(self, name: str, doc: dict[str, Any]) -> list[tuple[str, str, str]] | None:
         """Hand one document to the writer; at a stop, return the run's reports."""
         from .run_engine import plain_document
 
-        if name == "descriptor":
-            self.run_of[doc["uid"]] = doc["run_start"]
+        self.runs.run_of(name, doc)  # (notes the descriptors, for the error reports)
         self.writer(name, plain_document(name, doc))
         if name == "start":
             self.last_write[doc["uid"]] = time.monotonic()
@@ -577,7 +574,7 @@ class _Target:
         uid = doc["run_start"]
         self.writer.run_writers.pop(uid, None)
         self.last_write.pop(uid, None)
-        self.run_of = {d: r for d, r in self.run_of.items() if r != uid}
+        self.runs.forget({uid})
         path = self.store.directory / f"{uid}.jsonl"  # (the backup file of a run is named after its uid)
         if path.exists():
             return [("backup", uid, f"Tiled could not take run {uid}: its documents are backed up in {path}. "
@@ -664,7 +661,7 @@ def _child_main(rfd: int, wfd: int) -> None:
             logger.exception("catalogue writer: %s failed", kind)
             if kind == "doc":
                 target = targets.get(msg[1])
-                uid = target.run_uid(msg[2], msg[3]) if target is not None else msg[3].get("run_start", "")
+                uid = (target.runs.run_of(msg[2], msg[3]) if target is not None else msg[3].get("run_start")) or ""
                 errors.setdefault(uid, []).append(("error", uid, f"the {msg[2]} document failed: {err!r}"))
                 if msg[2] == "stop":
                     reply("done", msg[1], uid, errors.pop(uid, []))
