@@ -65,7 +65,7 @@ def test_three_corrector_bumps_are_closed(machine, RE, catalog):
         assert start["tool"] == "orbit_bump" and len(start["bump_correctors"]) == 6  # 3 + 3 for the coupling
         if plane == "x":
             # a horizontal 3-bump through dispersive sextupoles needs the RF to keep the path length
-            assert start["parameters"]["rf"] is True and abs(twin.rf_frequency_setpoint - f0) > 1.0
+            assert start["bump_rf"] is True and abs(twin.rf_frequency_setpoint - f0) > 1.0
             np.testing.assert_allclose(float(res["rf_step"]), twin.rf_frequency_setpoint - f0)
         else:
             assert twin.rf_frequency_setpoint == f0
@@ -82,7 +82,7 @@ def test_four_corrector_position_bump_without_rf(machine, RE, catalog):
         RE(orbit_bump(machine, 10, 20e-3, plane="x"))
     with pytest.raises(ValueError, match="angle bump needs n_correctors=4"):
         RE(orbit_bump(machine, 10, 1e-3, angle=1e-5, plane="x"))
-    with pytest.raises(KeyError, match="unknown BPM 'BPM:999'"):
+    with pytest.raises(KeyError, match="unknown device 'BPM:999'"):
         RE(orbit_bump(machine, "BPM:999", 1e-3))
     after = machine.twin.snapshot()
     assert all(np.array_equal(np.asarray(after[k]), np.asarray(before[k])) for k in before)

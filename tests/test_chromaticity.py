@@ -21,7 +21,7 @@ from acc_bluesky.analysis.chromaticity import (
 )
 from acc_bluesky.analysis.tune import model_lattice
 from acc_bluesky.plans.optics import correct_chromaticity, measure_chromaticity, measure_chromaticity_response
-from acc_bluesky.profile import LimitError
+from acc_bluesky.profile import LimitError, Limits
 from helpers import events, module_catalog, module_run_engine, run_documents, same  # noqa: F401 - fixtures
 
 
@@ -160,8 +160,9 @@ def test_correct_chromaticity_with_the_model_response(machine, RE, catalog):
 
 
 def test_chromaticity_scan_past_the_rf_limit_is_refused_before_anything_moves(machine, RE):
-    high = machine.profile.spec.rf.frequency_limits.high
-    machine.twin.set_rf_frequency(high - 100.0)  # the +dp side of the scan needs ~ -125 Hz, the -dp side +125 Hz
+    f0 = machine.twin.rf_frequency_setpoint
+    # an RF limit 100 Hz above the frequency: the -dp side of the scan needs about +125 Hz
+    machine.rf.frequency_limits = Limits(low=f0 - 1e3, high=f0 + 100.0)
     before = machine.twin.snapshot()
     with pytest.raises(LimitError, match=r"measure_chromaticity: the scan dp/p = \+-0.002 needs RF steps"):
         RE(measure_chromaticity(machine, figure_dir=False))

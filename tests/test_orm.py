@@ -16,7 +16,7 @@ import pytest
 
 from acc_bluesky.analysis import OrbitResponse, model_orm
 from acc_bluesky.plans import measure_orm
-from acc_bluesky.plans.orbit import _corrector_rows
+from acc_bluesky.plan_stubs.orbit import corrector_devices
 from acc_bluesky.profile import LimitError
 
 SUBSET = ["HST:001", "HST:040", "HST:077", "HST:150", "HST:201", "VST:003", "VST:050", "VST:111", "VST:160",
@@ -119,7 +119,7 @@ def test_one_sided_physics_step_rf_column(machine, RE, catalog):
     assert len(list(catalog)) == 0
     names = ["HST:020", "VST:020"]
     # correctors as a device and a name (a MagnetFamily selects its in-service correctors)
-    assert [r[0] for r in _corrector_rows(machine, machine.vcor)] == machine.vcor.names
+    assert [d.name for d in corrector_devices(machine, machine.vcor)] == machine.vcor.names
     uid = RE(measure_orm(machine, correctors=[machine.hcor[19], "VST:020"], delta_physics=10e-6, bipolar=False,
                          rf=True, df=30.0))
     resp = OrbitResponse.from_run(catalog[uid])

@@ -104,9 +104,16 @@ def test_latest_lookup_skips_failed_runs_and_checks_the_tool(qRE, qplans):  # no
     good = RE(plans["measure_orm"](correctors=COR4, delta=0.5))
     assert lookup.resolve("latest", "orbit_response") == good
 
-    funcs["sim_fault"]("lose_beam")
-    with pytest.raises(BeamLostError):
-        RE(plans["measure_orm"](correctors=COR4, delta=0.5))
+    def lose_on_first_event(name, doc):  # the beam is lost in the middle of the measurement
+        if name == "event":
+            funcs["sim_fault"]("lose_beam")
+
+    token = RE.subscribe(lose_on_first_event)
+    try:
+        with pytest.raises(BeamLostError):
+            RE(plans["measure_orm"](correctors=COR4, delta=0.5))
+    finally:
+        RE.unsubscribe(token)
     funcs["sim_fault"]("inject")
     failed = RE.catalog[-1].metadata
     assert failed["start"]["tool"] == "orbit_response" and failed["stop"]["exit_status"] == "fail"

@@ -3,81 +3,125 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from typing import Literal
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
 import numpy as np
-from bluesky.run_engine import (
-    _ensure_event_loop_running,
-    call_in_bluesky_event_loop,
-    get_bluesky_event_loop,
-    set_bluesky_event_loop,
-)
-from ophyd_async.core import Device
+from bluesky.run_engine import call_in_bluesky_event_loop, get_bluesky_event_loop
+from ophyd_async.core import Device, DeviceMap
 
-from .devices import BeamCurrent, EpicsBackend, MagnetFamily, Orbit, RfCavity, SimBackend, TuneMonitor
+from .devices import BeamCurrent, MagnetFamily, Orbit, RfCavity, SimBackend, TuneMonitor
+from .devices.magnet import Magnet
 from .profile import Profile, load_profile
 from .twin import Twin
 
-__all__ = ["Machine", "connect", "bluesky_loop"]
+__all__ = ["Machine", "connect", "bluesky_loop", "NoSuchDevice"]
+
+MODES = ("sim", "epics")
 
 
 def bluesky_loop() -> asyncio.AbstractEventLoop:
-    """The bluesky event loop (started if no RunEngine made one yet); RunEngines made later reuse it."""
+    """The bluesky event loop, started (by making a RunEngine, bluesky's public way) if none runs yet; RunEngines
+    made later by :func:`acc_bluesky.make_run_engine` reuse it, so devices and plans share one loop."""
     loop = get_bluesky_event_loop()
-    if loop is None or loop.is_closed():
-        loop = asyncio.new_event_loop()
-        set_bluesky_event_loop(loop)
-    _ensure_event_loop_running(loop)
+    if loop is None or loop.is_closed() or not loop.is_running():
+        from bluesky import RunEngine
+
+        RunEngine(context_managers=[])  # sets and starts the bluesky event loop
+        loop = get_bluesky_event_loop()
     return loop
 
 
-class _FamilyDict(dict):
-    def __init__(self, kind: str, items: dict[str, MagnetFamily]):
+class NoSuchDevice(KeyError):
+    """An unknown device or family name; the message lists valid ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Families(dict):
+    """Families of one kind by profile name (``m.quad["QF2"]``); an unknown name lists the valid ones."""
+
+    def __init__(self, kind: str, items: Mapping[str, MagnetFamily]):
         super().__init__(items)
         self.kind = kind
 
     def __missing__(self, key):
-        raise KeyError(f"unknown {self.kind} family {key!r}; valid: {sorted(self)}")
+        raise NoSuchDevice(f"unknown {self.kind} family {key!r}; valid: {sorted(self)}")
 
 
-class Machine:
-    """The device tree of one accelerator.
+def _s_positions(profile: Profile, refpts) -> np.ndarray:
+    return np.asarray(profile.s_positions(refpts), dtype=float)
+
+
+class Machine(Device):
+    """The device tree of one accelerator: an ophyd-async ``Device`` (``init_devices``, ``connect``, device
+    lists of the queue server see it whole), whose devices keep their own names (``bpm``, ``HST``, ``HST_004``,
+    ``rf`` ...: the data keys of a run do not depend on what the machine object is called).
 
     Attributes:
-        bpm: :class:`Orbit` (x, y arrays [m]); ``bpm.channel[i]`` per BPM.
-        hcor, vcor: corrector families (:class:`MagnetFamily` of :class:`Corrector`), A and rad.
-        quad, sext: dicts of quadrupole / sextupole families by profile name.
-        families: every magnet family by profile name.
+        bpm: :class:`Orbit` (x, y arrays [m]); ``bpm["BPM_005"]`` / ``bpm[4]`` is one BPM.
+        hcor, vcor: the first horizontal / vertical corrector family (:class:`MagnetFamily` of
+            :class:`Corrector`), A and rad; ``hcors``, ``vcors``: all of them by name.
+        quad, sext: quadrupole / sextupole families by profile name (``m.quad["QF2"]``).
+        families: every magnet family by profile name (a ``DeviceMap``).
         rf, tune, beam: RF (Hz, V), tune monitor, beam current (A) and lifetime (s).
-        twin: the :class:`~acc_bluesky.twin.Twin` in sim mode, ``None`` in epics mode.
+        twin: the :class:`~acc_bluesky.twin.Twin` in sim mode, ``None`` otherwise.
         profile, mode, seed: what this machine is.
+
+    ``m.device("HST_004")`` finds any device by name (magnets, BPMs, families, ``rf`` ...).
     """
 
-    def __init__(self, profile: Profile, mode: str, backend, seed: int | None):
+    def __init__(self, profile: Profile, mode: str, backend, seed: int | None, name: str = ""):
         self.profile = profile
         self.mode = mode
         self.seed = seed if mode == "sim" else None
         self.backend = backend
         self.twin: Twin | None = backend.twin
         e = profile.energy
-        self.families: dict[str, MagnetFamily] = {
-            name: MagnetFamily(backend, fam, e, name=f"{name}") for name, fam in profile.families.items()
-        }
+        fams = {fname: MagnetFamily(backend, fam, e, s=_s_positions(profile, fam.refpts))
+                for fname, fam in profile.families.items()}
+        self.families = DeviceMap(fams)
         good = np.ones(len(profile.bpm_refpts), dtype=bool)
         good[list(profile.bpm_bad)] = False
-        self.bpm = Orbit(backend, profile.bpm_refpts, profile.bpm_names, good, name="bpm")
+        self.bpm = Orbit(backend, profile.bpm_refpts, profile.bpm_names, good,
+                         s=_s_positions(profile, profile.bpm_refpts))
         rf = profile.spec.rf
-        self.rf = RfCavity(backend, rf.frequency_limits, rf.voltage_limits, name="rf")
-        self.tune = TuneMonitor(backend, name="tune")
-        self.beam = BeamCurrent(backend, name="beam")
-        by = lambda *t: {n: f for n, f in self.families.items() if f.type in t}  # noqa: E731
-        self.quad = _FamilyDict("quadrupole", by("quadrupole"))
-        self.sext = _FamilyDict("sextupole", by("sextupole"))
-        self.hcors = _FamilyDict("hcor", by("hcor"))
-        self.vcors = _FamilyDict("vcor", by("vcor"))
-        self.hcor = next(iter(self.hcors.values()), None)
-        self.vcor = next(iter(self.vcors.values()), None)
+        self.rf = RfCavity(backend, rf.frequency_limits, rf.voltage_limits)
+        self.tune = TuneMonitor(backend)
+        self.beam = BeamCurrent(backend)
+        by = lambda *t: {n: f for n, f in fams.items() if f.type in t}  # noqa: E731
+        self._views = {
+            "quad": _Families("quadrupole", by("quadrupole")),
+            "sext": _Families("sextupole", by("sextupole")),
+            "hcors": _Families("hcor", by("hcor")),
+            "vcors": _Families("vcor", by("vcor")),
+        }
+        self._index: dict[str, Any] = {}
+        super().__init__(name=name or profile.name)
+
+    # views (not children: every family is a child of ``families`` only) -----------------------------------
+    quad = property(lambda self: self._views["quad"])
+    sext = property(lambda self: self._views["sext"])
+    hcors = property(lambda self: self._views["hcors"])
+    vcors = property(lambda self: self._views["vcors"])
+    hcor = property(lambda self: next(iter(self._views["hcors"].values()), None))
+    vcor = property(lambda self: next(iter(self._views["vcors"].values()), None))
+
+    def set_name(self, name: str, *, child_name_separator: str | None = None) -> None:
+        """Name the machine; its devices keep their own names (``bpm``, the family names, ``rf``, ...)."""
+        super().set_name(name, child_name_separator=child_name_separator)
+        for dev_name, dev in self._top_level():
+            dev.set_name(dev_name)
+        self._index = {}
+
+    def _top_level(self) -> Iterator[tuple[str, Device]]:
+        yield "bpm", self.bpm
+        yield from self.families.items()
+        yield "rf", self.rf
+        yield "tune", self.tune
+        yield "beam", self.beam
 
     def __repr__(self) -> str:
         return (f"Machine({self.profile.name!r}, mode={self.mode!r}, seed={self.seed}, bpms={len(self.bpm)}, "
@@ -85,32 +129,67 @@ class Machine:
 
     def devices(self) -> Iterator[Device]:
         """Every top-level device (for connecting, the queue server's device list, config snapshots)."""
-        yield self.bpm
-        yield from self.families.values()
-        yield self.rf
-        yield self.tune
-        yield self.beam
+        for _, dev in self._top_level():
+            yield dev
 
     def family(self, name: str) -> MagnetFamily:
+        """A magnet family by profile name."""
         try:
             return self.families[name]
         except KeyError:
-            raise KeyError(f"unknown family {name!r}; valid families: {sorted(self.families)}") from None
+            raise NoSuchDevice(f"unknown family {name!r}; valid families: {sorted(self.families)}") from None
+
+    def magnets(self) -> Iterator[Magnet]:
+        """Every magnet of every family."""
+        for fam in self.families.values():
+            yield from fam.values()
+
+    def device(self, name: str) -> Device:
+        """Any device by its name: a magnet (``"HST_004"``), a BPM (``"BPM_005"``), a family (``"QF2"``), or
+        ``"bpm"``, ``"rf"``, ``"tune"``, ``"beam"``."""
+        if not self._index:
+            idx: dict[str, Any] = {}
+            for top_name, dev in self._top_level():
+                idx[top_name] = dev
+            for fam in self.families.values():
+                idx.update(zip(fam.names, fam.values()))
+            idx.update(zip(self.bpm.names, self.bpm.channel.values()))
+            self._index = idx
+        try:
+            return self._index[name]
+        except KeyError:
+            close = [n for n in self._index if str(name).lower() in n.lower()][:6]
+            raise NoSuchDevice(
+                f"{self.profile.name}: no device named {name!r}" + (f"; did you mean {close}?" if close else
+                f"; families: {sorted(self.families)}, BPMs {self.bpm.names[0]} ... {self.bpm.names[-1]}")
+            ) from None
 
     async def connect_async(self, timeout: float = 10.0) -> None:
-        devs = list(self.devices())
-        results = await asyncio.gather(*(d.connect(timeout=timeout) for d in devs), return_exceptions=True)
-        errors = [(d.name, r) for d, r in zip(devs, results) if isinstance(r, BaseException)]
+        """Connect every device; the error names each device that did not connect."""
+        devs = list(self._top_level())
+        results = await asyncio.gather(*(d.connect(timeout=timeout) for _, d in devs), return_exceptions=True)
+        errors = [(n, r) for (n, _), r in zip(devs, results) if isinstance(r, BaseException)]
         if errors:
             lines = "\n".join(f"  {n}: {str(r)[:400]}" for n, r in errors[:5])
+            hint = ("Is the IOC running and reachable (EPICS_CA_ADDR_LIST)?" if self.mode == "epics"
+                    else "Is the control system reachable?")
             raise ConnectionError(
                 f"{len(errors)} device(s) of {self.profile.name!r} ({self.mode}) did not connect within {timeout} s:"
-                f"\n{lines}\nIs the IOC running and reachable (EPICS_CA_ADDR_LIST)?")
+                f"\n{lines}\n{hint}")
+
+
+def _register(machine: Machine) -> None:
+    """Tell the data layer a machine is connected: runs reading its devices get its FAIR metadata."""
+    from .data import metadata
+
+    register = getattr(metadata, "register_machine", None)
+    if register is not None:
+        register(machine)
 
 
 def connect(profile: Profile | str, mode: Literal["sim", "epics"] = "sim", seed: int | None = None, *,
             twin: Twin | None = None, prefix: str | None = None, timeout: float = 10.0,
-            error_scale: float | None = None) -> Machine:
+            error_scale: float | None = None, protocol: str = "ca") -> Machine:
     """Build and connect the device tree of ``profile``.
 
     Args:
@@ -121,19 +200,34 @@ def connect(profile: Profile | str, mode: Literal["sim", "epics"] = "sim", seed:
         prefix: epics mode: override the profile's PV prefix.
         timeout: connection timeout [s].
         error_scale: sim mode: multiplier on the profile's alignment errors.
+        protocol: epics mode: ``"ca"`` or ``"pva"``.
     """
     prof = load_profile(profile)
     if mode == "sim":
         twin = twin or Twin(prof, seed=seed, error_scale=error_scale)
         backend = SimBackend(twin)
         seed = twin.seed
+        _warn_without_beam(twin)
     elif mode == "epics":
-        backend = EpicsBackend(prof, prefix=prefix, timeout=timeout)
+        from .devices.backends.epics import EpicsBackend
+
+        backend = EpicsBackend(prof, prefix=prefix, timeout=timeout, protocol=protocol)
     else:
-        raise ValueError(f"mode must be 'sim' or 'epics', got {mode!r}")
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     m = Machine(prof, mode, backend, seed)
     bluesky_loop()
     call_in_bluesky_event_loop(m.connect_async(timeout=timeout))
+    _register(m)
     return m
 
 
+class NoClosedOrbitWarning(UserWarning):
+    """The twin has no stored beam at connection (no closed orbit at these errors, or the optics unstable)."""
+
+
+def _warn_without_beam(twin: Twin) -> None:
+    if twin.is_ring and twin.beam_lost:
+        warnings.warn(NoClosedOrbitWarning(
+            f"{twin.profile.name} seed {twin.seed}: no stored beam at connection ({twin.loss_reason}). Tools that "
+            "need a closed orbit will refuse to start; lower the alignment errors (connect(..., error_scale=0.3)) "
+            "or thread the first turns (plans.thread_first_turns) first."), stacklevel=3)

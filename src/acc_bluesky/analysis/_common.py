@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from ..profile import Profile, load_profile
 
-__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "rms", "corrector_table"]
+__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "rms", "corrector_table", "as_result"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -114,15 +114,16 @@ def corrector_table(profile: Profile, correctors: Sequence[str] | str | None = N
         return [row for fam in order for row in whole(fam)]
     if isinstance(correctors, str):
         correctors = [correctors]
+    by_name = {d: (fam, i) for fam in order for i, d in enumerate(fams[fam].device_names)}
     out: list[tuple[str, str, int, str]] = []
     for c in correctors:
         c = str(c)
         if c in fams:
             out.extend(whole(c))
             continue
-        fam, _, num = c.rpartition(":")
-        if fam in fams and num.isdigit() and 1 <= int(num) <= len(fams[fam]):
-            out.append((c, fam, int(num) - 1, plane(fam)))
+        hit = by_name.get(c)
+        if hit is not None:
+            out.append((c, hit[0], hit[1], plane(hit[0])))
             continue
         raise KeyError(f"unknown corrector {c!r}; use device names like {fams[order[0]].device_names[0]!r} "
                        f"or family names {order}")
@@ -133,3 +134,17 @@ def corrector_table(profile: Profile, correctors: Sequence[str] | str | None = N
             seen.add(row[0])
             uniq.append(row)
     return uniq
+
+
+def as_result(cls: type, obj: Any) -> Any:
+    """``obj`` as a ``cls`` result: itself, or read with ``cls.from_run`` from a Tiled run or from what
+    ``RE(plan)`` returned (anything with a ``run`` attribute giving its Tiled run)."""
+    if isinstance(obj, cls):
+        return obj
+    run = getattr(obj, "run", None)
+    if run is not None and not callable(run):
+        obj = run
+    if hasattr(obj, "metadata") or isinstance(obj, Mapping):
+        return cls.from_run(obj)
+    raise TypeError(f"expected a {cls.__name__}, a Tiled run or a plan's result (RE(...)); got {type(obj).__name__}"
+                    + (" (a uid: read the run with catalog[uid] first)" if isinstance(obj, str) else ""))

@@ -105,11 +105,12 @@ def angle_response(source: Any, bpm: int, correctors: Sequence[str], *, lattice=
     fams = prof.families_of_type("hcor", "vcor")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        where = {d: (f, i) for f, fam in fams.items() for i, d in enumerate(fam.device_names)}
         for j, name in enumerate(correctors):
-            fam, _, num = name.rpartition(":")
+            fam, i = where[name]
             spec = fams[fam].spec
             attr, index = spec.field_parts
-            el = ring[int(fams[fam].refpts[int(num) - 1])]
+            el = ring[int(fams[fam].refpts[i])]
             v0 = _get_field(el, attr, index)
             plane = 0 if spec.type == "hcor" else 2
             out = []

@@ -75,7 +75,7 @@ def config_from_run(run: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ConfigDifference:
-    """One setpoint that differs: device (``"HST:003"`` or ``"RF:frequency"``), values a and b, units."""
+    """One setpoint that differs: device (``"HST_003"`` or ``"RF:frequency"``), values a and b, units."""
 
     device: str
     a: float
@@ -88,13 +88,16 @@ class ConfigDifference:
 
 
 def compare_config(a: Mapping[str, Any] | Any, b: Mapping[str, Any] | Any, *, atol: float = 0.0,
-                   units: Mapping[str, str] | None = None) -> list[ConfigDifference]:
+                   units: Mapping[str, str] | None = None,
+                   names: Mapping[str, Sequence[str]] | Any = None) -> list[ConfigDifference]:
     """Every setpoint that differs between configurations ``a`` and ``b`` (mappings or config runs).
 
     Args:
         a, b: configurations (see module doc) or runs holding them.
         atol: differences up to this (hardware units) are ignored.
         units: family -> units (default ``A``; RF in Hz and V).
+        names: family -> device names (or a profile), to name each difference by its device; default
+            ``"<family>[<position>]"``.
 
     Returns:
         the differences in family order, then RF; a family present in only one side is reported per device with
@@ -102,6 +105,9 @@ def compare_config(a: Mapping[str, Any] | Any, b: Mapping[str, Any] | Any, *, at
     """
     ca, cb = config_from_run(a), config_from_run(b)
     units = dict(units or {})
+    if names is not None and hasattr(names, "families"):
+        names = {f: fam.device_names for f, fam in names.families.items()}
+    names = dict(names or {})
     out: list[ConfigDifference] = []
     fams = [k for k in ca if k not in RF_KEYS] + [k for k in cb if k not in RF_KEYS and k not in ca]
     for fam in fams:
@@ -112,7 +118,8 @@ def compare_config(a: Mapping[str, Any] | Any, b: Mapping[str, Any] | Any, *, at
         vb = np.pad(vb, (0, n - vb.size), constant_values=np.nan)
         diff = ~(np.abs(va - vb) <= atol)  # NaN counts as different
         for i in np.nonzero(diff)[0].tolist():
-            out.append(ConfigDifference(f"{fam}:{i + 1:03d}", float(va[i]), float(vb[i]), units.get(fam, "A")))
+            dev = names[fam][i] if fam in names and i < len(names[fam]) else f"{fam}[{i}]"
+            out.append(ConfigDifference(dev, float(va[i]), float(vb[i]), units.get(fam, "A")))
     for key, u in zip(RF_KEYS, ("Hz", "V")):
         if key in ca or key in cb:
             fa, fb = float(ca.get(key, np.nan)), float(cb.get(key, np.nan))

@@ -98,6 +98,7 @@ class Dispersion:
     dp: FloatArray | None = None
     uid: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    s: FloatArray | None = None  #: s [m] of the BPMs (for figures), when known
 
     def __post_init__(self) -> None:
         self.eta_x = np.asarray(self.eta_x, dtype=float)
@@ -138,7 +139,8 @@ class Dispersion:
                    df=np.asarray(results.get("df", start.get("rf_offsets", [np.nan])), dtype=float),
                    f_rf=float(np.asarray(results["f_rf"])), alpha_c=float(np.asarray(results["alpha_c"])),
                    dp=results.get("dp"), uid=start.get("uid"),
-                   metadata={k: start[k] for k in ("profile", "seed", "mode", "time") if k in start})
+                   metadata={k: start[k] for k in ("profile", "seed", "mode", "time") if k in start},
+                   s=None if start.get("bpm_s") is None else np.asarray(start["bpm_s"], dtype=float))
 
     @classmethod
     def from_run(cls, run: Any) -> Dispersion:
@@ -158,13 +160,15 @@ class Dispersion:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True, dpi=110)
+        pos = np.arange(len(self.bpm_names)) if self.s is None else np.asarray(self.s, dtype=float)
         for ax, eta, k, lab in ((axes[0], self.eta_x, 0, "eta_x"), (axes[1], self.eta_y, 1, "eta_y")):
-            ax.plot(eta * 1e3, ".-", lw=0.8, ms=3, label="measured")
+            ax.plot(pos, eta * 1e3, ".-", lw=0.8, ms=3, label="measured")
             if model is not None:
-                ax.plot(np.asarray(model[k]) * 1e3, "-", lw=0.8, label="model")
+                ax.plot(pos, np.asarray(model[k]) * 1e3, "-", lw=0.8, label="model")
             ax.set_ylabel(f"{lab} [mm]")
             ax.legend(loc="upper right", fontsize=8)
-        axes[1].set_xlabel("BPM index")
+            ax.grid(alpha=0.3)
+        axes[1].set_xlabel("BPM index" if self.s is None else "s [m]")
         fig.suptitle(f"dispersion (df = {self.df.tolist()} Hz, alpha_c = {self.alpha_c:.3e})")
         fig.tight_layout()
         fig.savefig(path)

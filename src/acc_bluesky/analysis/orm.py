@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..profile import Profile
-from ._common import FloatArray, corrector_table, resolve_profile, run_results, run_start
+from ._common import FloatArray, as_result, corrector_table, resolve_profile, run_results, run_start
 
 __all__ = [
     "OrbitResponse",
@@ -207,8 +207,11 @@ class OrbitResponse:
             bpm_refpts=None if self.bpm_refpts is None else np.asarray(self.bpm_refpts)[bi],
             corrector_refpts=sel(self.corrector_refpts), metadata=dict(self.metadata))
 
-    def compare(self, other: OrbitResponse, hw: bool = False) -> float:
-        """Relative rms difference ``||self - other|| / ||other||`` over the common correctors and BPMs."""
+    def compare(self, other: Any, hw: bool = False) -> float:
+        """Relative rms difference ``||self - other|| / ||other||`` over the common correctors and BPMs.
+
+        ``other``: an OrbitResponse, a Tiled run of an orbit_response tool, or what ``RE(plan)`` returned."""
+        other = as_result(OrbitResponse, other)
         common = [c for c in self.corrector_names if c in set(other.corrector_names)]
         a = self.submatrix(correctors=common)
         b = other.submatrix(bpms=[other.bpm_index(n) for n in a.bpm_names], correctors=common)
@@ -287,7 +290,8 @@ class OrbitResponse:
 
     # ------------------------------------------------------------------------------------------------
     def plot(self, path: str | Path, hw: bool = False, title: str | None = None) -> Path:
-        """Save a PNG picture of the matrix (symmetric colour scale, mm/mrad or mm/A) and return its path."""
+        """Save a PNG picture of the matrix (symmetric colour scale, mm/mrad = m/rad, or mm/A) and return its
+        path."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -295,7 +299,7 @@ class OrbitResponse:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        m = (self.matrix_hw if hw else self.matrix) * 1e3
+        m = self.matrix_hw * 1e3 if hw else self.matrix  # [mm/A]; [m/rad] is [mm/mrad]
         unit = "mm/A" if hw else "mm/mrad"
         fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
         v = float(np.nanmax(np.abs(m))) or 1.0

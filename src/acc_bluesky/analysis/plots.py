@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["resonance_lines", "tune_diagram", "chromaticity_fit_plot"]
+__all__ = ["resonance_lines", "tune_diagram", "chromaticity_fit_plot", "orbit_figure"]
 
 _ORDER_COLORS = {1: "black", 2: "tab:red", 3: "tab:blue", 4: "tab:green", 5: "tab:purple", 6: "tab:orange"}
 
@@ -178,6 +178,35 @@ def chromaticity_fit_plot(dp: npt.ArrayLike, qx: npt.ArrayLike, qy: npt.ArrayLik
         ax.set_ylabel(f"fractional tune $q_{plane}$")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def orbit_figure(path: str | os.PathLike, s: npt.ArrayLike | None, names: Sequence[str], before, after,
+                 title: str = "", labels: tuple[str, str] = ("before", "after")) -> Path:
+    """Orbit (x and y [mm]) along the ring, before and after: ``before``/``after`` are ``(x, y)`` [m] at the
+    BPMs at ``s`` [m] (BPM index if None); the largest residuals are labelled with their BPM names."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pos = np.arange(len(names)) if s is None else np.asarray(s, dtype=float)
+    fig = _canvas(10.0, 6.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    for k, (ax, lab) in enumerate(zip(axes, ("x", "y"))):
+        a, b = np.asarray(before[k], dtype=float), np.asarray(after[k], dtype=float)
+        rms_a = float(np.sqrt(np.nanmean(a * a))) if np.any(np.isfinite(a)) else float("nan")
+        rms_b = float(np.sqrt(np.nanmean(b * b))) if np.any(np.isfinite(b)) else float("nan")
+        ax.plot(pos, a * 1e3, color="tab:red", lw=0.8, label=f"{labels[0]} ({rms_a * 1e6:.1f} um rms)")
+        ax.plot(pos, b * 1e3, color="tab:blue", lw=0.8, label=f"{labels[1]} ({rms_b * 1e6:.1f} um rms)")
+        if np.any(np.isfinite(b)):
+            for i in np.argsort(-np.nan_to_num(np.abs(b)))[:3]:
+                ax.annotate(str(names[i]), (pos[i], b[i] * 1e3), fontsize=6, color="tab:blue")
+        ax.set_ylabel(f"{lab} [mm]")
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[1].set_xlabel("BPM index" if s is None else "s [m]")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,17 +1,32 @@
-"""Physics meaning on every data key a device describes (DESIGN: units and meaning on every data key)."""
+"""The base of every device: physics meaning on every data key, and the read format its backend asks for."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ophyd_async.core import StandardReadable
+from ophyd_async.core import StandardReadable, StandardReadableFormat
 
-__all__ = ["Described"]
+__all__ = ["Described", "formats"]
+
+
+def formats(backend) -> tuple[StandardReadableFormat, StandardReadableFormat]:
+    """``(hinted, plain)`` read formats for the signals of a device on ``backend``.
+
+    On the twin every read is an acquisition (:attr:`SimBackend.stage_signals` is False): signals are read
+    uncached, never staged into a monitor cache. On EPICS they are staged (camonitor subscriptions).
+    """
+    if getattr(backend, "stage_signals", True):
+        return StandardReadableFormat.HINTED_SIGNAL, StandardReadableFormat.CHILD
+    return StandardReadableFormat.HINTED_UNCACHED_SIGNAL, StandardReadableFormat.UNCACHED_SIGNAL
 
 
 class Described(StandardReadable):
     """A ``StandardReadable`` whose data keys carry a ``description``: ``DESCRIPTIONS`` maps a child signal's name
-    (``"x"``, ``"setpoint"``) to its physics meaning; :meth:`describe_signal` may refine it per device."""
+    (``"x"``, ``"setpoint"``) to its physics meaning; :meth:`describe_signal` may refine it per device.
+
+    A data key equal to the device's own name (a movable's readback, named as its device) is the child
+    ``"readback"``.
+    """
 
     DESCRIPTIONS: ClassVar[dict[str, str]] = {}
 
@@ -21,7 +36,10 @@ class Described(StandardReadable):
     def _add_descriptions(self, keys: dict[str, Any]) -> dict[str, Any]:
         prefix = f"{self.name}-" if self.name else ""
         for key, data_key in keys.items():
-            child = key[len(prefix):] if prefix and key.startswith(prefix) else key
+            if key == self.name:
+                child = "readback"
+            else:
+                child = key[len(prefix):] if prefix and key.startswith(prefix) else key
             text = self.describe_signal(child)
             if text and "description" not in data_key:
                 data_key["description"] = text

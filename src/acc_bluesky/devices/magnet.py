@@ -1,57 +1,131 @@
-"""Magnets and magnet families: setpoints/readbacks in hardware units, strengths in physics units."""
+"""Magnets and magnet families: ophyd-async movables in hardware units, settable in physics units too.
+
+``m.hcor[3]`` is a :class:`Corrector`: ``bps.mv(m.hcor[3], 0.2)`` moves its setpoint to 0.2 A;
+``bps.mv(m.hcor[3].strength, 1e-5)`` moves it to the setpoint that gives 1e-5 rad (the profile's calibration at the
+beam energy, MML's ``setsp(..., 'Physics')``). A value past the limits is refused before anything moves. A family
+(``m.hcor``, ``m.quad["QF2"]``) is readable and movable as arrays in both units (``setpoints`` [A],
+``strengths`` [rad, m^-2, ...]).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from functools import cached_property
+from typing import Any
+
 import numpy as np
-from bluesky.protocols import Movable
 from ophyd_async.core import (
+    Array1D,
     AsyncStatus,
-    StandardReadableFormat,
-    derived_signal_r,
+    MovableLogic,
+    StandardMovable,
+    derived_signal_rw,
 )
 
 from ..profile import Family
-from .described import Described
+from .described import Described, formats
 from .vector import NamedVector
 
 __all__ = ["Magnet", "Corrector", "MagnetFamily"]
 
+FloatArray = Array1D[np.float64]
 
-class Magnet(Described, Movable[float]):
-    """One magnet power supply: ``setpoint``/``readback`` in A, ``strength`` in physics units.
 
-    ``set(value)`` takes amperes; a value past the profile's limits is refused before anything moves.
+@dataclasses.dataclass
+class _MagnetLogic(MovableLogic[float]):
+    """How a power supply moves: limits checked, the setpoint put, and (ramped supplies only) the readback
+    followed until it is within ``tolerance`` of the target."""
+
+    magnet: Any = None
+
+    async def check_move(self, new_position: float) -> None:
+        m = self.magnet
+        m.limits.check(m.name or m.device_name, new_position, m.units)
+
+    async def get_units_precision(self) -> tuple[str | None, int | None]:
+        return self.magnet.units, 6
+
+    async def calculate_timeout(self, old_position: float, new_position: float) -> float | None:
+        rate = self.magnet.ramp_rate
+        if not rate:
+            return None
+        return abs(float(new_position) - float(old_position)) / rate + 10.0
+
+    async def move(self, new_position: float, timeout) -> None:
+        m = self.magnet
+        await m._put(float(new_position))
+        if not m.ramp_rate:
+            return
+        # a ramped supply: the move completes when the readback arrives (progress bars follow it)
+        tol = m.tolerance
+        period = min(0.05, max(tol / m.ramp_rate, 0.005))
+        while abs(float(await self.readback.get_value()) - float(new_position)) > tol:
+            left = timeout()
+            if left is not None and left <= 0:
+                rb = float(await self.readback.get_value())
+                raise TimeoutError(f"{m.name}: readback {rb:g} {m.units} did not reach the setpoint "
+                                   f"{float(new_position):g} {m.units} (ramp {m.ramp_rate:g} {m.units}/s)")
+            await asyncio.sleep(period)
+
+    async def stop(self) -> None:
+        """Hold the supply where it is: the setpoint goes to the present readback."""
+        if self.magnet.ramp_rate:
+            await self.magnet._put(float(await self.readback.get_value()))
+
+
+class Magnet(Described, StandardMovable[float]):
+    """One magnet power supply: ``setpoint`` and ``readback`` [A], ``strength`` in physics units.
+
+    ``set(value)`` moves the setpoint to ``value`` [A] (limits checked first; a watchable status: progress bars
+    follow the readback of ramped supplies); ``strength.set(k)`` moves it to the setpoint of strength ``k``
+    (rad, m^-2, m^-3 ... at the beam energy). Read, it gives the readback (named as the device), the setpoint
+    and the strength. ``s`` [m] and ``refpt`` (lattice index) say where it is.
     """
 
-    def __init__(self, backend, family: Family, index: int, energy: float, name: str = "") -> None:
+    def __init__(self, backend, family: Family, index: int, energy: float, s: float = float("nan"),
+                 name: str = "") -> None:
         spec = family.spec
         self.family_name = family.name
         self.index = index
         self.device_name = family.device_names[index]
         self.element_name = family.element_names[index]
         self.refpt = int(family.refpts[index])
+        self.s = float(s)
         self.calibration = spec.calibration
         self.limits = spec.limits
         self.units = spec.units
         self.physics_units = spec.physics_units or spec.calibration.physics_units
+        self.ramp_rate = spec.ramp_rate
+        span = spec.limits.high - spec.limits.low
+        self.tolerance = 1e-6 * span if np.isfinite(span) and span > 0 else 1e-6
         self.energy = energy
         self.in_service = index not in family.bad
-        with self.add_children_as_readables(StandardReadableFormat.HINTED_SIGNAL):
+        hinted, plain = formats(backend)
+        with self.add_children_as_readables(hinted):
             self.readback = backend.magnet_readback(family.name, index)
-        with self.add_children_as_readables():
+        with self.add_children_as_readables(plain):
             self.setpoint = backend.magnet_setpoint(family.name, index)
+        self._put = backend.magnet_put(family.name, index, self.setpoint)
         cal, e = self.calibration, energy
 
         def to_physics(readback: float) -> float:
             return float(cal.hw2physics(readback, e, e))
 
-        with self.add_children_as_readables():
-            self.strength = derived_signal_r(to_physics, derived_units=self.physics_units, derived_datatype=float,
-                                             readback=self.readback)
+        def set_strength(value: float) -> AsyncStatus:
+            return self.set(self.to_hw(value))
+
+        with self.add_children_as_readables(plain):
+            self.strength = derived_signal_rw(to_physics, set_strength, derived_units=self.physics_units,
+                                              derived_datatype=float, readback=self.readback)
         super().__init__(name=name)
 
+    @cached_property
+    def movable_logic(self) -> _MagnetLogic:
+        return _MagnetLogic(self.setpoint, self.readback, magnet=self)
+
     def describe_signal(self, child: str) -> str | None:
-        what = f"{self.device_name} ({self.element_name}, {self.family_name})"
+        what = f"{self.device_name} ({self.element_name}, {self.family_name}, s = {self.s:.3f} m)"
         return {"setpoint": f"power-supply setpoint of {what}",
                 "readback": f"power-supply current delivered to {what}",
                 "strength": f"field strength of {what}: the readback through the calibration, at the beam energy",
@@ -65,32 +139,41 @@ class Magnet(Described, Movable[float]):
         """Physics value(s) -> hardware [A] at the machine energy."""
         return self.calibration.physics2hw(physics, self.energy, self.energy)
 
-    @AsyncStatus.wrap
-    async def set(self, value: float) -> None:
-        """Move the setpoint to ``value`` [A] (limits checked first)."""
-        self.limits.check(self.device_name, value, self.units)
-        await self.setpoint.set(float(value))
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, element={self.element_name!r}, s={self.s:.3f} m)"
 
 
 class Corrector(Magnet):
-    """A steering magnet (or a kick winding): setpoint and readback in A, ``strength`` (kick) in rad."""
+    """A steering magnet (or a kick winding): setpoint and readback in A, ``strength`` (kick) in rad.
 
-
-class MagnetFamily(NamedVector, Movable[np.ndarray]):
-    """A family of magnets (a ``DeviceVector``) with its lattice indices and names.
-
-    ``setpoints``/``readbacks`` read or write the whole family at once (one put, one recomputation);
-    ``set(array)`` moves all setpoints together after checking every limit.
+    ``plane`` is ``"x"`` (hcor families) or ``"y"`` (vcor).
     """
 
-    def __init__(self, backend, family: Family, energy: float, name: str = "") -> None:
+    def __init__(self, backend, family: Family, index: int, energy: float, s: float = float("nan"),
+                 name: str = "") -> None:
+        self.plane = "x" if family.spec.type == "hcor" else "y"
+        super().__init__(backend, family, index, energy, s, name)
+
+
+class MagnetFamily(NamedVector, Described):
+    """A family of magnets: a ``DeviceVector`` of :class:`Magnet` (``fam[i]``, ``fam["QF2_003"]``), readable and
+    movable as a whole.
+
+    ``setpoints`` [A] (read-write), ``readbacks`` [A] and ``strengths`` (physics units, read-write) are arrays in
+    the order of ``names``; reading the family gives the three. ``set(array)`` moves every setpoint at once (one put,
+    one recomputation) after checking every limit; ``strengths.set(array)`` does the same in physics units.
+    Attributes ``refpts``, ``s`` [m], ``names``, ``element_names``, ``good`` (in-service mask) come from the profile.
+    """
+
+    def __init__(self, backend, family: Family, energy: float, s=None, name: str = "") -> None:
         cls = Corrector if family.spec.type in ("hcor", "vcor") else Magnet
-        super().__init__({i: cls(backend, family, i, energy) for i in range(len(family))}, family.name,
-                         family.device_names)
+        s = np.full(len(family), np.nan) if s is None else np.asarray(s, dtype=float)
+        super().__init__({i: cls(backend, family, i, energy, s=float(s[i])) for i in range(len(family))},
+                         family.name, family.device_names)
         self.family_name = family.name
         self.type = family.spec.type
         self.refpts = np.asarray(family.refpts)
-        self.names = list(family.device_names)
+        self.s = s
         self.element_names = list(family.element_names)
         self.calibration = family.spec.calibration
         self.limits = family.spec.limits
@@ -98,9 +181,31 @@ class MagnetFamily(NamedVector, Movable[np.ndarray]):
         self.physics_units = family.spec.physics_units or family.spec.calibration.physics_units
         self.energy = energy
         self.good = family.good
-        self.setpoints = backend.family_setpoints(family.name)
-        self.readbacks = backend.family_readbacks(family.name)
+        self.description = family.spec.description
+        hinted, plain = formats(backend)
+        with self.add_children_as_readables(plain):
+            self.setpoints = backend.family_setpoints(family.name)
+            self.readbacks = backend.family_readbacks(family.name)
+        self._put = backend.family_put(family.name, self.setpoints)
+        cal, e = self.calibration, energy
+
+        def to_physics(readbacks: FloatArray) -> FloatArray:
+            return np.asarray(cal.hw2physics(np.asarray(readbacks, dtype=float), e, e), dtype=float)
+
+        def set_strengths(values: FloatArray) -> AsyncStatus:
+            return self.set(self.to_hw(np.asarray(values, dtype=float)))
+
+        with self.add_children_as_readables(plain):
+            self.strengths = derived_signal_rw(to_physics, set_strengths, derived_units=self.physics_units,
+                                               derived_datatype=FloatArray, readbacks=self.readbacks)
         self.set_name(name)
+
+    def describe_signal(self, child: str) -> str | None:
+        what = f"every magnet of family {self.family_name} ({len(self)} {self.type}), in the order of its names"
+        return {"setpoints": f"power-supply setpoints of {what}",
+                "readbacks": f"power-supply currents delivered to {what}",
+                "strengths": f"field strengths of {what} (readbacks through the calibration, at the beam energy)",
+                }.get(child)
 
     def to_physics(self, hw):
         return self.calibration.hw2physics(hw, self.energy, self.energy)
@@ -115,4 +220,12 @@ class MagnetFamily(NamedVector, Movable[np.ndarray]):
         if v.shape != (len(self),):
             raise ValueError(f"{self.family_name}: expected {len(self)} setpoints, got shape {v.shape}")
         self.limits.check(self.family_name, v, self.units, names=self.names)
-        await self.setpoints.set(v)
+        await self._put(v)
+
+    async def locate(self) -> dict[str, np.ndarray]:
+        """``{"setpoint": array, "readback": array}`` [A] (bluesky's ``Location``)."""
+        sp, rb = await asyncio.gather(self.setpoints.get_value(), self.readbacks.get_value())
+        return {"setpoint": np.asarray(sp, dtype=float), "readback": np.asarray(rb, dtype=float)}
+
+    def __repr__(self) -> str:
+        return f"MagnetFamily({self.family_name!r}, {self.type}, {len(self)} magnets: {self.names[0]} ...)"

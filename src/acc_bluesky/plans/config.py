@@ -21,8 +21,10 @@ from ..analysis.config import (
     format_differences,
 )
 from ..analysis.config import compare_config as _compare
-from ..plan_stubs.machine import Record, emit, restore_setpoints, restoring, snapshot_setpoints
-from .orbit import _catalog_run, _metadata, _run, _store
+from ..machine import Machine
+from ..plan_stubs.machine import Record, emit, restore_setpoints, snapshot_setpoints
+from ..plan_stubs.runs import find_run
+from ..plan_stubs.tool import ToolResult, all_settings, open_tool_run, tool
 
 __all__ = ["save_config", "restore_config", "compare_config", "machine_config", "ConfigDifferences"]
 
@@ -41,7 +43,17 @@ def _units(machine) -> dict[str, str]:
     return {n: f.units for n, f in machine.families.items()}
 
 
-def save_config(machine, name: str = "", md: dict | None = None) -> MsgGenerator[str]:
+def _setpoint_record(name: str, total: int) -> Record:
+    return Record(name, {
+        "setpoints": ("A", (total,), "every family's setpoints, concatenated (start document: config_families, "
+                                     "config_sizes)"),
+        "rf_frequency": ("Hz", (), "RF frequency setpoint"),
+        "rf_voltage": ("V", (), "RF voltage setpoint"),
+    })
+
+
+@tool("config", needs_beam=False)
+def save_config(machine: Machine, name: str = "", md: dict | None = None) -> MsgGenerator[str]:
     """Save every setpoint of the machine as a run: all magnet families [A], RF frequency [Hz] and voltage [V].
 
     One event in the ``primary`` stream records the setpoints (all families concatenated: ``config-setpoints``,
@@ -58,49 +70,32 @@ def save_config(machine, name: str = "", md: dict | None = None) -> MsgGenerator
         the run uid; restore it with ``restore_config(machine, uid)``.
     """
     fams = list(machine.families)
-    sizes = [len(machine.families[f]) for f in fams]
-    layout = {"config_families": fams, "config_sizes": sizes}
-    _md = _metadata("config", machine, {"name": name}, {"config_name": name, **layout,
-                                                         "bpm_names": list(machine.bpm.names), "num_points": 1},
-                    md, "save_config")
-    rec = _setpoint_record(machine, "config", sum(sizes))
-
-    def inner() -> MsgGenerator[None]:
-        snap = yield from snapshot_setpoints(machine, fams, rf=True)
-        res, _ = config_to_results(snap)
-        rec.update(setpoints=res["setpoints"], rf_frequency=snap["RF:frequency"], rf_voltage=snap["RF:voltage"])
-        ret = yield from emit(rec, machine.bpm)
-        x = np.asarray(ret[machine.bpm.x.name]["value"], dtype=float)
-        y = np.asarray(ret[machine.bpm.y.name]["value"], dtype=float)
-        res["orbit_x"], res["orbit_y"] = x, y
-        units = {"setpoints": "A", "rf_frequency": "Hz", "rf_voltage": "V", "orbit_x": "m", "orbit_y": "m"}
-        desc = {"setpoints": "every family's setpoints, concatenated (start document: config_families, "
-                             "config_sizes)",
-                "rf_frequency": "RF frequency setpoint", "rf_voltage": "RF voltage setpoint",
-                "orbit_x": "horizontal orbit when saved", "orbit_y": "vertical orbit when saved"}
-        yield from _store(holder, res, units, desc)
-
-    holder: dict[str, Any] = {}
-    return (yield from _run(inner(), _md, holder))
+    snap = yield from snapshot_setpoints(machine, fams, rf=True)
+    res, layout = config_to_results(snap)
+    yield from open_tool_run(config_name=name, **layout, bpm_names=machine.bpm.names, num_points=1)
+    rec = _setpoint_record("config", int(res["setpoints"].size))
+    rec.update(setpoints=res["setpoints"], rf_frequency=snap["RF:frequency"], rf_voltage=snap["RF:voltage"])
+    ret = yield from emit(rec, machine.bpm)
+    res["orbit_x"] = np.asarray(ret[machine.bpm.x.name]["value"], dtype=float)
+    res["orbit_y"] = np.asarray(ret[machine.bpm.y.name]["value"], dtype=float)
+    units = {"setpoints": "A", "rf_frequency": "Hz", "rf_voltage": "V", "orbit_x": "m", "orbit_y": "m"}
+    desc = {"setpoints": "every family's setpoints, concatenated (start document: config_families, config_sizes)",
+            "rf_frequency": "RF frequency setpoint", "rf_voltage": "RF voltage setpoint",
+            "orbit_x": "horizontal orbit when saved", "orbit_y": "vertical orbit when saved"}
+    return ToolResult(res, units, desc, value={**snap, "orbit_x": res["orbit_x"], "orbit_y": res["orbit_y"]})
 
 
-def _setpoint_record(machine, name: str, total: int) -> Record:
-    return Record(name, {
-        "setpoints": ("A", (total,), "every family's setpoints, concatenated (start document: config_families, "
-                                     "config_sizes)"),
-        "rf_frequency": ("Hz", (), "RF frequency setpoint"),
-        "rf_voltage": ("V", (), "RF voltage setpoint"),
-    })
-
-
-def _load_config(machine, config: Any) -> tuple[dict[str, Any], str | None]:
+def _load_config(machine: Machine, config: Any) -> MsgGenerator[tuple[dict[str, Any], str | None]]:
+    """A configuration (``{family: array, "RF:frequency": Hz, "RF:voltage": V}``) from a run or a mapping,
+    checked against the machine (families, sizes, limits) before anything moves."""
     uid = None
-    if isinstance(config, str):
-        uid = config
-        config = _catalog_run(config)
-    elif hasattr(config, "metadata"):
-        uid = config.metadata.get("start", {}).get("uid")
+    if not (isinstance(config, Mapping) and not hasattr(config, "metadata")):
+        uid = getattr(config, "uid", None) if not isinstance(config, str) else str.__str__(config)
+        config = yield from find_run(config, tools=("config",), what="config")
+        if isinstance(config, Mapping):
+            config = {k: v for k, v in config.items() if k not in ("orbit_x", "orbit_y")}
     cfg = config_from_run(config)
+    uid = uid or (config.metadata["start"]["uid"] if hasattr(config, "metadata") else None)
     for k, v in cfg.items():
         if k in RF_KEYS:
             continue
@@ -118,8 +113,16 @@ def _load_config(machine, config: Any) -> tuple[dict[str, Any], str | None]:
     return cfg, uid
 
 
-def restore_config(machine, uid_or_run: Any, md: dict | None = None) -> MsgGenerator[str]:
-    """Put back a configuration saved by :func:`save_config` (by uid, Tiled run, or a mapping).
+_RESTORE_UNITS = {"n_changed": "", "delta_setpoints": "A", "delta_rf_frequency": "Hz", "delta_rf_voltage": "V"}
+_RESTORE_DESCRIPTIONS = {
+    "n_changed": "number of setpoints changed",
+    "delta_setpoints": "change of every setpoint, restored - before (layout: config_families, config_sizes)",
+    "delta_rf_frequency": "RF frequency change", "delta_rf_voltage": "RF voltage change"}
+
+
+@tool("config_restore", restore=all_settings, keep=True, needs_beam=False)
+def restore_config(machine: Machine, config: Any, md: dict | None = None) -> MsgGenerator[str]:
+    """Put back a configuration saved by :func:`save_config`.
 
     Every family and the RF are validated first (names, sizes, limits: nothing moves on a bad configuration),
     then only the setpoints that differ are moved, all in parallel. Events: the setpoints before (``before``
@@ -129,47 +132,36 @@ def restore_config(machine, uid_or_run: Any, md: dict | None = None) -> MsgGener
 
     Args:
         machine: the connected machine.
-        uid_or_run: uid of a ``save_config`` run, the run itself, or ``{family: array, "RF:frequency": Hz, ...}``.
+        config: a ``save_config`` run (uid, ``RE(...)``'s result, Tiled run) or
+            ``{family: array, "RF:frequency": Hz, ...}``.
         md: metadata merged into the start document.
 
     Returns:
         the run uid.
     """
-    cfg, src_uid = _load_config(machine, uid_or_run)
+    cfg, src_uid = yield from _load_config(machine, config)
     fams = [k for k in cfg if k not in RF_KEYS]
     sizes = [len(machine.families[f]) for f in fams]
-    _md = _metadata("config_restore", machine, {"source": src_uid or "mapping"},
-                    {"config_source": src_uid, "config_families": fams, "config_sizes": sizes, "num_points": 1},
-                    md, "restore_config")
-    rec = _setpoint_record(machine, "config", sum(sizes))
+    yield from open_tool_run(config_source=src_uid, config_families=fams, config_sizes=sizes, num_points=1)
+    rec = _setpoint_record("config", sum(sizes))
 
     def record(snap: dict[str, Any], stream: str) -> MsgGenerator[None]:
         res, _ = config_to_results({f: snap[f] for f in fams})
         rec.update(setpoints=res["setpoints"], rf_frequency=snap["RF:frequency"], rf_voltage=snap["RF:voltage"])
         yield from emit(rec, stream=stream)
 
-    def inner() -> MsgGenerator[None]:
-        before = yield from snapshot_setpoints(machine, fams, rf=True)
-        yield from record(before, "before")
-        yield from restore_setpoints(machine, cfg)
-        after = yield from snapshot_setpoints(machine, fams, rf=True)
-        yield from record(after, "primary")
-        diffs = _compare(before, after, units=_units(machine))
-        res: dict[str, Any] = {
-            "n_changed": np.asarray(len(diffs)),
-            "delta_setpoints": np.concatenate([after[f] - before[f] for f in fams]) if fams else np.zeros(0),
-            "delta_rf_frequency": np.asarray(after["RF:frequency"] - before["RF:frequency"]),
-            "delta_rf_voltage": np.asarray(after["RF:voltage"] - before["RF:voltage"])}
-        units = {"n_changed": "", "delta_setpoints": "A", "delta_rf_frequency": "Hz", "delta_rf_voltage": "V"}
-        desc = {"n_changed": "number of setpoints changed",
-                "delta_setpoints": "change of every setpoint, restored - before (layout: config_families, "
-                                   "config_sizes)",
-                "delta_rf_frequency": "RF frequency change", "delta_rf_voltage": "RF voltage change"}
-        yield from _store(holder, res, units, desc)
-
-    holder: dict[str, Any] = {}
-    return (yield from restoring(machine, _run(inner(), _md, holder), families=fams, rf=True,
-                                 on_success=False))
+    before = yield from snapshot_setpoints(machine, fams, rf=True)
+    yield from record(before, "before")
+    yield from restore_setpoints(machine, cfg)
+    after = yield from snapshot_setpoints(machine, fams, rf=True)
+    yield from record(after, "primary")
+    diffs = _compare(before, after, units=_units(machine), names=machine.profile)
+    res: dict[str, Any] = {
+        "n_changed": np.asarray(len(diffs)),
+        "delta_setpoints": np.concatenate([after[f] - before[f] for f in fams]) if fams else np.zeros(0),
+        "delta_rf_frequency": np.asarray(after["RF:frequency"] - before["RF:frequency"]),
+        "delta_rf_voltage": np.asarray(after["RF:voltage"] - before["RF:voltage"])}
+    return ToolResult(res, _RESTORE_UNITS, _RESTORE_DESCRIPTIONS)
 
 
 def machine_config(machine) -> dict[str, Any]:
@@ -187,26 +179,40 @@ def machine_config(machine) -> dict[str, Any]:
     return call_in_bluesky_event_loop(read())
 
 
-def compare_config(a: Any, b: Any, *, atol: float = 0.0) -> ConfigDifferences:
-    """The setpoints that differ between two configurations: runs (uid or Tiled run), mappings, or a Machine
-    (its setpoints now). Prints as a table; each row is a :class:`~acc_bluesky.analysis.ConfigDifference`.
+def compare_config(a: Any, b: Any, *, atol: float = 0.0, catalog: Any = None) -> ConfigDifferences:
+    """The setpoints that differ between two configurations: runs (a Tiled run, ``RE(...)``'s result, or a uid of
+    ``catalog``, default the default catalogue), mappings, or a Machine (its setpoints now). Prints as a table;
+    each row is a :class:`~acc_bluesky.analysis.ConfigDifference` named by its device.
 
     Args:
-        a, b: uid / run / mapping / machine.
+        a, b: run / uid / mapping / machine.
         atol: ignore differences up to this (hardware units).
+        catalog: where uids are looked up.
     """
+    names = None
+    units = None
+
     def resolve(v):
-        if hasattr(v, "families") and hasattr(v, "rf") and hasattr(v, "bpm"):
+        nonlocal names, units
+        if isinstance(v, Machine):
+            names, units = v.profile, _units(v)
             return machine_config(v)
+        run = getattr(v, "run", None)
+        if run is not None and not callable(run):
+            return config_from_run(run)
         if isinstance(v, str):
-            return config_from_run(_catalog_run(v))
-        if isinstance(v, Mapping) and not hasattr(v, "metadata"):
-            return v
+            from ..data import open_catalog
+            from ..plan_stubs.tool import remembered
+
+            hit = remembered(v)
+            if hit is not None and hit[0] == "config":
+                return {k: x for k, x in hit[1].items() if k not in ("orbit_x", "orbit_y")}
+
+            return config_from_run((catalog if catalog is not None else open_catalog())[v])
         return config_from_run(v)
 
-    units = None
-    for v in (a, b):
-        if hasattr(v, "families") and hasattr(v, "bpm"):
-            units = _units(v)
-    diffs: list[ConfigDifference] = _compare(resolve(a), resolve(b), atol=atol, units=units)
+    ca, cb = resolve(a), resolve(b)
+    diffs: list[ConfigDifference] = _compare(ca, cb, atol=atol, units=units, names=names)
     return ConfigDifferences(diffs)
+
+

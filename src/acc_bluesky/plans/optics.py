@@ -1,25 +1,20 @@
 """Tune and chromaticity tools as Bluesky plans (MML's meastuneresp, settune, measchro, measchroresp, setchro).
 
-Every plan takes the :class:`~acc_bluesky.machine.Machine`, ``md=None`` last, opens one FAIR run (tool names
-``tune``, ``tune_response``, ``tune_correction``, ``chromaticity``, ``chromaticity_response``,
-``chromaticity_correction``), emits one event per reading in the ``primary`` stream (progress is visible live),
-stores its results in the run's ``results`` stream (so analysis needs only the catalogue), and returns the run uid.
-Whatever a plan changes (family setpoints, RF frequency) is put back exactly when it is aborted, stopped or
-fails; measurements also put everything back when they succeed, corrections keep their result.
+Every plan is a :func:`~acc_bluesky.plan_stubs.tool.tool` taking the :class:`~acc_bluesky.machine.Machine` and
+``md=None`` last: one FAIR run (tool names ``tune``, ``tune_response``, ``tune_correction``, ``chromaticity``,
+``chromaticity_response``, ``chromaticity_correction``), one event per reading in the ``primary`` stream (progress
+is visible live), its result in the run's ``results`` stream (analysis needs only the catalogue), the run uid
+returned. Whatever a plan changes (family setpoints, RF frequency) is put back exactly when it is aborted, stopped
+or fails; measurements also put everything back when they succeed, corrections keep their result.
 """
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import bluesky.plan_stubs as bps
-import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
 
@@ -34,12 +29,11 @@ from ..analysis.chromaticity import (
 )
 from ..analysis.plots import chromaticity_fit_plot, tune_diagram
 from ..analysis.tune import MODEL_FAMILY_TYPES, FamilyResponse, MeasuredTunes, TuneResponse, model_tune_response
-from ..data import default_catalog_dir, open_catalog
-from ..data.metadata import tool_metadata
 from ..machine import Machine
-from ..plan_stubs.machine import Record, check_limits, restoring, snapshot_setpoints
+from ..plan_stubs.machine import Record, check_limits, snapshot_setpoints
 from ..plan_stubs.optics import family_setpoints, move_families, read_tunes, resolve_families
-from ..plan_stubs.results import store_result
+from ..plan_stubs.runs import resolve
+from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, tool
 from ..profile import LimitError
 
 __all__ = [
@@ -55,6 +49,8 @@ __all__ = [
 TUNE_RESPONSE_DQ = 2e-3
 #: Chromaticity change that the default step of ``measure_chromaticity_response`` aims at.
 CHROMATICITY_RESPONSE_DXI = 1.0
+_RING_ONLY_TUNE = "betatron tunes exist only in a ring"
+_RING_ONLY_CHROM = "the chromaticity is measured from RF frequency steps, which change the beam energy only in a ring"
 
 
 # Result keys of each tool: name -> (units, physics meaning), written in the results stream's descriptor.
@@ -128,39 +124,21 @@ _CHROM_CORRECTION_KEYS = {
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
-def figure_directory(figure_dir: str | os.PathLike | None = None) -> Path:
-    """Where the optics plans write their PNG figures: ``figure_dir``, else ``$ACC_BLUESKY_FIGURES``, else
-    ``figures`` next to the default catalogue folder (``platformdirs.user_data_dir("acc_bluesky")/figures``)."""
-    if figure_dir is not None:
-        return Path(figure_dir).expanduser()
-    env = os.environ.get("ACC_BLUESKY_FIGURES")
-    if env:
-        return Path(env).expanduser()
-    return default_catalog_dir().parent / "figures"
-
-
-def _figure_path(figure_dir: str | os.PathLike | None | bool, tool: str) -> Path | None:
-    if figure_dir is False:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return figure_directory(None if figure_dir is True else figure_dir) / f"{tool}_{stamp}_{uuid.uuid4().hex[:6]}.png"
-
-
-def _save_figure(fn, *args, **kwargs) -> None:
-    try:
-        fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - a figure must not fail a measurement that is already stored
-        warnings.warn(f"could not write the figure {args[-1] if args else ''}: {err}", stacklevel=3)
+def _result(res: dict[str, Any], keys: dict[str, tuple[str, str]], value: Any = None, **override) -> ToolResult:
+    """Results with the units and meanings of ``keys`` (``override``: key -> (units, description))."""
+    keys = keys | override
+    return ToolResult(res, {k: u for k, (u, _) in keys.items() if k in res},
+                      {k: d for k, (_, d) in keys.items() if k in res}, value=value)
 
 
 def _check_n_avg(n_avg: int) -> int:
-    if not isinstance(n_avg, (int, np.integer)) or n_avg < 1:
+    if isinstance(n_avg, bool) or not isinstance(n_avg, (int, np.integer)) or n_avg < 1:
         raise ValueError(f"n_avg must be an integer >= 1 (readings averaged per point), got {n_avg!r}")
     return int(n_avg)
 
 
 def _check_iter(max_iter: int, tol: float, what: str) -> None:
-    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1 (correction iterations), got {max_iter!r}")
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number ({what}), got {tol!r}")
@@ -212,36 +190,46 @@ def _steps(delta: float | Sequence[float] | dict[str, float] | None, families: l
     return d
 
 
-# Responses measured in this process, by run uid: correct_tune(response=uid) right after measure_tune_response
-# needs no catalogue round trip (any other uid is looked up in the default catalogue).
-_RECENT: dict[str, FamilyResponse] = {}
+def _needs_default(delta: Any, families: list[str]) -> bool:
+    return delta is None or (isinstance(delta, dict) and bool(set(families) - set(delta)))
 
 
-def _remember(resp: FamilyResponse) -> None:
-    if resp.uid:
-        _RECENT[resp.uid] = resp
-        while len(_RECENT) > 16:
-            _RECENT.pop(next(iter(_RECENT)))
+def _check_steps(machine: Machine, fams: list[str], base, d: np.ndarray, bipolar: bool, what: str) -> None:
+    for j, n in enumerate(fams):
+        good = machine.families[n].good
+        for sgn in ((1, -1) if bipolar else (1,)):
+            check_limits(machine.families[n], base[n] + sgn * d[j] * good, f"{what}: step {sgn * d[j]:+.4g} A of {n}")
 
 
-def _store(results: dict[str, Any], keys: dict[str, tuple[str, str]]) -> MsgGenerator[None]:
-    """``store_result`` with units and meaning (``keys``: name -> (units, description)) of the keys present."""
-    yield from store_result(results, units={k: u for k, (u, _) in keys.items() if k in results},
-                            descriptions={k: d for k, (_, d) in keys.items() if k in results})
+def _family_restore(kind: str, rf: bool):
+    def restore(machine: Machine, args: dict[str, Any]) -> Restore:
+        fams = args.get("families")
+        names = resolve_families(machine, fams, kind) if fams is not None else [
+            n for n, f in machine.families.items() if f.type == kind]
+        return Restore(tuple(names), rf=rf)
+
+    return restore
 
 
-def _resolve_run(uid: str) -> Any:
-    """A run of the default catalogue by uid."""
-    try:
-        cat = open_catalog()
-        return cat[uid]
-    except Exception as err:  # noqa: BLE001 - KeyError, catalogue unavailable...
-        raise KeyError(f"no run {uid!r} in the default catalogue ({type(err).__name__}: {err}); pass the run "
-                       "itself (catalog[uid]) or the response object (TuneResponse.from_run(catalog[uid]))") from None
+def _response(machine: Machine, response: Any, cls: type[FamilyResponse], families: list[str] | None,
+              measure, model) -> MsgGenerator[FamilyResponse]:
+    """The ``response=`` parameter: ``None`` (measured now, its own run), ``"model"``, a result or a run."""
+    if response is None:
+        uid = yield from measure(machine, families)
+        response = uid
+    if isinstance(response, str) and response == "model":
+        sp = yield from _model_setpoints(machine)
+        return model(machine.profile, families, setpoints=sp)
+    if isinstance(response, FamilyResponse) and not isinstance(response, cls):
+        raise TypeError(f"expected a {cls.__name__}, got a {type(response).__name__}")
+    tools = ("tune_response",) if cls is TuneResponse else ("chromaticity_response",)
+    return (yield from resolve(response, cls, tools=tools, what="response"))
 
 
 # ----------------------------------------------------------------------------------------------------
 # tunes
+@tool("tune", ring_only=_RING_ONLY_TUNE, units={k: u for k, (u, _) in _TUNE_KEYS.items()},
+      descriptions={k: d for k, (_, d) in _TUNE_KEYS.items()})
 def measure_tune(machine: Machine, n_avg: int = 1, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Read the fractional tunes from the tune monitor.
 
@@ -254,18 +242,9 @@ def measure_tune(machine: Machine, n_avg: int = 1, md: dict[str, Any] | None = N
     (n_avg, 2). Read back with ``MeasuredTunes.from_run(cat[uid])``. Tool name ``tune``.
     """
     n_avg = _check_n_avg(n_avg)
-    _md = tool_metadata("tune", machine, n_avg=n_avg) | (md or {})
-
-    def inner() -> MsgGenerator[None]:
-        r = yield from read_tunes(machine, n_avg, where="while reading the tunes")
-        res = MeasuredTunes(r.mean, r.std, r.samples)
-        yield from _store(res.to_results(), _TUNE_KEYS)
-
-    return (yield from bpp.run_wrapper(inner(), md=_md))
-
-
-def _needs_default(delta: Any, families: list[str]) -> bool:
-    return delta is None or (isinstance(delta, dict) and bool(set(families) - set(delta)))
+    yield from open_tool_run()
+    r = yield from read_tunes(machine, n_avg, where="while reading the tunes")
+    return MeasuredTunes(r.mean, r.std, r.samples)
 
 
 def _default_tune_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
@@ -276,62 +255,8 @@ def _default_tune_steps(machine: Machine, families: list[str], setpoints: dict[s
         return np.where(size > 0, TUNE_RESPONSE_DQ / size, 0.1)
 
 
-def _tune_response(machine: Machine, families: Sequence[str] | str | None, delta, bipolar: bool, n_avg: int,
-                   md: dict[str, Any] | None) -> MsgGenerator[tuple[str, TuneResponse]]:
-    fams = resolve_families(machine, families, "quadrupole")
-    n_avg = _check_n_avg(n_avg)
-    snap = yield from snapshot_setpoints(machine, fams, rf=False)
-    base = {n: snap[n] for n in fams}
-    default = _default_tune_steps(machine, fams, (yield from _model_setpoints(machine))) \
-        if _needs_default(delta, fams) else np.zeros(len(fams))
-    d = _steps(delta, fams, default, "measure_tune_response")
-    for j, n in enumerate(fams):
-        good = machine.families[n].good
-        for sgn in ((1, -1) if bipolar else (1,)):
-            check_limits(machine.families[n], base[n] + sgn * d[j] * good,
-                         f"measure_tune_response: step {sgn * d[j]:+.4g} A of {n}")
-    units = _physics_units(machine, fams)
-    _md = tool_metadata("tune_response", machine, plan_name="measure_tune_response", families=fams,
-                        delta=[float(x) for x in d], bipolar=bool(bipolar), n_avg=n_avg) \
-        | {"families": fams, "physics_units": units, "response_kind": "measured"} | (md or {})
-    info = Record("step", {
-        "family": ("", (), "index of the stepped family in the start document's 'families' (-1: reference point)"),
-        "delta": ("A", (), "step applied to every in-service magnet of that family")}, dtypes={"family": "integer"})
-    out: dict[str, Any] = {}
-
-    def inner() -> MsgGenerator[None]:
-        info.update(family=-1, delta=0.0)
-        r0 = yield from read_tunes(machine, n_avg, extra=[info], where="at the reference point")
-        q0, s0 = r0.mean, r0.std
-        plus = np.full((2, len(fams)), np.nan)
-        minus = np.full((2, len(fams)), np.nan)
-        for j, n in enumerate(fams):
-            fam = machine.families[n]
-            for sgn, store in ((1, plus), (-1, minus)) if bipolar else ((1, plus),):
-                info.update(family=j, delta=sgn * d[j])
-                yield from bps.mv(fam, base[n] + sgn * d[j] * fam.good)
-                r = yield from read_tunes(machine, n_avg, extra=[info],
-                                          where=f"while {n} was stepped by {sgn * d[j]:+.4g} A")
-                store[:, j] = r.mean
-            yield from bps.mv(fam, base[n])
-        mhw = (plus - minus) / (2 * d) if bipolar else (plus - q0[:, None]) / d
-        mph = mhw / _slopes(machine, fams, base)
-        resp = TuneResponse(families=fams, matrix_hw=mhw, matrix=mph, reference=q0, delta=d, kind="measured",
-                            physics_units=units)
-        res = resp.to_results() | {"Q_plus": plus, "Q_reference_std": s0}
-        if bipolar:
-            res["Q_minus"] = minus
-        pu = "/".join(sorted(set(units))) or "physics unit"
-        yield from _store(res, _TUNE_RESPONSE_KEYS | {"dQ_dK": (f"1/({pu})", _TUNE_RESPONSE_KEYS["dQ_dK"][1])})
-        out["resp"] = resp
-
-    uid = yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), rf=False, snapshot=snap)
-    resp = out["resp"]
-    resp.uid = uid
-    _remember(resp)
-    return uid, resp
-
-
+@tool("tune_response", restore=_family_restore("quadrupole", rf=False), ring_only=_RING_ONLY_TUNE,
+      family_kind="quadrupole")
 def measure_tune_response(machine: Machine, families: Sequence[str] | str | None = None,
                           delta: float | Sequence[float] | dict[str, float] | None = None, bipolar: bool = True,
                           n_avg: int = 1, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
@@ -352,36 +277,51 @@ def measure_tune_response(machine: Machine, families: Sequence[str] | str | None
     Stores ``dQ_dI`` (2 x n, per A), ``dQ_dK`` (2 x n, per m^-2 through the calibration slope), ``Q_reference``,
     ``delta`` [A] and the raw tunes. Read back with ``TuneResponse.from_run(cat[uid])``. Tool ``tune_response``.
     """
-    uid, _ = yield from _tune_response(machine, families, delta, bipolar, n_avg, md)
-    return uid
+    fams = resolve_families(machine, families, "quadrupole")
+    n_avg = _check_n_avg(n_avg)
+    base = yield from family_setpoints(machine, fams)
+    default = _default_tune_steps(machine, fams, (yield from _model_setpoints(machine))) \
+        if _needs_default(delta, fams) else np.zeros(len(fams))
+    d = _steps(delta, fams, default, "measure_tune_response")
+    _check_steps(machine, fams, base, d, bipolar, "measure_tune_response")
+    units = _physics_units(machine, fams)
+    yield from open_tool_run(families=fams, physics_units=units, response_kind="measured",
+                             delta_hw=[float(x) for x in d])
+    info = Record("step", {
+        "family": ("", (), "index of the stepped family in the start document's 'families' (-1: reference point)"),
+        "delta": ("A", (), "step applied to every in-service magnet of that family")}, dtypes={"family": "integer"})
+    info.update(family=-1, delta=0.0)
+    r0 = yield from read_tunes(machine, n_avg, extra=[info], where="at the reference point")
+    plus, minus = np.full((2, len(fams)), np.nan), np.full((2, len(fams)), np.nan)
+    for j, n in enumerate(fams):
+        fam = machine.families[n]
+        for sgn, store in ((1, plus), (-1, minus)) if bipolar else ((1, plus),):
+            info.update(family=j, delta=sgn * d[j])
+            yield from bps.mv(fam, base[n] + sgn * d[j] * fam.good)
+            r = yield from read_tunes(machine, n_avg, extra=[info], where=f"while {n} was stepped by "
+                                                                          f"{sgn * d[j]:+.4g} A")
+            store[:, j] = r.mean
+        yield from bps.mv(fam, base[n])
+    mhw = (plus - minus) / (2 * d) if bipolar else (plus - r0.mean[:, None]) / d
+    resp = TuneResponse(families=fams, matrix_hw=mhw, matrix=mhw / _slopes(machine, fams, base), reference=r0.mean,
+                        delta=d, kind="measured", physics_units=units)
+    res = resp.to_results() | {"Q_plus": plus, "Q_reference_std": r0.std} | ({"Q_minus": minus} if bipolar else {})
+    pu = "/".join(sorted(set(units))) or "physics unit"
+    return _result(res, _TUNE_RESPONSE_KEYS, value=resp, dQ_dK=(f"1/({pu})", _TUNE_RESPONSE_KEYS["dQ_dK"][1]))
 
 
-def _resolve_response(machine: Machine, response: Any, cls: type[FamilyResponse],
-                      families: list[str] | None, measure, model) -> MsgGenerator[FamilyResponse]:
-    if response is None:
-        _, resp = yield from measure(families)
-        return resp
-    if isinstance(response, str) and response == "model":
-        sp = yield from _model_setpoints(machine)
-        return model(machine.profile, families, setpoints=sp)
-    if isinstance(response, cls):
-        return response
-    if isinstance(response, FamilyResponse):
-        raise TypeError(f"expected a {cls.__name__}, got a {type(response).__name__}")
-    if isinstance(response, str):
-        hit = _RECENT.get(response)
-        if isinstance(hit, cls):
-            return hit
-        return cls.from_run(_resolve_run(response))
-    if hasattr(response, "metadata"):
-        return cls.from_run(response)
-    raise TypeError(f"response must be None, 'model', a {cls.__name__}, a run or its uid; got "
-                    f"{type(response).__name__}")
+def _tune_figure(result: ToolResult, path: Path) -> None:
+    v = result.value
+    qh = np.asarray(v["q_history"])
+    tune_diagram(qh[-1, 0], qh[-1, 1], path, history=qh[:-1], order=4, target=v["target"],
+                 title=f"tune correction with {', '.join(v['families'])}")
 
 
-def correct_tune(machine: Machine, target: Sequence[float], families: Sequence[str] | None = None,
+@tool("tune_correction", restore=_family_restore("quadrupole", rf=False), keep=True, ring_only=_RING_ONLY_TUNE,
+      figures={"tune_diagram": _tune_figure}, family_kind="quadrupole")
+def correct_tune(machine: Machine, target: tuple[float, float], families: Sequence[str] | None = None,
                  response: Any = None, max_iter: int = 3, tol: float = 1e-4, n_avg: int = 1,
-                 figure_dir: str | None = None, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+                 figure_dir: str | Path | bool | None = None, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Move the fractional tunes to ``target`` with two (or more) quadrupole families (MML ``settune``).
 
     Iterates: read the tunes, solve ``response @ dI = target - q`` (SVD, least norm), check the limits, apply;
@@ -392,11 +332,12 @@ def correct_tune(machine: Machine, target: Sequence[float], families: Sequence[s
         target: fractional tunes (qx, qy), each in (0, 1).
         families: quadrupole families to use (default: the best-conditioned pair of the response, by SVD).
         response: ``None`` (measure it now, as its own ``tune_response`` run), ``"model"`` (pyAT, design lattice
-            at the present setpoints), a :class:`~acc_bluesky.analysis.TuneResponse`, a run or its uid.
+            at the present setpoints), a :class:`~acc_bluesky.analysis.TuneResponse`, or a run of
+            ``measure_tune_response``.
         max_iter: maximum number of corrections.
         tol: convergence threshold on each plane [tune units].
         n_avg: tune readings averaged per measurement.
-        figure_dir: folder of the tune-diagram PNG (default :func:`figure_directory`; ``False``: none).
+        figure_dir: folder of the tune-diagram PNG (``False``: none).
         md: metadata merged into the run's start document.
 
     Stores ``q_history`` (k x 2), ``steps_hw`` (iterations x families, A), ``delta_hw`` (total A per family),
@@ -412,66 +353,50 @@ def correct_tune(machine: Machine, target: Sequence[float], families: Sequence[s
         families = resolve_families(machine, families, "quadrupole")
         if len(families) < 2:
             raise ValueError(f"correcting two tunes needs at least two families, got {families}")
+    def measure(m, fams):
+        return measure_tune_response(m, fams, n_avg=n_avg)
 
-    def measure(fams):
-        return _tune_response(machine, fams, None, True, n_avg, None)
-
-    resp = yield from _resolve_response(machine, response, TuneResponse, families, measure, model_tune_response)
+    resp = yield from _response(machine, response, TuneResponse, families, measure, model_tune_response)
     fams = list(families) if families is not None else list(resp.best_pair())
     sub = resp.select(fams)
-    snap = yield from snapshot_setpoints(machine, fams, rf=False)
-    fig = _figure_path(figure_dir, "tune_correction")
-    _md = tool_metadata("tune_correction", machine, target=[float(x) for x in tgt], families=fams,
-                        response=resp.kind, response_uid=resp.uid, max_iter=int(max_iter), tol=float(tol),
-                        n_avg=n_avg) \
-        | {"families": fams, "physics_units": _physics_units(machine, fams), "response_kind": resp.kind,
-           "response_uid": resp.uid, "figures": {"tune_diagram": str(fig)} if fig else {}} | (md or {})
+    snap = yield from family_setpoints(machine, fams)
+    yield from open_tool_run(families=fams, physics_units=_physics_units(machine, fams), response_kind=resp.kind,
+                             response_uid=resp.uid)
     info = Record("correction", {"iteration": ("", (), "correction iteration (0: before any correction)")},
                   dtypes={"iteration": "integer"})
-
-    def inner() -> MsgGenerator[None]:
-        current = {n: snap[n].copy() for n in fams}
-        q_hist, s_hist, steps = [], [], []
-        converged = False
-        for it in range(int(max_iter) + 1):
-            info.update(iteration=it)
-            r = yield from read_tunes(machine, n_avg, extra=[info],
-                                      where=f"while reading the tunes in iteration {it} of the tune correction")
-            q, s = r.mean, r.std
-            q_hist.append(q)
-            s_hist.append(s)
-            dq = tgt - q
-            if np.all(np.abs(dq) <= tol):
-                converged = True
-                break
-            if it == max_iter:
-                break
-            step = sub.step(dq)
-            new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
-            for n in fams:
-                check_limits(machine.families[n], new[n],
-                             f"correct_tune iteration {it + 1} (dq = {dq[0]:+.2e}, {dq[1]:+.2e})")
-            yield from move_families(machine, new)
-            current = new
-            steps.append(step)
-            yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info],
-                                            name="corrections")
-        steps_a = np.asarray(steps, dtype=float).reshape(-1, len(fams))
-        total = steps_a.sum(axis=0)
-        qh = np.asarray(q_hist)
-        res = {"q_history": qh, "q_std_history": np.asarray(s_hist), "steps_hw": steps_a, "delta_hw": total,
-               "delta_physics": total * _slopes(machine, fams, snap), "q_before": qh[0],
-               "q_after": qh[-1], "target": tgt, "converged": int(converged), "iterations": len(steps),
-               "response_hw": sub.matrix_hw}
-        pu = "/".join(sorted(set(_physics_units(machine, fams))))
-        yield from _store(res, _TUNE_CORRECTION_KEYS | {"delta_physics": (pu, "total change per family in physics "
-                                                                              "units")})
-        if fig is not None:
-            _save_figure(tune_diagram, qh[-1, 0], qh[-1, 1], fig, history=qh[:-1], order=4, target=tgt,
-                         title=f"tune correction with {', '.join(fams)}")
-
-    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), rf=False, on_success=False,
-                                 snapshot=snap))
+    current = {n: snap[n].copy() for n in fams}
+    q_hist, s_hist, steps = [], [], []
+    converged = False
+    for it in range(int(max_iter) + 1):
+        info.update(iteration=it)
+        r = yield from read_tunes(machine, n_avg, extra=[info],
+                                  where=f"while reading the tunes in iteration {it} of the tune correction")
+        q_hist.append(r.mean)
+        s_hist.append(r.std)
+        dq = tgt - r.mean
+        if np.all(np.abs(dq) <= tol):
+            converged = True
+            break
+        if it == max_iter:
+            break
+        step = sub.step(dq)
+        new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
+        for n in fams:
+            check_limits(machine.families[n], new[n], f"correct_tune iteration {it + 1} (dq = {dq[0]:+.2e}, "
+                                                      f"{dq[1]:+.2e})")
+        yield from move_families(machine, new)
+        current = new
+        steps.append(step)
+        yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info], name="corrections")
+    steps_a = np.asarray(steps, dtype=float).reshape(-1, len(fams))
+    total = steps_a.sum(axis=0)
+    qh = np.asarray(q_hist)
+    res = {"q_history": qh, "q_std_history": np.asarray(s_hist), "steps_hw": steps_a, "delta_hw": total,
+           "delta_physics": total * _slopes(machine, fams, snap), "q_before": qh[0], "q_after": qh[-1],
+           "target": tgt, "converged": int(converged), "iterations": len(steps), "response_hw": sub.matrix_hw}
+    pu = "/".join(sorted(set(_physics_units(machine, fams))))
+    return _result(res, _TUNE_CORRECTION_KEYS, value={**res, "families": fams},
+                   delta_physics=(pu, "total change per family in physics units"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,9 +474,18 @@ def _scan_info(extra: dict[str, tuple[str, tuple[int, ...], str]] | None = None,
     return Record("scan", fields | (extra or {}), dtypes={k: "integer" for k in ("point", *integers)})
 
 
+def _chrom_figure(result: Any, path: Path) -> None:
+    chrom, title = (result.value["chrom"], result.value["title"]) if isinstance(result, ToolResult) else (
+        result, "chromaticity: RF scan")
+    chromaticity_fit_plot(chrom.dp, chrom.qx, chrom.qy, chrom.coeffs, path, xi=chrom.xi, xi_std=chrom.xi_std,
+                          qx_std=chrom.qx_std, qy_std=chrom.qy_std, title=title)
+
+
+@tool("chromaticity", restore=Restore((), rf=True), ring_only=_RING_ONLY_CHROM, figures={"fit": _chrom_figure},
+      units={k: u for k, (u, _) in _CHROM_KEYS.items()}, descriptions={k: d for k, (_, d) in _CHROM_KEYS.items()})
 def measure_chromaticity(machine: Machine, dp_max: float | None = None, steps: int | None = None,
                          order: int | None = None, n_avg: int = 1, settle: float = 0.0,
-                         figure_dir: str | None = None, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+                         figure_dir: str | Path | bool | None = None, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Measure the chromaticity by an RF frequency scan (MML ``measchro``).
 
     The tool chooses the RF steps: for each momentum deviation ``dp`` of the scan it sets the RF frequency that
@@ -567,7 +501,7 @@ def measure_chromaticity(machine: Machine, dp_max: float | None = None, steps: i
         order: polynomial order of the fit, 1, 2 or 3 (default: profile ``tools.chromaticity.order``, else 2).
         n_avg: tune readings per point.
         settle: wait after each RF step [s].
-        figure_dir: folder of the fit PNG (default :func:`figure_directory`; ``False``: none).
+        figure_dir: folder of the fit PNG (``False``: none).
         md: metadata merged into the run's start document.
 
     Stores ``xi``, ``xi_std``, the scan (``dp``, ``df`` [Hz], ``qx``, ``qy`` per point), the fit coefficients,
@@ -577,21 +511,9 @@ def measure_chromaticity(machine: Machine, dp_max: float | None = None, steps: i
     dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
     n_avg = _check_n_avg(n_avg)
     f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "measure_chromaticity")
-    fig = _figure_path(figure_dir, "chromaticity")
-    _md = tool_metadata("chromaticity", machine, dp_max=dp_max, steps=int(steps), order=int(order), n_avg=n_avg,
-                        settle=float(settle)) \
-        | {"alpha_c": float(alphas[0]), "rf_frequency": f0, "figures": {"fit": str(fig)} if fig else {}} | (md or {})
-    info = _scan_info()
-
-    def inner() -> MsgGenerator[None]:
-        chrom = yield from _scan(machine, f0, alphas, df, order, n_avg, info, settle, "during the chromaticity scan")
-        yield from _store(chrom.to_results(), _CHROM_KEYS)
-        if fig is not None:
-            _save_figure(chromaticity_fit_plot, chrom.dp, chrom.qx, chrom.qy, chrom.coeffs, fig, xi=chrom.xi,
-                         xi_std=chrom.xi_std, qx_std=chrom.qx_std, qy_std=chrom.qy_std,
-                         title=f"chromaticity: RF scan of {len(df)} points, dp/p +-{dp_max:g}")
-
-    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), families=[], rf=True))
+    yield from open_tool_run(alpha_c=float(alphas[0]), rf_frequency=f0)
+    return (yield from _scan(machine, f0, alphas, df, order, n_avg, _scan_info(), settle,
+                             "during the chromaticity scan"))
 
 
 def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
@@ -602,64 +524,8 @@ def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[
         return np.where(size > 0, CHROMATICITY_RESPONSE_DXI / size, 1.0)
 
 
-def _chromaticity_response(machine: Machine, families, delta, bipolar: bool, dp_max, steps, order, n_avg: int,
-                           md: dict[str, Any] | None) -> MsgGenerator[tuple[str, ChromaticityResponse]]:
-    fams = resolve_families(machine, families, "sextupole")
-    dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
-    n_avg = _check_n_avg(n_avg)
-    snap = yield from snapshot_setpoints(machine, fams, rf=True)
-    base = {n: snap[n] for n in fams}
-    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine))) \
-        if _needs_default(delta, fams) else np.zeros(len(fams))
-    d = _steps(delta, fams, default, "measure_chromaticity_response")
-    for j, n in enumerate(fams):
-        good = machine.families[n].good
-        for sgn in ((1, -1) if bipolar else (1,)):
-            check_limits(machine.families[n], base[n] + sgn * d[j] * good,
-                         f"measure_chromaticity_response: step {sgn * d[j]:+.4g} A of {n}")
-    f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "measure_chromaticity_response")
-    units = _physics_units(machine, fams)
-    _md = tool_metadata("chromaticity_response", machine, plan_name="measure_chromaticity_response",
-                        families=fams, delta=[float(x) for x in d], bipolar=bool(bipolar), dp_max=dp_max,
-                        steps=int(steps), order=int(order), n_avg=n_avg) \
-        | {"families": fams, "physics_units": units, "response_kind": "measured", "alpha_c": float(alphas[0]),
-           "rf_frequency": f0} | (md or {})
-    info = _scan_info({
-        "family": ("", (), "index of the stepped family in the start document's 'families' (-1: reference)"),
-        "delta": ("A", (), "step applied to every in-service magnet of that family")}, integers=("family",))
-    out: dict[str, Any] = {}
-
-    def inner() -> MsgGenerator[None]:
-        ref = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
-                               "during the reference chromaticity scan", family=-1, delta=0.0)
-        plus = np.full((2, len(fams)), np.nan)
-        minus = np.full((2, len(fams)), np.nan)
-        for j, n in enumerate(fams):
-            fam = machine.families[n]
-            for sgn, store in ((1, plus), (-1, minus)) if bipolar else ((1, plus),):
-                yield from bps.mv(fam, base[n] + sgn * d[j] * fam.good)
-                c = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
-                                     f"while {n} was stepped by {sgn * d[j]:+.4g} A", family=j, delta=sgn * d[j])
-                store[:, j] = c.xi
-            yield from bps.mv(fam, base[n])
-        mhw = (plus - minus) / (2 * d) if bipolar else (plus - ref.xi[:, None]) / d
-        mph = mhw / _slopes(machine, fams, base)
-        resp = ChromaticityResponse(families=fams, matrix_hw=mhw, matrix=mph, reference=ref.xi, delta=d,
-                                    kind="measured", physics_units=units)
-        res = resp.to_results() | {"xi_plus": plus}
-        if bipolar:
-            res["xi_minus"] = minus
-        pu = "/".join(sorted(set(units))) or "physics unit"
-        yield from _store(res, _CHROM_RESPONSE_KEYS | {"dxi_dK": (f"1/({pu})", _CHROM_RESPONSE_KEYS["dxi_dK"][1])})
-        out["resp"] = resp
-
-    uid = yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), snapshot=snap)
-    resp = out["resp"]
-    resp.uid = uid
-    _remember(resp)
-    return uid, resp
-
-
+@tool("chromaticity_response", restore=_family_restore("sextupole", rf=True), ring_only=_RING_ONLY_CHROM,
+      family_kind="sextupole")
 def measure_chromaticity_response(machine: Machine, families: Sequence[str] | str | None = None,
                                   delta: float | Sequence[float] | dict[str, float] | None = None,
                                   bipolar: bool = True, dp_max: float | None = None, steps: int | None = None,
@@ -683,14 +549,46 @@ def measure_chromaticity_response(machine: Machine, families: Sequence[str] | st
     Stores ``dxi_dI`` (2 x n, per A), ``dxi_dK`` (2 x n, per m^-3), ``xi_reference``, ``delta``. Read back with
     ``ChromaticityResponse.from_run(cat[uid])``. Tool ``chromaticity_response``.
     """
-    uid, _ = yield from _chromaticity_response(machine, families, delta, bipolar, dp_max, steps, order, n_avg, md)
-    return uid
+    fams = resolve_families(machine, families, "sextupole")
+    dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
+    n_avg = _check_n_avg(n_avg)
+    base = yield from family_setpoints(machine, fams)
+    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine))) \
+        if _needs_default(delta, fams) else np.zeros(len(fams))
+    d = _steps(delta, fams, default, "measure_chromaticity_response")
+    _check_steps(machine, fams, base, d, bipolar, "measure_chromaticity_response")
+    f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "measure_chromaticity_response")
+    units = _physics_units(machine, fams)
+    yield from open_tool_run(families=fams, physics_units=units, response_kind="measured", alpha_c=float(alphas[0]),
+                             rf_frequency=f0, delta_hw=[float(x) for x in d])
+    info = _scan_info({
+        "family": ("", (), "index of the stepped family in the start document's 'families' (-1: reference)"),
+        "delta": ("A", (), "step applied to every in-service magnet of that family")}, integers=("family",))
+    ref = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0, "during the reference chromaticity scan",
+                           family=-1, delta=0.0)
+    plus, minus = np.full((2, len(fams)), np.nan), np.full((2, len(fams)), np.nan)
+    for j, n in enumerate(fams):
+        fam = machine.families[n]
+        for sgn, store in ((1, plus), (-1, minus)) if bipolar else ((1, plus),):
+            yield from bps.mv(fam, base[n] + sgn * d[j] * fam.good)
+            c = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
+                                 f"while {n} was stepped by {sgn * d[j]:+.4g} A", family=j, delta=sgn * d[j])
+            store[:, j] = c.xi
+        yield from bps.mv(fam, base[n])
+    mhw = (plus - minus) / (2 * d) if bipolar else (plus - ref.xi[:, None]) / d
+    resp = ChromaticityResponse(families=fams, matrix_hw=mhw, matrix=mhw / _slopes(machine, fams, base),
+                                reference=ref.xi, delta=d, kind="measured", physics_units=units)
+    res = resp.to_results() | {"xi_plus": plus} | ({"xi_minus": minus} if bipolar else {})
+    pu = "/".join(sorted(set(units))) or "physics unit"
+    return _result(res, _CHROM_RESPONSE_KEYS, value=resp, dxi_dK=(f"1/({pu})", _CHROM_RESPONSE_KEYS["dxi_dK"][1]))
 
 
-def correct_chromaticity(machine: Machine, target: Sequence[float], families: Sequence[str] | None = None,
+@tool("chromaticity_correction", restore=_family_restore("sextupole", rf=True), keep=True,
+      ring_only=_RING_ONLY_CHROM, figures={"fit": _chrom_figure}, family_kind="sextupole")
+def correct_chromaticity(machine: Machine, target: tuple[float, float], families: Sequence[str] | None = None,
                          response: Any = "model", max_iter: int = 3, tol: float = 0.1,
                          dp_max: float | None = None, steps: int | None = None, order: int | None = None,
-                         n_avg: int = 1, figure_dir: str | None = None,
+                         n_avg: int = 1, figure_dir: str | Path | bool | None = None,
                          md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Move the chromaticities to ``target`` with two (or more) sextupole families (MML ``setchro``).
 
@@ -704,12 +602,12 @@ def correct_chromaticity(machine: Machine, target: Sequence[float], families: Se
         families: sextupole families to use (default: the best-conditioned pair of the response, by SVD).
         response: ``"model"`` (pyAT ``get_chrom`` on the design lattice at the present setpoints), ``None``
             (measure it now as its own ``chromaticity_response`` run), a
-            :class:`~acc_bluesky.analysis.ChromaticityResponse`, a run or its uid.
+            :class:`~acc_bluesky.analysis.ChromaticityResponse`, or a run of ``measure_chromaticity_response``.
         max_iter: maximum number of corrections.
         tol: convergence threshold on each plane.
         dp_max, steps, order: the RF scans, as in :func:`measure_chromaticity`.
         n_avg: tune readings per scan point.
-        figure_dir: folder of the PNG of the last scan's fit (default :func:`figure_directory`; ``False``: none).
+        figure_dir: folder of the PNG of the last scan's fit (``False``: none).
         md: metadata merged into the run's start document.
 
     Stores ``xi_history`` (k x 2), ``xi_std_history``, ``steps_hw`` (iterations x families, A), ``delta_hw``,
@@ -725,67 +623,50 @@ def correct_chromaticity(machine: Machine, target: Sequence[float], families: Se
         if len(families) < 2:
             raise ValueError(f"correcting two chromaticities needs at least two families, got {families}")
 
-    def measure(fams):
-        return _chromaticity_response(machine, fams, None, True, dp_max, steps, order, n_avg, None)
+    def measure(m, fams):
+        return measure_chromaticity_response(m, fams, dp_max=dp_max, steps=steps, order=order, n_avg=n_avg)
 
-    resp = yield from _resolve_response(machine, response, ChromaticityResponse, families, measure,
-                                        model_chromaticity_response)
+    resp = yield from _response(machine, response, ChromaticityResponse, families, measure,
+                                model_chromaticity_response)
     fams = list(families) if families is not None else list(resp.best_pair())
     sub = resp.select(fams)
-    snap = yield from snapshot_setpoints(machine, fams, rf=True)
+    snap = yield from family_setpoints(machine, fams)
     f0, alphas, dps, df = yield from _rf_plan(machine, dp_max, steps, "correct_chromaticity")
-    fig = _figure_path(figure_dir, "chromaticity_correction")
-    _md = tool_metadata("chromaticity_correction", machine, target=[float(x) for x in tgt], families=fams,
-                        response=resp.kind, response_uid=resp.uid, max_iter=int(max_iter), tol=float(tol),
-                        dp_max=dp_max, steps=int(steps), order=int(order), n_avg=n_avg) \
-        | {"families": fams, "physics_units": _physics_units(machine, fams), "response_kind": resp.kind,
-           "response_uid": resp.uid, "alpha_c": float(alphas[0]), "rf_frequency": f0,
-           "figures": {"fit": str(fig)} if fig else {}} | (md or {})
+    yield from open_tool_run(families=fams, physics_units=_physics_units(machine, fams), response_kind=resp.kind,
+                             response_uid=resp.uid, alpha_c=float(alphas[0]), rf_frequency=f0)
     info = _scan_info({"iteration": ("", (), "correction iteration (0: before any correction)")},
                       integers=("iteration",))
-
-    def inner() -> MsgGenerator[None]:
-        current = {n: snap[n].copy() for n in fams}
-        x_hist, s_hist, steps_l = [], [], []
-        converged = False
-        chrom = None
-        for it in range(int(max_iter) + 1):
-            chrom = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
-                                     f"during the chromaticity scan of iteration {it}", iteration=it)
-            x_hist.append(chrom.xi)
-            s_hist.append(chrom.xi_std)
-            dxi = tgt - chrom.xi
-            if np.all(np.abs(dxi) <= tol):
-                converged = True
-                break
-            if it == max_iter:
-                break
-            step = sub.step(dxi)
-            new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
-            for n in fams:
-                check_limits(machine.families[n], new[n],
-                             f"correct_chromaticity iteration {it + 1} (dxi = {dxi[0]:+.2f}, {dxi[1]:+.2f})")
-            yield from move_families(machine, new)
-            current = new
-            steps_l.append(step)
-            info.update(point=-1, df=0.0, dp=0.0, iteration=it + 1)
-            yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info],
-                                            name="corrections")
-        steps_a = np.asarray(steps_l, dtype=float).reshape(-1, len(fams))
-        total = steps_a.sum(axis=0)
-        xh = np.asarray(x_hist)
-        res = {"xi_history": xh, "xi_std_history": np.asarray(s_hist), "steps_hw": steps_a, "delta_hw": total,
-               "delta_physics": total * _slopes(machine, fams, snap), "xi_before": xh[0],
-               "xi_after": xh[-1], "target": tgt, "converged": int(converged), "iterations": len(steps_l),
-               "response_hw": sub.matrix_hw}
-        pu = "/".join(sorted(set(_physics_units(machine, fams))))
-        yield from _store(res, _CHROM_CORRECTION_KEYS | {"delta_physics": (pu, "total change per family in physics "
-                                                                               "units")})
-        if fig is not None and chrom is not None:
-            _save_figure(chromaticity_fit_plot, chrom.dp, chrom.qx, chrom.qy, chrom.coeffs, fig, xi=chrom.xi,
-                         xi_std=chrom.xi_std, qx_std=chrom.qx_std, qy_std=chrom.qy_std,
-                         title=f"after chromaticity correction with {', '.join(fams)} (target {tgt[0]:g}, "
-                               f"{tgt[1]:g})")
-
-    # on success the sextupoles keep their new setpoints; every scan already put the RF frequency back
-    return (yield from restoring(machine, bpp.run_wrapper(inner(), md=_md), on_success=False, snapshot=snap))
+    current = {n: snap[n].copy() for n in fams}
+    x_hist, s_hist, steps_l = [], [], []
+    converged, chrom = False, None
+    for it in range(int(max_iter) + 1):
+        chrom = yield from _scan(machine, f0, alphas, df, order, n_avg, info, 0.0,
+                                 f"during the chromaticity scan of iteration {it}", iteration=it)
+        x_hist.append(chrom.xi)
+        s_hist.append(chrom.xi_std)
+        dxi = tgt - chrom.xi
+        if np.all(np.abs(dxi) <= tol):
+            converged = True
+            break
+        if it == max_iter:
+            break
+        step = sub.step(dxi)
+        new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
+        for n in fams:
+            check_limits(machine.families[n], new[n],
+                         f"correct_chromaticity iteration {it + 1} (dxi = {dxi[0]:+.2f}, {dxi[1]:+.2f})")
+        yield from move_families(machine, new)
+        current = new
+        steps_l.append(step)
+        info.update(point=-1, df=0.0, dp=0.0, iteration=it + 1)
+        yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info], name="corrections")
+    steps_a = np.asarray(steps_l, dtype=float).reshape(-1, len(fams))
+    total = steps_a.sum(axis=0)
+    xh = np.asarray(x_hist)
+    res = {"xi_history": xh, "xi_std_history": np.asarray(s_hist), "steps_hw": steps_a, "delta_hw": total,
+           "delta_physics": total * _slopes(machine, fams, snap), "xi_before": xh[0], "xi_after": xh[-1],
+           "target": tgt, "converged": int(converged), "iterations": len(steps_l), "response_hw": sub.matrix_hw}
+    pu = "/".join(sorted(set(_physics_units(machine, fams))))
+    title = f"after chromaticity correction with {', '.join(fams)} (target {tgt[0]:g}, {tgt[1]:g})"
+    return _result(res, _CHROM_CORRECTION_KEYS, value={"chrom": chrom, "title": title, **res},
+                   delta_physics=(pu, "total change per family in physics units"))

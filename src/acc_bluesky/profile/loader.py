@@ -226,6 +226,14 @@ class Profile:
     def tool_defaults(self, tool: str) -> dict:
         return dict(self.spec.tools.get(tool, {}))
 
+    def s_positions(self, refpts) -> np.ndarray:
+        """s [m] of lattice elements (their entrance) in the design lattice."""
+        spos = self.__dict__.get("_spos_all")
+        if spos is None:
+            ring = self._design_lattice
+            spos = self.__dict__["_spos_all"] = np.asarray(ring.get_s_pos(range(len(ring) + 1)), dtype=float)
+        return spos[np.asarray(refpts, dtype=int)]
+
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)

@@ -28,23 +28,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from bluesky.utils import MsgGenerator
 from bluesky_queueserver import parameter_annotation_decorator
 
 from ..data import find_runs, make_run_engine
 from ..machine import Machine, connect
-from ..plans import config as _config
-from ..plans import optics as _optics
-from ..plans import orbit as _orbit
 from .manager import ENV_MODE, ENV_PREFIX, ENV_PROFILE, ENV_SEED
+from .plans import LATEST, MEASURE, MODEL, queue_plan, tool_plan_list
 
 __all__ = ["build_namespace", "queue_plans", "queue_functions", "settings_from_env", "RunLookup"]
 
-#: Keywords accepted where a plan needs a previous run.
-LATEST = "latest"
-MODEL = "model"
-MEASURE = "measure"
+__all__ += ["LATEST", "MEASURE", "MODEL"]
 
 
 def settings_from_env(profile: str | os.PathLike | None = None, mode: str | None = None,
@@ -130,55 +124,21 @@ def _looks_like_uid(text: str) -> bool:
     return bool(_UID.match(text))
 
 
-def _span(machine: Machine, families: list[str]) -> float | None:
-    """Largest setpoint span (high - low) [A] of ``families`` (a bound for steps), None when unlimited."""
-    spans = [f.limits.high - f.limits.low for n, f in machine.families.items() if n in families]
-    spans = [s for s in spans if s == s and s != float("inf")]
-    return max(spans) if spans else None
-
-
-def _half_span(span: float | None) -> dict[str, float]:
-    """A symmetric range of +-span/2 (a step larger than half the setpoint span leaves it from mid-range), or none."""
-    return _rng(-span / 2, span / 2) if span else {}
-
-
-def _rng(lo: float | None = None, hi: float | None = None) -> dict[str, float]:
-    out = {}
-    if lo is not None:
-        out["min"] = float(lo)
-    if hi is not None:
-        out["max"] = float(hi)
-    return out
-
-
 def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGenerator[str]]]:
     """The queue-facing plans bound to machine ``m``: name -> generator function.
 
-    Every plan returns the uid of its run and restores what it changed when it fails or is aborted.
+    ``count`` (bluesky's, on device names) and one queue plan per tool plan of :mod:`acc_bluesky.plans`,
+    generated from the tool's own signature and docstring (:func:`acc_bluesky.queue.plans.queue_plan`). Every
+    plan returns the uid of its run and restores what it changed when it fails or is aborted.
     """
-    cors = [n for fam in (*m.hcors.values(), *m.vcors.values()) for n in fam.names]
-    cor_fams = [*m.hcors, *m.vcors]
-    bpms = list(m.bpm.names)
-    quads, sexts = list(m.quad), list(m.sext)
-    cspan = _span(m, cor_fams)
-    qspan, sspan = _span(m, quads), _span(m, sexts)
-    rf_lim = m.rf.frequency_limits
-    rf_half = (rf_lim.high - rf_lim.low) / 2 if np.isfinite(rf_lim.high - rf_lim.low) else None
-    pair = "typing.Tuple[float, float]"  # exactly two values: (x, y)
-    cor_enum = {"Correctors": [*cor_fams, *cors]}
-    bpm_enum = {"BPMs": bpms}
     readable = {d.name: d for d in (m.bpm, m.tune, m.beam, m.rf)}
 
-    def opt(t: str) -> str:
-        return f"typing.Optional[{t}]"
-
-    # ------------------------------------------------------------------------------------------------- count
     @parameter_annotation_decorator({
         "parameters": {
             "detectors": {"annotation": "typing.List[Readables]", "devices": {"Readables": list(readable)},
                           "default": ["bpm"]},
-            "num": _rng(1),
-            "delay": _rng(0),
+            "num": _range(m, "num"),
+            "delay": _range(m, "delay"),
         }})
     def count(detectors: list = ["bpm"], num: int = 1, delay: float = 0.0,  # noqa: B006 - queue default
               md: dict | None = None) -> MsgGenerator[str]:
@@ -199,416 +159,25 @@ def queue_plans(m: Machine, lookup: RunLookup) -> dict[str, Callable[..., MsgGen
         import bluesky.plans as bp
 
         from ..data.metadata import tool_metadata
+        from ..plan_stubs.checks import check_parameters
 
+        check_parameters("count", {"num": int, "delay": float}, {"num": num, "delay": delay}, m.profile)
         dets = [readable[d] if isinstance(d, str) else d for d in detectors]
         _md = tool_metadata("count", m, plan_name="count", detectors=[d.name for d in dets], num=num,
                             delay=delay) | {"num_points": int(num)} | (md or {})
         return (yield from bp.count(dets, num=int(num), delay=float(delay), md=_md))
 
-    # ------------------------------------------------------------------------------------------------- orbit
-    @parameter_annotation_decorator({
-        "parameters": {
-            "correctors": {"annotation": opt("typing.List[Correctors]"), "enums": cor_enum},
-            "delta": _half_span(cspan), "delta_physics": _rng(-0.01, 0.01),
-            "n_avg": _rng(1), "settle": _rng(0), "df": _rng(0, rf_half),
-        }})
-    def measure_orm(correctors: list[str] | None = None, delta: float | None = None,
-                    delta_physics: float | None = None, bipolar: bool = True, n_avg: int = 1, settle: float = 0.0,
-                    rf: bool = False, df: float | None = None, md: dict | None = None) -> MsgGenerator[str]:
-        """Measure the orbit response matrix (both planes at every BPM) to the chosen correctors.
+    plans: dict[str, Callable[..., MsgGenerator[str]]] = {"count": count}
+    for tool_plan in tool_plan_list():
+        plans[tool_plan.__name__] = queue_plan(tool_plan, m, lambda v, t, b: lookup.resolve(v, t, by_name=b))
+    return plans
 
-        Each corrector is stepped by +delta (and -delta), the orbit read, the corrector put back. The machine is
-        left exactly as found, also when the plan fails or is aborted.
 
-        Parameters
-        ----------
-        correctors
-            corrector names (HST:001 ...) or family names (HST, VST); default every in-service corrector.
-        delta
-            corrector half step [A]; default the profile's tools.orbit_response.delta.
-        delta_physics
-            half step as a kick [rad] instead of delta.
-        bipolar
-            step +delta and -delta (second-order errors cancel) or +delta against a reference orbit.
-        n_avg
-            orbit acquisitions averaged per step.
-        settle
-            wait after each corrector move [s].
-        rf
-            also measure the response to the RF frequency [m/Hz].
-        df
-            RF half step [Hz] (with rf).
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _orbit.measure_orm(m, correctors=correctors, delta=delta, delta_physics=delta_physics,
-                                              bipolar=bipolar, n_avg=n_avg, settle=settle, rf=rf, df=df, md=md))
+def _range(m: Machine, name: str) -> dict[str, float]:
+    from ..plan_stubs.checks import bound_of
 
-    @parameter_annotation_decorator({
-        "parameters": {
-            "exclude_bpms": {"annotation": opt("typing.List[BPMs]"), "enums": bpm_enum},
-            "exclude_correctors": {"annotation": opt("typing.List[Correctors]"), "enums": cor_enum},
-            "n_sv": _rng(1), "tikhonov": _rng(0), "bpm_weights": _rng(0), "corrector_weights": _rng(0),
-            "gain": _rng(0, 1), "max_step": _rng(0), "max_iter": _rng(1), "tol": _rng(0), "n_avg": _rng(1),
-            "min_improvement": _rng(0, 0.99),
-        }})
-    def correct_orbit(orm: str = LATEST, n_sv: int | None = None, tikhonov: float | None = None,
-                      bpm_weights: list[float] | None = None, corrector_weights: list[float] | None = None,
-                      exclude_bpms: list[str] | None = None, exclude_correctors: list[str] | None = None,
-                      fit_rf: bool = False, gain: float = 1.0, max_step: float | None = None, max_iter: int = 3,
-                      tol: float | None = None, target: str | None = None, n_avg: int = 1,
-                      min_improvement: float = 0.02, md: dict | None = None) -> MsgGenerator[str]:
-        """Correct the closed orbit by SVD with a measured or model orbit response matrix (MML setorbit).
-
-        Kept when it completes; on failure or abort every corrector (and the RF) is put back.
-
-        Parameters
-        ----------
-        orm
-            'latest' (newest orbit_response run of this machine in the catalogue), a measure_orm run uid,
-            'model' (design lattice) or 'measure' (measure it now, its own run).
-        n_sv
-            number of singular values (default: above 1e-3 of the largest).
-        tikhonov
-            Tikhonov regularisation instead of a singular-value cut.
-        bpm_weights
-            weight per BPM (or per reading); 0 excludes.
-        corrector_weights
-            weight per corrector of the ORM; 0 excludes.
-        exclude_bpms
-            BPM names left out.
-        exclude_correctors
-            corrector names never moved.
-        fit_rf
-            also correct with the RF frequency [Hz].
-        gain
-            fraction of the correction applied per iteration, in (0, 1].
-        max_step
-            largest corrector move per iteration [A].
-        max_iter
-            iterations at most.
-        tol
-            stop when the rms orbit error of both planes is below this [m].
-        target
-            golden orbit: uid of a save_config run, or the name it was saved under ('golden').
-        n_avg
-            orbit acquisitions averaged per reading.
-        min_improvement
-            stop when an iteration reduced the rms by less than this fraction (times gain): converged.
-        md
-            metadata merged into the start document.
-        """
-        if orm == MEASURE:
-            resp = None
-        elif orm == MODEL:
-            resp = MODEL
-        else:
-            resp = lookup.resolve(orm, "orbit_response")
-        tgt = None if target is None else lookup.resolve(target, "config", by_name="config_name")
-        return (yield from _orbit.correct_orbit(
-            m, orm=resp, n_sv=n_sv, tikhonov=tikhonov, bpm_weights=bpm_weights, corrector_weights=corrector_weights,
-            exclude_bpms=list(exclude_bpms or ()), exclude_correctors=list(exclude_correctors or ()), fit_rf=fit_rf,
-            gain=gain, max_step=max_step, max_iter=max_iter, tol=tol, target=tgt, n_avg=n_avg,
-            min_improvement=min_improvement, md=md))
-
-    @parameter_annotation_decorator({
-        "parameters": {
-            "bpm": {"annotation": "BPMs", "enums": bpm_enum},
-            "plane": {"annotation": "Planes", "enums": {"Planes": ["x", "y"]}},
-            "n_correctors": _rng(3, 4),
-            "correctors": {"annotation": opt("typing.List[Correctors]"), "enums": cor_enum},
-            "exclude_correctors": {"annotation": opt("typing.List[Correctors]"), "enums": cor_enum},
-            "amplitude": _rng(-0.01, 0.01), "angle": _rng(-0.01, 0.01), "max_iter": _rng(0), "tol": _rng(0),
-            "n_avg": _rng(1),
-        }})
-    def orbit_bump(bpm: str, amplitude: float, plane: str = "x", angle: float | None = None,
-                   n_correctors: int = 3, orm: str = MODEL, rf: bool | None = None,
-                   correctors: list[str] | None = None, exclude_correctors: list[str] | None = None,
-                   couple: bool = True, max_iter: int = 4, tol: float = 0.3e-6, n_avg: int = 1,
-                   md: dict | None = None) -> MsgGenerator[str]:
-        """A closed local orbit bump at one BPM (MML setorbitbump), refined from measured orbits.
-
-        Kept when it completes; on failure or abort the correctors and the RF are put back.
-
-        Parameters
-        ----------
-        bpm
-            BPM name where the bump peaks.
-        amplitude
-            orbit change at the BPM [m] (at most 10 mm).
-        plane
-            'x' or 'y'.
-        angle
-            angle change at the BPM [rad] (needs 4 correctors).
-        n_correctors
-            3 (position) or 4 (position and angle).
-        orm
-            'model' (design lattice, default), 'latest' (newest measured ORM) or a measure_orm run uid.
-        rf
-            use the RF frequency as an extra variable (default: when needed).
-        correctors
-            force these corrector names, else the nearest usable ones are chosen.
-        exclude_correctors
-            never use these correctors.
-        couple
-            also use the other plane's correctors at the bump to cancel the x-y coupling leakage.
-        max_iter
-            measured refinements at most.
-        tol
-            closure goal: rms orbit change outside the bump [m].
-        n_avg
-            orbit acquisitions averaged.
-        md
-            metadata merged into the start document.
-        """
-        resp = None if orm == MODEL else lookup.resolve(orm, "orbit_response")
-        return (yield from _orbit.orbit_bump(
-            m, bpm, amplitude, angle=angle, plane=plane, n_correctors=n_correctors, orm=resp, rf=rf,
-            correctors=correctors, exclude_correctors=list(exclude_correctors or ()), couple=couple,
-            max_iter=max_iter, tol=tol, n_avg=n_avg, md=md))
-
-    @parameter_annotation_decorator({"parameters": {"df": _rng(0, rf_half), "n_steps": _rng(1, 10), "n_avg": _rng(1),
-                                                    "settle": _rng(0)}})
-    def measure_dispersion(df: float | None = None, n_steps: int = 1, n_avg: int = 1, settle: float = 0.0,
-                           md: dict | None = None) -> MsgGenerator[str]:
-        """Measure the dispersion at every BPM from symmetric RF frequency steps (MML measdisp).
-
-        The RF frequency is put back at the end, also on failure or abort.
-
-        Parameters
-        ----------
-        df
-            RF step [Hz]; default the profile's tools.dispersion.df.
-        n_steps
-            steps on each side of the present frequency.
-        n_avg
-            orbit acquisitions averaged per step.
-        settle
-            wait after each RF move [s].
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _orbit.measure_dispersion(m, df=df, n_steps=n_steps, n_avg=n_avg, settle=settle, md=md))
-
-    # ------------------------------------------------------------------------------------------- configurations
-    def save_config(name: str = "", md: dict | None = None) -> MsgGenerator[str]:
-        """Save every setpoint (magnet families [A], RF frequency [Hz] and voltage [V]) and the orbit as a run.
-
-        Nothing moves.
-
-        Parameters
-        ----------
-        name
-            label of the configuration ('golden', 'injection', ...), usable by restore_config and correct_orbit.
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _config.save_config(m, name=name, md=md))
-
-    def restore_config(config: str = LATEST, md: dict | None = None) -> MsgGenerator[str]:
-        """Put back a configuration saved by save_config (validated first: nothing moves on a bad one).
-
-        Kept when it completes; on failure or abort the machine is put back as it was before.
-
-        Parameters
-        ----------
-        config
-            uid of a save_config run, the name it was saved under ('golden'), or 'latest'.
-        md
-            metadata merged into the start document.
-        """
-        uid = lookup.resolve(config, "config", by_name="config_name")
-        return (yield from _config.restore_config(m, uid, md=md))
-
-    # ------------------------------------------------------------------------------------------------- optics
-    quad_enum = {"QuadFamilies": quads}
-    sext_enum = {"SextFamilies": sexts}
-
-    def _response(value: str, tool: str) -> Any:
-        if value == MEASURE:
-            return None
-        if value == MODEL:
-            return MODEL
-        return lookup.resolve(value, tool)
-
-    @parameter_annotation_decorator({"parameters": {"n_avg": _rng(1)}})
-    def measure_tune(n_avg: int = 1, md: dict | None = None) -> MsgGenerator[str]:
-        """Read the fractional tunes from the tune monitor.
-
-        Parameters
-        ----------
-        n_avg
-            readings averaged.
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _optics.measure_tune(m, n_avg=n_avg, md=md))
-
-    @parameter_annotation_decorator({
-        "parameters": {
-            "families": {"annotation": opt("typing.List[QuadFamilies]"), "enums": quad_enum},
-            "delta": _half_span(qspan), "n_avg": _rng(1),
-        }})
-    def measure_tune_response(families: list[str] | None = None, delta: float | None = None, bipolar: bool = True,
-                              n_avg: int = 1, md: dict | None = None) -> MsgGenerator[str]:
-        """Measure the tune response dQ/dI of quadrupole families (MML meastuneresp); families put back.
-
-        Parameters
-        ----------
-        families
-            quadrupole families (default: all).
-        delta
-            half step [A] for every family; default sized for a tune change of about 2e-3.
-        bipolar
-            step both ways (central difference).
-        n_avg
-            tune readings averaged per point.
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _optics.measure_tune_response(m, families=families, delta=delta, bipolar=bipolar,
-                                                         n_avg=n_avg, md=md))
-
-    @parameter_annotation_decorator({
-        "parameters": {
-            "target": {"annotation": pair, "min": 0.0, "max": 1.0},
-            "families": {"annotation": opt("typing.List[QuadFamilies]"), "enums": quad_enum},
-            "max_iter": _rng(1), "tol": _rng(0), "n_avg": _rng(1),
-        }})
-    def correct_tune(target: tuple[float, float], families: list[str] | None = None, response: str = MEASURE,
-                     max_iter: int = 3, tol: float = 1e-4, n_avg: int = 1,
-                     md: dict | None = None) -> MsgGenerator[str]:
-        """Move the fractional tunes to target with quadrupole families (MML settune).
-
-        Kept when it completes; on failure or abort the families are put back.
-
-        Parameters
-        ----------
-        target
-            fractional tunes [qx, qy], each in (0, 1).
-        families
-            quadrupole families to use (default: the best-conditioned pair).
-        response
-            'measure' (measure it now, its own run), 'model', 'latest' (newest tune_response run) or a run uid.
-        max_iter
-            corrections at most.
-        tol
-            convergence threshold per plane [tune units].
-        n_avg
-            tune readings averaged.
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _optics.correct_tune(m, target=target, families=families,
-                                                response=_response(response, "tune_response"), max_iter=max_iter,
-                                                tol=tol, n_avg=n_avg, md=md))
-
-    @parameter_annotation_decorator({
-        "parameters": {"dp_max": _rng(0, 0.05), "steps": _rng(3, 51), "order": _rng(1, 3), "n_avg": _rng(1),
-                       "settle": _rng(0)}})
-    def measure_chromaticity(dp_max: float | None = None, steps: int | None = None, order: int | None = None,
-                             n_avg: int = 1, settle: float = 0.0, md: dict | None = None) -> MsgGenerator[str]:
-        """Measure the chromaticity by an RF frequency scan (MML measchro); the RF is put back.
-
-        Parameters
-        ----------
-        dp_max
-            largest momentum deviation of the scan (default: profile tools.chromaticity.dp_max).
-        steps
-            scan points, odd >= 3 (default: profile).
-        order
-            polynomial order of the fit, 1 to 3 (default: profile, else 2).
-        n_avg
-            tune readings per point.
-        settle
-            wait after each RF step [s].
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _optics.measure_chromaticity(m, dp_max=dp_max, steps=steps, order=order, n_avg=n_avg,
-                                                        settle=settle, figure_dir=None, md=md))
-
-    @parameter_annotation_decorator({
-        "parameters": {
-            "families": {"annotation": opt("typing.List[SextFamilies]"), "enums": sext_enum},
-            "delta": _half_span(sspan), "dp_max": _rng(0, 0.05), "steps": _rng(3, 51), "order": _rng(1, 3),
-            "n_avg": _rng(1),
-        }})
-    def measure_chromaticity_response(families: list[str] | None = None, delta: float | None = None,
-                                      bipolar: bool = True, dp_max: float | None = None, steps: int | None = None,
-                                      order: int | None = None, n_avg: int = 1,
-                                      md: dict | None = None) -> MsgGenerator[str]:
-        """Measure the chromaticity response dxi/dI of sextupole families (MML measchroresp); all put back.
-
-        Parameters
-        ----------
-        families
-            sextupole families (default: all).
-        delta
-            half step [A] for every family; default sized for a chromaticity change of about 1.
-        bipolar
-            step both ways.
-        dp_max
-            largest momentum deviation of each RF scan.
-        steps
-            points per RF scan.
-        order
-            polynomial order of the fits.
-        n_avg
-            tune readings per point.
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _optics.measure_chromaticity_response(
-            m, families=families, delta=delta, bipolar=bipolar, dp_max=dp_max, steps=steps, order=order,
-            n_avg=n_avg, md=md))
-
-    @parameter_annotation_decorator({
-        "parameters": {
-            "target": {"annotation": pair, "min": -100.0, "max": 100.0},
-            "families": {"annotation": opt("typing.List[SextFamilies]"), "enums": sext_enum},
-            "max_iter": _rng(1), "tol": _rng(0), "dp_max": _rng(0, 0.05), "steps": _rng(3, 51), "order": _rng(1, 3),
-            "n_avg": _rng(1),
-        }})
-    def correct_chromaticity(target: tuple[float, float], families: list[str] | None = None, response: str = MODEL,
-                             max_iter: int = 3, tol: float = 0.1, dp_max: float | None = None,
-                             steps: int | None = None, order: int | None = None, n_avg: int = 1,
-                             md: dict | None = None) -> MsgGenerator[str]:
-        """Move the chromaticities to target with sextupole families (MML setchro).
-
-        Kept when it completes; on failure or abort the families and the RF are put back.
-
-        Parameters
-        ----------
-        target
-            chromaticities [xi_x, xi_y] = dQ/d(dp/p).
-        families
-            sextupole families to use (default: the best-conditioned pair).
-        response
-            'model' (default), 'measure' (its own run), 'latest' (newest chromaticity_response run) or a uid.
-        max_iter
-            corrections at most.
-        tol
-            convergence threshold per plane.
-        dp_max
-            largest momentum deviation of the RF scans.
-        steps
-            points per RF scan.
-        order
-            polynomial order of the fits.
-        n_avg
-            tune readings per point.
-        md
-            metadata merged into the start document.
-        """
-        return (yield from _optics.correct_chromaticity(
-            m, target=target, families=families, response=_response(response, "chromaticity_response"),
-            max_iter=max_iter, tol=tol, dp_max=dp_max, steps=steps, order=order, n_avg=n_avg, md=md))
-
-    plans = [count, measure_orm, correct_orbit, orbit_bump, measure_dispersion, save_config, restore_config,
-             measure_tune, measure_tune_response, correct_tune, measure_chromaticity, measure_chromaticity_response,
-             correct_chromaticity]
-    return {p.__name__: p for p in plans}
+    low, high, _ = bound_of(name, m.profile)
+    return {k: float(v) for k, v in (("min", low), ("max", high)) if v is not None}
 
 
 def queue_functions(m: Machine) -> dict[str, Callable[..., Any]]:

@@ -169,6 +169,7 @@ class Twin:
         self.rf_voltage_setpoint = self._design_voltage()
         self.anomalies = Anomalies(self)
         self._version = 0
+        self._listeners: list[Callable[[], None]] = []  # called at every change of state (subscribe())
         self._cache: dict[str, tuple[int, Any]] = {}
         self._engine_gen = -1
         self._guess = np.zeros(6)
@@ -222,6 +223,21 @@ class Twin:
 
     def _touch(self) -> None:
         self._version += 1
+        for fn in self._listeners:
+            fn()
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` (no argument, in the thread that changed the state, with the twin's lock held) at
+        every change of state; returns the function that unsubscribes. Callbacks must only schedule work (read
+        the twin later, outside the callback): the sim backend uses it to update monitored signals."""
+        with self._lock:
+            self._listeners = [*self._listeners, callback]
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._listeners = [f for f in self._listeners if f is not callback]
+
+        return unsubscribe
 
     @property
     def family_names(self) -> list[str]:

@@ -1,21 +1,23 @@
-"""EPICS backend: the same signals on PVs named by the profile's templates (Channel Access).
+"""EPICS backend: the same signals on PVs named by the profile's templates (Channel Access or PV Access).
 
 Every read and put has a timeout: a PV whose IOC died or became unreachable raises :class:`PvUnreachable` naming
-the PV within the backend's ``timeout`` (reads) or ``put_timeout`` (puts), instead of waiting forever.
+the PV within the backend's ``timeout`` (reads) or ``put_timeout`` (puts), instead of waiting forever. The timeouts
+wrap ophyd-async's public ``CaSignalBackend`` / ``PvaSignalBackend`` (:class:`TimedSignalBackend`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from ophyd_async.core import Array1D, SignalR, SignalRW
-from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
+from ophyd_async.core import Array1D, SignalBackend, SignalR, SignalRW
 
 from ...profile import Profile
 
-__all__ = ["EpicsBackend", "PvUnreachable", "pv_names"]
+__all__ = ["EpicsBackend", "PvUnreachable", "TimedSignalBackend", "pv_names"]
 
 
 class PvUnreachable(ConnectionError):
@@ -34,41 +36,62 @@ def _unreachable(pv: str, op: str, timeout: float, err: BaseException) -> PvUnre
         f"(EPICS_CA_ADDR_LIST={addr!r}).", [pv])
 
 
-def _timed_ca_backend():
-    """A Channel Access signal backend whose reads and puts time out with :class:`PvUnreachable`."""
-    from aioca import CANothing, connect
-    from ophyd_async.epics.core._aioca import CaSignalBackend
-
-    class TimedCaSignalBackend(CaSignalBackend):
-        def __init__(self, datatype, read_pv: str, write_pv: str, timeout: float, put_timeout: float):
-            super().__init__(datatype, read_pv, write_pv)
-            self.timeout = timeout
-            self.put_timeout = put_timeout
-
-        async def _caget(self, pv, format):
-            try:
-                return await asyncio.wait_for(super()._caget(pv, format), self.timeout)
-            except (TimeoutError, CANothing) as err:
-                raise _unreachable(pv, "read", self.timeout, err) from err
-
-        async def put(self, value):
-            op = f"put of {_short(value)}"
-            try:  # a disconnected PV fails within the connection timeout, not the (longer) completion one
-                await connect(self.write_pv, timeout=self.timeout)
-            except (TimeoutError, CANothing) as err:
-                raise _unreachable(self.write_pv, op, self.timeout, err) from err
-            try:
-                return await asyncio.wait_for(super().put(value), self.put_timeout)
-            except (TimeoutError, CANothing) as err:
-                raise _unreachable(self.write_pv, op, self.put_timeout, err) from err
-
-    return TimedCaSignalBackend
-
-
 def _short(value) -> str:
     if isinstance(value, np.ndarray) and value.size > 3:
         return f"<{value.size} values>"
     return repr(value)
+
+
+class TimedSignalBackend(SignalBackend):
+    """Delegates to an ophyd-async EPICS signal backend, with a timeout on every read and put.
+
+    A read that gets no answer within ``timeout`` and a put that does not complete within ``put_timeout`` (or
+    whose PV is disconnected: checked within ``timeout`` first) raise :class:`PvUnreachable` naming the PV.
+    """
+
+    def __init__(self, inner: SignalBackend, read_pv: str, write_pv: str, timeout: float, put_timeout: float):
+        self.inner = inner
+        self.read_pv, self.write_pv = read_pv, write_pv
+        self.timeout, self.put_timeout = timeout, put_timeout
+        super().__init__(inner.datatype)
+
+    def source(self, name: str, read: bool) -> str:
+        return self.inner.source(name, read)
+
+    async def connect(self, timeout: float) -> None:
+        await self.inner.connect(timeout)
+
+    async def _get(self, coro, what: str):
+        try:
+            return await asyncio.wait_for(coro, self.timeout)
+        except Exception as err:  # noqa: BLE001 - aioca/p4p raise their own kinds; TimeoutError too
+            if isinstance(err, TimeoutError) or type(err).__name__ in ("CANothing", "Disconnected", "Timeout"):
+                raise _unreachable(self.read_pv, what, self.timeout, err) from err
+            raise
+
+    async def get_reading(self):
+        return await self._get(self.inner.get_reading(), "read")
+
+    async def get_value(self):
+        return await self._get(self.inner.get_value(), "read")
+
+    async def get_setpoint(self):
+        return await self._get(self.inner.get_setpoint(), "read of the setpoint")
+
+    async def get_datakey(self, source: str):
+        return await self._get(self.inner.get_datakey(source), "describe")
+
+    async def put(self, value) -> None:
+        op = f"put of {_short(value)}"
+        try:
+            await asyncio.wait_for(self.inner.put(value), self.put_timeout)
+        except Exception as err:  # noqa: BLE001
+            if isinstance(err, TimeoutError) or type(err).__name__ in ("CANothing", "Disconnected", "Timeout"):
+                raise _unreachable(self.write_pv, op, self.put_timeout, err) from err
+            raise
+
+    def set_callback(self, callback) -> None:
+        self.inner.set_callback(callback)
 
 
 def pv_names(profile: Profile, prefix: str | None = None) -> dict[str, str]:
@@ -107,17 +130,19 @@ def pv_names(profile: Profile, prefix: str | None = None) -> dict[str, str]:
 
 
 class EpicsBackend:
-    """Makes the signals of every device from EPICS PVs (``ca://`` by default).
+    """Makes the signals of every device from EPICS PVs (``ca`` by default, or ``pva``).
 
     Args:
         profile: the profile whose templates name the PVs.
         prefix: PV prefix (default: the profile's ``controls.prefix``).
-        protocol: ``"ca"`` (reads and puts time out with :class:`PvUnreachable`) or ``"pva"``.
+        protocol: ``"ca"`` or ``"pva"``.
         timeout: connection and read timeout [s].
         put_timeout: put timeout [s] (a put completes once the IOC has processed it; default ``max(timeout, 10)``).
     """
 
     mode = "epics"
+    #: Devices stage their signals (camonitor subscriptions): reads in a staged plan come from the monitors.
+    stage_signals = True
 
     def __init__(self, profile: Profile, prefix: str | None = None, protocol: str = "ca", timeout: float = 5.0,
                  put_timeout: float | None = None):
@@ -130,23 +155,27 @@ class EpicsBackend:
         self.protocol = protocol
         self.timeout = timeout
         self.put_timeout = max(timeout, 10.0) if put_timeout is None else put_timeout
-        self._ca = _timed_ca_backend() if protocol == "ca" else None
 
-    def _pv(self, key: str) -> str:
-        return f"{self.protocol}://{self.pvs[key]}"
+    def _backend(self, datatype, key: str, write_key: str | None = None) -> TimedSignalBackend:
+        from ophyd_async.epics.core import CaSignalBackend, PvaSignalBackend
+
+        read_pv, write_pv = self.pvs[key], self.pvs[write_key or key]
+        cls = CaSignalBackend if self.protocol == "ca" else PvaSignalBackend
+        return TimedSignalBackend(cls(datatype, read_pv, write_pv), read_pv, write_pv, self.timeout,
+                                  self.put_timeout)
 
     def _r(self, datatype, key: str) -> SignalR:
-        if self._ca is None:
-            return epics_signal_r(datatype, self._pv(key), timeout=self.timeout)
-        pv = self.pvs[key]
-        return SignalR(self._ca(datatype, pv, pv, self.timeout, self.put_timeout), timeout=None)
+        return SignalR(self._backend(datatype, key), timeout=None)
 
     def _rw(self, datatype, key: str, write_key: str | None = None) -> SignalRW:
-        wkey = write_key or key
-        if self._ca is None:
-            return epics_signal_rw(datatype, self._pv(key), self._pv(wkey), timeout=self.timeout)
-        return SignalRW(self._ca(datatype, self.pvs[key], self.pvs[wkey], self.timeout, self.put_timeout),
-                        timeout=None)
+        return SignalRW(self._backend(datatype, key, write_key), timeout=None)
+
+    @staticmethod
+    def _put(signal: SignalRW) -> Callable[[Any], Any]:
+        async def put(value) -> None:
+            await signal.set(value, timeout=None)
+
+        return put
 
     def magnet_setpoint(self, family: str, index: int) -> SignalRW[float]:
         return self._rw(float, f"{family}:{index + 1:03d}:setpoint")
@@ -160,6 +189,12 @@ class EpicsBackend:
     def family_readbacks(self, family: str) -> SignalR[Array1D[np.float64]]:
         return self._r(Array1D[np.float64], f"{family}:readbacks")
 
+    def magnet_put(self, family: str, index: int, signal: SignalRW):
+        return self._put(signal)
+
+    def family_put(self, family: str, signal: SignalRW):
+        return self._put(signal)
+
     def orbit(self, plane: str) -> SignalR[Array1D[np.float64]]:
         return self._r(Array1D[np.float64], f"orbit:{plane}")
 
@@ -168,6 +203,9 @@ class EpicsBackend:
 
     def rf_frequency(self) -> SignalRW[float]:
         return self._rw(float, "rf:frequency_rb", "rf:frequency")
+
+    def rf_put(self, signal: SignalRW):
+        return self._put(signal)
 
     def rf_voltage(self) -> SignalRW[float]:
         return self._rw(float, "rf:voltage")

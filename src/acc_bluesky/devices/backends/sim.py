@@ -1,138 +1,159 @@
-"""Sim backend: soft signals whose getters/setters call the twin (hardware units)."""
+"""Sim backend: soft signals whose getters and setters call the twin (hardware units).
+
+Every read asks the twin (what a BPM or a power supply would show now). A monitored signal (``subscribe``,
+``observe_value``, a move's watcher) is updated whenever the twin's state changes: the twin calls back, and the
+backend refreshes the monitored value in the event loop once per change (N sets, one refresh). Devices built on
+this backend are not staged into ophyd-async's cache (:attr:`SimBackend.stage_signals` is False): in the twin
+every read is an acquisition, with its own noise, as an unstaged read on a real BPM.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from ophyd_async.core import (
-    CALCULATE_TIMEOUT,
-    Array1D,
-    AsyncStatus,
-    CalculatableTimeout,
-    SignalR,
-    SignalRW,
-    SoftSignalBackend,
-)
+from ophyd_async.core import Array1D, SignalR, SignalRW, SoftSignalBackend
 
 from ...twin import Twin
 
-__all__ = ["LiveSignalR", "LiveSignalRW", "SimBackend"]
+__all__ = ["SimBackend", "TwinSignalBackend"]
+
+FloatArray = Array1D[np.float64]
 
 
-class _Live:
-    """A soft signal whose getter asks the twin: every read asks it, unless a cached read is asked for explicitly.
+class TwinSignalBackend(SoftSignalBackend):
+    """A getter/setter soft signal bound to a twin, whose monitor follows the twin's changes of state."""
 
-    ophyd-async serves a staged or monitored signal from its cache, which a getter-backed soft signal only refreshes
-    when its getter runs; a plan that stages its detectors (``bp.count``, ``bp.scan``) would record stale values.
-    """
+    def __init__(self, datatype, twin: Twin, getter: Callable[[], Any], setter: Callable[[Any], Any] | None = None,
+                 units: str | None = None, precision: int | None = None):
+        super().__init__(datatype, getter(), units, precision, getter=getter, setter=setter)
+        self._twin = twin
+        self._unsubscribe: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = False
 
-    def _backend_or_cache(self, cached: bool | None = None) -> Any:
-        return super()._backend_or_cache(bool(cached))  # type: ignore[misc]
+    def set_callback(self, callback) -> None:
+        if callback is not None:
+            self.set_value(self._getter())  # the monitor starts from the present value, not the last one read
+            self._loop = asyncio.get_running_loop()
+            self._unsubscribe = self._twin.subscribe(self._changed)
+        elif self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        super().set_callback(callback)
 
-
-class LiveSignalR(_Live, SignalR):
-    """A read-only :class:`_Live` soft signal."""
-
-
-class LiveSignalRW(_Live, SignalRW):
-    """A read-write :class:`_Live` soft signal.
-
-    ``set`` puts straight to the twin: its setter is synchronous, so the timeout and the retry loop of
-    ``SignalW.set`` (a ``stamina`` retry context per put, ~0.4 ms) have nothing to guard. A signal made with
-    ``attempts > 1`` keeps ophyd-async's own ``set``.
-    """
-
-    @AsyncStatus.wrap
-    async def set(self, value: Any, timeout: CalculatableTimeout = CALCULATE_TIMEOUT) -> None:
-        if self._attempts != 1:
-            await SignalRW.set(self, value, timeout)
+    def _changed(self) -> None:  # in the thread that changed the twin, under its lock: only schedule
+        if self._pending or self._loop is None:
             return
-        await self._connector.backend.put(value)
+        self._pending = True
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._loop.call_soon(self._refresh)
+        else:
+            self._loop.call_soon_threadsafe(self._refresh)
 
-
-def soft_signal_rw(datatype, initial_value=None, units: str | None = None, precision: int | None = None, *,
-                   getter, setter) -> LiveSignalRW:
-    """Like ophyd-async's ``soft_signal_rw`` with a getter and a setter, as a :class:`LiveSignalRW`."""
-    return LiveSignalRW(SoftSignalBackend(datatype, initial_value, units, precision, getter=getter, setter=setter))
-
-
-def soft_signal_r(datatype, initial_value=None, units: str | None = None, precision: int | None = None, *,
-                  getter) -> LiveSignalR:
-    """A read-only soft signal whose getter asks the twin, as a :class:`LiveSignalR`."""
-    return LiveSignalR(SoftSignalBackend(datatype, initial_value, units, precision, getter=getter))
+    def _refresh(self) -> None:
+        self._pending = False
+        if self.callback is not None:
+            self.set_value(self._getter())
 
 
 class SimBackend:
-    """Makes the signals of every device from a :class:`~acc_bluesky.twin.Twin`."""
+    """Makes the signals of every device from a :class:`~acc_bluesky.twin.Twin`, and their fast puts.
+
+    ``*_put`` methods return the coroutine function a device awaits to move a setpoint: on the twin a put is a
+    synchronous call, so it goes straight to the twin (no per-put timeout and retry context to guard it).
+    """
 
     mode = "sim"
+    #: Reads are acquisitions: devices do not stage their signals into a cache (see the module docstring).
+    stage_signals = False
 
     def __init__(self, twin: Twin):
         self.twin = twin
         self.profile = twin.profile
 
+    def _r(self, datatype, getter, units: str, precision: int | None = None) -> SignalR:
+        return SignalR(TwinSignalBackend(datatype, self.twin, getter, units=units, precision=precision))
+
+    def _rw(self, datatype, getter, setter, units: str, precision: int | None = None) -> SignalRW:
+        return SignalRW(TwinSignalBackend(datatype, self.twin, getter, setter, units=units, precision=precision))
+
     # magnets ---------------------------------------------------------------------------------------
     def magnet_setpoint(self, family: str, index: int) -> SignalRW[float]:
         t = self.twin
-        return soft_signal_rw(
-            float, float(t.get_setpoint(family, index)), units=t.family(family).spec.units,
-            getter=lambda: t.get_setpoint(family, index),
-            setter=lambda v: t.set_setpoint(family, v, index),
-        )
+        return self._rw(float, lambda: t.get_setpoint(family, index),
+                        lambda v: t.set_setpoint(family, v, index), t.family(family).spec.units)
 
     def magnet_readback(self, family: str, index: int) -> SignalR[float]:
         t = self.twin
-        return soft_signal_r(
-            float, float(t.get_readback(family, index)), units=t.family(family).spec.units,
-            getter=lambda: t.get_readback(family, index))
+        return self._r(float, lambda: t.get_readback(family, index), t.family(family).spec.units)
 
-    def family_setpoints(self, family: str) -> SignalRW[Array1D[np.float64]]:
+    def family_setpoints(self, family: str) -> SignalRW[FloatArray]:
         t = self.twin
-        return soft_signal_rw(
-            Array1D[np.float64], t.get_setpoint(family), units=t.family(family).spec.units,
-            getter=lambda: t.get_setpoint(family),
-            setter=lambda v: t.set_setpoint(family, np.asarray(v, dtype=float)),
-        )
+        return self._rw(FloatArray, lambda: t.get_setpoint(family),
+                        lambda v: t.set_setpoint(family, np.asarray(v, dtype=float)), t.family(family).spec.units)
 
-    def family_readbacks(self, family: str) -> SignalR[Array1D[np.float64]]:
+    def family_readbacks(self, family: str) -> SignalR[FloatArray]:
         t = self.twin
-        return soft_signal_r(
-            Array1D[np.float64], t.get_readback(family), units=t.family(family).spec.units,
-            getter=lambda: t.get_readback(family))
+        return self._r(FloatArray, lambda: t.get_readback(family), t.family(family).spec.units)
+
+    def magnet_put(self, family: str, index: int, signal: SignalRW) -> Callable[[float], Any]:
+        t = self.twin
+
+        async def put(value: float) -> None:
+            t.set_setpoint(family, float(value), index)
+
+        return put
+
+    def family_put(self, family: str, signal: SignalRW) -> Callable[[np.ndarray], Any]:
+        t = self.twin
+
+        async def put(values: np.ndarray) -> None:
+            t.set_setpoint(family, np.asarray(values, dtype=float))
+
+        return put
 
     # BPMs ------------------------------------------------------------------------------------------
-    def orbit(self, plane: str) -> SignalR[Array1D[np.float64]]:
+    def orbit(self, plane: str) -> SignalR[FloatArray]:
         t = self.twin
         k = "xy".index(plane)
-        return soft_signal_r(
-            Array1D[np.float64], np.zeros(t.nbpm), units="m", getter=lambda: t.read_bpms()[k])
+        return self._r(FloatArray, lambda: t.read_bpms()[k], "m")
 
     def bpm(self, index: int, plane: str) -> SignalR[float]:
         t = self.twin
         k = "xy".index(plane)
-        return soft_signal_r(float, 0.0, units="m", getter=lambda: float(t.read_bpms()[k][index]))
+        return self._r(float, lambda: float(t.read_bpms()[k][index]), "m")
 
     # RF, tune, beam --------------------------------------------------------------------------------
     def rf_frequency(self) -> SignalRW[float]:
         t = self.twin
-        return soft_signal_rw(float, t.rf_frequency_setpoint, units="Hz", precision=3,
-                              getter=lambda: t.rf_frequency_setpoint, setter=t.set_rf_frequency)
+        return self._rw(float, lambda: t.rf_frequency_setpoint, t.set_rf_frequency, "Hz", 3)
+
+    def rf_put(self, signal: SignalRW) -> Callable[[float], Any]:
+        t = self.twin
+
+        async def put(value: float) -> None:
+            t.set_rf_frequency(float(value))
+
+        return put
 
     def rf_voltage(self) -> SignalRW[float]:
         t = self.twin
-        return soft_signal_rw(float, t.rf_voltage_setpoint, units="V",
-                              getter=lambda: t.rf_voltage_setpoint, setter=t.set_rf_voltage)
+        return self._rw(float, lambda: t.rf_voltage_setpoint, t.set_rf_voltage, "V")
 
     def tune(self, plane: str) -> SignalR[float]:
         t = self.twin
         k = "xy".index(plane)
-        return soft_signal_r(float, 0.0, units="", precision=5, getter=lambda: float(t.read_tunes()[k]))
+        return self._r(float, lambda: float(t.read_tunes()[k]), "", 5)
 
     def beam_current(self) -> SignalR[float]:
-        t = self.twin
-        return soft_signal_r(float, 0.0, units="A", getter=t.beam_current)
+        return self._r(float, self.twin.beam_current, "A", 4)
 
     def beam_lifetime(self) -> SignalR[float]:
-        t = self.twin
-        return soft_signal_r(float, 0.0, units="s", getter=t.beam_lifetime)
+        return self._r(float, self.twin.beam_lifetime, "s", 0)
