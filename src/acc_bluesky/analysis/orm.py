@@ -289,6 +289,10 @@ class OrbitResponse:
         return cls.from_results(run_results(run), start)
 
     # ------------------------------------------------------------------------------------------------
+    def plot_data(self, hw: bool = False) -> tuple[FloatArray, str]:
+        """The matrix as the figure shows it and its unit: [mm/mrad] (= m/rad), or [mm/A] with ``hw``."""
+        return (self.matrix_hw * 1e3, "mm/A") if hw else (self.matrix.copy(), "mm/mrad")
+
     def plot(self, path: str | Path, hw: bool = False, title: str | None = None) -> Path:
         """Save a PNG picture of the matrix (symmetric colour scale, mm/mrad = m/rad, or mm/A) and return its
         path."""
@@ -299,8 +303,7 @@ class OrbitResponse:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        m = self.matrix_hw * 1e3 if hw else self.matrix  # [mm/A]; [m/rad] is [mm/mrad]
-        unit = "mm/A" if hw else "mm/mrad"
+        m, unit = self.plot_data(hw)
         fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
         v = float(np.nanmax(np.abs(m))) or 1.0
         im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")

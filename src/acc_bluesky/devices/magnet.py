@@ -75,7 +75,7 @@ class _MagnetLogic(MovableLogic[float]):
 
 
 class Magnet(Described, StandardMovable[float]):
-    """One magnet power supply: ``setpoint`` and ``readback`` [A], ``strength`` in physics units.
+    """One magnet power supply: ``setpoint`` and ``readback`` [A], ``strength`` (the setpoint in physics units).
 
     ``set(value)`` moves the setpoint to ``value`` [A] (limits checked first; a watchable status: progress bars
     follow the readback of ramped supplies); ``strength.set(k)`` moves it to the setpoint of strength ``k``
@@ -109,15 +109,15 @@ class Magnet(Described, StandardMovable[float]):
         self._put = backend.magnet_put(family.name, index, self.setpoint)
         cal, e = self.calibration, energy
 
-        def to_physics(readback: float) -> float:
-            return float(cal.hw2physics(readback, e, e))
+        def to_physics(setpoint: float) -> float:
+            return float(cal.hw2physics(setpoint, e, e))
 
         def set_strength(value: float) -> AsyncStatus:
             return self.set(self.to_hw(value))
 
         with self.add_children_as_readables(plain):
             self.strength = derived_signal_rw(to_physics, set_strength, derived_units=self.physics_units,
-                                              derived_datatype=float, readback=self.readback)
+                                              derived_datatype=float, setpoint=self.setpoint)
         super().__init__(name=name)
 
     @cached_property
@@ -128,7 +128,8 @@ class Magnet(Described, StandardMovable[float]):
         what = f"{self.device_name} ({self.element_name}, {self.family_name}, s = {self.s:.3f} m)"
         return {"setpoint": f"power-supply setpoint of {what}",
                 "readback": f"power-supply current delivered to {what}",
-                "strength": f"field strength of {what}: the readback through the calibration, at the beam energy",
+                "strength": f"field strength of {what}: the setpoint through the calibration, at the beam energy "
+                            "(the readback in physics units: to_physics(readback))",
                 }.get(child)
 
     def to_physics(self, hw):
@@ -189,22 +190,22 @@ class MagnetFamily(NamedVector, Described):
         self._put = backend.family_put(family.name, self.setpoints)
         cal, e = self.calibration, energy
 
-        def to_physics(readbacks: FloatArray) -> FloatArray:
-            return np.asarray(cal.hw2physics(np.asarray(readbacks, dtype=float), e, e), dtype=float)
+        def to_physics(setpoints: FloatArray) -> FloatArray:
+            return np.asarray(cal.hw2physics(np.asarray(setpoints, dtype=float), e, e), dtype=float)
 
         def set_strengths(values: FloatArray) -> AsyncStatus:
             return self.set(self.to_hw(np.asarray(values, dtype=float)))
 
         with self.add_children_as_readables(plain):
             self.strengths = derived_signal_rw(to_physics, set_strengths, derived_units=self.physics_units,
-                                               derived_datatype=FloatArray, readbacks=self.readbacks)
+                                               derived_datatype=FloatArray, setpoints=self.setpoints)
         self.set_name(name)
 
     def describe_signal(self, child: str) -> str | None:
         what = f"every magnet of family {self.family_name} ({len(self)} {self.type}), in the order of its names"
         return {"setpoints": f"power-supply setpoints of {what}",
                 "readbacks": f"power-supply currents delivered to {what}",
-                "strengths": f"field strengths of {what} (readbacks through the calibration, at the beam energy)",
+                "strengths": f"field strengths of {what} (setpoints through the calibration, at the beam energy)",
                 }.get(child)
 
     def to_physics(self, hw):

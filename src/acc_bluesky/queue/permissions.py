@@ -107,14 +107,13 @@ def write_permissions(path: str | Path, permissions: dict[str, Any] | None = Non
 
 def plan_allowed(plan: str, group: str, permissions: dict[str, Any] | None = None) -> bool:
     """Whether ``group`` may run ``plan`` under ``permissions`` (the RE Manager's own rule: root, then group)."""
-    from bluesky_queueserver.manager.profile_ops import _check_if_plan_or_func_allowed
+    from .._compat.queueserver import plan_allowed_by_rules
 
     groups = (permissions or DEFAULT_PERMISSIONS)["user_groups"]
     if group not in groups:
         raise KeyError(f"unknown user group {group!r}; groups: {sorted(g for g in groups if g != 'root')}")
     for g in ("root", group):
         rules = groups[g]
-        if not _check_if_plan_or_func_allowed(plan, rules.get("allowed_plans", []),
-                                              rules.get("forbidden_plans", [])):
+        if not plan_allowed_by_rules(plan, rules.get("allowed_plans", []), rules.get("forbidden_plans", [])):
             return False
     return True

@@ -1,8 +1,10 @@
 """Fast, safe use of pyAT's tracking engine.
 
-pyAT converts a lattice for its C engine on every call unless ``keep_lattice=True``; the converted lattice is
-global to the process. We wrap the engine entry point so that any conversion (by us, by pyAT internals, by user
-code) bumps a generation counter: a twin reuses the converted lattice only if nobody converted another one since.
+pyAT converts a lattice for its C engine on every call unless the engine is called with the same list of
+elements and ``reuse=True``: each twin keeps one list per lattice (:func:`track`). The engine reconverts by itself
+when another lattice was tracked since (pyAT >= 0.9, checked in ``tests/test_compat.py``), so nothing outside the
+twin needs to know; the twin asks for a fresh conversion only when it replaced an element attribute object (a
+scalar field), which the engine cannot see.
 """
 
 from __future__ import annotations
@@ -11,41 +13,18 @@ import threading
 
 import numpy as np
 
+from .._compat.pyat import atpass
+
 __all__ = ["ENGINE_LOCK", "generation", "track", "closed_orbit_dct", "orbit_jacobian"]
 
 #: The C engine holds global state: every tracking call of the twins goes through this lock.
 ENGINE_LOCK = threading.RLock()
-_GEN = [0]
-
-
-def _install() -> None:
-    import at.tracking.track as tt
-
-    if getattr(tt._atpass, "_acc_bluesky_sentinel", False):
-        return
-    orig = tt._atpass
-
-    def atpass(*args, **kwargs):
-        if not (kwargs.get("reuse", False) or kwargs.get("keep_lattice", False)):
-            _GEN[0] += 1
-        return orig(*args, **kwargs)
-
-    atpass._acc_bluesky_sentinel = True
-    tt._atpass = atpass
-    try:
-        import at.tracking.deprecated as dep
-
-        dep._atpass = atpass
-    except ImportError:  # pragma: no cover - older pyAT
-        pass
-
-
-_install()
 
 
 def generation() -> int:
-    """Counter of lattice conversions in this process."""
-    return _GEN[0]
+    """Kept for the twin's bookkeeping: the engine's conversion is always reusable (see the module docstring);
+    the twin marks its own stale conversions with a negative generation."""
+    return 0
 
 
 def track(ring, r_in: np.ndarray, refpts, keep: bool, nturns: int = 1) -> np.ndarray:
@@ -54,12 +33,10 @@ def track(ring, r_in: np.ndarray, refpts, keep: bool, nturns: int = 1) -> np.nda
     Skips ``lattice_pass``'s per-call Python preparation (a scan of every element, ~3 ms on EBS), which is
     what makes a kick-then-orbit cycle slow; ``r_in`` is copied, never modified.
     """
-    import at.tracking.track as tt
-
     r = np.asfortranarray(np.array(r_in, dtype=np.float64, copy=True).reshape(6, -1))
     refs = np.asarray(refpts, dtype=np.uint32).reshape(-1)
     kw = _params(ring)
-    return tt._atpass(_elements(ring), r, nturns, refpts=refs, reuse=bool(keep), **kw)
+    return atpass(_elements(ring), r, nturns, refpts=refs, reuse=bool(keep), **kw)
 
 
 _ZERO1 = np.zeros(1)

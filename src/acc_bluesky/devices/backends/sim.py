@@ -34,6 +34,12 @@ class TwinSignalBackend(SoftSignalBackend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = False
 
+    async def get_setpoint(self):
+        """A setpoint signal's setpoint is what the twin holds now (moves may go straight to the twin)."""
+        if self._setter is None:
+            return await super().get_setpoint()
+        return self.converter.write_value(self._getter())
+
     def set_callback(self, callback) -> None:
         if callback is not None:
             self.set_value(self._getter())  # the monitor starts from the present value, not the last one read
