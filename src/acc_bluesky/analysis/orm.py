@@ -85,6 +85,8 @@ class OrbitResponse:
         uid: the run it was read from, if any.
         bpm_refpts, corrector_refpts: lattice indices (when known).
         metadata: anything else (profile, seed, ...).
+        good: (m,) False for a column flagged as dead (a stuck or dead corrector: no response above the noise
+            floor), or ``None`` (not checked).
     """
 
     matrix: FloatArray
@@ -101,9 +103,12 @@ class OrbitResponse:
     bpm_refpts: np.ndarray | None = None
     corrector_refpts: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    good: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.matrix = np.asarray(self.matrix, dtype=float)
+        if self.good is not None:
+            self.good = np.asarray(self.good, dtype=bool).reshape(-1)
         self.matrix_hw = np.asarray(self.matrix_hw, dtype=float)
         self.bpm_names = [str(b) for b in self.bpm_names]
         self.corrector_names = [str(c) for c in self.corrector_names]
@@ -200,6 +205,7 @@ class OrbitResponse:
             return None if a is None else np.asarray(a)[ci]
 
         return OrbitResponse(
+            good=None if self.good is None else self.good[ci],
             matrix=self.matrix[np.ix_(rows, ci)], matrix_hw=self.matrix_hw[np.ix_(rows, ci)],
             bpm_names=[self.bpm_names[i] for i in bi], corrector_names=[self.corrector_names[j] for j in ci],
             planes=[self.planes[j] for j in ci], rf=None if self.rf is None else self.rf[rows],
@@ -227,6 +233,8 @@ class OrbitResponse:
         arrays cannot be stored in Tiled's SQL event tables, and they are parameters of the measurement.
         """
         out: dict[str, np.ndarray] = {"orm": self.matrix, "orm_hw": self.matrix_hw}
+        if self.good is not None:
+            out["column_ok"] = self.good.astype(np.int64)
         if self.rf is not None:
             out["orm_rf"] = self.rf
         if self.df is not None:
@@ -272,6 +280,7 @@ class OrbitResponse:
             bpm_refpts=None if start.get("bpm_refpts") is None else np.asarray(start["bpm_refpts"]),
             corrector_refpts=None if start.get("corrector_refpts") is None else np.asarray(
                 start["corrector_refpts"]),
+            good=None if results.get("column_ok") is None else np.asarray(results["column_ok"]).astype(bool),
             metadata={k: start[k] for k in ("profile", "seed", "mode", "facility", "accelerator", "time")
                       if k in start})
 
@@ -289,6 +298,18 @@ class OrbitResponse:
         return cls.from_results(run_results(run), start)
 
     # ------------------------------------------------------------------------------------------------
+    def flag_dead_columns(self, fraction: float = 0.05) -> list[str]:
+        """Flag (``good = False``) the columns whose rms response is below ``fraction`` of the median of their
+        plane's columns (a stuck or dead corrector: the orbit did not move); returns their corrector names."""
+        rms_col = np.sqrt(np.nanmean(self.matrix_hw ** 2, axis=0))
+        good = np.ones(self.ncor, dtype=bool) if self.good is None else self.good.copy()
+        for p in set(self.planes):
+            cols = np.array([j for j, q in enumerate(self.planes) if q == p])
+            ref = float(np.nanmedian(rms_col[cols])) if cols.size else 0.0
+            good[cols] &= np.isfinite(rms_col[cols]) & (rms_col[cols] > fraction * ref)
+        self.good = good
+        return [self.corrector_names[j] for j in np.nonzero(~good)[0]]
+
     def plot_data(self, hw: bool = False) -> tuple[FloatArray, str]:
         """The matrix as the figure shows it and its unit: [mm/mrad] (= m/rad), or [mm/A] with ``hw``."""
         return (self.matrix_hw * 1e3, "mm/A") if hw else (self.matrix.copy(), "mm/mrad")

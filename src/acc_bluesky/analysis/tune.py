@@ -28,6 +28,7 @@ from ..profile import Profile
 from ._common import FloatArray, resolve_profile, run_results, run_start
 
 __all__ = [
+    "nearest_resonance",
     "MODEL_FAMILY_TYPES",
     "FamilyResponse",
     "TuneResponse",
@@ -513,3 +514,19 @@ class TuneCorrection(_Correction):
         return (f"TuneCorrection({', '.join(self.families)}: ({self.before[0]:.5f}, {self.before[1]:.5f}) -> "
                 f"({self.after[0]:.5f}, {self.after[1]:.5f}), target ({self.target[0]:.5f}, {self.target[1]:.5f}), "
                 f"{self.iterations} iteration(s), {'converged' if self.converged else 'NOT converged'})")
+
+
+def nearest_resonance(qx: float, qy: float, order: int = 3) -> tuple[float, tuple[int, int, int]]:
+    """Distance [tune units] of the working point (qx, qy) to the nearest resonance line ``m qx + n qy = p`` of
+    order ``|m| + |n| <= order``, and that line ``(m, n, p)``: ``|m qx + n qy - p| / sqrt(m^2 + n^2)``."""
+    best = (float("inf"), (0, 0, 0))
+    for m in range(0, order + 1):
+        for n in range(-order, order + 1):
+            if not 1 <= abs(m) + abs(n) <= order or (m == 0 and n < 0):
+                continue
+            v = m * qx + n * qy
+            p = round(v)
+            d = abs(v - p) / float(np.hypot(m, n))
+            if d < best[0]:
+                best = (d, (m, n, int(p)))
+    return best

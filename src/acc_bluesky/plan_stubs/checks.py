@@ -112,6 +112,9 @@ def _describe(value: Any) -> str:
 
 
 def _check_scalar(plan: str, name: str, value: Any, kinds: set[type]) -> None:
+    if float in kinds and isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) \
+            and not math.isfinite(float(value)):
+        raise ParameterError(f"{plan}: {name} must be a finite number, got {value!r}; nothing was moved")
     if object in kinds:
         return
     if bool in kinds and isinstance(value, (bool, np.bool_)):
@@ -124,10 +127,11 @@ def _check_scalar(plan: str, name: str, value: Any, kinds: set[type]) -> None:
         return
     if str in kinds and isinstance(value, str):
         return
-    want = " or ".join(sorted({"integer" if k is int else "number" if k is float else k.__name__ for k in kinds}))
+    words = {int: "an integer", float: "a number", bool: "a bool (True or False)", str: "a string"}
+    want = " or ".join(sorted({words.get(k, k.__name__) for k in kinds}))
     hint = " (no silent truncation: give a whole number)" if int in kinds and isinstance(value, numbers.Real) \
         and float not in kinds else ""
-    raise ParameterError(f"{plan}: {name} must be a {want}, got {_describe(value)}{hint}; nothing was moved")
+    raise ParameterError(f"{plan}: {name} must be {want}, got {_describe(value)}{hint}; nothing was moved")
 
 
 def _check_bound(plan: str, name: str, value: Any, profile) -> None:

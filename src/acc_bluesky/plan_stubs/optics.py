@@ -84,6 +84,9 @@ def resolve_families(machine, families: str | Iterable[str] | None, kind: str) -
     for n in names:
         if n not in machine.families:
             raise KeyError(f"unknown family {n!r}; {kind} families of {machine.profile.name!r}: {sorted(pool)}")
+        if kind in ("quadrupole", "sextupole") and n not in pool:
+            raise ValueError(f"family {n!r} is a {machine.families[n].type} family, not a {kind} family: this tool "
+                             f"moves {kind}s ({kind} families of {machine.profile.name!r}: {sorted(pool)})")
     if len(set(names)) != len(names):
         raise ValueError(f"families listed twice: {names}")
     return names

@@ -28,7 +28,14 @@ from ..analysis.chromaticity import (
     scan_points,
 )
 from ..analysis.plots import chromaticity_fit_plot, tune_diagram
-from ..analysis.tune import MODEL_FAMILY_TYPES, FamilyResponse, MeasuredTunes, TuneResponse, model_tune_response
+from ..analysis.tune import (
+    MODEL_FAMILY_TYPES,
+    FamilyResponse,
+    MeasuredTunes,
+    TuneResponse,
+    model_tune_response,
+    nearest_resonance,
+)
 from ..machine import Machine
 from ..plan_stubs.machine import Record, check_limits, snapshot_setpoints
 from ..plan_stubs.optics import family_setpoints, move_families, read_tunes, resolve_families
@@ -310,6 +317,20 @@ def measure_tune_response(machine: Machine, families: Sequence[str] | str | None
     return _result(res, _TUNE_RESPONSE_KEYS, value=resp, dQ_dK=(f"1/({pu})", _TUNE_RESPONSE_KEYS["dQ_dK"][1]))
 
 
+def _check_resonances(machine: Machine, target: np.ndarray) -> None:
+    """Refuse a working point too close to a resonance (profile ``tools.tune_correction.resonance_order``, default
+    3, and ``resonance_distance`` [tune units], default 0.01): stepping quadrupoles there loses the beam."""
+    d = machine.profile.tool_defaults("tune_correction")
+    order, dist = int(d.get("resonance_order", 3)), float(d.get("resonance_distance", 0.01))
+    gap, (m, n, p) = nearest_resonance(float(target[0]), float(target[1]), order)
+    if gap < dist:
+        line = " + ".join(t for t in (f"{m} qx" if m else "", f"{n} qy" if n else "") if t).replace("+ -", "- ")
+        raise ValueError(f"correct_tune: target ({target[0]:g}, {target[1]:g}) is {gap:.4f} from the resonance "
+                         f"{line} = {p} (order {abs(m) + abs(n)}); targets within {dist:g} of a resonance of order <= "
+                         f"{order} are refused (profile tools.tune_correction.resonance_distance / resonance_order). "
+                         "Nothing was moved.")
+
+
 def _tune_figure(result: ToolResult, path: Path) -> None:
     v = result.value
     qh = np.asarray(v["q_history"])
@@ -347,6 +368,7 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
     tgt = _pair(target, "target")
     if np.any((tgt <= 0) | (tgt >= 1)):
         raise ValueError(f"target must be fractional tunes in (0, 1), got {tuple(tgt)}; e.g. for Q = 76.21 give 0.21")
+    _check_resonances(machine, tgt)
     _check_iter(max_iter, tol, "tune units")
     n_avg = _check_n_avg(n_avg)
     if families is not None:
@@ -360,8 +382,9 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
     fams = list(families) if families is not None else list(resp.best_pair())
     sub = resp.select(fams)
     snap = yield from family_setpoints(machine, fams)
+    max_dq = float(machine.profile.tool_defaults("tune_correction").get("max_dq", 0.02))
     yield from open_tool_run(families=fams, physics_units=_physics_units(machine, fams), response_kind=resp.kind,
-                             response_uid=resp.uid)
+                             response_uid=resp.uid, max_dq=max_dq)
     info = Record("correction", {"iteration": ("", (), "correction iteration (0: before any correction)")},
                   dtypes={"iteration": "integer"})
     current = {n: snap[n].copy() for n in fams}
@@ -379,7 +402,7 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
             break
         if it == max_iter:
             break
-        step = sub.step(dq)
+        step = sub.step(np.clip(dq, -max_dq, max_dq))  # at most max_dq per iteration and plane
         new = {n: current[n] + step[j] * machine.families[n].good for j, n in enumerate(fams)}
         for n in fams:
             check_limits(machine.families[n], new[n], f"correct_tune iteration {it + 1} (dq = {dq[0]:+.2e}, "

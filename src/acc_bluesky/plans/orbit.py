@@ -141,11 +141,19 @@ def measure_orm(machine: Machine, correctors: Any = None, delta: float | Sequenc
                                                 settle=settle, record=_orm_record(len(machine.bpm)))
     rf_col = (yield from _rf_column(machine, f0, df, bipolar, n_avg, settle, x0, y0)) if rf else None
     kick = d_ph * (2.0 if bipolar else 1.0)
-    return OrbitResponse(
+    resp = OrbitResponse(
         matrix=resp_hw * (d_hw * (2.0 if bipolar else 1.0)) / kick, matrix_hw=resp_hw,
         bpm_names=machine.bpm.names, corrector_names=[d.name for d in devs], planes=[d.plane for d in devs],
         rf=rf_col, delta=d_hw, delta_physics=d_ph, df=df if rf else None, kind="measured",
         bpm_refpts=np.asarray(machine.bpm.refpts), corrector_refpts=np.asarray(refs))
+    dead = resp.flag_dead_columns(float(defaults.get("dead_fraction", 0.05))) if len(devs) > 2 else []
+    if dead:
+        warnings.warn(f"measure_orm: {len(dead)} corrector(s) moved the orbit by less than "
+                      f"{defaults.get('dead_fraction', 0.05):g} of their plane's median response: {', '.join(dead[:8])}"
+                      f"{' ...' if len(dead) > 8 else ''}. Stuck or dead power supplies? Their columns are flagged "
+                      "(results column_ok = 0) and correct_orbit leaves them out unless use_flagged=True.",
+                      stacklevel=2)
+    return resp
 
 
 @tool("orbit_response", needs_beam=False, figures={"orm": _orm_figure})
@@ -323,7 +331,8 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
                   exclude_bpms: Sequence[str | int] = (), exclude_correctors: Sequence[str | int] = (),
                   fit_rf: bool = False, gain: float = 1.0, max_step: float | None = None, max_iter: int = 3,
                   tol: float | None = None, target: Any = None, n_avg: int = 1, min_improvement: float = 0.02,
-                  figure_dir: str | Path | bool | None = None, md: dict | None = None) -> MsgGenerator[str]:
+                  use_flagged: bool = False, figure_dir: str | Path | bool | None = None,
+                  md: dict | None = None) -> MsgGenerator[str]:
     """Correct the closed orbit by SVD (MML's ``setorbit``), iterating until converged.
 
     Each iteration reads the orbit, computes the corrector steps that cancel ``gain`` x (reading - target) with
@@ -356,6 +365,7 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
         target: golden orbit: ``(x, y)`` arrays [m], a (2n,) vector, or a run holding an orbit (``save_config``,
             ``apply_bba``).
         n_avg: orbit acquisitions averaged per reading.
+        use_flagged: also use the correctors the ORM flagged as dead (``column_ok = 0``: no response).
         figure_dir: folder of the figure; ``False``: none.
         md: metadata merged into the start document.
 
@@ -370,6 +380,11 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
         raise ValueError(f"tikhonov alpha must be a finite number >= 0, got {tikhonov}")
     tx, ty = yield from _target_orbit(machine, target)
     resp = yield from _orm_of(machine, orm, fit_rf)
+    if resp.good is not None and not use_flagged and not np.all(resp.good):
+        flagged = [c for c, ok in zip(resp.corrector_names, resp.good) if not ok]
+        exclude_correctors = [*exclude_correctors, *(c for c in flagged if c not in exclude_correctors)]
+        warnings.warn(f"correct_orbit: leaving out {len(flagged)} corrector(s) the ORM flagged as dead: "
+                      f"{', '.join(flagged[:8])}", stacklevel=2)
     system, nsv, s_all = _correction_system(machine, resp, fit_rf, n_sv, tikhonov, bpm_weights, corrector_weights,
                                             exclude_bpms, exclude_correctors)
     snap = yield from snapshot_setpoints(machine, sorted({machine.device(c).family_name
