@@ -64,3 +64,15 @@ def test_queueserver_permission_rule():
     assert plan_allowed_by_rules("measure_orm", [":.*"], [])
     assert not plan_allowed_by_rules("measure_orm", [":.*"], [":^measure_"])
     assert not plan_allowed_by_rules("count", [":^measure_"], [])
+
+
+def test_queueserver_worker_keeps_the_running_item():
+    import inspect
+
+    from bluesky_queueserver.manager.worker import RunEngineWorker
+
+    from acc_bluesky._compat.queueserver import running_item
+
+    src = inspect.getsource(RunEngineWorker)
+    assert "self._running_plan_info = plan_info" in src, "the RE worker no longer keeps the running item"
+    assert running_item() is None  # not in a worker

@@ -70,43 +70,53 @@ _SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Returns|Yields|Raises|E
 
 def numpydoc(doc: str, drop: tuple[str, ...] = ("machine",), notes: dict[str, str] | None = None) -> str:
     """A Google-style docstring (``Args:``, ``Returns:``) as numpydoc (``Parameters`` / ``----------``);
-    ``notes``: a line added to the description of some parameters."""
+    ``notes``: a line added at the end of the description of some parameters."""
     notes = notes or {}
     out: list[str] = []
     section: str | None = None
     indent: int | None = None
     skipping = False
+    pending: list[str] = []
+
+    def flush() -> None:
+        out.extend("    " + n for n in pending)
+        pending.clear()
+
     for line in inspect.cleandoc(doc or "").splitlines():
         m = _SECTION.match(line)
         if m and not line.startswith(" "):
+            flush()
             section = {"Args": "Parameters", "Arguments": "Parameters"}.get(m.group(2), m.group(2))
             out += ["", section, "-" * len(section)]
             indent, skipping = None, False
             continue
         if section is not None and line.strip() and not line.startswith(" "):
+            flush()
             section = None  # text after the section
         if section == "Parameters" and line.strip():
             lead = len(line) - len(line.lstrip())
             indent = lead if indent is None else indent
             entry = re.match(r"^\s*([A-Za-z_][\w, ]*):\s*(.*)$", line) if lead == indent else None
             if entry:
+                flush()
                 keep = [n.strip() for n in entry.group(1).split(",") if n.strip() not in drop]
                 skipping = not keep
                 if keep:
                     out.append(", ".join(keep))
                     if entry.group(2):
                         out.append("    " + entry.group(2))
-                    for k in keep:
-                        if k in notes:
-                            out.append("    " + notes[k])
+                    pending.extend(notes[k] for k in keep if k in notes)
                 continue
             if not skipping:
                 out.append("    " + line.strip())
             continue
+        if section == "Parameters" and not line.strip():
+            flush()
         if section == "Returns" and line.strip():
             out.append("    " + line.strip())
             continue
         out.append(line)
+    flush()
     return "\n".join(out).strip() + "\n"
 
 

@@ -180,6 +180,25 @@ def _range(m: Machine, name: str) -> dict[str, float]:
     return {k: float(v) for k, v in (("min", low), ("max", high)) if v is not None}
 
 
+def submitter_metadata(plan: Any) -> Any:
+    """A RunEngine preprocessor of the queue worker: every run records the user and group who submitted the queue
+    item (``operator``, ``user_group``), whatever client submitted it (qserver, REManagerAPI, a GUI)."""
+    import bluesky.preprocessors as bpp
+
+    from .._compat.queueserver import running_item
+
+    def mutate(msg):
+        if msg.command != "open_run":
+            return msg
+        item = running_item()
+        if not item or not item.get("user"):
+            return msg
+        return msg._replace(kwargs={**msg.kwargs, "operator": item["user"], "user_group": item["user_group"],
+                                    "queue_item_uid": item["item_uid"]})
+
+    return bpp.msg_mutator(plan, mutate)
+
+
 def queue_functions(m: Machine) -> dict[str, Callable[..., Any]]:
     """Functions the queue may execute (``api.function_execute``): :func:`sim_fault` in sim mode."""
     kinds = ("lose_beam", "inject", "dead_bpm", "stuck", "dead", "trip", "clear")
@@ -254,6 +273,7 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
         return RE.catalog
 
     lookup = RunLookup(m, catalog)
+    RE.preprocessors.append(submitter_metadata)
     ns: dict[str, Any] = {"RE": RE, "m": m}
     for dev in m.devices():
         ns[dev.name] = dev

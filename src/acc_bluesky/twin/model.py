@@ -158,6 +158,7 @@ class Twin:
             else:
                 ferr = np.array([self.errors.field.get(int(r), 0.0) for r in fam.refpts.tolist()])
             self._families[name] = _FamilyState(fam, self.ring, self.energy, ferr)
+        self._ramped_families = [n for n, st in self._families.items() if st.spec.ramp_rate]
         self._apply_field_errors_outside_families()
         for st in self._families.values():
             for i in range(len(st.refpts)):
@@ -293,6 +294,8 @@ class Twin:
         return float(st.setpoint[i]) if abs(d) <= step else float(st.ramp_from[i] + math.copysign(step, d))
 
     def _update_ramps(self) -> None:
+        if not self._ramped_families:
+            return
         now = self._clock()
         for name, st in self._families.items():
             if not st.spec.ramp_rate:

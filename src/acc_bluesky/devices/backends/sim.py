@@ -27,8 +27,10 @@ class TwinSignalBackend(SoftSignalBackend):
     """A getter/setter soft signal bound to a twin, whose monitor follows the twin's changes of state."""
 
     def __init__(self, datatype, twin: Twin, getter: Callable[[], Any], setter: Callable[[Any], Any] | None = None,
-                 units: str | None = None, precision: int | None = None):
-        super().__init__(datatype, getter(), units, precision, getter=getter, setter=setter)
+                 units: str | None = None, precision: int | None = None, initial: Any = None):
+        # ``initial``: a value of the right shape until the first read (every read asks the twin)
+        super().__init__(datatype, getter() if initial is None else initial, units, precision, getter=getter,
+                         setter=setter)
         self._twin = twin
         self._unsubscribe: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,11 +86,14 @@ class SimBackend:
         self.twin = twin
         self.profile = twin.profile
 
-    def _r(self, datatype, getter, units: str, precision: int | None = None) -> SignalR:
-        return SignalR(TwinSignalBackend(datatype, self.twin, getter, units=units, precision=precision))
+    def _r(self, datatype, getter, units: str, precision: int | None = None, initial: Any = None) -> SignalR:
+        return SignalR(TwinSignalBackend(datatype, self.twin, getter, units=units, precision=precision,
+                                         initial=0.0 if initial is None and datatype is float else initial))
 
-    def _rw(self, datatype, getter, setter, units: str, precision: int | None = None) -> SignalRW:
-        return SignalRW(TwinSignalBackend(datatype, self.twin, getter, setter, units=units, precision=precision))
+    def _rw(self, datatype, getter, setter, units: str, precision: int | None = None, initial: Any = None
+            ) -> SignalRW:
+        return SignalRW(TwinSignalBackend(datatype, self.twin, getter, setter, units=units, precision=precision,
+                                          initial=0.0 if initial is None and datatype is float else initial))
 
     # magnets ---------------------------------------------------------------------------------------
     def magnet_setpoint(self, family: str, index: int) -> SignalRW[float]:
@@ -102,12 +107,15 @@ class SimBackend:
 
     def family_setpoints(self, family: str) -> SignalRW[FloatArray]:
         t = self.twin
+        n = len(t.family(family).refpts)
         return self._rw(FloatArray, lambda: t.get_setpoint(family),
-                        lambda v: t.set_setpoint(family, np.asarray(v, dtype=float)), t.family(family).spec.units)
+                        lambda v: t.set_setpoint(family, np.asarray(v, dtype=float)), t.family(family).spec.units,
+                        initial=np.zeros(n))
 
     def family_readbacks(self, family: str) -> SignalR[FloatArray]:
         t = self.twin
-        return self._r(FloatArray, lambda: t.get_readback(family), t.family(family).spec.units)
+        return self._r(FloatArray, lambda: t.get_readback(family), t.family(family).spec.units,
+                       initial=np.zeros(len(t.family(family).refpts)))
 
     def magnet_put(self, family: str, index: int, signal: SignalRW) -> Callable[[float], Any]:
         t = self.twin
@@ -129,7 +137,7 @@ class SimBackend:
     def orbit(self, plane: str) -> SignalR[FloatArray]:
         t = self.twin
         k = "xy".index(plane)
-        return self._r(FloatArray, lambda: t.read_bpms()[k], "m")
+        return self._r(FloatArray, lambda: t.read_bpms()[k], "m", initial=np.zeros(t.nbpm))
 
     def bpm(self, index: int, plane: str) -> SignalR[float]:
         t = self.twin
