@@ -139,6 +139,8 @@ def test_server_started_on_loopback(queue_server, api):  # noqa: F811
     ("measure_dispersion", {"df": 1e9}, None, "out of range"),
     ("measure_tune_response", {"delta": 1e6}, None, "out of range"),
     ("measure_chromaticity", {"steps": 4000}, None, "out of range"),
+    ("count", {"num": 10 ** 9}, None, "out of range"),
+    ("measure_tune", {"n_avg": 10 ** 8}, None, "out of range"),
     ("correct_tune", {"target": [0.2]}, None, "target"),
     ("correct_tune", {"target": [0.44, 0.39, 0.1]}, None, "target"),
     ("correct_chromaticity", {"target": [1e6, 5.0]}, None, "out of range"),
@@ -269,6 +271,22 @@ def test_failed_plans_leave_queue_usable_and_machine_restored(api, queue_dirs): 
     from acc_bluesky.data import find_runs
 
     assert not [u for u in find_runs(cat, tool="orbit_response") if cat[u].metadata["stop"]["exit_status"] != "success"]
+
+
+def test_a_run_records_who_submitted_it_whatever_the_client(api, queue_dirs):  # noqa: F811
+    """An item added with the plain REManagerAPI (as qserver and GUIs do, no metadata of ours): the run says alice
+    of group operator submitted it, not the worker's login."""
+    from acc_bluesky.queue import run_queue
+
+    resp = api.item_add({"item_type": "plan", "name": "count", "kwargs": {"detectors": ["beam"], "num": 1}},
+                        user="alice", user_group="operator")
+    assert resp["success"], resp
+    (done,) = run_queue(api, [resp["item"]["item_uid"]], timeout=120)
+    assert done["result"]["exit_status"] == "completed"
+    start = _catalog(queue_dirs)[done["result"]["run_uids"][0]].metadata["start"]
+    assert start["operator"] == "alice" and start["user_group"] == "operator"
+    assert start["queue_item_uid"] == resp["item"]["item_uid"]
+    _assert_idle_and_empty(api)
 
 
 def test_guest_may_measure_but_not_fault_the_twin(api):  # noqa: F811
