@@ -44,6 +44,7 @@ __all__ = [
     "bpm_tunes",
     "error_sources",
     "fit_lines",
+    "kick_for_amplitude",
     "model_optics",
     "spectrum",
 ]
@@ -119,6 +120,27 @@ def _twiss_in(profile) -> dict[str, np.ndarray]:
 
 def _copy_model(m: ModelOptics) -> ModelOptics:
     return ModelOptics(m.beta.copy(), m.alpha.copy(), m.phase.copy(), m.tunes.copy(), list(m.bpm_names))
+
+
+def kick_for_amplitude(source: Any, amplitude: float | Sequence[float] = 1e-4, kicker: int | None = None,
+                       lattice=None) -> FloatArray:
+    """Pinger kick (x, y) [rad] that gives an oscillation of mean amplitude ``amplitude`` [m] over the BPMs.
+
+    ``theta = A / mean_b sqrt(beta_kicker beta_b)`` with the model optics; ``kicker``: lattice index of the
+    pinger (default the lattice entrance)."""
+    import at
+
+    profile = resolve_profile(source)
+    mdl = model_optics(profile, lattice=lattice)
+    ring = profile.load_lattice() if lattice is None else lattice
+    if getattr(ring, "is_6d", False):
+        ring = ring.disable_6d(copy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, ed = at.get_optics(ring, refpts=[0 if kicker is None else int(kicker)])
+    bk = np.asarray(ed.beta[0][:2], dtype=float)
+    amp = np.broadcast_to(np.asarray(amplitude, dtype=float), (2,))
+    return amp / np.mean(np.sqrt(bk[None, :] * mdl.beta), axis=0)
 
 
 _SOURCES_CACHE: dict[tuple, dict[str, tuple[FloatArray, FloatArray, FloatArray]]] = {}
@@ -432,7 +454,8 @@ class TbtResult:
         tunes: (2,) fractional tunes (qx, qy).
         tunes_bpm: (n, 2) tune seen by each BPM (NaN if bad).
         amplitude: (n, 2) oscillation amplitude [m].
-        phase: (n, 2) phase advance from the first BPM [2 pi], unwrapped with the model (NaN if bad).
+        phase: (n, 2) betatron phase [2 pi] in the model's frame (origin at BPM 0, the common offset fitted
+            over every good BPM), unwrapped with the model (NaN if bad).
         phase_model: (n, 2) model phase advance from the first BPM [2 pi].
         phase_err: (n, 2) statistical error of ``phase`` [2 pi].
         beta: (n, 2) beta from phase [m].
@@ -788,6 +811,11 @@ def analyse_tbt(x: npt.ArrayLike, y: npt.ArrayLike, model: ModelOptics | Any, *,
         ref = ok[0]
         raw = phs[:, p] / (2 * np.pi)
         d = raw - raw[ref] - (pmodel[:, p] - pmodel[ref, p])
+        d -= np.round(d)
+        # the absolute phase is not observable: the common offset is fitted over every good BPM (circular mean),
+        # not taken from one BPM's noisy phase
+        off = np.angle(np.mean(np.exp(2j * np.pi * d[ok]))) / (2 * np.pi)
+        d = d - off
         phase[:, p] = pmodel[:, p] + (d - np.round(d))
         with np.errstate(invalid="ignore", divide="ignore"):
             perr[:, p] = noise[:, p] / (amp[:, p] * math.sqrt(nt / 2.0)) / (2 * np.pi)

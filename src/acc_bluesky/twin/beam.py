@@ -348,23 +348,25 @@ class Beam:
         parts = np.tile(np.asarray(z, dtype=float).reshape(6, 1), (1, npart))
         if npart == 1:
             return parts
-        import at
-
         emit, sd = self._natural_beam()
         if self.emittance is not None:
             emit = np.broadcast_to(np.asarray(self.emittance, dtype=float), (2,))
         if self.energy_spread is not None:
             sd = float(self.energy_spread)
-        beta, alpha = self._entrance_twiss()
-        sigma = at.sigma_matrix(betax=beta[0], alphax=alpha[0], emitx=emit[0], betay=beta[1], alphay=alpha[1],
-                                emity=emit[1], blength=0.0, espread=sd)
-        w, v = np.linalg.eigh(sigma)
-        lmat = v * np.sqrt(np.clip(w, 0.0, None))
-        offs = lmat @ self._bunch_rng.standard_normal((6, npart))
+        beta, alpha, disp = self._entrance_twiss()
+        g = self._bunch_rng.standard_normal((6, npart))
+        offs = np.zeros((6, npart))
+        for p in range(2):  # matched uncoupled ellipses: x = sqrt(e b) u, px = sqrt(e / b) (v - a u)
+            u, v = g[2 * p], g[2 * p + 1]
+            offs[2 * p] = math.sqrt(emit[p] * beta[p]) * u
+            offs[2 * p + 1] = math.sqrt(emit[p] / beta[p]) * (v - alpha[p] * u)
+        offs[4] = sd * g[4]
+        offs[:4] += np.outer(disp, offs[4])  # the dispersion of the matched beam
         offs -= offs.mean(axis=1, keepdims=True)  # the centroid is z exactly
         return parts + offs
 
-    def _entrance_twiss(self) -> tuple[np.ndarray, np.ndarray]:
+    def _entrance_twiss(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Design beta (2,), alpha (2,) and dispersion (4,) at the lattice entrance."""
         import at
 
         tw = self._twin
@@ -376,9 +378,10 @@ class Beam:
                     _, _, ed = at.get_optics(tw.design, refpts=[0])
                 else:
                     _, _, ed = at.get_optics(tw.design, refpts=[0], twiss_in=tw._twiss_in())
-                return np.asarray(ed.beta[0][:2]), np.asarray(ed.alpha[0][:2])
+                return (np.asarray(ed.beta[0][:2]), np.asarray(ed.alpha[0][:2]),
+                        np.asarray(ed.dispersion[0][:4]))
             except Exception:  # noqa: BLE001 - unstable design optics: a round beam
-                return np.ones(2), np.zeros(2)
+                return np.ones(2), np.zeros(2), np.zeros(4)
 
     def _kick_array(self, kicker: int) -> np.ndarray:
         tw = self._twin
