@@ -173,7 +173,7 @@ def error_sources(source: Any, *, scale: float | None = None, offset_rms: float 
     for k, mspec in enumerate(espec.magnets):
         try:
             refs = profile.select(mspec.select, f"errors.magnets.{k}.select")
-        except Exception:  # noqa: BLE001 - a class absent from this lattice
+        except Exception:  # noqa: BLE001, S112 - a class absent from this lattice has no error here
             continue
         for r in refs.tolist():
             e = ring[r]
@@ -782,8 +782,8 @@ def analyse_tbt(x: npt.ArrayLike, y: npt.ArrayLike, model: ModelOptics | Any, *,
         good_dq = dq[ok & ~low & ~noisy & np.isfinite(dq)]
         sig = 1.4826 * float(np.median(np.abs(good_dq))) if good_dq.size else 0.0
         off = ok & ~low & ~noisy & ~(np.abs(dq) <= max(tune_sigmas * sig, 1e-7))
-        for mask, why in ((low, "signal-to-noise below {:g}".format(snr_min)),
-                          (noisy, "noise {:.3g} um above {:g} x the median".format(med_noise * 1e6, noise_factor)),
+        for mask, why in ((low, f"signal-to-noise below {snr_min:g}"),
+                          (noisy, f"noise {med_noise * 1e6:.3g} um above {noise_factor:g} x the median"),
                           (off, "tune off the other BPMs")):
             for i in np.nonzero(mask)[0]:
                 reasons[pl].append(f"{mdl.bpm_names[i]}: {why}")

@@ -1,28 +1,29 @@
 """First turns: the trajectory response, SVD trajectory correction, and threading a ring with no closed orbit.
 
 - :func:`model_trajectory_response`: the response of the first ``turns`` turns of an injected beam to the
-  correctors (pyAT's ``TrajectoryResponseMatrix.build_analytical`` on the design lattice repeated ``turns`` times),
+  correctors (pyAT's ``TrajectoryResponseMatrix.build_analytical`` on the design lattice repeated ``turns`` times,
+  each corrector a steerer in every copy: it kicks at every passage),
   plus the response to the four injection knobs (x, px, y, py at the injection point, from pyAT's ``find_m44``).
   Rows: ``[x turn 0 (BPM 0..n-1), x turn 1, ..., y turn 0, y turn 1, ...]``; columns: correctors (h then v).
-- :func:`correction_step`: SVD trajectory correction (pyAT's solver via :class:`~.correction.SvdCorrector`) on the
+- :func:`trajectory_step`: SVD trajectory correction (pyAT's solver via :class:`~.correction.SvdCorrector`) on the
   BPMs the beam reaches, with the correctors upstream of the last BPM reached (the window grows with the beam).
 - :func:`thread_first_turns`: the threading logic of pySC's ``first_turn`` / ``stitch`` / ``balance`` (plus
-  injection steering) as a **pure generator**: it yields a :class:`Request` (what to set), receives the next
-  :class:`Reading` (what the BPMs showed) and returns a :class:`ThreadingResult`. A Bluesky plan, a notebook loop
-  or a test drives it the same way::
+  injection steering) as a **pure generator**: it yields a :class:`ThreadingRequest` (what to set), receives the
+  next :class:`TrajectoryReading` (what the BPMs showed) and returns a :class:`ThreadingResult`. A Bluesky plan, a
+  notebook loop or a test drives it the same way::
 
       gen = thread_first_turns(response, setpoints, low, high)
       request = next(gen)
       while True:
           apply(request)                       # correctors [A] and injection trims, absolute values
           try:
-              request = gen.send(measure())    # a Reading: (x, y) arrays (turns, n) [m], NaN where no beam
+              request = gen.send(measure())    # a TrajectoryReading: (x, y) arrays (turns, n) [m], NaN where no beam
           except StopIteration as stop:
               result = stop.value
               break
 
   Once two turns are threaded and balanced, the closed orbit exists: ``correct_orbit`` takes over.
-- Transfer lines: the same response (``turns=1``) and :func:`correction_step` steer a line's trajectory.
+- Transfer lines: the same response (``turns=1``) and :func:`trajectory_step` steer a line's trajectory.
 
 Units: positions [m]; corrector setpoints and steps in hardware units [A] (the columns of ``matrix_hw``);
 injection knobs in m and rad.
@@ -46,15 +47,15 @@ from .correction import SvdCorrector, limit_step
 
 __all__ = [
     "INJECTION_KNOBS",
-    "Reading",
-    "Request",
+    "ThreadingRequest",
     "ThreadingResult",
+    "TrajectoryReading",
     "TrajectoryResponse",
     "TrajectoryStep",
-    "correction_step",
     "model_trajectory_response",
     "reached",
     "thread_first_turns",
+    "trajectory_step",
 ]
 
 #: the injection steering knobs (transfer-line end): x [m], px [rad], y [m], py [rad]
@@ -291,11 +292,13 @@ def _model_response(profile: Profile, correctors, turns: int, lattice) -> Trajec
         if not cols:
             continue
         cols = [cols[k] for k in np.argsort(refs[cols], kind="stable")]  # pyAT wants ascending refpts
+        # a corrector is DC: it kicks the beam at every passage, so it is a steerer in every turn's copy
+        steer = np.concatenate([refs[cols] + k * nel for k in range(turns)]).astype(np.uint32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trm = TrajectoryResponseMatrix(long, pl, bpms_all, refs[cols].astype(np.uint32))
+            trm = TrajectoryResponseMatrix(long, pl, bpms_all, steer)
             r = trm.build_analytical(twiss_in=tw)
-        resp[code * rows:(code + 1) * rows, cols] = r
+        resp[code * rows:(code + 1) * rows, cols] = r.reshape(rows, turns, len(cols)).sum(axis=1)
     # injection knobs: the linear transfer from the injection point to every BPM passage (x <- x, px; y <- y, py)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -322,7 +325,7 @@ def _model_response(profile: Profile, correctors, turns: int, lattice) -> Trajec
 # ----------------------------------------------------------------------------------------------------
 # readings and correction steps
 @dataclass
-class Reading:
+class TrajectoryReading:
     """One trajectory acquisition: (turns, n) readings [m], NaN where no beam (or a dead BPM)."""
 
     x: FloatArray
@@ -335,9 +338,9 @@ class Reading:
             raise ValueError(f"x and y readings differ in shape: {self.x.shape} and {self.y.shape}")
 
     @classmethod
-    def of(cls, value: Any) -> Reading:
-        """A Reading from a Reading, an ``(x, y)`` pair, or anything with ``.x`` and ``.y`` (a twin Acquisition)."""
-        if isinstance(value, Reading):
+    def of(cls, value: Any) -> TrajectoryReading:
+        """From a TrajectoryReading, an ``(x, y)`` pair, or anything with ``.x`` and ``.y`` (a twin Acquisition)."""
+        if isinstance(value, TrajectoryReading):
             return value
         if hasattr(value, "x") and hasattr(value, "y"):
             return cls(value.x, value.y)
@@ -359,7 +362,7 @@ def reached(reading: Any, bad: npt.ArrayLike | None = None) -> int:
 
     ``bad``: (n,) BPMs out of service, ignored (a dead BPM in the middle does not stop the count).
     """
-    r = Reading.of(reading)
+    r = TrajectoryReading.of(reading)
     ok = np.isfinite(r.x) & np.isfinite(r.y)
     if bad is not None:
         ok &= ~np.asarray(bad, dtype=bool)[None, :]
@@ -379,7 +382,7 @@ class TrajectoryStep:
     predicted_rms: float
 
 
-def correction_step(response: TrajectoryResponse, deviation: npt.ArrayLike, *, n_passages: int | None = None,
+def trajectory_step(response: TrajectoryResponse, deviation: npt.ArrayLike, *, n_passages: int | None = None,
                     turns: int | None = None, injection: bool = False, tikhonov: float | None = 0.02,
                     n_sv: int | None = None, corrector_scale: float = 1e-4,
                     injection_scale: Sequence[float] = (1e-3, 1e-4, 1e-3, 1e-4),
@@ -491,7 +494,7 @@ def _rad_per_amp(response: TrajectoryResponse) -> FloatArray:
 # ----------------------------------------------------------------------------------------------------
 # threading
 @dataclass
-class Request:
+class ThreadingRequest:
     """What to set before the next reading: absolute corrector setpoints [A] and injection trims (or None)."""
 
     correctors: FloatArray | None = None
@@ -545,7 +548,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
                        wiggle_range: tuple[float, float] = (0.3, 1.0), balance_gain: float = 0.5,
                        balance_tol: float = 0.05, balance_target: float = 10e-6, balance_steps: int = 20,
                        patience: int = 3, max_readings: int = 600
-                       ) -> Generator[Request, Any, ThreadingResult]:
+                       ) -> Generator[ThreadingRequest, Any, ThreadingResult]:
     """Thread the injected beam to ``turns`` full turns: the decisions only (a generator; see the module doc).
 
     Stages (pySC's ``first_turn``, ``stitch``, ``balance``, with injection steering):
@@ -582,7 +585,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
         max_readings: readings at most (then it stops, ``success=False``).
 
     Yields:
-        :class:`Request` objects; send back the :class:`Reading` (or ``(x, y)``) taken after applying each.
+        :class:`ThreadingRequest` objects; send back the :class:`TrajectoryReading` (or ``(x, y)``) taken after applying each.
 
     Returns:
         :class:`ThreadingResult`.
@@ -609,27 +612,27 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
         return ThreadingResult(success, stage, sp.copy(), inj.copy(), list(hist), np.array(rms_hist).reshape(-1, 2),
                                readings, msg)
 
-    def read(req: Request) -> Generator[Request, Any, Reading]:
+    def read(req: ThreadingRequest) -> Generator[ThreadingRequest, Any, TrajectoryReading]:
         nonlocal readings
         value = yield req
         readings += 1
-        r = Reading.of(value)
+        r = TrajectoryReading.of(value)
         if r.turns < turns:
             raise ValueError(f"threading {turns} turns needs readings of {turns} turns, got {r.turns}")
-        r = Reading(r.x[:turns], r.y[:turns])
+        r = TrajectoryReading(r.x[:turns], r.y[:turns])
         hist.append(reached(r, bad))
         rms_hist.append((rms(r.x), rms(r.y)))
         return r
 
-    def apply(dk: FloatArray, dinj: FloatArray, stage: str, note: str) -> Request:
+    def apply(dk: FloatArray, dinj: FloatArray, stage: str, note: str) -> ThreadingRequest:
         nonlocal sp, inj
         step, _ = limit_step(gain * dk, sp, lo, hi, max_step=max_step)
         sp = sp + step
         if use_inj:
             inj = np.clip(inj + gain * dinj, -inj_lim, inj_lim)
-        return Request(sp.copy(), inj.copy() if use_inj else None, stage, note)
+        return ThreadingRequest(sp.copy(), inj.copy() if use_inj else None, stage, note)
 
-    reading = yield from read(Request(None, None, "first_turn", "initial reading"))
+    reading = yield from read(ThreadingRequest(None, None, "first_turn", "initial reading"))
     if hist[-1] == 0:
         return result(False, "first_turn", "no BPM sees the beam: check the injection (no reading to steer on)")
 
@@ -656,7 +659,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
         rows_t = resp.rows(t_used)
         passages = np.concatenate([np.arange(t_used * n), np.arange(t_used * n)])
         dev = np.where(passages < nreach, dev, np.nan)
-        stp = correction_step(resp, dev, n_passages=nreach, turns=t_used, injection=use_inj, tikhonov=tikhonov,
+        stp = trajectory_step(resp, dev, n_passages=nreach, turns=t_used, injection=use_inj, tikhonov=tikhonov,
                               bad=bad, rows=rows_t)
         reading = yield from read(apply(stp.dk, stp.dinj, "first_turn", f"correction on {nreach} passages"))
         if hist[-1] > best:
@@ -672,7 +675,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
             return result(False, "stitch", f"gave up after {readings} readings at {hist[-1]} BPM passages")
         k = min(n_stitch, max(hist[-1] - n, 1))
         dev, mat, imat = _stitch_system(resp, reading, k)
-        stp = correction_step(resp, dev, injection=use_inj, tikhonov=tikhonov, bad=None, rows=np.arange(dev.size),
+        stp = trajectory_step(resp, dev, injection=use_inj, tikhonov=tikhonov, bad=None, rows=np.arange(dev.size),
                               matrix=mat, inj_matrix=imat)
         reading = yield from read(apply(stp.dk, stp.dinj, "stitch", f"stitch on {k} BPMs of turn 2"))
         if hist[-1] < n:
@@ -700,7 +703,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
         if readings >= max_readings:
             msg = f"{readings} readings"
             break
-        stp = correction_step(resp, dev, injection=use_inj, tikhonov=tikhonov, rows=np.arange(dev.size),
+        stp = trajectory_step(resp, dev, injection=use_inj, tikhonov=tikhonov, rows=np.arange(dev.size),
                               matrix=mat, inj_matrix=imat)
         reading = yield from read(apply(balance_gain * stp.dk, balance_gain * stp.dinj, "balance",
                                         f"balance the turns (turn-to-turn rms {diff * 1e6:.0f} um)"))
@@ -711,7 +714,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
         msg = f"{balance_steps} balance steps"
     if not (np.array_equal(best[1], sp) and np.array_equal(best[2], inj)):
         sp, inj = best[1].copy(), best[2].copy()
-        reading = yield from read(Request(sp.copy(), inj.copy() if use_inj else None, "balance",
+        reading = yield from read(ThreadingRequest(sp.copy(), inj.copy() if use_inj else None, "balance",
                                           "back to the best balanced state"))
     ok = hist[-1] >= total
     return result(ok, "done" if ok else "balance",
@@ -719,7 +722,7 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
                   f"{best[0] * 1e6:.1f} um ({msg})")
 
 
-def _stitch_system(resp: TrajectoryResponse, reading: Reading, k: int):
+def _stitch_system(resp: TrajectoryResponse, reading: TrajectoryReading, k: int):
     """First turn towards 0 and the first k BPMs of turn 2 towards the same BPMs of turn 1 (pySC's stitch)."""
     n = resp.nbpm
     t = resp.turns
@@ -737,7 +740,7 @@ def _stitch_system(resp: TrajectoryResponse, reading: Reading, k: int):
     return np.concatenate([v1, v2]), mat, imat
 
 
-def _balance_system(resp: TrajectoryResponse, reading: Reading, turns: int):
+def _balance_system(resp: TrajectoryResponse, reading: TrajectoryReading, turns: int):
     """First turn towards 0 and every next turn towards the first (pySC's balance)."""
     n = resp.nbpm
     t = resp.turns
@@ -779,11 +782,11 @@ def _wiggle(read, resp, hist, sp, lo, hi, ncor_max, npts, frac_range, inj):
             trial = base.copy()
             trial[ch] = np.clip(base[ch] + pts[0, i] * half[ch], lo[ch], hi[ch])
             trial[cv] = np.clip(base[cv] + pts[1, i] * half[cv], lo[cv], hi[cv])
-            r = yield from read(Request(trial.copy(), None if inj is None else inj.copy(), "wiggle",
+            r = yield from read(ThreadingRequest(trial.copy(), None if inj is None else inj.copy(), "wiggle",
                                         f"wiggle {k} corrector(s) per plane, point {i + 1}/{npts}"))
             if hist[-1] > start:
                 return trial, r
-    r = yield from read(Request(base.copy(), None if inj is None else inj.copy(), "wiggle", "wiggle failed: back"))
+    r = yield from read(ThreadingRequest(base.copy(), None if inj is None else inj.copy(), "wiggle", "wiggle failed: back"))
     return None, r
 
 

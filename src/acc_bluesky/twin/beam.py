@@ -35,7 +35,7 @@ from .errors import truncated_normal
 if TYPE_CHECKING:  # pragma: no cover
     from .model import Twin
 
-__all__ = ["Acquisition", "Beam", "BPM_MODES", "stream"]
+__all__ = ["BPM_MODES", "Acquisition", "Beam", "stream"]
 
 #: acquisition modes of the BPM system
 BPM_MODES = ("orbit", "trajectory", "tbt")
