@@ -39,8 +39,9 @@ __all__ = ["BPM_MODES", "Acquisition", "Beam", "stream"]
 
 #: acquisition modes of the BPM system
 BPM_MODES = ("orbit", "trajectory", "tbt")
-#: up to this many turns the aperture is checked at every element entrance; beyond, at the BPMs and turn ends
-ALL_ELEMENT_TURNS = 16
+#: up to this many particle-turns the aperture is checked at every element entrance; beyond, at the BPMs and the
+#: turn ends (then the element of a loss is found by tracking that turn again)
+ALL_ELEMENT_PASSES = 64
 #: limits of the injection trims (x [m], px [rad], y [m], py [rad]) and of the pinger (x, y [rad])
 INJECTION_TRIM_LIMITS = np.array([5e-3, 2e-3, 5e-3, 2e-3])
 KICK_LIMIT = 5e-3
@@ -408,7 +409,7 @@ class Beam:
         ring = tw.ring
         nel = len(ring)
         bpms = np.asarray(tw.bpm_refpts, dtype=np.int64)
-        every = nturns <= ALL_ELEMENT_TURNS
+        every = nturns * parts.shape[1] <= ALL_ELEMENT_PASSES
         refs = np.arange(nel + 1, dtype=np.uint32) if every else np.append(bpms, nel).astype(np.uint32)
         bpm_cols = bpms if every else np.arange(len(bpms))
         tw._update_ramps()
