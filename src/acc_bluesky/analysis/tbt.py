@@ -306,7 +306,7 @@ def fit_lines(signals: npt.ArrayLike, freqs: Sequence[float]) -> tuple[FloatArra
 
 
 def spectrum(signals: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
-    """Mean amplitude spectrum over the BPMs: frequencies (turns // 2 + 1,) [1/turn] and amplitudes [m]."""
+    """Mean amplitude spectrum over the BPMs (Hann window): frequencies (turns // 2 + 1,) [1/turn], amplitudes [m]."""
     s = np.asarray(signals, dtype=float)
     good = np.all(np.isfinite(s), axis=0)
     nt = s.shape[0]
@@ -314,7 +314,8 @@ def spectrum(signals: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
     if not np.any(good):
         return freq, np.full(freq.shape, np.nan)
     z = s[:, good] - s[:, good].mean(axis=0)
-    amp = np.abs(np.fft.rfft(z, axis=0)) * (2.0 / nt)
+    w = np.hanning(nt)[:, None]
+    amp = np.abs(np.fft.rfft(z * w, axis=0)) * (2.0 / float(np.sum(w)))
     return freq, amp.mean(axis=1)
 
 
@@ -647,8 +648,9 @@ class TbtResult:
         if self.spectrum_freq is None or self.spectrum_amp is None:
             ax.text(0.5, 0.5, "no spectrum stored", ha="center", transform=ax.transAxes)
         else:
+            f = np.asarray(self.spectrum_freq)[1:]  # no DC bin: the mean is removed
             for p, c in zip(range(2), ("tab:blue", "tab:red")):
-                ax.semilogy(self.spectrum_freq, self.spectrum_amp[:, p] * 1e3, color=c, lw=0.8,
+                ax.semilogy(f, np.asarray(self.spectrum_amp)[1:, p] * 1e3, color=c, lw=0.8,
                             label=f"{_PLANES[p]} (q{_PLANES[p]} = {self.tunes[p]:.5f})")
                 ax.axvline(_fold(self.tunes[p]), color=c, ls=":", lw=0.8)
         ax.set_xlabel("frequency [1/turn]")
@@ -715,7 +717,8 @@ def analyse_tbt(x: npt.ArrayLike, y: npt.ArrayLike, model: ModelOptics | Any, *,
         window: half width of the tune search window around the model tune [1/turn].
         n_bpm: BPMs in the beta-from-phase window (odd >= 3; 3 = the three-BPM method).
         first_turn: turns before this one are left out (e.g. a kicker mid-ring: turn 0 upstream is not kicked).
-        exclude: (n,) or (n, 2) BPMs known bad (e.g. the profile's status) to leave out.
+        exclude: (n,) or (n, 2) BPMs known bad to leave out (with a profile as ``model``, its ``bpm.status`` bad
+            BPMs are left out too).
         snr_min: a BPM whose amplitude is below ``snr_min`` x its noise / sqrt(turns / 2) is flagged.
         noise_factor: a BPM whose noise is above ``noise_factor`` x the median noise is flagged.
         tune_sigmas: a BPM whose tune is further than this many robust sigmas from the median is flagged.
@@ -746,6 +749,11 @@ def analyse_tbt(x: npt.ArrayLike, y: npt.ArrayLike, model: ModelOptics | Any, *,
         excl |= e.reshape(n, 1) if e.shape == (n,) else e.reshape(n, 2)
     data = (xs, ys)
     reasons: dict[str, list[str]] = {"x": [], "y": []}
+    if not isinstance(model, ModelOptics):
+        for i in sorted(resolve_profile(model).bpm_bad):
+            excl[i] = True
+            for pl in _PLANES:
+                reasons[pl].append(f"{mdl.bpm_names[i]}: out of service (profile bpm.status)")
     bad = excl.copy()
     for p in range(2):
         nonfinite = ~np.all(np.isfinite(data[p]), axis=0)

@@ -209,7 +209,7 @@ class TrajectoryResponse:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig = _canvas(7.0, 6.0)
         ax = fig.subplots()
-        m = (self.matrix_hw if hw else self.matrix) * 1e3
+        m = self.matrix_hw * 1e3 if hw else self.matrix  # m/A -> mm/A; m/rad is mm/mrad
         v = float(np.nanmax(np.abs(m))) or 1.0
         im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
         ax.axhline(self.turns * self.nbpm - 0.5, color="k", lw=0.5)
