@@ -276,6 +276,6 @@ def test_threading_ebs_at_full_errors_then_the_orbit_is_corrected():
     res = drv.run(thread_first_turns(resp, sp, lo, hi))
     assert res.success and res.reached[-1] == 2 * 224, res.message
     assert not twin.observables().lost
-    _orbit_correction(twin)
+    _orbit_correction(twin, iterations=3)
     x, y = twin.orbit()
     assert np.sqrt(np.mean(x**2)) < 100e-6 and np.sqrt(np.mean(y**2)) < 100e-6

@@ -102,19 +102,28 @@ def model_optics(source: Any, lattice=None) -> ModelOptics:
     bpms = profile.bpm_refpts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # pyAT unwraps the phase only across the points asked for: every element, so no advance is lost
+        pts = _phase_points(len(ring), bpms)
         if profile.kind == "ring":
-            _, _, ed = at.get_optics(ring, refpts=at.All)
+            _, _, ed = at.get_optics(ring, refpts=pts)
         else:
-            _, _, ed = at.get_optics(ring, refpts=at.All, twiss_in=_twiss_in(profile))
+            _, _, ed = at.get_optics(ring, refpts=pts, twiss_in=_twiss_in(profile))
     tunes = np.asarray(ed.mu[-1][:2]) / (2 * np.pi)
-    b = np.asarray(bpms, dtype=np.int64)
+    b = np.searchsorted(pts, np.asarray(bpms, dtype=np.int64))
     out = ModelOptics(beta=np.asarray(ed.beta[b, :2], dtype=float), alpha=np.asarray(ed.alpha[b, :2], dtype=float),
                       phase=np.asarray(ed.mu[b, :2], dtype=float) / (2 * np.pi), tunes=np.asarray(tunes, float),
                       bpm_names=list(profile.bpm_names))
     if key is not None:
         _MODEL_CACHE[key] = _copy_model(out)
     return out
+
+
+def _phase_points(nelem: int, wanted: npt.ArrayLike, every: int = 10) -> np.ndarray:
+    """Lattice points for ``get_optics``: the wanted ones, every ``every``-th element and the end.
+
+    pyAT unwraps the phase only across the points asked for (an advance of a turn or more between two of them is
+    lost); a point every few elements keeps every gap far below a turn at a fraction of the cost of all elements.
+    """
+    return np.union1d(np.union1d(np.asarray(wanted, dtype=np.int64), np.arange(0, nelem, every)), [nelem])
 
 
 def _twiss_in(profile) -> dict[str, np.ndarray]:
@@ -197,14 +206,15 @@ def error_sources(source: Any, *, scale: float | None = None, offset_rms: float 
         z = np.zeros(0)
         out = {"x": (z, z, z), "y": (z.copy(), z.copy(), z.copy())}
     else:
+        pts = _phase_points(len(ring), np.union1d(refs, refs + 1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if profile.kind == "ring":
-                _, _, ed = at.get_optics(ring, refpts=at.All)
+                _, _, ed = at.get_optics(ring, refpts=pts)
             else:
-                _, _, ed = at.get_optics(ring, refpts=at.All, twiss_in=_twiss_in(profile))
-        ent = refs.astype(np.int64)
-        ext = ent + 1
+                _, _, ed = at.get_optics(ring, refpts=pts, twiss_in=_twiss_in(profile))
+        ent = np.searchsorted(pts, refs.astype(np.int64))
+        ext = np.searchsorted(pts, refs.astype(np.int64) + 1)
         vv = np.array([var[int(r)] for r in refs])
         for p, pl in enumerate(_PLANES):
             ph = 0.5 * (ed.mu[ent, p] + ed.mu[ext, p]) / (2 * np.pi)
