@@ -19,6 +19,7 @@ from acc_bluesky.analysis._common import corrector_table
 from acc_bluesky.analysis.correction import limit_step
 from acc_bluesky.analysis.trajectory import (
     ThreadingRequest,
+    ThreadingResult,
     TrajectoryReading,
     TrajectoryResponse,
     model_trajectory_response,
@@ -176,6 +177,9 @@ def test_threading_a_ring_with_no_closed_orbit(hmba, resp2):
     now, _, _ = drv.setpoints()
     assert np.array_equal(now, res.setpoints) and np.all((now >= lo) & (now <= hi))
     assert {r.stage for r in drv.requests} >= {"first_turn", "balance"}
+    back = ThreadingResult.from_run({"start": {"tool": "first_turns"}, **res.to_results()})
+    assert back.success and back.reached == res.reached and np.array_equal(back.setpoints, res.setpoints)
+    assert set(ThreadingResult.result_units()) == set(res.to_results())
 
 
 def test_wiggle_when_the_beam_is_stuck(resp2):

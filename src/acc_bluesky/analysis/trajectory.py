@@ -528,8 +528,39 @@ class ThreadingResult:
     message: str = ""
 
     @property
-    def turns_reached(self) -> float:
-        return float(self.reached[-1]) if self.reached else 0.0
+    def passages(self) -> int:
+        """BPM passages of the last reading."""
+        return int(self.reached[-1]) if self.reached else 0
+
+    def to_results(self) -> dict[str, Any]:
+        """Values for the run's ``results`` stream (the corrector names go to the start document)."""
+        return {"success": bool(self.success), "stage": str(self.stage), "setpoints": np.asarray(self.setpoints),
+                "injection": np.asarray(self.injection), "reached": np.asarray(self.reached, dtype=np.int64),
+                "rms": np.asarray(self.rms, dtype=float).reshape(-1, 2), "steps": int(self.steps),
+                "message": str(self.message)}
+
+    @staticmethod
+    def result_units() -> dict[str, str]:
+        return {"success": "", "stage": "", "setpoints": "A", "injection": "m | rad", "reached": "BPM passages",
+                "rms": "m", "steps": "readings", "message": ""}
+
+    @classmethod
+    def from_results(cls, results: Mapping[str, Any], start: Mapping[str, Any] | None = None) -> ThreadingResult:
+        if "reached" not in results or "setpoints" not in results:
+            raise KeyError(f"no threading results here (got {sorted(results)}): is it a 'first_turns' run?")
+        return cls(success=bool(np.asarray(results.get("success", False)).reshape(-1)[0]),
+                   stage=str(np.asarray(results.get("stage", "")).reshape(-1)[0]),
+                   setpoints=np.asarray(results["setpoints"], dtype=float),
+                   injection=np.asarray(results.get("injection", np.zeros(4)), dtype=float),
+                   reached=[int(v) for v in np.asarray(results["reached"]).reshape(-1)],
+                   rms=np.asarray(results.get("rms", np.zeros((0, 2))), dtype=float).reshape(-1, 2),
+                   steps=int(np.asarray(results.get("steps", 0)).reshape(-1)[0]),
+                   message=str(np.asarray(results.get("message", "")).reshape(-1)[0]))
+
+    @classmethod
+    def from_run(cls, run: Any) -> ThreadingResult:
+        """Read a ``thread_first_turns`` run back from the catalogue."""
+        return cls.from_results(run_results(run), run_start(run))
 
 
 def _donut(r0: float, r1: float, n: int) -> FloatArray:
