@@ -675,7 +675,11 @@ def thread_first_turns(response: TrajectoryResponse, setpoints: npt.ArrayLike, l
     while hist[-1] < target1:
         if readings >= max_readings:
             return result(False, "first_turn", f"gave up after {readings} readings at {hist[-1]} BPM passages")
-        if since >= stall and wiggled_at != hist[-1]:
+        if since >= stall and wiggled_at == hist[-1]:
+            return result(False, "first_turn", f"stuck at {hist[-1]} BPM passages: corrections and the wiggle of "
+                          f"{wiggle_correctors} correctors per plane do not get the beam further (correctors at "
+                          "their limits? a BPM or magnet fault there?)")
+        if since >= stall:
             wiggled_at = hist[-1]
             ok, reading = yield from _wiggle(read, resp, hist, sp, lo, hi, wiggle_correctors, wiggle_points,
                                              wiggle_range, inj if use_inj else None)
@@ -805,10 +809,8 @@ def _wiggle(read, resp, hist, sp, lo, hi, ncor_max, npts, frac_range, inj):
     base = sp.copy()
     half = 0.5 * (hi - lo)
     r = None
-    for k in range(1, ncor_max + 1):
+    for k in range(1, min(ncor_max, max(h_idx.size, v_idx.size)) + 1):  # no set tried twice
         ch, cv = h_idx[-k:], v_idx[-k:]
-        if not (ch.size or cv.size):
-            break
         for i in range(npts):
             trial = base.copy()
             trial[ch] = np.clip(base[ch] + pts[0, i] * half[ch], lo[ch], hi[ch])
