@@ -28,6 +28,28 @@ from .correction import CorrectionSystem, StepLimits, SvdCorrector, limit_step, 
 from .dispersion import Dispersion, dispersion_from_orbits, dp_from_df, model_dispersion, model_momentum_compaction_of
 from .orm import OrbitResponse, model_orm, momentum_compaction, response_from_orbits, rf_frequency_of
 
+# --- turn-by-turn optics and first turns (tbt engineer) -------------------------------------------------------
+from .tbt import (
+    ModelOptics,
+    TbtResult,
+    analyse_tbt,
+    beta_from_phase,
+    bpm_tunes,
+    error_sources,
+    kick_for_amplitude,
+    model_optics,
+)
+from .trajectory import (
+    ThreadingRequest,
+    ThreadingResult,
+    TrajectoryReading,
+    TrajectoryResponse,
+    TrajectoryStep,
+    model_trajectory_response,
+    thread_first_turns,
+    trajectory_step,
+)
+
 # --- optics tools (tune, chromaticity: written by the optics engineer) ----------------------------------------
 from .tune import *  # noqa: E402,F403
 from .chromaticity import *  # noqa: E402,F403
@@ -65,6 +87,23 @@ __all__ = [
     "response_from_orbits",
     "rf_frequency_of",
     "solve_bump",
+    # turn-by-turn optics and first turns
+    "ModelOptics",
+    "TbtResult",
+    "ThreadingRequest",
+    "ThreadingResult",
+    "TrajectoryReading",
+    "TrajectoryResponse",
+    "TrajectoryStep",
+    "analyse_tbt",
+    "beta_from_phase",
+    "bpm_tunes",
+    "error_sources",
+    "kick_for_amplitude",
+    "model_optics",
+    "model_trajectory_response",
+    "thread_first_turns",
+    "trajectory_step",
     # optics tools
     *_tune.__all__,
     *_chromaticity.__all__,

@@ -26,6 +26,7 @@ __all__ = [
     "ErrorSpec",
     "MagnetErrorSpec",
     "BpmErrorSpec",
+    "InjectionErrorSpec",
     "ControlsSpec",
     "ProfileSpec",
     "LatticeSource",
@@ -161,6 +162,28 @@ class BpmErrorSpec(_Strict):
     tbt_noise: float = Field(default=0.0, ge=0, description="m rms per turn (trajectory)")
 
 
+# --- tbt: injected beam (twin/beam.py) -----------------------------------------------------------------------
+class InjectionErrorSpec(_Strict):
+    """Errors of the injected beam: a static offset per seed (rms, truncated) and a shot-to-shot jitter (rms).
+
+    Defaults from commissioning-simulation tables (SC toolkit): 0.5 mm / 0.2 mrad static, 10 um / 10 urad jitter,
+    energy 1e-3."""
+
+    x: float = Field(default=0.5e-3, ge=0, description="m rms static offset")
+    px: float = Field(default=0.2e-3, ge=0, description="rad rms static angle")
+    y: float = Field(default=0.5e-3, ge=0, description="m rms static offset")
+    py: float = Field(default=0.2e-3, ge=0, description="rad rms static angle")
+    energy: float = Field(default=1.0e-3, ge=0, description="relative rms static energy offset dp/p")
+    jitter_x: float = Field(default=10.0e-6, ge=0, description="m rms per shot")
+    jitter_px: float = Field(default=10.0e-6, ge=0, description="rad rms per shot")
+    jitter_y: float = Field(default=10.0e-6, ge=0, description="m rms per shot")
+    jitter_py: float = Field(default=10.0e-6, ge=0, description="rad rms per shot")
+    jitter_energy: float = Field(default=0.0, ge=0, description="relative rms per shot")
+
+
+# --- end tbt ---------------------------------------------------------------------------------------------------
+
+
 class ErrorSpec(_Strict):
     """Default error model of the twin (applied when a seed is given)."""
 
@@ -171,6 +194,7 @@ class ErrorSpec(_Strict):
     corrector_calibration: float = Field(default=0.0, ge=0, description="relative rms")
     rf_frequency: float = Field(default=0.0, ge=0, description="Hz rms offset of the true frequency")
     tune_noise: float = Field(default=0.0, ge=0, description="rms noise of the tune monitor")
+    injection: InjectionErrorSpec = InjectionErrorSpec()  # tbt: errors of the injected beam (twin/beam.py)
 
 
 class ControlsSpec(_Strict):

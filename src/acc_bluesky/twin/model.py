@@ -24,6 +24,7 @@ import numpy as np
 from ..profile import Family, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
+from .beam import Beam  # tbt: injected/stored beam, BPM acquisition modes
 from .errors import ErrorModel
 
 __all__ = ["Twin", "Observables", "BeamLost", "UnknownDevice"]
@@ -178,6 +179,9 @@ class Twin:
         self._t_inject = self._clock()
         self._bpm_last: tuple[float, np.ndarray, np.ndarray] | None = None
         self.stats = {"solves": 0, "cold": 0, "chord_passes": 0}
+        # --- tbt: the injected/stored beam and the BPM acquisition modes (twin/beam.py) ---
+        self.beam = Beam(self)
+        # --- end tbt ---
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers
@@ -794,6 +798,7 @@ class Twin:
             self.rf_frequency_setpoint = self._f0
             self.rf_voltage_setpoint = self._design_voltage()
             self._engine_gen = -1
+            self.beam.reset()  # tbt: orbit mode, no kick, no injection trims
             self.inject()
 
     # ------------------------------------------------------------------------------------------------
