@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import Twin
 
 __all__ = ["Anomalies"]
 
@@ -21,7 +19,7 @@ class Anomalies:
     >>> twin.anomalies.clear()
     """
 
-    def __init__(self, twin: Twin):
+    def __init__(self, twin: Any):
         self._twin = twin
         self._stuck: set[tuple[str, int]] = set()
         self._dead: set[tuple[str, int]] = set()

@@ -25,15 +25,13 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import _engine
 from .errors import truncated_normal
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import Twin
 
 __all__ = ["BPM_MODES", "Acquisition", "Beam", "stream"]
 
@@ -135,7 +133,7 @@ class Beam:
         last: the last :class:`Acquisition`.
     """
 
-    def __init__(self, twin: Twin) -> None:
+    def __init__(self, twin: Any) -> None:
         self._twin = twin
         spec = twin.profile.spec.errors
         inj = spec.injection
