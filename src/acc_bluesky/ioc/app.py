@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 __all__ = ["add_ioc_arguments", "add_shadow_arguments", "run_ioc", "run_shadow", "configure_server_env",
            "drop_realtime_privileges", "main"]
@@ -105,6 +106,16 @@ def add_ioc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rate", type=float, default=50.0, help="highest publication rate [Hz] (default 50)")
     p.add_argument("--idle-rate", type=float, default=2.0,
                    help="republication rate [Hz] with fresh noise when nothing changes (default 2; 0 = off)")
+    p.add_argument("--allow-faults", action="store_true",
+                   help="serve the fault-injection PVs ({prefix}TWIN:CMD, TWIN:CMD-RESULT); off by default")
+    p.add_argument("--autosave", metavar="FILE", default=None,
+                   help="save every setpoint to FILE (JSON, atomic write) when it changes; restore it at start if "
+                        "FILE exists")
+    p.add_argument("--autosave-period", type=float, default=1.0,
+                   help="seconds between autosave writes while setpoints change (default 1)")
+    p.add_argument("--pv-list", metavar="FILE", default=None,
+                   help="write every PV (name, record type, units, DESC, kind) to FILE at start: CSV with a header, "
+                        "or PV names only, one per line, if FILE ends in .txt")
 
 
 def add_shadow_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,17 +177,38 @@ def run_ioc(args: argparse.Namespace) -> int:
 
     twin = Twin(args.profile, seed=None if args.seed is None or args.seed < 0 else args.seed,
                 error_scale=args.error_scale)
+    restored = "off"
+    if args.autosave:
+        from .autosave import AutosaveError, load, restore
+
+        path = Path(args.autosave)
+        if path.exists():
+            try:
+                n_restored = restore(twin, load(path, twin.profile))
+            except AutosaveError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return 2
+            restored = f"restored {n_restored} setpoints from {path}"
+        elif not path.parent.is_dir():
+            print(f"error: --autosave {path}: folder {path.parent} does not exist", file=sys.stderr, flush=True)
+            return 2
+        else:
+            restored = f"new {path}"
     from softioc import asyncio_dispatcher, builder, softioc
 
-    ioc = TwinIoc(twin, args.prefix, max_rate=args.max_rate, idle_rate=args.idle_rate)
+    ioc = TwinIoc(twin, args.prefix, max_rate=args.max_rate, idle_rate=args.idle_rate,
+                  allow_faults=args.allow_faults, autosave=args.autosave, autosave_period=args.autosave_period)
     n = ioc.build()
+    if args.pv_list:
+        ioc.write_pv_list(args.pv_list)
     builder.LoadDatabase()
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
     softioc.iocInit(dispatcher, enable_pva=bool(args.pva))
     ioc.start()
     port = os.environ.get("EPICS_CA_SERVER_PORT", "5064")
     print(f"{READY_MESSAGE}: {twin.profile.name} prefix={ioc.prefix!r} seed={twin.seed} records={n} "
-          f"ca_port={port} pva={'on' if args.pva else 'off'} start={time.perf_counter() - t0:.1f}s", flush=True)
+          f"ca_port={port} pva={'on' if args.pva else 'off'} faults={'on' if args.allow_faults else 'off'} "
+          f"autosave={restored} start={time.perf_counter() - t0:.1f}s", flush=True)
     _wait_for_signal()
     ioc.stop()
     print("IOC stopped", flush=True)
