@@ -172,29 +172,36 @@ def run_ioc(args: argparse.Namespace) -> int:
         drop_realtime_privileges()
     configure_server_env(args.port, args.interface, args.pva_port)
     t0 = time.perf_counter()
+    from ..profile import load_profile
     from ..twin import Twin
-    from .server import READY_MESSAGE, TwinIoc
+    from .autosave import AutosaveError, load, restore
 
-    twin = Twin(args.profile, seed=None if args.seed is None or args.seed < 0 else args.seed,
-                error_scale=args.error_scale)
-    restored = "off"
+    profile = load_profile(args.profile)
+    saved, restored = None, "off"
+    if not args.autosave_period > 0:
+        print(f"error: --autosave-period must be > 0 s, got {args.autosave_period}", file=sys.stderr, flush=True)
+        return 2
     if args.autosave:
-        from .autosave import AutosaveError, load, restore
-
         path = Path(args.autosave)
         if path.exists():
             try:
-                n_restored = restore(twin, load(path, twin.profile))
+                saved = load(path, profile)  # checked before anything starts: a bad file stops the IOC here
             except AutosaveError as err:
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 return 2
-            restored = f"restored {n_restored} setpoints from {path}"
         elif not path.parent.is_dir():
-            print(f"error: --autosave {path}: folder {path.parent} does not exist", file=sys.stderr, flush=True)
+            print(f"error: --autosave {path}: folder {path.parent} does not exist; nothing was started",
+                  file=sys.stderr, flush=True)
             return 2
         else:
             restored = f"new {path}"
+    twin = Twin(profile, seed=None if args.seed is None or args.seed < 0 else args.seed,
+                error_scale=args.error_scale)
+    if saved is not None:
+        restored = f"restored {restore(twin, saved)} setpoints from {args.autosave}"
     from softioc import asyncio_dispatcher, builder, softioc
+
+    from .server import READY_MESSAGE, TwinIoc
 
     ioc = TwinIoc(twin, args.prefix, max_rate=args.max_rate, idle_rate=args.idle_rate,
                   allow_faults=args.allow_faults, autosave=args.autosave, autosave_period=args.autosave_period)

@@ -214,7 +214,7 @@ class TwinIoc:
     # records
     def _rec(self, kind: str, rtype: str, factory, name: str, desc: str, egu: str | None = None, **fields):
         """Create one record with its DESC (and EGU) and note it in :attr:`pv_list`."""
-        desc = desc[:40]
+        desc = desc[:39]  # DESC holds 40 characters, a CA string 39 (and the terminating NUL)
         if egu is not None:
             fields["EGU"] = egu
         rec = factory(name, DESC=desc, **fields)
