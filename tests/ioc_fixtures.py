@@ -233,10 +233,12 @@ def ioc_machine(twin_ioc):
 
 
 def caget(pv: str, **kw):
-    """pyepics ``caget`` that raises when the PV does not answer."""
+    """pyepics ``caget`` that asks the IOC (not pyepics' monitor cache, which may still hold the value from before a
+    put that has completed) and raises when the PV does not answer."""
     import epics
 
     kw.setdefault("timeout", 10.0)
+    kw.setdefault("use_monitor", False)
     value = epics.caget(pv, **kw)
     if value is None:
         raise TimeoutError(f"caget {pv}: no answer")
