@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..devices.backends.epics import pv_names
+from ..devices import pv_names
 from ..profile import Profile, load_profile
 from ..twin import Twin
 from .names import shadow_pv_names
