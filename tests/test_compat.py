@@ -21,10 +21,10 @@ def test_softioc_processnotify_layout_is_the_one_of_dbnotify_h():
     from acc_bluesky._compat.softioc import NOTIFY_ERROR, ProcessNotify
 
     h = (Path(epicscorelibs.path.include_path) / "dbNotify.h").read_text()
-    flat = re.sub(r"/\*.*?\*/", " ", h, flags=re.S)
-    node = re.search(r"typedef\s+struct\s+ellCheckNode\s*\{(.*?)\}\s*ellCheckNode;", flat, re.S)
+    flat = re.sub(r"/\*.*?\*/", " ", h, flags=re.DOTALL)
+    node = re.search(r"typedef\s+struct\s+ellCheckNode\s*\{(.*?)\}\s*ellCheckNode;", flat, re.DOTALL)
     assert node and node.group(1).split() == ["ELLNODE", "node;", "int", "isOnList;"], node
-    pn = re.search(r"typedef\s+struct\s+processNotify\s*\{(.*?)\}\s*processNotify;", flat, re.S)
+    pn = re.search(r"typedef\s+struct\s+processNotify\s*\{(.*?)\}\s*processNotify;", flat, re.DOTALL)
     assert pn, "dbNotify.h has no processNotify"
     head = " ".join(pn.group(1).split())
     assert head.startswith("ellCheckNode restartNode; void *pnotifyPvt; notifyStatus status;"), head
@@ -93,6 +93,8 @@ def mini_ioc(tmp_path):
 
 
 async def test_softioc_fail_put_fails_the_put_callback_and_show_posts_without_processing(mini_ioc):
+    import asyncio
+
     import aioca
     import epics
     from ioc_fixtures import caget, caput
@@ -113,11 +115,11 @@ async def test_softioc_fail_put_fails_the_put_callback_and_show_posts_without_pr
         assert mon.wait_for_connection(10)
         deadline = time.monotonic() + 5
         while not seen and time.monotonic() < deadline:
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
         caput(p + "C", 7.0)
         deadline = time.monotonic() + 5
         while 7.0 not in seen and time.monotonic() < deadline:
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
         assert 7.0 in seen, seen  # the monitor was posted
         assert caget(p + "B") == 7.0
         text = log.read_text()

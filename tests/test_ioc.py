@@ -200,7 +200,7 @@ def test_a_put_equal_to_the_shown_value_reaches_the_twin_while_the_other_record_
     applied, in the order the records processed them, and the records then show the twin."""
     import epics
 
-    h, p, tp = reset_ioc, reset_ioc.pvs, reset_ioc.tpvs
+    h, p = reset_ioc, reset_ioc.pvs
     i = 5
     shown = caget(h.sp("VST", i))
     fam = np.asarray(caget(p["VST:setpoints"]))

@@ -20,7 +20,15 @@ import time
 import numpy as np
 import pytest
 from ioc_fixtures import *  # noqa: F403
-from ioc_fixtures import PORTS, PREFIX, IocProcess, TwinIocHandle, caget, caput, free_port
+from ioc_fixtures import (
+    PORTS,
+    PREFIX,
+    IocProcess,
+    TwinIocHandle,
+    caget,
+    caput,
+    free_port,
+)
 
 from acc_bluesky.ioc import FAULT_KEYS
 from acc_bluesky.ioc.autosave import read_pv_list

@@ -176,8 +176,8 @@ def test_autosave_round_trip_is_exact(twin, tmp_path):
     (lambda d: d.update(format="other/1"), r"format: expected 'acc_bluesky.ioc.autosave/1', got 'other/1'"),
     (lambda d: d.update(profile="als"), r"profile: saved for profile 'als', this IOC serves 'ebs'"),
     (lambda d: d["families"].update(QX9={"setpoints": [0.0]}), r"families.QX9: unknown family; this profile has"),
-    (lambda d: d["families"]["HST"].update(setpoints=[0.0] * 3), r"families.HST.setpoints: 3 values, the family has "
-                                                                  r"224 magnets"),
+    (lambda d: d["families"]["HST"].update(setpoints=[0.0] * 3),
+     r"families.HST.setpoints: 3 values, the family has 224 magnets"),
     (lambda d: d["families"]["HST"]["setpoints"].__setitem__(9, 11.0),
      r"families.HST.setpoints: HST \S+: setpoint 11 A is outside the limits \[-8, 8\] A\. Fix the file"),
     (lambda d: d["families"]["HST"]["setpoints"].__setitem__(9, float("nan")), r"is not a finite number"),

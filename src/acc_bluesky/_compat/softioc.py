@@ -24,7 +24,7 @@ from epicscorelibs.ioc import dbCore
 from softioc.fields import RecordFactory
 from softioc.imports import get_field_offsets
 
-__all__ = ["fail_put", "show", "NOTIFY_ERROR", "ProcessNotify"]
+__all__ = ["NOTIFY_ERROR", "ProcessNotify", "fail_put", "show"]
 
 #: ``notifyStatus`` of dbNotify.h: notifyOK, notifyCanceled, notifyError, notifyPutDisabled
 NOTIFY_ERROR = 2

@@ -33,8 +33,8 @@ import numpy as np
 from ..profile import Profile
 from ..twin import Twin
 
-__all__ = ["FORMAT", "AutosaveError", "PvRow", "atomic_write", "snapshot", "save", "load", "restore",
-           "write_pv_list", "read_pv_list"]
+__all__ = ["FORMAT", "PV_LIST_COLUMNS", "AutosaveError", "PvRow", "atomic_write", "load", "read_pv_list", "restore",
+           "save", "snapshot", "write_pv_list"]
 
 log = logging.getLogger(__name__)
 

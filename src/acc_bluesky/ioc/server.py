@@ -66,9 +66,8 @@ READY_MESSAGE = "IOC ready"
 
 _FAN = 16  # links per fanout record (LNK0..LNKF)
 _MAX_NAME = 60  # EPICS record names
-_SEVERITY = {"NO_ALARM": 0, "MINOR": 1, "MAJOR": 2, "INVALID": 3}
-_NO, _MINOR, _INVALID = 0, 1, 3
-_WRITE, _HW_LIMIT, _READ, _STATE = 2, 11, 1, 7  # softioc.alarm statuses (alarm.h)
+_MINOR = 1  # severity; statuses (alarm.h, softioc.alarm):
+_WRITE, _HW_LIMIT = 2, 11
 
 
 def _drive_limits(lim: Limits) -> dict[str, float]:
