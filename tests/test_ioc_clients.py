@@ -67,7 +67,7 @@ def caproto_ctx():
 
     ctx = Context()
     yield ctx
-    ctx.disconnect()
+    ctx.disconnect(wait=False)  # its threads stop on their own; waiting costs seconds on a busy host
 
 
 def libca_put(pv: str, value, timeout: float = 10.0) -> str:
