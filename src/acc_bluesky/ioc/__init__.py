@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from .commands import COMMAND_HELP, Command, CommandError, apply_command, parse_command
-from .names import FAULT_KEYS, bpm_pv, default_shadow_prefix, magnet_pv, orbit_rms_pv_names, shadow_pv_names, twin_pv_names
+from .names import (FAULT_KEYS, bpm_pv, default_shadow_prefix, magnet_pv, orbit_rms_pv_names, shadow_pv_names,
+                    twin_pv_names)
 from .observe import Observation, Observer, one_turn_tunes
 
 __all__ = [
