@@ -103,11 +103,12 @@ def run(n_latency: int = 100, duration: float = 10.0) -> dict:
     import epics
 
     from acc_bluesky.devices import pv_names
-    from acc_bluesky.ioc import twin_pv_names
+    from acc_bluesky.ioc import magnet_pv, twin_pv_names
     from acc_bluesky.profile import load_profile
 
     prefix = f"BENCH{os.getpid()}:"
-    pvs, tpvs = pv_names(load_profile("ebs"), prefix), twin_pv_names(load_profile("ebs"), prefix)  # the templates
+    prof = load_profile("ebs")
+    pvs, tpvs = pv_names(prof, prefix), twin_pv_names(prof, prefix)  # the templates
     log = Path(tempfile.mkstemp(prefix="bench_ioc_", suffix=".log")[1])
     t0 = time.perf_counter()
     proc, ready = _start_ioc(port, prefix, log)
@@ -116,7 +117,7 @@ def run(n_latency: int = 100, duration: float = 10.0) -> dict:
         records = int(re.search(r"records=(\d+)", ready).group(1))
         start_ioc_s = float(re.search(r"start=([\d.]+)s", ready).group(1))
         watch = _OrbitWatch(epics, pvs["orbit:x"])
-        cor = epics.PV(pvs["HST:010:setpoint"])
+        cor = epics.PV(magnet_pv(pvs, prof, "HST", 9, "setpoint"))
         solves = epics.PV(tpvs["solves"])
         published = epics.PV(tpvs["published"])
         for pv in (cor, solves, published):
@@ -140,7 +141,7 @@ def run(n_latency: int = 100, duration: float = 10.0) -> dict:
         lat_ms = np.array(lat) * 1e3
 
         # rate under continuous puts -----------------------------------------------------------------------
-        chans = [epics.PV(pvs[f"HST:{i:03d}:setpoint"]) for i in range(1, 225, 4)]
+        chans = [epics.PV(magnet_pv(pvs, prof, "HST", i, "setpoint")) for i in range(0, len(prof.families["HST"]), 4)]
         for c in chans:
             c.wait_for_connection(20)
         stop = threading.Event()

@@ -43,7 +43,7 @@ def free_port() -> int:
 
 #: One CA server port per IOC role; the client searches all of them (unicast on loopback reaches one socket
 #: per port, so two IOCs never share a port).
-PORTS = {role: free_port() for role in ("twin", "shadow", "fault", "fault_shadow", "spare")}
+PORTS = {role: free_port() for role in ("twin", "shadow", "fault", "fault_shadow", "spare", "clients")}
 
 os.environ.update({
     "EPICS_CA_ADDR_LIST": " ".join(f"127.0.0.1:{p}" for p in PORTS.values()),
@@ -143,11 +143,11 @@ def start_ioc(role: str, *args: str, name: str | None = None) -> IocProcess:
 
 
 class TwinIocHandle:
-    """The session's twin IOC: process, prefix and PV tables."""
+    """A twin IOC of the EBS profile: process, prefix and PV tables (names from the profile's templates only)."""
 
     def __init__(self, proc: IocProcess, prefix: str, seed: int):
-        from acc_bluesky.devices.backends import pv_names
-        from acc_bluesky.ioc import twin_pv_names
+        from acc_bluesky.devices import pv_names
+        from acc_bluesky.ioc import orbit_rms_pv_names, twin_pv_names
         from acc_bluesky.profile import load_profile
 
         self.proc = proc
@@ -156,6 +156,29 @@ class TwinIocHandle:
         self.profile = load_profile("ebs")
         self.pvs = pv_names(self.profile, prefix)
         self.tpvs = twin_pv_names(self.profile, prefix)
+        self.opvs = orbit_rms_pv_names(self.profile, prefix)
+
+    def sp(self, family: str, index: int) -> str:
+        """Setpoint PV of magnet ``index`` (0-based) of ``family``."""
+        from acc_bluesky.ioc import magnet_pv
+
+        return magnet_pv(self.pvs, self.profile, family, index, "setpoint")
+
+    def rb(self, family: str, index: int) -> str:
+        """Readback PV of magnet ``index`` (0-based) of ``family``."""
+        from acc_bluesky.ioc import magnet_pv
+
+        return magnet_pv(self.pvs, self.profile, family, index, "readback")
+
+    def bpm(self, index: int, plane: str) -> str:
+        """PV of BPM ``index`` (0-based), plane ``x`` or ``y``."""
+        from acc_bluesky.ioc import bpm_pv
+
+        return bpm_pv(self.pvs, self.profile, index, plane)
+
+    def device(self, family: str, index: int) -> str:
+        """The profile's name of magnet ``index`` of ``family``."""
+        return self.profile.families[family].device_names[index]
 
     def command(self, text: str) -> str:
         """Send a TWIN:CMD (waits until its effect is published); returns TWIN:CMD-RESULT."""
@@ -178,10 +201,11 @@ def _stop_twin_ioc() -> None:
 
 @pytest.fixture(scope="session")
 def twin_ioc(request):
-    """The EBS twin (seed 1) served on loopback for the whole session."""
+    """The EBS twin (seed 1, fault injection allowed) served on loopback for the whole session."""
     h = _SESSION.get("twin_ioc")
     if h is None or not h.proc.alive:
-        proc = IocProcess(["serve", "ebs", "--seed", "1", "--prefix", PREFIX], PORTS["twin"], "twin_ioc")
+        proc = IocProcess(["serve", "ebs", "--seed", "1", "--prefix", PREFIX, "--allow-faults"], PORTS["twin"],
+                          "twin_ioc")
         proc.start()
         h = _SESSION["twin_ioc"] = TwinIocHandle(proc, PREFIX, 1)
         request.addfinalizer(_stop_twin_ioc)
@@ -209,10 +233,12 @@ def ioc_machine(twin_ioc):
 
 
 def caget(pv: str, **kw):
-    """pyepics ``caget`` that raises when the PV does not answer."""
+    """pyepics ``caget`` that asks the IOC (not pyepics' monitor cache, which may still hold the value from before a
+    put that has completed) and raises when the PV does not answer."""
     import epics
 
     kw.setdefault("timeout", 10.0)
+    kw.setdefault("use_monitor", False)
     value = epics.caget(pv, **kw)
     if value is None:
         raise TimeoutError(f"caget {pv}: no answer")

@@ -13,7 +13,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "ioc", help="serve the twin as an EPICS IOC",
         description="Serve a twin as an EPICS IOC: magnets, BPMs, orbit, RF, tunes and beam on PVs named by the "
-                    "profile's templates, plus {prefix}TWIN:CMD to drive anomalies. Stops on SIGTERM/Ctrl-C.")
+                    "profile's templates, with units, DESC, ranges and alarm limits; refused puts fail at the client. "
+                    "--autosave keeps the setpoints across restarts, --pv-list writes every PV for the archiver, the "
+                    "alarm server and Phoebus, --allow-faults adds {prefix}TWIN:CMD to drive anomalies. "
+                    "Stops on SIGTERM/Ctrl-C.")
     add_ioc_arguments(p)
     p.set_defaults(func=_run)
 

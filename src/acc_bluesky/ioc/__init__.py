@@ -4,7 +4,9 @@
   templates; ``acc-bluesky ioc PROFILE`` or ``python -m acc_bluesky.ioc serve PROFILE`` runs it.
 - :class:`Shadow` (:mod:`.shadow`): follows the live setpoints through EPICS monitors into its own twin and
   publishes model predictions, residuals and an anomaly flag; ``acc-bluesky shadow PROFILE``.
-- :func:`twin_pv_names`, :func:`shadow_pv_names`: the extra PVs; :mod:`.commands`: the anomaly commands.
+- :func:`twin_pv_names`, :func:`orbit_rms_pv_names`, :func:`shadow_pv_names`: the extra PVs; :func:`magnet_pv`,
+  :func:`bpm_pv`: one device's PV in the table of :func:`acc_bluesky.devices.pv_names`; :mod:`.commands`: the
+  anomaly commands; :mod:`.autosave`: setpoint autosave and the PV list.
 
 pythonSoftIOC is imported only by the processes that serve records, never by importing this package.
 """
@@ -14,11 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from .commands import COMMAND_HELP, Command, CommandError, apply_command, parse_command
-from .names import default_shadow_prefix, shadow_pv_names, twin_pv_names
+from .names import (FAULT_KEYS, bpm_pv, default_shadow_prefix, magnet_pv, orbit_rms_pv_names, shadow_pv_names,
+                    twin_pv_names)
 from .observe import Observation, Observer, one_turn_tunes
 
 __all__ = [
     "COMMAND_HELP",
+    "FAULT_KEYS",
     "Command",
     "CommandError",
     "Observation",
@@ -28,8 +32,11 @@ __all__ = [
     "ShadowConfig",
     "TwinIoc",
     "apply_command",
+    "bpm_pv",
     "default_shadow_prefix",
+    "magnet_pv",
     "one_turn_tunes",
+    "orbit_rms_pv_names",
     "parse_command",
     "shadow_pv_names",
     "twin_pv_names",

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 __all__ = ["add_ioc_arguments", "add_shadow_arguments", "run_ioc", "run_shadow", "configure_server_env",
            "drop_realtime_privileges", "main"]
@@ -105,6 +106,16 @@ def add_ioc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rate", type=float, default=50.0, help="highest publication rate [Hz] (default 50)")
     p.add_argument("--idle-rate", type=float, default=2.0,
                    help="republication rate [Hz] with fresh noise when nothing changes (default 2; 0 = off)")
+    p.add_argument("--allow-faults", action="store_true",
+                   help="serve the fault-injection PVs ({prefix}TWIN:CMD, TWIN:CMD-RESULT); off by default")
+    p.add_argument("--autosave", metavar="FILE", default=None,
+                   help="save every setpoint to FILE (JSON, atomic write) when it changes; restore it at start if "
+                        "FILE exists")
+    p.add_argument("--autosave-period", type=float, default=1.0,
+                   help="seconds between autosave writes while setpoints change (default 1)")
+    p.add_argument("--pv-list", metavar="FILE", default=None,
+                   help="write every PV (name, record type, units, DESC, kind) to FILE at start: CSV with a header, "
+                        "or PV names only, one per line, if FILE ends in .txt")
 
 
 def add_shadow_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,22 +172,50 @@ def run_ioc(args: argparse.Namespace) -> int:
         drop_realtime_privileges()
     configure_server_env(args.port, args.interface, args.pva_port)
     t0 = time.perf_counter()
+    from ..profile import load_profile
     from ..twin import Twin
-    from .server import READY_MESSAGE, TwinIoc
+    from .autosave import AutosaveError, load, restore
 
-    twin = Twin(args.profile, seed=None if args.seed is None or args.seed < 0 else args.seed,
+    profile = load_profile(args.profile)
+    saved, restored = None, "off"
+    if not args.autosave_period > 0:
+        print(f"error: --autosave-period must be > 0 s, got {args.autosave_period}", file=sys.stderr, flush=True)
+        return 2
+    if args.autosave:
+        path = Path(args.autosave)
+        if path.exists():
+            try:
+                saved = load(path, profile)  # checked before anything starts: a bad file stops the IOC here
+            except AutosaveError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return 2
+        elif not path.parent.is_dir():
+            print(f"error: --autosave {path}: folder {path.parent} does not exist; nothing was started",
+                  file=sys.stderr, flush=True)
+            return 2
+        else:
+            restored = f"new {path}"
+    twin = Twin(profile, seed=None if args.seed is None or args.seed < 0 else args.seed,
                 error_scale=args.error_scale)
+    if saved is not None:
+        restored = f"restored {restore(twin, saved)} setpoints from {args.autosave}"
     from softioc import asyncio_dispatcher, builder, softioc
 
-    ioc = TwinIoc(twin, args.prefix, max_rate=args.max_rate, idle_rate=args.idle_rate)
+    from .server import READY_MESSAGE, TwinIoc
+
+    ioc = TwinIoc(twin, args.prefix, max_rate=args.max_rate, idle_rate=args.idle_rate,
+                  allow_faults=args.allow_faults, autosave=args.autosave, autosave_period=args.autosave_period)
     n = ioc.build()
+    if args.pv_list:
+        ioc.write_pv_list(args.pv_list)
     builder.LoadDatabase()
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
     softioc.iocInit(dispatcher, enable_pva=bool(args.pva))
     ioc.start()
     port = os.environ.get("EPICS_CA_SERVER_PORT", "5064")
     print(f"{READY_MESSAGE}: {twin.profile.name} prefix={ioc.prefix!r} seed={twin.seed} records={n} "
-          f"ca_port={port} pva={'on' if args.pva else 'off'} start={time.perf_counter() - t0:.1f}s", flush=True)
+          f"ca_port={port} pva={'on' if args.pva else 'off'} faults={'on' if args.allow_faults else 'off'} "
+          f"autosave={restored} start={time.perf_counter() - t0:.1f}s", flush=True)
     _wait_for_signal()
     ioc.stop()
     print("IOC stopped", flush=True)

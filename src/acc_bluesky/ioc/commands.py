@@ -1,17 +1,20 @@
 """Commands that drive the twin's anomalies remotely (the IOC's ``{prefix}TWIN:CMD`` PV).
 
-Numbers are 1-based, as in the PV and device names (``BPM:005`` and ``HST:005`` are index 4 of the twin):
+A device is named by its name in the profile (``profile.bpm_names``, ``profile.families[f].device_names``; any
+case) or by family and 1-based number (``HST 5`` is index 4 of the twin, whatever the device names):
 
-====================================  =================================================================
-``lose_beam``                         the beam is lost (NaN orbit, INVALID alarms, current 0)
-``inject``                            refill (clears a beam loss)
-``clear``                             remove every anomaly (stuck supplies jump to their setpoints)
-``reset``                             design setpoints, no anomaly, beam injected (errors stay)
-``dead_bpm 5`` / ``dead_bpm BPM:005``  BPM 5 reads NaN (``... off`` to repair it)
-``dead HST 5`` / ``dead HST:005``     corrector HST:005 delivers no field, readback 0 (``... off``)
-``stuck VST:010``                     the supply ignores new setpoints (``... off``)
-``trip QF2``                          the whole family's supply trips to 0 (``... off`` to reset it)
-====================================  =================================================================
+=============================================  ===========================================================
+``lose_beam``                                  the beam is lost (NaN orbit, INVALID alarms, current 0)
+``inject``                                     refill (clears a beam loss)
+``clear``                                      remove every anomaly (stuck supplies jump to their setpoints)
+``reset``                                      design setpoints, no anomaly, beam injected (errors stay)
+``dead_bpm 5`` / ``dead_bpm BPMNAME``          the 5th BPM reads NaN (``... off`` to repair it)
+``dead HST 5`` / ``dead DEVICE``               the corrector delivers no field, readback 0 (``... off``)
+``stuck VST 10`` / ``stuck DEVICE``            the supply ignores new setpoints (``... off``)
+``trip QF2``                                   the whole family's supply trips to 0 (``... off`` to reset it)
+=============================================  ===========================================================
+
+(``FAMILY:NNN``, e.g. ``HST:005``, is accepted too.)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..twin import Twin
 __all__ = ["Command", "CommandError", "parse_command", "apply_command", "COMMAND_HELP"]
 
 COMMAND_HELP = ("commands: lose_beam | inject | clear | reset | dead_bpm N | dead FAMILY N | stuck FAMILY N | "
-                "trip FAMILY  (N 1-based, or a device name like HST:005; append 'off' to undo)")
+                "trip FAMILY  (N 1-based, or a device name of the profile instead of FAMILY N; append 'off' to undo)")
 
 _SIMPLE = ("lose_beam", "inject", "clear", "reset")
 _DEVICE = ("dead", "stuck")
@@ -36,19 +39,21 @@ class CommandError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """A parsed command: ``verb``, ``family`` (None for BPMs and simple verbs), 0-based ``index``, ``on``."""
+    """A parsed command: ``verb``, ``family`` (None for BPMs and simple verbs), 0-based ``index``, ``on``, and the
+    ``device`` name (the BPM's or magnet's name in the profile; None for simple verbs and trips)."""
 
     verb: str
     family: str | None = None
     index: int | None = None
     on: bool = True
+    device: str | None = None
 
     def describe(self) -> str:
         what = self.verb
-        if self.verb == "dead_bpm":
-            what += f" BPM:{self.index + 1:03d}"
+        if self.device is not None:
+            what += f" {self.device}"
         elif self.family is not None:
-            what += f" {self.family}" + (f":{self.index + 1:03d}" if self.index is not None else "")
+            what += f" {self.family}"
         return what + ("" if self.on else " off")
 
 
@@ -59,6 +64,14 @@ def _number(tok: str, n: int, what: str) -> int:
     if not 1 <= i <= n:
         raise CommandError(f"{what}: number {i} out of range 1..{n}")
     return i - 1
+
+
+def _by_name(tok: str, names: list[str]) -> int | None:
+    low = tok.lower()
+    for i, n in enumerate(names):
+        if n.lower() == low:
+            return i
+    return None
 
 
 def parse_command(text: str, twin: Twin) -> Command:
@@ -77,12 +90,20 @@ def parse_command(text: str, twin: Twin) -> Command:
         return Command(verb)
     if verb == "dead_bpm":
         if len(args) != 1:
-            raise CommandError(f"dead_bpm needs one BPM (number or BPM:NNN). {COMMAND_HELP}")
-        tok = re.sub(r"^BPM:", "", args[0], flags=re.IGNORECASE)
-        return Command(verb, None, _number(tok, twin.nbpm, "dead_bpm"), on)
+            raise CommandError(f"dead_bpm needs one BPM (a number or a BPM name). {COMMAND_HELP}")
+        names = twin.profile.bpm_names
+        i = _by_name(args[0], names)
+        if i is None:
+            i = _number(re.sub(r"^BPM:", "", args[0], flags=re.IGNORECASE), twin.nbpm, "dead_bpm")
+        return Command(verb, None, i, on, names[i])
     if verb in _DEVICE or verb == "trip":
         if not args:
             raise CommandError(f"{verb} needs a family{' and a number' if verb != 'trip' else ''}. {COMMAND_HELP}")
+        if verb in _DEVICE and len(args) == 1:
+            for fname in twin.family_names:
+                i = _by_name(args[0], twin.profile.families[fname].device_names)
+                if i is not None:
+                    return Command(verb, fname, i, on, twin.profile.families[fname].device_names[i])
         if len(args) == 1 and ":" in args[0]:
             fam, _, num = args[0].rpartition(":")
             args = [fam, num]
@@ -96,7 +117,8 @@ def parse_command(text: str, twin: Twin) -> Command:
         if len(args) != 2:
             raise CommandError(f"{verb} needs FAMILY N or FAMILY:NNN, got {' '.join(args)!r}")
         n = len(twin.family(fam).refpts)
-        return Command(verb, fam, _number(args[1], n, f"{verb} {fam}"), on)
+        i = _number(args[1], n, f"{verb} {fam}")
+        return Command(verb, fam, i, on, twin.profile.families[fam].device_names[i])
     raise CommandError(f"unknown command {verb!r}. {COMMAND_HELP}")
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ..profile import Profile
 
-__all__ = ["twin_pv_names", "shadow_pv_names", "default_shadow_prefix"]
+__all__ = ["twin_pv_names", "shadow_pv_names", "default_shadow_prefix", "orbit_rms_pv_names", "magnet_pv", "bpm_pv",
+           "FAULT_KEYS"]
 
 #: logical key -> suffix after ``{prefix}TWIN:``
 _TWIN = {
@@ -26,7 +27,12 @@ _TWIN = {
     "cycle_time": "CYCLE-TIME",    # ai [ms]: duration of the last recomputation + publication
     "rate": "RATE",                # ai [Hz]: publications per second over the last seconds
     "seed": "SEED",                # longin: error seed (-1 = ideal machine)
+    "heartbeat": "HEARTBEAT",      # longin: +1 every second while the IOC runs
+    "uptime": "UPTIME",            # ai [s]: time since the IOC started serving
 }
+
+#: The fault-injection PVs, served only by an IOC started with ``--allow-faults``.
+FAULT_KEYS = ("cmd", "cmd_result")
 
 #: logical key -> suffix after the shadow prefix
 _SHADOW = {
@@ -54,9 +60,38 @@ _SHADOW = {
 
 
 def twin_pv_names(profile: Profile, prefix: str | None = None) -> dict[str, str]:
-    """The twin IOC's control PVs: logical key -> PV name, under the profile's prefix (or ``prefix``)."""
+    """The twin IOC's control PVs: logical key -> PV name, under the profile's prefix (or ``prefix``).
+
+    The :data:`FAULT_KEYS` among them exist only on an IOC started with ``--allow-faults``."""
     p = profile.spec.controls.prefix if prefix is None else prefix
     return {k: f"{p}TWIN:{v}" for k, v in _TWIN.items()}
+
+
+def orbit_rms_pv_names(profile: Profile, prefix: str | None = None) -> dict[str, str]:
+    """The IOC's orbit rms PVs [m] (with the profile's alarm limits): each orbit waveform's name + ``-RMS``."""
+    from ..devices import pv_names
+
+    t = pv_names(profile, prefix)
+    return {"orbit:x_rms": t["orbit:x"] + "-RMS", "orbit:y_rms": t["orbit:y"] + "-RMS"}
+
+
+def magnet_pv(pvs: dict[str, str], profile: Profile, family: str, index: int, what: str) -> str:
+    """The ``what`` (``setpoint`` or ``readback``) PV of magnet ``index`` (0-based) of ``family`` in the table
+    ``pvs`` of :func:`acc_bluesky.devices.pv_names` (keyed by device name, or by the older ``FAMILY:NNN``)."""
+    dev = profile.families[family].device_names[index]
+    for key in (f"{dev}:{what}", f"{family}:{index + 1:03d}:{what}"):
+        if key in pvs:
+            return pvs[key]
+    raise KeyError(f"no {what} PV of {dev} ({family} #{index + 1}) in the PV table of acc_bluesky.devices.pv_names")
+
+
+def bpm_pv(pvs: dict[str, str], profile: Profile, index: int, plane: str) -> str:
+    """The ``plane`` (``x`` or ``y``) PV of BPM ``index`` (0-based) in the table ``pvs`` (see :func:`magnet_pv`)."""
+    dev = profile.bpm_names[index]
+    for key in (f"{dev}:{plane}", f"BPM:{index + 1:03d}:{plane}"):
+        if key in pvs:
+            return pvs[key]
+    raise KeyError(f"no {plane} PV of BPM {dev} (#{index + 1}) in the PV table of acc_bluesky.devices.pv_names")
 
 
 def default_shadow_prefix(profile: Profile, prefix: str | None = None) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..devices.backends.epics import pv_names
+from ..devices import pv_names
 from ..profile import Profile, load_profile
 from ..twin import Twin
 from .names import shadow_pv_names
@@ -125,9 +125,10 @@ def _rms(a: np.ndarray) -> float:
     return float(np.sqrt(np.mean(a * a))) if a.size else float("nan")
 
 
-def _names(idx, fmt: str, limit: int = 4) -> str:
+def _names(idx, names: list[str], limit: int = 4) -> str:
+    """The device names (from the profile) of the first indices, and how many more."""
     idx = sorted(int(i) for i in idx)
-    s = ", ".join(fmt.format(i + 1) for i in idx[:limit])
+    s = ", ".join(names[i] for i in idx[:limit])
     return s + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
 
 
@@ -227,7 +228,7 @@ class Shadow:
             cond.append("no beam: every BPM reads nothing")
         elif nan_now - self._ref_nan:
             new = nan_now - self._ref_nan
-            cond.append(f"{len(new)} BPM(s) read nothing: {_names(new, 'BPM:{:03d}')}")
+            cond.append(f"{len(new)} BPM(s) read nothing: {_names(new, self.profile.bpm_names)}")
         if beam and not model_ok:
             cond.append(f"the model has no closed orbit ({self.twin.loss_reason}); the live machine has one")
         for plane, r in (("x", rms_x), ("y", rms_y)):
@@ -245,7 +246,8 @@ class Shadow:
             bad = np.nonzero(np.abs(np.asarray(rb) - np.asarray(sp)) > cfg.readback_threshold)[0]
             mism.extend((fam, int(i), float(sp[i]), float(rb[i])) for i in bad)
         if mism:
-            shown = ", ".join(f"{f}:{i + 1:03d} (set {s:g}, reads {r:g})" for f, i, s, r in mism[:3])
+            shown = ", ".join(f"{self.profile.families[f].device_names[i]} (set {s:g}, reads {r:g})"
+                              for f, i, s, r in mism[:3])
             more = f" and {len(mism) - 3} more" if len(mism) > 3 else ""
             cond.append(f"supply readback != setpoint: {shown}{more}")
         cond.extend(self._follow_errors)

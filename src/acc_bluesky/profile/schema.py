@@ -216,6 +216,51 @@ class ControlsSpec(_Strict):
     tune_y: str = "{prefix}TUNE:Y"
     beam_current: str = "{prefix}BEAM:CURRENT"
     beam_lifetime: str = "{prefix}BEAM:LIFETIME"
+    alarms: AlarmsSpec = Field(default_factory=lambda: AlarmsSpec(),
+                               description="alarm limits of the IOC's beam current, lifetime and orbit rms PVs")
+
+
+_SEVERITY = Literal["NO_ALARM", "MINOR", "MAJOR", "INVALID"]
+
+
+class AlarmLimits(_Strict):
+    """EPICS alarm limits of one analog PV (HIHI/HIGH/LOW/LOLO and their severities), in the PV's units.
+
+    A limit left out (``null``) raises no alarm; ``hysteresis`` is the record's HYST (a value must come back by
+    that much before the alarm clears)."""
+
+    lolo: float | None = None
+    low: float | None = None
+    high: float | None = None
+    hihi: float | None = None
+    lolo_severity: _SEVERITY = "MAJOR"
+    low_severity: _SEVERITY = "MINOR"
+    high_severity: _SEVERITY = "MINOR"
+    hihi_severity: _SEVERITY = "MAJOR"
+    hysteresis: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _finite_and_ordered(self):
+        import math
+
+        given = [(k, getattr(self, k)) for k in ("lolo", "low", "high", "hihi") if getattr(self, k) is not None]
+        for k, v in given + [("hysteresis", self.hysteresis)]:
+            if not math.isfinite(v):
+                raise ValueError(f"alarm limit {k} must be a finite number, got {v!r}")
+        for (k1, v1), (k2, v2) in zip(given, given[1:]):
+            if v1 > v2:
+                raise ValueError(f"alarm limits must be ordered lolo <= low <= high <= hihi, got {k1}={v1:g} > "
+                                 f"{k2}={v2:g}")
+        return self
+
+
+class AlarmsSpec(_Strict):
+    """Alarm limits of the machine-wide PVs the IOC serves (defaults suit a storage ring of any current)."""
+
+    beam_current: AlarmLimits = AlarmLimits(lolo=1.0e-3)  # A: below 1 mA there is no stored beam (MAJOR)
+    beam_lifetime: AlarmLimits = AlarmLimits(lolo=600.0, low=3600.0)  # s
+    orbit_rms_x: AlarmLimits = AlarmLimits(high=2.0e-3, hihi=5.0e-3)  # m, rms over the BPMs
+    orbit_rms_y: AlarmLimits = AlarmLimits(high=1.0e-3, hihi=2.5e-3)  # m
 
 
 class BeamSpec(_Strict):
