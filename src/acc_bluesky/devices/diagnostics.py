@@ -35,9 +35,9 @@ class Bpm(Described):
         self.refpt = int(refpt)
         self.s = float(s)
         hinted, _ = formats(backend)
-        with self.add_children_as_readables(hinted):
-            self.x = backend.bpm(index, "x")
-            self.y = backend.bpm(index, "y")
+        self.x = backend.bpm(index, "x")
+        self.y = backend.bpm(index, "y")
+        self.add_readables([self.x, self.y], hinted)  # in this order (a with-block adds them in hash order)
         super().__init__(name=name)
 
     def __repr__(self) -> str:
@@ -63,12 +63,12 @@ class Orbit(Described):
         self.good = np.asarray(good, dtype=bool)
         self.s = np.full(len(self.refpts), np.nan) if s is None else np.asarray(s, dtype=float)
         hinted, plain = formats(backend)
-        with self.add_children_as_readables(plain):
-            self.x = backend.orbit("x")
-            self.y = backend.orbit("y")
-        with self.add_children_as_readables(hinted):
-            self.x_rms = derived_signal_r(_rms, derived_units="m", derived_precision=9, v=self.x)
-            self.y_rms = derived_signal_r(_rms, derived_units="m", derived_precision=9, v=self.y)
+        self.x = backend.orbit("x")
+        self.y = backend.orbit("y")
+        self.x_rms = derived_signal_r(_rms, derived_units="m", derived_precision=9, v=self.x)
+        self.y_rms = derived_signal_r(_rms, derived_units="m", derived_precision=9, v=self.y)
+        self.add_readables([self.x, self.y], plain)  # in this order: the twin's noise is drawn in read order
+        self.add_readables([self.x_rms, self.y_rms], hinted)
         self.channel = NamedVector(
             {i: Bpm(backend, i, int(self.refpts[i]), float(self.s[i])) for i in range(len(self.refpts))}, "BPM",
             self.names)
@@ -120,9 +120,9 @@ class TuneMonitor(Described):
 
     def __init__(self, backend, name: str = "") -> None:
         hinted, _ = formats(backend)
-        with self.add_children_as_readables(hinted):
-            self.x = backend.tune("x")
-            self.y = backend.tune("y")
+        self.x = backend.tune("x")
+        self.y = backend.tune("y")
+        self.add_readables([self.x, self.y], hinted)
         super().__init__(name=name)
 
 

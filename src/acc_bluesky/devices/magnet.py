@@ -212,9 +212,9 @@ class MagnetFamily(NamedVector, Described):
         self.good = family.good
         self.description = family.spec.description
         hinted, plain = formats(backend)
-        with self.add_children_as_readables(plain):
-            self.setpoints = backend.family_setpoints(family.name)
-            self.readbacks = backend.family_readbacks(family.name)
+        self.setpoints = backend.family_setpoints(family.name)
+        self.readbacks = backend.family_readbacks(family.name)
+        self.add_readables([self.setpoints, self.readbacks], plain)
         self._put = backend.family_put(family.name, self.setpoints)
 
         async def set_strengths(values: FloatArray) -> None:
