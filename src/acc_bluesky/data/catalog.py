@@ -303,12 +303,16 @@ def run_metadata(run: Any) -> dict[str, Any]:
 
 def _stream_node(run: Any, stream: str) -> Any:
     try:
-        return run[stream]
+        node = run[stream]
     except KeyError:
         streams = sorted(run)
         raise KeyError(
             f"Run {run.metadata['start']['uid']} has no stream {stream!r}; its streams are {streams}"
         ) from None
+    if not hasattr(node, "base") and hasattr(run, "v3"):
+        # a databroker v2 view of the run (databroker's v1 API switches the runs of the process to it)
+        node = run.v3[stream]
+    return node
 
 
 def _column(values: Any) -> np.ndarray:

@@ -269,12 +269,17 @@ class FairFiller:
         from bluesky.preprocessors import msg_mutator
 
         seen = self._seen
+        seen.clear()  # (what the previous plan touched after its last run closed)
+        opened = [False]
 
         def note(msg: Any) -> Any:
-            if msg.obj is not None:
-                seen.add(id(msg.obj))
-            elif msg.command == "close_run":
+            if opened[0]:  # the run opened: its machine is known; start afresh for the next one
                 seen.clear()
+                opened[0] = False
+            if msg.command == "open_run":
+                opened[0] = True
+            elif msg.obj is not None:
+                seen.add(id(msg.obj))
             return msg
 
         return msg_mutator(plan, note)
