@@ -130,7 +130,9 @@ class TiledServer:
         port: int | None = None,
         read_only_key: str | None = None,
         api_key: str | None = None,
+        database: str | None = None,
     ) -> None:
+        self.database = database
         self.directory = directory
         self.port = port or free_port()
         self.api_key = api_key or secrets.token_hex(16)
@@ -147,6 +149,8 @@ class TiledServer:
         ]
         if self.read_only_key:
             cmd += ["--read-only-key", self.read_only_key]
+        if self.database:
+            cmd += ["--database", self.database]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

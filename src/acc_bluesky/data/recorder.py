@@ -30,7 +30,8 @@ import numpy as np
 
 from .backup import BackupWriter, lookup_run
 from .catalog import MAX_TABLE_ARRAY_SIZE, CatalogUnavailableError, catalog_paths, redact_uri
-from .client import connect_local, connect_tiled
+from . import local
+from .client import connect_local, connect_tiled, probe
 from .wal import WriteAheadLog, remote_wal_dir
 
 __all__ = [
@@ -59,7 +60,12 @@ class LocalTarget:
         self.wal_dir = self.root / "wal"
 
     def connect(self) -> Any:
+        self._uri = local.attach(self.root).uri
         return connect_local(self.root, recover=False)
+
+    def check(self) -> bool:
+        """Before each run: the server still lives (else it is started again). True if its address changed."""
+        return local.attach(self.root).uri != getattr(self, "_uri", None)
 
     def __str__(self) -> str:
         return f"the catalogue folder {self.root}"
@@ -75,6 +81,12 @@ class RemoteTarget:
 
     def connect(self) -> Any:
         return connect_tiled(self.uri, self.api_key, probe_timeout=2.0)
+
+    def check(self) -> bool:
+        """Before each run: the server answers (a server gone between runs: backed up at once, not after Tiled's
+        45 s of retries)."""
+        probe(self.uri, 2.0)
+        return False
 
     def __str__(self) -> str:
         return f"the Tiled server at {redact_uri(self.uri)}"
@@ -205,12 +217,15 @@ class CatalogWriter:
 
     def _open(self, run: _Run) -> None:
         client = self.client
-        if client is None:
-            try:
+        try:
+            if client is None:
                 client = self._connect()
-            except CatalogUnavailableError as err:
-                self._to_backup(run, f"{self.target} is unreachable ({err})")
-                return
+            elif self.target.check():
+                client = self._connect()
+        except CatalogUnavailableError as err:
+            self.client = None
+            self._to_backup(run, f"{self.target} is unreachable ({err})")
+            return
         run.writer = self._tiled_writer(client)
 
     def _rewrite(self, run: _Run, err: BaseException) -> None:
