@@ -1,7 +1,7 @@
 """Data layer: the RunEngine factory, Tiled writing and reading, FAIR metadata, backup/replay, export.
 
 Modules, lowest first (each imports only those below it; an import-linter contract checks it): ``metadata`` and
-``backup``; ``catalog`` (folder layout, readers, queries) and ``wal`` (write-ahead log); ``local`` (the on-demand
+``catalog`` (folder layout, readers, queries); ``backup``; ``wal`` (write-ahead log) and ``local`` (the on-demand
 server of a folder); ``server`` (``acc-bluesky catalog serve``) and ``client`` (``open_catalog``); ``recorder`` (the
 RunEngine's writer) and ``export``; ``run_engine``.
 
