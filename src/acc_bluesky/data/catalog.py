@@ -187,6 +187,9 @@ def build_catalog_adapter(
         root = init_catalog(directory)
         paths = catalog_paths(root)
         catalog_uri, tables_uri = _sqlite_uri(paths["catalog"]), _sqlite_uri(paths["tables"])
+        # one connection to the SQLite event tables: concurrent appends (several sessions at once) queue for it
+        # instead of failing inside the server with "database is locked"
+        kwargs.update(storage_pool_size=1, storage_max_overflow=0)
     else:
         if not database.startswith(("postgresql://", "postgresql+asyncpg://", "sqlite")):
             raise ValueError(f"database must be a postgresql:// (or sqlite:///) URI, got {redact_uri(database)!r}")
