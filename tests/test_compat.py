@@ -70,6 +70,29 @@ def test_bluesky_preprocessors_and_msg_mutator_are_public():
 
 
 # --------------------------------------------------------------------------------------- tiled, plugins
+def test_fastapi_dependant_memo_of_the_server_process():
+    """``acc_bluesky._compat.tiled.memoize_fastapi_dependants`` (applied in server processes only): FastAPI's
+    ``get_dependant(*, path, call, ...)`` still exists, and the memo returns the very tree FastAPI builds."""
+    import subprocess
+    import sys
+
+    code = (
+        "import inspect, fastapi.dependencies.utils as fdu\n"
+        "from acc_bluesky._compat.tiled import memoize_fastapi_dependants\n"
+        "def dep(q: int = 0): return q\n"
+        "from fastapi import Depends\n"
+        "def route2(x: int, d: int = Depends(dep)): return x\n"
+        "plain = fdu.get_dependant(path='/a', call=route2)\n"
+        "assert memoize_fastapi_dependants(), 'FastAPI get_dependant moved'\n"
+        "a = fdu.get_dependant(path='/a', call=route2); b = fdu.get_dependant(path='/a', call=route2)\n"
+        "assert a is b and [p.name for p in a.query_params] == [p.name for p in plain.query_params]\n"
+        "assert [d.call for d in a.dependencies] == [dep]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # (a patch: not here)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+
 def test_tiled_writer_public_signature():
     from bluesky_tiled_plugins import TiledWriter
 

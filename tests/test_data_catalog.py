@@ -186,15 +186,15 @@ def test_find_runs_by_tool_facility_profile_mode_and_time(run_engine, machine, t
     assert run_engine.catalog[c[:8]].metadata["start"]["uid"] == c
 
 
-def test_open_catalog_of_a_folder_by_path_and_default_folder(tmp_path, machine, monkeypatch):
-    monkeypatch.setenv("ACC_BLUESKY_CATALOG", str(tmp_path / "from-env"))
+def test_open_catalog_of_a_folder_by_path_and_default_folder(machine, monkeypatch, module_catalog_dir):
+    monkeypatch.setenv("ACC_BLUESKY_CATALOG", str(module_catalog_dir))
     RE = make_run_engine(progress=False)  # noqa: N806 - the folder from $ACC_BLUESKY_CATALOG
+    assert RE.recorder.target.root == module_catalog_dir.resolve()
     uid = RE(bp.count([make_bpm_device()], 2, md=tool_metadata("test", machine)))
-    assert (tmp_path / "from-env" / "catalog.db").exists() and (tmp_path / "from-env" / "data").is_dir()
-    for cat in (open_catalog(), open_catalog(tmp_path / "from-env"), open_catalog(str(tmp_path / "from-env")),
-                open_catalog(catalog_dir=tmp_path / "from-env")):
+    assert (module_catalog_dir / "catalog.db").exists() and (module_catalog_dir / "data").is_dir()
+    for cat in (open_catalog(), open_catalog(module_catalog_dir), open_catalog(str(module_catalog_dir)),
+                open_catalog(catalog_dir=module_catalog_dir)):
         assert read_stream(cat[uid])["bpm-x"].shape == (2, N_BPM)
-    close_catalog(tmp_path / "from-env")
 
 
 def test_store_result_iterations_and_bad_input(run_engine, machine):

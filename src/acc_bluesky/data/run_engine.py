@@ -295,7 +295,7 @@ def make_run_engine(
     if client is not None:  # the writer thread's own client
         writer_client = target.connect() if tiled is None else connect_tiled(tiled, api_key)
     recorder = CatalogWriter(target, writer_client, backup, batch_size=batch_size, max_array_size=max_array_size)
-    RE.subscribe(recorder)
+    RE.recorder_token = RE.subscribe(recorder)
     RE.recorder = recorder
     RE._catalog = client
     RE.backup_dir = backup
