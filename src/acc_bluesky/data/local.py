@@ -124,7 +124,6 @@ class LocalServer:
 _lock = threading.RLock()
 _users: dict[pathlib.Path, int] = {}  # folder -> fd holding server.users (shared) for this process
 _servers: dict[pathlib.Path, LocalServer] = {}
-_started: dict[pathlib.Path, subprocess.Popen] = {}  # servers this process started
 
 
 def _read_address(files: dict[str, pathlib.Path]) -> dict[str, Any] | None:
@@ -188,6 +187,12 @@ def _watch(root: pathlib.Path) -> None:
         logger.warning("the catalogue server of %s ended: started again", root)
 
 
+_LAUNCHER = (
+    "import subprocess, sys; fd = int(sys.argv[1]); "
+    "subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True)"
+)
+
+
 def _start(files: dict[str, pathlib.Path], port: int = 0) -> dict[str, Any]:
     """Start the folder's server (the caller holds ``server.lock``) and wait for its "ready" line."""
     root = files["root"]
@@ -202,18 +207,19 @@ def _start(files: dict[str, pathlib.Path], port: int = 0) -> dict[str, Any]:
            "--on-demand", "--ready-fd", str(write_fd), "--idle-timeout", str(idle_timeout())]
     try:
         with open(files["log"], "ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    pass_fds=(write_fd,), start_new_session=True)
+            # through a launcher that exits at once: the server belongs to no session's process tree (it is shared;
+            # stopping a session or its service, e.g. `acc-bluesky queue stop`, leaves it to its idle timer)
+            proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(write_fd), *cmd], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
-    _started[root] = proc
+    proc.wait(60)  # (the launcher only)
     line = b""
     deadline = time.monotonic() + START_TIMEOUT
     try:
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([read_fd], [], [], left)[0]:
-                proc.kill()
                 raise CatalogUnavailableError(
                     f"The catalogue server of {root} did not start within {START_TIMEOUT:.0f} s; see {files['log']}")
             chunk = os.read(read_fd, 4096)
@@ -223,14 +229,12 @@ def _start(files: dict[str, pathlib.Path], port: int = 0) -> dict[str, Any]:
     finally:
         os.close(read_fd)
     if not line.startswith(b"ready "):
-        proc.wait(30)
         tail = files["log"].read_text(errors="replace")[-2000:] if files["log"].exists() else ""
-        raise CatalogUnavailableError(
-            f"The catalogue server of {root} failed to start (exit code {proc.returncode}): {tail.strip()}")
+        raise CatalogUnavailableError(f"The catalogue server of {root} failed to start: {tail.strip()}")
     address = _read_address(files)
     if address is None:
         raise CatalogUnavailableError(f"The catalogue server of {root} started but wrote no address")
-    logger.info("started the catalogue server of %s at %s (pid %d)", root, address["uri"], proc.pid)
+    logger.info("started the catalogue server of %s at %s (pid %s)", root, address["uri"], address["pid"])
     return address
 
 
@@ -259,7 +263,6 @@ def stop_server(directory: str | os.PathLike, *, force: bool = False, timeout: f
     with _lock, file_lock(files["lock"]):
         address = _read_address(files)
         if address is None or not server_alive(root):
-            _reap(root)
             return False
         with file_lock(files["users"], blocking=False) as free:
             if free is None and not force:
@@ -274,7 +277,6 @@ def stop_server(directory: str | os.PathLike, *, force: bool = False, timeout: f
             _wait_dead(files, timeout)
         with contextlib.suppress(FileNotFoundError):
             files["json"].unlink()
-        _reap(root)
         return True
 
 
@@ -288,13 +290,6 @@ def _wait_dead(files: dict[str, pathlib.Path], timeout: float) -> bool:
 
     threading.Thread(target=wait, daemon=True, name="acc-bluesky-server-end").start()
     return done.wait(timeout)
-
-
-def _reap(root: pathlib.Path) -> None:
-    proc = _started.pop(root, None)
-    if proc is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
 
 
 # ------------------------------------------------------------------------------------------------ server side
