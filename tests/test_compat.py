@@ -101,6 +101,25 @@ def test_tiled_writer_public_signature():
         assert name in params, name
 
 
+def test_tiled_writer_normalizer_emits_through_its_dispatcher():
+    """The recorder's normalizer overrides ``RunNormalizer.emit`` (validate, then ``self.dispatcher.process``) to
+    skip the event re-validation: both must still exist and events must still go through ``emit``."""
+    from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
+
+    from acc_bluesky.data.recorder import _normalizer_class
+
+    norm = _normalizer_class()()
+    assert isinstance(norm, RunNormalizer) and hasattr(norm.dispatcher, "process")
+    got = []
+    norm.subscribe(lambda name, doc: got.append(name))
+    import bluesky.plans as bp
+    from bluesky import RunEngine
+    from ophyd.sim import det
+
+    RunEngine(context_managers=[])(bp.count([det], 2), norm)
+    assert got.count("event") == 2 and got[0] == "start" and got[-1] == "stop"
+
+
 def test_tiled_client_api_key_introspection_and_catalog_factory():
     from tiled.catalog import from_uri
     from tiled.client.context import Context

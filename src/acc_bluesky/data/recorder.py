@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 #: Events a run's TiledWriter collects per stream before writing them (the rest go at the stop document). Live
 #: readers of another process see a run grow in such groups; 1 writes every event at once.
 DEFAULT_BATCH_SIZE = 100
+#: Seconds between two wake-ups of the writer thread while documents come (at once when someone waits for it).
+WAKE_PERIOD = 0.1
 #: Attempts to write a run again (whole, from memory) after a failed write, before it goes to the backup folder.
 RETRIES = 2
 
@@ -145,6 +147,7 @@ class CatalogWriter:
         self._queued = 0
         self._done = 0
         self._warnings: list[str] = []
+        self._hurry = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="acc-bluesky-catalog-writer")
         self._thread.start()
 
@@ -159,6 +162,7 @@ class CatalogWriter:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every document recorded so far is written (or backed up); warn (in the calling thread)
         about runs that went to the backup folder. Returns False on timeout."""
+        self._hurry.set()
         with self._cond:
             target = self._queued
             ok = self._cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
@@ -175,16 +179,25 @@ class CatalogWriter:
 
     # -- the writer thread --------------------------------------------------------------------------
     def _loop(self) -> None:
+        # Takes what queued up at most every WAKE_PERIOD (at once when someone waits): a thread that woke for every
+        # document would take the GIL from the plan's thread hundreds of times a second.
         while True:
-            uid, name, doc = self._queue.get()
-            try:
-                self._handle(uid, name, doc)
-            except Exception:  # noqa: BLE001 - never let the thread die: the log keeps the run
-                logger.exception("catalogue writer: the %s document of run %s failed", name, uid)
-            finally:
-                with self._cond:
-                    self._done += 1
-                    self._cond.notify_all()
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for uid, name, doc in items:
+                try:
+                    self._handle(uid, name, doc)
+                except Exception:  # noqa: BLE001 - never let the thread die: the log keeps the run
+                    logger.exception("catalogue writer: the %s document of run %s failed", name, uid)
+            with self._cond:
+                self._done += len(items)
+                self._cond.notify_all()
+            self._hurry.wait(WAKE_PERIOD)
+            self._hurry.clear()
 
     def _handle(self, uid: str | None, name: str, doc: dict[str, Any]) -> None:
         if uid is None:
@@ -209,7 +222,8 @@ class CatalogWriter:
     def _tiled_writer(self, client: Any) -> Callable[[str, dict[str, Any]], None]:
         from bluesky_tiled_plugins import TiledWriter
 
-        return TiledWriter(client, batch_size=self.batch_size, max_array_size=self.max_array_size)
+        return TiledWriter(client, normalizer=_normalizer_class(), batch_size=self.batch_size,
+                           max_array_size=self.max_array_size)
 
     def _connect(self) -> Any:
         self.client = self.target.connect()
@@ -260,6 +274,28 @@ class CatalogWriter:
         logger.warning("%s", message)
         with self._cond:
             self._warnings.append(message)
+
+
+_NORMALIZER: type | None = None
+
+
+def _normalizer_class() -> type:
+    """bluesky-tiled-plugins' ``RunNormalizer`` (TiledWriter's ``normalizer`` option) that does not validate each
+    event against the event-model JSON schema again (0.5 ms per ORM event, in the writer thread, which takes the
+    GIL from the plan): a RunEngine builds its events valid, and their descriptors are still validated."""
+    global _NORMALIZER
+    if _NORMALIZER is None:
+        from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
+
+        class EventTrustingNormalizer(RunNormalizer):
+            def emit(self, name: str, doc: dict[str, Any]) -> None:
+                if name == "event":
+                    self.dispatcher.process(name, doc)
+                else:
+                    super().emit(name, doc)
+
+        _NORMALIZER = EventTrustingNormalizer
+    return _NORMALIZER
 
 
 def plain_document(name: str, doc: dict[str, Any]) -> dict[str, Any]:
