@@ -158,17 +158,13 @@ def open_catalog(
     return connect_local(catalog_dir if catalog_dir is not None else default_catalog_dir())
 
 
-_closers: list[Any] = []  # callbacks run by close_catalog (the recorders: finish what they write first)
-
-
 def close_catalog(catalog_dir: str | os.PathLike | None = None, *, stop: bool = True) -> None:
-    """Finish writing to a local catalogue folder (every one this process uses if None), stop being a user of its
-    server and, with ``stop``, stop that server unless another process uses it. The runs stay on disk; the next
-    ``open_catalog``/``make_run_engine`` (or a RunEngine of that folder recording again) starts it again. For
-    test suites; at the end of a process the server stops by itself once idle."""
+    """Stop being a user of a local catalogue folder's server (of every one this process uses if None) and, with
+    ``stop``, stop that server unless another process uses it. The runs stay on disk; the next ``open_catalog``/
+    ``make_run_engine`` (or a RunEngine of that folder recording again) starts it again. For test suites; at the end
+    of a process the server stops by itself once idle. (``RE(plan)`` returns with its runs written; with
+    ``RE.wait_written = False`` call ``RE.wait_for_catalog()`` first.)"""
     roots = local.attached() if catalog_dir is None else [catalog_paths(catalog_dir)["root"]]
-    for closer in list(_closers):
-        closer(None if catalog_dir is None else roots[0])
     for root in roots:
         if stop:
             local.stop_server(root)
