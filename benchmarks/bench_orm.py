@@ -117,7 +117,6 @@ def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dic
     write_tail = time.perf_counter() - t_write
     t_read = time.perf_counter()
     resp = OrbitResponse.from_run(cat[uid])
-    outside_written_wall = wall + write_tail
     read_back = time.perf_counter() - t_read
     n_orbits = 2 * resp.ncor
     ours = wall / n_orbits

@@ -26,13 +26,13 @@ from data_fixtures import (  # noqa: F401 - fixtures
 from acc_bluesky.data import (
     close_catalog,
     find_runs,
+    local,
     make_run_engine,
     open_catalog,
     read_stream,
     recover_catalog,
     tool_metadata,
 )
-from acc_bluesky.data import local
 from acc_bluesky.data.wal import RECOVERY_REASON
 
 #: A session measuring ORMs (80 correctors + RF on EBS) that prints each event's seq_num and orbit checksum.

@@ -34,7 +34,13 @@ from .metadata import (
     unregister_machine,
     validate_metadata,
 )
-from .run_engine import CATALOG_COMMAND, EventArray, RunEngine, RunResult, make_run_engine
+from .run_engine import (
+    CATALOG_COMMAND,
+    EventArray,
+    RunEngine,
+    RunResult,
+    make_run_engine,
+)
 from .wal import RecoveryReport, recover
 
 __all__ = [

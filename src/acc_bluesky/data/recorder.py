@@ -28,9 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from .backup import BackupWriter, lookup_run
-from .catalog import MAX_TABLE_ARRAY_SIZE, CatalogUnavailableError, catalog_paths, redact_uri
 from . import local
+from .backup import BackupWriter, lookup_run
+from .catalog import (
+    MAX_TABLE_ARRAY_SIZE,
+    CatalogUnavailableError,
+    catalog_paths,
+    redact_uri,
+)
 from .client import connect_local, connect_tiled, probe
 from .wal import WriteAheadLog, remote_wal_dir
 

@@ -15,7 +15,13 @@ import bluesky
 from bluesky.run_engine import RunEngineResult
 
 from .backup import default_backup_dir
-from .catalog import ENV_CATALOG, MAX_TABLE_ARRAY_SIZE, CatalogUnavailableError, default_catalog_dir, is_uri
+from .catalog import (
+    ENV_CATALOG,
+    MAX_TABLE_ARRAY_SIZE,
+    CatalogUnavailableError,
+    default_catalog_dir,
+    is_uri,
+)
 from .client import connect_local, connect_tiled
 from .metadata import (
     DEFAULT_LICENSE,
