@@ -1,7 +1,8 @@
 """ORM measurement cost (DESIGN's performance contract), side by side in one run.
 
 ``measure_orm`` on the EBS twin (every corrector, both planes, bipolar: 896 orbits) with the RunEngine writing to
-an embedded Tiled catalogue, against pyAT's own ``OrbitResponseMatrix(...).build(use_mp=False)`` on the same
+a catalogue folder (its local Tiled server process; the public TiledWriter in a writer thread behind the
+write-ahead log), against pyAT's own ``OrbitResponseMatrix(...).build(use_mp=False)`` on the same
 errored lattice for the same two planes, per orbit computed. pyAT is timed on a subset of its columns
 (``pyat_columns`` per plane, every corrector with ``full=True``): its cost per orbit does not depend on the
 number of columns.
@@ -9,9 +10,12 @@ number of columns.
 Printed and returned:
 - ``ratio``: measure_orm time per orbit / pyAT time per orbit (target <= 0.5);
 - ``share_outside_physics``: fraction of measure_orm's wall time not spent in the twin (RunEngine, devices,
-  events, handing the documents to the catalogue writer process; target <= 0.3);
-- ``share_outside_physics_until_written``: the same, counting also the time the writer process takes after
-  ``RE`` returned to finish writing the run (what a reader of the run right after it waits), for information.
+  events, the write-ahead log), with ``RE.wait_written = False`` (RE returns when the plan ends);
+- ``share_outside_physics_until_written``: the same, counting also the time until the run is fully written in the
+  catalogue (``RE(plan)``'s default: it returns then; target <= 0.15).
+
+Old figures (the writer process, before the local server): 22.6 % outside the physics, 30.4 % until written,
+ratio 0.17.
 
     python benchmarks/bench_orm.py
 """
@@ -101,15 +105,15 @@ def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dic
     cat_dir = tempfile.mkdtemp(prefix="bench_orm_")
     RE = make_run_engine(catalog_dir=cat_dir, progress=False)  # noqa: N806 - bluesky's name
     cat = open_catalog(catalog_dir=cat_dir)
-    RE(measure_orm(m, correctors=["HST:001"]))  # warm up: catalogue, writer process, converted lattice
-    RE.wait_for_catalog()
+    RE(measure_orm(m, correctors=[m.profile.families[sorted(m.hcors)[0]].device_names[0]]))  # warm up
+    RE.wait_written = False  # RE returns when the plan ends; the wait until written is timed apart
 
     with _TwinTimer(Twin) as timer:
         t0 = time.perf_counter()
         uid = RE(measure_orm(m))
         wall = time.perf_counter() - t0
     t_write = time.perf_counter()
-    RE.wait_for_catalog()  # the writer process finishing the run while nothing else runs (reads wait for it too)
+    RE.wait_for_catalog()  # the writer thread finishing the run (what RE(plan) waits for by default)
     write_tail = time.perf_counter() - t_write
     t_read = time.perf_counter()
     resp = OrbitResponse.from_run(cat[uid])
@@ -119,6 +123,15 @@ def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dic
     outside = 1.0 - timer.total / wall
     outside_written = 1.0 - timer.total / (wall + write_tail)
 
+    # the same without the catalogue writer (RunEngine, devices and FAIR filling only): the writer's own share
+    RE.unsubscribe(RE.recorder_token)
+    with _TwinTimer(Twin) as bare:
+        t0 = time.perf_counter()
+        RE(measure_orm(m))
+        bare_wall = time.perf_counter() - t0
+    RE.recorder_token = RE.subscribe(RE.recorder)
+    outside_bare = 1.0 - bare.total / bare_wall
+
     ring = m.twin.ring.deepcopy()
     pyat, pyat_orbits = _pyat_per_orbit(ring, m.profile, None if full else pyat_columns)
     ratio = ours / pyat
@@ -126,15 +139,18 @@ def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dic
     print(f"measure_orm {profile}: {resp.ncor} correctors, {n_orbits} orbits in {wall:.2f} s "
           f"({ours * 1e3:.2f} ms/orbit, TiledWriter on; read back from Tiled in {read_back:.2f} s)")
     print(f"  twin physics {timer.total:.2f} s ({timer.total / n_orbits * 1e3:.2f} ms/orbit), outside the physics "
-          f"{outside:.1%} (RunEngine, devices, events, Tiled; target <= 30%)")
-    print(f"  the writer process finished the run {write_tail:.2f} s after RE returned; counting that wait, outside "
-          f"the physics {outside_written:.1%}")
+          f"{outside:.1%} (RunEngine, devices, events, write-ahead log; old writer process 22.6%)")
+    print(f"  the run was fully written {write_tail:.2f} s after the plan ended; counting that wait, outside "
+          f"the physics {outside_written:.1%} (target <= 15%; old 30.4%)")
+    print(f"  the same with no catalogue writer: outside the physics {outside_bare:.1%} (the writer's share: "
+          f"{outside_written - outside_bare:+.1%} until written)")
     print(f"  pyAT OrbitResponseMatrix.build(use_mp=False): {pyat * 1e3:.2f} ms/orbit over {pyat_orbits} orbits")
-    print(f"  ratio measure_orm / pyAT per orbit: {ratio:.3f} (target <= 0.5)")
+    print(f"  ratio measure_orm / pyAT per orbit: {ratio:.3f} (target <= 0.2; old 0.17)")
     return {"ms_per_orbit": ours * 1e3, "pyat_ms_per_orbit": pyat * 1e3, "ratio": ratio,
             "share_outside_physics": outside, "share_outside_physics_until_written": outside_written,
-            "write_tail_s": write_tail, "physics_ms_per_orbit": timer.total / n_orbits * 1e3,
-            "orbits": n_orbits, "wall_s": wall, "target": "ratio <= 0.5, share_outside_physics <= 0.3"}
+            "write_tail_s": write_tail, "share_outside_physics_no_writer": outside_bare, "physics_ms_per_orbit": timer.total / n_orbits * 1e3,
+            "orbits": n_orbits, "wall_s": wall,
+            "target": "ratio <= 0.2, share_outside_physics_until_written <= 0.15"}
 
 
 if __name__ == "__main__":

@@ -56,22 +56,42 @@ def catalog_dir(tmp_path):
     return tmp_path / "catalog"
 
 
+_SESSION_CATALOG: list = []  # one catalogue folder (one local Tiled server) for every test's RE fixture
+
+
+def _session_catalog(tmp_path_factory):
+    if not _SESSION_CATALOG:
+        import atexit
+
+        from acc_bluesky.data import close_catalog
+
+        folder = tmp_path_factory.mktemp("session-catalog")
+        _SESSION_CATALOG.append(folder)
+        atexit.register(close_catalog, folder)  # stop its server when the test session ends
+    return _SESSION_CATALOG[0]
+
+
 @pytest.fixture
-def RE(catalog_dir):  # noqa: N802 - the bluesky name
-    """A RunEngine with a TiledWriter into an embedded catalogue in tmp; ``RE(plan).plan_result`` is the uid."""
+def RE(tmp_path_factory):  # noqa: N802 - the bluesky name
+    """A RunEngine writing to the session's catalogue folder (its Tiled server starts once, not per test);
+    ``RE(plan).plan_result`` is the uid. Its runs carry ``test_token`` (unique per test), which ``catalog`` selects."""
+    import secrets
+
     from acc_bluesky.data import make_run_engine
 
-    re = make_run_engine(catalog_dir=catalog_dir, progress=False)
+    re = make_run_engine(catalog_dir=_session_catalog(tmp_path_factory), progress=False)
+    re.md["test_token"] = secrets.token_hex(8)
     yield re
     if re.state != "idle":
         re.halt()
 
 
 @pytest.fixture
-def catalog(RE, catalog_dir):
-    from acc_bluesky.data import open_catalog
+def catalog(RE):  # noqa: N803 - the bluesky name
+    """The runs of this test's ``RE`` (a search of the shared catalogue: ``list(catalog)`` is this test's runs)."""
+    from acc_bluesky.data import find_runs, open_catalog
 
-    return open_catalog(catalog_dir=catalog_dir)
+    return find_runs(open_catalog(catalog_dir=RE.recorder.target.root), test_token=RE.md["test_token"])
 
 
 @pytest.fixture

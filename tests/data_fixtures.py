@@ -1,7 +1,7 @@
 """Fixtures and helpers of the data-layer tests (imported by tests/test_data_*.py).
 
-Nothing here is mocked: catalogues are real embedded Tiled catalogues in ``tmp_path``; servers are real
-``acc-bluesky catalog serve`` subprocesses on loopback, on a free port, stopped at teardown.
+Nothing here is mocked: catalogues are real catalogue folders whose Tiled servers (real ``acc-bluesky catalog
+serve`` processes on loopback, started on demand) the tests share per module and stop at teardown.
 """
 
 from __future__ import annotations
@@ -55,12 +55,17 @@ def make_bpm_device(name: str = "bpm"):
     return dev
 
 
+#: Seconds a server started by a test waits without users before it stops (the tests stop theirs anyway).
+SERVER_IDLE = "20"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_data_env(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's real catalogue, backup folder or Tiled key."""
     monkeypatch.setenv("ACC_BLUESKY_CATALOG", str(tmp_path / "default-catalog"))
     monkeypatch.setenv("ACC_BLUESKY_BACKUP", str(tmp_path / "default-backup"))
     monkeypatch.setenv("ACC_BLUESKY_OPERATOR", "tester")
+    monkeypatch.setenv("ACC_BLUESKY_SERVER_IDLE", SERVER_IDLE)
     monkeypatch.delenv("TILED_API_KEY", raising=False)
     monkeypatch.delenv("ACC_BLUESKY_LICENSE", raising=False)
 
@@ -70,13 +75,44 @@ def machine(tmp_path: pathlib.Path) -> types.SimpleNamespace:
     return fake_machine(tmp_path)
 
 
-@pytest.fixture
-def run_engine(tmp_path: pathlib.Path):
-    """A RunEngine on an embedded catalogue in ``tmp_path/catalog`` (backup in ``tmp_path/backup``)."""
-    from acc_bluesky.data import close_catalog, make_run_engine
+@pytest.fixture(scope="module")
+def module_catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """One catalogue folder (so one server) for a test module; its server is stopped at the module's end."""
+    from acc_bluesky.data import close_catalog
 
-    yield make_run_engine(catalog_dir=tmp_path / "catalog", backup_dir=tmp_path / "backup", progress=False)
-    close_catalog()  # every embedded catalogue the test opened
+    directory = tmp_path_factory.mktemp("catalog")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACC_BLUESKY_SERVER_IDLE", SERVER_IDLE)
+        yield directory
+    close_catalog(directory)
+
+
+@pytest.fixture
+def run_engine(module_catalog_dir: pathlib.Path, tmp_path: pathlib.Path):
+    """A RunEngine on the module's catalogue folder (backup in ``tmp_path/backup``). Its runs carry
+    ``test_token`` (unique per test): ``find_runs(cat, test_token=run_engine.md["test_token"])`` gives this
+    test's runs only."""
+    from acc_bluesky.data import make_run_engine
+
+    RE = make_run_engine(catalog_dir=module_catalog_dir, backup_dir=tmp_path / "backup", progress=False)  # noqa: N806
+    RE.md["test_token"] = secrets.token_hex(8)
+    yield RE
+    if RE.state != "idle":
+        RE.halt()
+
+
+def run_script(code: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter (a plain script, as a user would), with this test's environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def start_script(code: str, *args: str) -> subprocess.Popen:
+    """Start Python code in a fresh interpreter; its stdout is a pipe (line-buffered text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
 
 
 def free_port() -> int:
@@ -94,7 +130,9 @@ class TiledServer:
         port: int | None = None,
         read_only_key: str | None = None,
         api_key: str | None = None,
+        database: str | None = None,
     ) -> None:
+        self.database = database
         self.directory = directory
         self.port = port or free_port()
         self.api_key = api_key or secrets.token_hex(16)
@@ -111,6 +149,8 @@ class TiledServer:
         ]
         if self.read_only_key:
             cmd += ["--read-only-key", self.read_only_key]
+        if self.database:
+            cmd += ["--database", self.database]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

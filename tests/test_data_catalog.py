@@ -1,4 +1,5 @@
-"""Runs in the embedded Tiled catalogue: round trips, results, the RunEngine convention, queries, export."""
+"""Runs in a catalogue folder (one on-demand Tiled server for the module): round trips, results, the RunEngine
+convention, queries, export, databroker, FAIR metadata by default."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from data_fixtures import (  # noqa: F401 - fixtures
     fake_machine,
     machine,
     make_bpm_device,
+    module_catalog_dir,
     run_engine,
 )
 
@@ -28,6 +30,7 @@ from acc_bluesky.data import (
     find_runs,
     make_run_engine,
     open_catalog,
+    read_dataset,
     read_results,
     read_stream,
     run_metadata,
@@ -101,7 +104,7 @@ def test_orm_and_orbit_round_trip_exactly(run_engine, machine):
     assert run.metadata["stop"]["exit_status"] == "success"
 
 
-def test_run_engine_returns_the_run_uid(run_engine, machine, tmp_path):
+def test_run_engine_returns_the_run_uid(run_engine, machine, tmp_path, module_catalog_dir):
     bpm = make_bpm_device()
 
     def returns_uid():
@@ -123,13 +126,13 @@ def test_run_engine_returns_the_run_uid(run_engine, machine, tmp_path):
     plain = run_engine(bp.count([bpm], 1, md=tool_metadata("tune", machine)))
     assert plain == plain.run_start_uids[-1]  # bluesky plans: the last run's uid
 
-    legacy = make_run_engine(catalog_dir=tmp_path / "catalog", backup_dir=tmp_path / "bk", progress=False,
+    legacy = make_run_engine(catalog_dir=module_catalog_dir, backup_dir=tmp_path / "bk", progress=False,
                              call_returns_result=False)
     uids = legacy(bp.count([bpm], 1, md=tool_metadata("tune", machine)))
     assert isinstance(uids, tuple) and len(uids) == 1
 
 
-def test_validator_refuses_before_anything_moves(run_engine, machine, tmp_path):
+def test_validator_refuses_before_anything_moves(run_engine, machine, tmp_path, module_catalog_dir):
     bpm = make_bpm_device()
     md = tool_metadata("orbit_response", machine)
     del md["facility"], md["lattice"]
@@ -147,12 +150,12 @@ def test_validator_refuses_before_anything_moves(run_engine, machine, tmp_path):
     assert run_engine.state == "idle"
     value = run_engine(bps.rd(bpm.current)).plan_result
     assert value == pytest.approx(0.2)  # never moved
-    assert list(run_engine.catalog) == []  # nothing recorded
+    assert list(find_runs(run_engine.catalog, test_token=run_engine.md["test_token"])) == []  # nothing recorded
 
     with pytest.raises(MetadataError, match="seed"):  # sim runs need the error seed
         run_engine(bp.count([bpm], 1, md={k: v for k, v in tool_metadata("x", machine).items() if k != "seed"}))
 
-    lax = make_run_engine(catalog_dir=tmp_path / "lax", validate=False, progress=False)
+    lax = make_run_engine(catalog_dir=module_catalog_dir, validate=False, progress=False)
     assert lax(bp.count([bpm], 1))  # validation can be switched off
 
 
@@ -165,7 +168,7 @@ def test_find_runs_by_tool_facility_profile_mode_and_time(run_engine, machine, t
     time.sleep(0.05)
     t1 = time.time()
     c = run_engine(orbit_scan(epics, bpm, 1, tool="orbit_response"))
-    cat = run_engine.catalog
+    cat = find_runs(run_engine.catalog, test_token=run_engine.md["test_token"])  # (the module shares a folder)
 
     assert sorted(find_runs(cat, tool="orbit_response")) == sorted([a, c])
     assert list(find_runs(cat, tool="orbit_response", mode="sim")) == [a]
@@ -179,22 +182,19 @@ def test_find_runs_by_tool_facility_profile_mode_and_time(run_engine, machine, t
 
     assert list(find_runs(cat, since=datetime.datetime.fromtimestamp(t1).isoformat(), tool="orbit_response")) == [c]
     assert list(find_runs(cat, **{"parameters.n_steps": 1, "tool": "dispersion"})) == [b]
-    assert cat[-1].metadata["start"]["uid"] == c  # bluesky conveniences of the catalogue
-    assert cat[c[:8]].metadata["start"]["uid"] == c
+    assert run_engine.catalog[-1].metadata["start"]["uid"] == c  # bluesky conveniences of the catalogue
+    assert run_engine.catalog[c[:8]].metadata["start"]["uid"] == c
 
 
-def test_open_catalog_and_default_folder(tmp_path, machine, monkeypatch):
-    monkeypatch.setenv("ACC_BLUESKY_CATALOG", str(tmp_path / "from-env"))
-    RE = make_run_engine(progress=False)  # embedded, folder from $ACC_BLUESKY_CATALOG
+def test_open_catalog_of_a_folder_by_path_and_default_folder(machine, monkeypatch, module_catalog_dir):
+    monkeypatch.setenv("ACC_BLUESKY_CATALOG", str(module_catalog_dir))
+    RE = make_run_engine(progress=False)  # noqa: N806 - the folder from $ACC_BLUESKY_CATALOG
+    assert RE.recorder.target.root == module_catalog_dir.resolve()
     uid = RE(bp.count([make_bpm_device()], 2, md=tool_metadata("test", machine)))
-    assert (tmp_path / "from-env" / "catalog.db").exists()
-    assert (tmp_path / "from-env" / "data").is_dir()
-    for cat in (open_catalog(), open_catalog(catalog_dir=tmp_path / "from-env")):
+    assert (module_catalog_dir / "catalog.db").exists() and (module_catalog_dir / "data").is_dir()
+    for cat in (open_catalog(), open_catalog(module_catalog_dir), open_catalog(str(module_catalog_dir)),
+                open_catalog(catalog_dir=module_catalog_dir)):
         assert read_stream(cat[uid])["bpm-x"].shape == (2, N_BPM)
-    assert list(open_catalog(catalog_dir=tmp_path / "empty")) == []
-    close_catalog()  # shut the in-process Tiled applications down: the runs stay on disk
-    assert read_stream(open_catalog()[uid])["bpm-x"].shape == (2, N_BPM)
-    close_catalog()
 
 
 def test_store_result_iterations_and_bad_input(run_engine, machine):
@@ -255,9 +255,9 @@ def test_export_hdf5_and_csv_round_trip(run_engine, machine, tmp_path):
     assert np.array_equal(rows[:, header.index("bpm-x[10]")], read_stream(run)["bpm-x"][:, 10])
 
 
-def test_cli_export_and_ls(run_engine, machine, tmp_path, capsys):
+def test_cli_export_and_ls(run_engine, machine, tmp_path, capsys, module_catalog_dir):
     uid = run_engine(orbit_scan(machine, make_bpm_device(), 2, {"rms": 1.0}))
-    folder = str(tmp_path / "catalog")
+    folder = str(module_catalog_dir)
     assert catalog_main(["catalog", "export", uid[:8], str(tmp_path / "out.h5"), "--dir", folder]) == 0
     assert read_hdf5_export(tmp_path / "out.h5")["start"]["uid"] == uid
     assert catalog_main(["catalog", "ls", "--dir", folder, "--tool", "orbit_response"]) == 0
@@ -265,3 +265,68 @@ def test_cli_export_and_ls(run_engine, machine, tmp_path, capsys):
     assert uid in out and "orbit_response" in out and "success" in out
     assert catalog_main(["catalog", "export", "nonexistent", str(tmp_path / "x.h5"), "--dir", folder]) == 1
     json.dumps(run_metadata(run_engine.catalog[uid]))
+
+
+def test_databroker_v1_and_v2_read_a_tool_run_and_units_reach_xarray(run_engine, machine, module_catalog_dir):
+    from databroker.v1 import Broker
+    from databroker.v2 import CatalogOfBlueskyRuns
+
+    bpm = make_bpm_device()
+    uid = run_engine(orbit_scan(machine, bpm, 4, {"rms": 3e-6}, tool="orbit_response"))
+    expected = np.linspace(-1e-4, 1e-4, N_BPM)[None, :] * np.arange(1, 5)[:, None]
+    # v2: databroker's client (Tiled's bluesky catalogue) on the folder's server
+    v2 = open_catalog(module_catalog_dir)
+    assert isinstance(v2, CatalogOfBlueskyRuns)
+    run = v2[uid]
+    assert run.metadata["start"]["tool"] == "orbit_response"
+    assert np.array_equal(np.asarray(run["primary"]["bpm-x"].read()), expected)
+    # v1: Broker over the same catalogue: headers, tables, searches by FAIR keys (databroker then serves the
+    # process's runs in its v2 layout: our readers read them all the same)
+    db = Broker(v2)
+    header = db[uid]
+    assert header.start["uid"] == uid and header.stop["exit_status"] == "success"
+    table = header.table()
+    assert len(table) == 4 and np.allclose(table["bpm-current"].to_numpy(), 0.2 + 0.01 * np.arange(4))
+    assert uid in [h.start["uid"] for h in db(tool="orbit_response", test_token=run_engine.md["test_token"])]
+    # our reading helper: an xarray Dataset with the descriptor's units in attrs
+    ds = read_dataset(run_engine.catalog[uid])
+    assert ds["bpm-x"].attrs["units"] == "m" and ds["bpm-current"].attrs["units"] == "A"
+    assert np.array_equal(ds["bpm-x"].values, expected) and ds.sizes["time"] == 4
+    assert read_dataset(run_engine.catalog[uid], "results")["rms"].attrs["units"] == "m"
+    assert type(v2.v3[uid]).__name__ == "BlueskyRunV3"  # (back to the v3 layout for the rest of the process)
+
+
+def test_fair_metadata_by_default_for_bluesky_plans_on_a_registered_machine(run_engine, tmp_path):
+    """bluesky's own plans on a registered machine's devices: facility ... seed and tool filled, nothing typed."""
+    from acc_bluesky.data import register_machine, unregister_machine
+
+    class Machine:  # duck-typed: what connect() returns
+        def __init__(self, seed, detector):
+            self.profile, self.mode, self.seed = fake_machine(tmp_path).profile, "sim", seed
+            self._detector = detector
+
+        def devices(self):
+            return [self._detector]
+
+    a_bpm, b_bpm = make_bpm_device("bpm"), make_bpm_device("bpm")  # same names on two machines
+    a, b = Machine(1, a_bpm), Machine(2, b_bpm)
+    register_machine(a)
+    try:
+        uid = run_engine(bp.count([a_bpm], 2))
+        start = run_engine.catalog[uid].metadata["start"]
+        assert start["tool"] == "count" and start["seed"] == 1 and start["facility"] == "ESRF"
+        assert start["profile"]["sha256"] == "a" * 64 and start["lattice"]["sha256"] == "b" * 64
+        register_machine(b)
+        uid = run_engine(bp.scan([b_bpm], b_bpm.current, 0.1, 0.2, 2))  # b's objects, though a has the names
+        start = run_engine.catalog[uid].metadata["start"]
+        assert start["seed"] == 2 and start["tool"] == "scan" and start["mode"] == "sim"
+        other = make_bpm_device("other")  # on no machine: which one is meant is unknown
+        with pytest.raises(MetadataError, match="none of the 2 connected machines"):
+            run_engine(bp.count([other], 1))
+        uid = run_engine(bp.count([other], 1, md=tool_metadata("x", a) | {"tool": "mine"}))
+        assert run_engine.catalog[uid].metadata["start"]["tool"] == "mine"  # what is given is kept
+    finally:
+        unregister_machine(a)
+        unregister_machine(b)
+    with pytest.raises(MetadataError, match="facility"):  # no machine: refused as before
+        run_engine(bp.count([a_bpm], 1))

@@ -10,17 +10,17 @@ import textwrap
 
 from bluesky.callbacks.best_effort import BestEffortCallback
 from event_model import DocumentNames
-from data_fixtures import _isolated_data_env  # noqa: F401 - fixture
+from data_fixtures import _isolated_data_env, module_catalog_dir  # noqa: F401 - fixtures
 
 from acc_bluesky.cli.shell import build_namespace, has_display
 from acc_bluesky.data import RunEngine, open_catalog, read_stream
 
 
-def test_namespace_without_machine(tmp_path, monkeypatch, capsys):
+def test_namespace_without_machine(module_catalog_dir, monkeypatch, capsys):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     assert has_display() == (sys.platform in ("darwin", "win32"))
-    ns = build_namespace(machine=False, catalog_dir=tmp_path / "catalog", progress=True)
+    ns = build_namespace(machine=False, catalog_dir=module_catalog_dir, progress=True)
     RE = ns["RE"]
     assert isinstance(RE, RunEngine) and ns["m"] is None
     assert ns["cat"] is RE.catalog is not None
@@ -50,8 +50,8 @@ SESSION = textwrap.dedent(
 )
 
 
-def test_ipython_session_runs_a_plan(tmp_path):
-    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(tmp_path / "catalog"), PYTHONUNBUFFERED="1")
+def test_ipython_session_runs_a_plan(module_catalog_dir):
+    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(module_catalog_dir), PYTHONUNBUFFERED="1")
     env.pop("DISPLAY", None)
     proc = subprocess.run(
         [sys.executable, "-m", "acc_bluesky.cli.shell", "--no-machine", "--simple-prompt", "--quiet"],
@@ -63,7 +63,7 @@ def test_ipython_session_runs_a_plan(tmp_path):
     uid = result[0].split("RESULT")[1].split()[0]
     assert result[0].rstrip().endswith("(3, 224)")
     assert "Transient Scan ID" in proc.stdout  # BestEffortCallback's live table
-    run = open_catalog(catalog_dir=tmp_path / "catalog")[uid]
+    run = open_catalog(catalog_dir=module_catalog_dir)[uid]
     start = run.metadata["start"]
     assert start["tool"] == "orbit_snapshot" and start["operator"] == "tester"
     assert start["software"]["bluesky"] and start["license"] == "CC-BY-4.0"
@@ -73,21 +73,22 @@ def test_ipython_session_runs_a_plan(tmp_path):
 MACHINE_SESSION = textwrap.dedent(
     """
     m.twin.set_setpoint("HST", 2.0, 10)
-    uid = RE(ap.measure_orm(m, correctors=["HST:001", "VST:001"]))
+    uid = RE(ap.measure_orm(m, correctors=[m.profile.families[f].device_names[0] for f in ("HST", "VST")]))
     r = ab.analysis.OrbitResponse.from_run(cat[uid])
-    c = RE(bp.count([m.bpm, m.beam], 2, md={"tool": "orbit_snapshot"}))
+    c = RE(bp.count([m.bpm, m.beam], 2))  # no metadata typed: FAIR by default, tool from the plan's name
     x = read_stream(cat[c])["bpm-x"]
+    st = cat[c].metadata["start"]
     print("RESULT", r.matrix.shape, bool(np.allclose(x[0], m.twin.read_bpms()[0], atol=1e-6)),
-          float(read_stream(cat[c])["beam-current"][0]) > 0.1)
+          float(read_stream(cat[c])["beam-current"][0]) > 0.1, st["tool"], st["seed"], st["facility"])
     exit
     """
 )
 
 
-def test_ipython_session_with_the_machine(tmp_path):
+def test_ipython_session_with_the_machine(module_catalog_dir):
     """``acc-bluesky shell ebs --seed 1``: a real IPython process measures an ORM on the twin and counts the live
     orbit with bluesky's own plan; both runs are read back from the catalogue."""
-    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(tmp_path / "catalog"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(module_catalog_dir), PYTHONUNBUFFERED="1")
     env.pop("DISPLAY", None)
     proc = subprocess.run(
         [sys.executable, "-m", "acc_bluesky.cli.shell", "ebs", "--seed", "1", "--simple-prompt", "--quiet"],
@@ -95,7 +96,7 @@ def test_ipython_session_with_the_machine(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     result = [line for line in proc.stdout.splitlines() if "RESULT" in line]
-    assert result and result[0].split("RESULT")[1].split() == ["(448,", "2)", "True", "True"], \
+    assert result and result[0].split("RESULT")[1].split() == ["(448,", "2)", "True", "True", "count", "1", "ESRF"], \
         proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -110,12 +111,12 @@ STARTUP_SESSION = textwrap.dedent(
 )
 
 
-def test_profile_startup_file_in_ipython(tmp_path):
+def test_profile_startup_file_in_ipython(module_catalog_dir):
     """``profiles/ebs/startup.py`` run in IPython gives the RunEngine, the machine, the catalogue and the plans."""
     from acc_bluesky.profile import load_profile
 
     startup = load_profile("ebs").path.parent / "startup.py"
-    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(tmp_path / "catalog"), ACC_BLUESKY_SEED="1",
+    env = dict(os.environ, ACC_BLUESKY_CATALOG=str(module_catalog_dir), ACC_BLUESKY_SEED="1",
                PYTHONUNBUFFERED="1")
     env.pop("DISPLAY", None)
     proc = subprocess.run(

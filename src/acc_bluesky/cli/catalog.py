@@ -1,4 +1,4 @@
-"""``acc-bluesky catalog serve|replay|export|ls``: the Tiled catalogue from the command line."""
+"""``acc-bluesky catalog serve|recover|replay|export|ls``: the Tiled catalogue from the command line."""
 
 from __future__ import annotations
 
@@ -29,12 +29,32 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             api_key=args.api_key,
             read_only_keys=args.read_only_key or (),
+            database=args.database,
             log_level=args.log_level,
+            on_demand=args.on_demand,
+            idle_timeout=args.idle_timeout,
+            ready_fd=args.ready_fd,
         )
-    except ServerKeyError as err:
+    except (ServerKeyError, ValueError) as err:
         print(f"acc-bluesky catalog serve: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from acc_bluesky.data import CatalogUnavailableError, recover_catalog
+
+    try:
+        report = recover_catalog(args.dir, tiled=args.tiled, api_key=args.api_key, backup_dir=args.backup_dir)
+    except CatalogUnavailableError as err:
+        print(f"acc-bluesky catalog recover: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    for uid in report.closed:
+        print(f"  closed {uid} (exit_status fail: the session ended without closing it)")
+    for uid, why in report.failed.items():
+        print(f"  failed {uid}: {why}", file=sys.stderr)
+    return 0 if not report.failed else 1
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -87,34 +107,47 @@ def _ls(args: argparse.Namespace) -> int:
         print(
             f"{uid}  {when}  {start.get('tool', '-'):<20} {start.get('facility', '-')}/"
             f"{(start.get('profile') or {}).get('name', '-')}  {start.get('mode', '-'):<5} "
-            f"{stop.get('exit_status', 'running?')}"
+            f"{stop.get('exit_status', 'open')}"
         )
     return 0
 
 
 def _add_catalog_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", default=None, help="embedded catalogue folder (default $ACC_BLUESKY_CATALOG or "
-                   "the user data folder)")
-    p.add_argument("--tiled", default=None, help="URI of a Tiled server instead of the embedded catalogue")
+    p.add_argument("--dir", default=None, help="catalogue folder (default $ACC_BLUESKY_CATALOG or the user data "
+                   "folder); its local server is started if none runs")
+    p.add_argument("--tiled", default=None, help="URI of a Tiled server instead of a catalogue folder")
     p.add_argument("--api-key", default=None, help="API key of the Tiled server (default $TILED_API_KEY)")
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``catalog`` and its sub-commands on an argparse ``subparsers`` object."""
-    cat = subparsers.add_parser("catalog", help="the Tiled catalogue of runs: serve, replay, export, ls")
+    cat = subparsers.add_parser("catalog", help="the Tiled catalogue of runs: serve, recover, replay, export, ls")
     sub = cat.add_subparsers(dest="catalog_command", required=True)
 
     p = sub.add_parser("serve", help="serve a catalogue folder over HTTP with a real Tiled server")
     p.add_argument("--dir", default=None, help="catalogue folder (default $ACC_BLUESKY_CATALOG or the user "
                    "data folder)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free one, printed)")
     p.add_argument("--api-key", default=None, help="read-write API key (default $TILED_SINGLE_USER_API_KEY "
                    "or a random one, printed)")
     p.add_argument("--read-only-key", action="append", default=None, metavar="KEY",
                    help="a read-only API key for analysts (repeatable; hexadecimal keys)")
+    p.add_argument("--database", default=None, metavar="URI",
+                   help="postgresql://user@host:port/db holding the runs' tree and event tables (team scale; "
+                   "arrays stay in DIR/data); default the folder's SQLite files")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.add_argument("--on-demand", action="store_true", help=argparse.SUPPRESS)  # the local server of a folder
+    p.add_argument("--idle-timeout", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("recover", help="complete the runs of sessions that died, from their write-ahead logs "
+                       "(closed with exit_status fail)")
+    _add_catalog_options(p)
+    p.add_argument("--backup-dir", default=None, help="with --tiled: the backup folder whose wal/ holds the logs "
+                   "(default $ACC_BLUESKY_BACKUP or the user data folder)")
+    p.set_defaults(func=_recover)
 
     p = sub.add_parser("replay", help="write runs backed up while Tiled was unreachable into the catalogue")
     p.add_argument("backup_dir", help="the backup folder (one .jsonl file per run)")

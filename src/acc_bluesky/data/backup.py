@@ -32,8 +32,10 @@ __all__ = [
     "default_backup_dir",
     "dumps_document",
     "iter_backup_files",
+    "lookup_run",
     "read_backup",
     "replay_backup",
+    "write_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +186,34 @@ class ReplayReport:
         )
 
 
+def write_run(client: Any, docs: list[tuple[str, dict[str, Any]]], *, batch_size: int | None = None) -> str:
+    """Write one run's documents into a Tiled catalogue, exactly once: ``"skipped"`` if the catalogue holds it
+    complete already (with a stop document), ``"replaced"`` if a partial copy was deleted first, else ``"written"``.
+    """
+    from bluesky_tiled_plugins import TiledWriter
+
+    from .catalog import MAX_TABLE_ARRAY_SIZE
+
+    starts = [d for n, d in docs if n == "start"]
+    if not starts:
+        raise ValueError("the documents hold no start document")
+    uid = starts[0]["uid"]
+    existing = lookup_run(client, uid)
+    outcome = "written"
+    if existing is not None:
+        if existing.metadata.get("stop"):
+            return "skipped"
+        existing.delete(recursive=True, external_only=False)
+        outcome = "replaced"
+    kwargs: dict[str, Any] = {"max_array_size": MAX_TABLE_ARRAY_SIZE}
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    writer = TiledWriter(client, **kwargs)
+    for name, doc in docs:
+        writer(name, doc)
+    return outcome
+
+
 def replay_backup(
     directory: str | os.PathLike,
     client: Any,
@@ -202,16 +232,9 @@ def replay_backup(
     Returns:
         A :class:`ReplayReport`.
     """
-    from bluesky_tiled_plugins import TiledWriter
-
-    from .catalog import MAX_TABLE_ARRAY_SIZE
-
     report = ReplayReport()
     directory = pathlib.Path(directory).expanduser()
     done_dir = directory / "replayed"
-    kwargs: dict[str, Any] = {"max_array_size": MAX_TABLE_ARRAY_SIZE}
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
     for path in iter_backup_files(directory):
         docs = read_backup(path)
         starts = [d for n, d in docs if n == "start"]
@@ -220,33 +243,30 @@ def replay_backup(
             continue
         uid = starts[0]["uid"]
         try:
-            existing = _lookup(client, uid)
-            if existing is not None and "stop" in existing.metadata and existing.metadata["stop"]:
-                report.skipped_complete.append(uid)
-            else:
-                if existing is not None:
-                    existing.delete(recursive=True, external_only=False)
-                    report.replaced_partial.append(uid)
-                writer = TiledWriter(client, **kwargs)
-                for name, doc in docs:
-                    writer(name, doc)
-                report.written.append(uid)
-                if not any(n == "stop" for n, _ in docs):
-                    report.incomplete.append(uid)
+            outcome = write_run(client, docs, batch_size=batch_size)
         except Exception as err:  # keep going with the other runs; the file stays for another try
             logger.exception("Replay of %s failed", path)
             report.failed[uid] = repr(err)
             continue
+        if outcome == "skipped":
+            report.skipped_complete.append(uid)
+        else:
+            report.written.append(uid)
+            if outcome == "replaced":
+                report.replaced_partial.append(uid)
+            if not any(n == "stop" for n, _ in docs):
+                report.incomplete.append(uid)
         if move:
             done_dir.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path), str(done_dir / path.name))
     return report
 
 
-def _lookup(client: Any, uid: str) -> Any:
+def lookup_run(client: Any, uid: str) -> Any:
+    """The run of exactly this uid in the catalogue, or None (no partial-uid or scan-id matching)."""
     from tiled.client.container import Container
 
     try:
-        return Container.__getitem__(client, uid)  # exact key: no partial-uid magic
+        return Container.__getitem__(client, uid)  # the plain container lookup: exact key
     except KeyError:
         return None

@@ -1,14 +1,16 @@
 """The Tiled catalogue of runs: the embedded one (SQLite + files in a folder), a Tiled server, and readers.
 
-Layout of a catalogue folder (the same for the embedded catalogue and for ``acc-bluesky catalog serve``)::
+Layout of a catalogue folder (the same for the on-demand local server and for ``acc-bluesky catalog serve``)::
 
     catalog.db      SQLite: the tree of runs, streams and their metadata (start/stop documents, data keys)
     tables.sqlite   SQLite: the event tables (scalars and strings, one row per event)
     data/           zarr arrays (every array-valued data key, e.g. orbits, tunes, response matrices)
+    wal/            write-ahead logs of the runs being written (one JSON Lines file per open run)
+    server.*        the local server: lock, address, API key (mode 0600), log (see acc_bluesky.data.local)
 
-The embedded catalogue is a Tiled application running inside the Python process (no server, no port): the
-RunEngine's :class:`~bluesky_tiled_plugins.TiledWriter` and the analysis client talk to it in-process. One
-application is shared by every client of the same folder in a process.
+A catalogue folder is served by one Tiled server process on loopback (:mod:`acc_bluesky.data.local`), shared by
+every session of the machine; this module knows the folder's layout, builds the server-side adapter and reads runs.
+It imports no other module of this package.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import os
 import pathlib
 import threading
 import urllib.parse
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,15 +29,15 @@ import numpy as np
 __all__ = [
     "ENV_CATALOG",
     "MAX_TABLE_ARRAY_SIZE",
+    "CatalogPermissionError",
     "CatalogUnavailableError",
+    "build_catalog_adapter",
     "catalog_paths",
-    "close_catalog",
-    "connect_tiled",
     "default_catalog_dir",
     "find_runs",
     "init_catalog",
     "is_uri",
-    "open_catalog",
+    "read_dataset",
     "read_results",
     "read_stream",
     "run_metadata",
@@ -45,7 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable: folder of the embedded catalogue, or the URI of a Tiled server.
+#: Environment variable: the catalogue folder, or the URI of a Tiled server.
 ENV_CATALOG = "ACC_BLUESKY_CATALOG"
 
 #: Spec of the catalogue's root node: gives the client bluesky conveniences (``cat[-1]``, ``cat[scan_id]``,
@@ -63,13 +64,22 @@ class CatalogUnavailableError(ConnectionError):
     """The Tiled catalogue cannot be reached or refuses us; the message says which and what to do."""
 
 
+class CatalogPermissionError(CatalogUnavailableError, PermissionError):
+    """The API key given cannot do what is asked (e.g. a read-only key used to record runs). ``missing``: the
+    Tiled scopes it lacks."""
+
+    def __init__(self, message: str, missing: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+
 def is_uri(value: str | os.PathLike | None) -> bool:
     """True for an ``http://`` or ``https://`` address."""
     return isinstance(value, str) and value.split("://", 1)[0].lower() in {"http", "https"}
 
 
 def default_catalog_dir() -> pathlib.Path:
-    """The embedded catalogue's folder: ``$ACC_BLUESKY_CATALOG`` if it is a path, else
+    """The default catalogue folder: ``$ACC_BLUESKY_CATALOG`` if it is a path, else
     ``platformdirs.user_data_dir("acc_bluesky")/catalog``."""
     env = os.environ.get(ENV_CATALOG)
     if env and not is_uri(env):
@@ -152,106 +162,65 @@ def init_sql_database(uri: str, kind: str = "catalog") -> bool:
         stamp_head(alembic.ALEMBIC_INI_TEMPLATE_PATH, alembic.ALEMBIC_DIR, uri)
     return created
 
+def build_catalog_adapter(
+    directory: str | os.PathLike,
+    *,
+    database: str | None = None,
+    streaming_cache: bool = False,
+) -> Any:
+    """The Tiled catalogue adapter (server side) over a catalogue folder, created if needed.
 
-def build_catalog_adapter(directory: str | os.PathLike, *, streaming_cache: bool = False) -> Any:
-    """The Tiled catalogue adapter (server side) over a catalogue folder, created if needed."""
+    Args:
+        directory: the catalogue folder (zarr arrays in ``data/``; with the default database also the SQLite files).
+        database: ``postgresql://user@host:port/db`` to keep the tree of runs *and* the event tables in PostgreSQL
+            (a team server); default the folder's SQLite files.
+        streaming_cache: keep Tiled's in-memory streaming cache (live clients subscribe to new events).
+    """
     from tiled.catalog import from_uri as catalog_from_uri
 
-    root = init_catalog(directory)
-    paths = catalog_paths(root)
     kwargs: dict[str, Any] = {}
     if streaming_cache:
         from tiled.config import StreamingCacheConfig
 
         kwargs["cache_config"] = StreamingCacheConfig(uri="memory").model_dump()
+    if database is None:
+        root = init_catalog(directory)
+        paths = catalog_paths(root)
+        catalog_uri, tables_uri = _sqlite_uri(paths["catalog"]), _sqlite_uri(paths["tables"])
+        # one connection to the SQLite event tables: concurrent appends (several sessions at once) queue for it
+        # instead of failing inside the server with "database is locked"
+        kwargs.update(storage_pool_size=1, storage_max_overflow=0)
+    else:
+        if not database.startswith(("postgresql://", "postgresql+asyncpg://", "sqlite")):
+            raise ValueError(f"database must be a postgresql:// (or sqlite:///) URI, got {redact_uri(database)!r}")
+        paths = catalog_paths(directory)
+        paths["data"].mkdir(parents=True, exist_ok=True)
+        init_sql_database(database, "catalog")
+        catalog_uri = tables_uri = database.replace("postgresql+asyncpg://", "postgresql://")
     return catalog_from_uri(
-        _sqlite_uri(paths["catalog"]),
-        writable_storage=[str(paths["data"]), _sqlite_uri(paths["tables"])],
+        catalog_uri,
+        writable_storage=[str(paths["data"]), tables_uri],
         specs=[{"name": ROOT_SPEC[0], "version": ROOT_SPEC[1]}],
         **kwargs,
     )
 
 
-class _Embedded:
-    """One in-process Tiled application over a catalogue folder."""
-
-    def __init__(self, directory: pathlib.Path) -> None:
-        from tiled.client.context import Context
-        from tiled.server.app import build_app
-
-        self.directory = directory
-        self.adapter = build_catalog_adapter(directory)
-        app_logger = logging.getLogger("tiled.server.app")  # prints "Tiled version ..." at start-up
-        level = app_logger.level
-        app_logger.setLevel(logging.WARNING)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # starlette's TestClient-with-httpx deprecation notice
-                self.app = build_app(self.adapter, serialization_registry=_serialization_registry())
-                self.context = Context.from_app(self.app)
-        finally:
-            app_logger.setLevel(level)
-        # runs written by the writer process: every request of this process first waits for what is pending
-        from .writer import wait_for_writer
-
-        http = self.context.http_client
-        send = http.send
-
-        def send_after_writer(request: Any, **kwargs: Any) -> Any:
-            wait_for_writer(directory)
-            return send(request, **kwargs)
-
-        http.send = send_after_writer
-
-    def client(self) -> Any:
-        from tiled.client import from_context
-
-        return from_context(self.context)
+def redact_uri(uri: str) -> str:
+    """A URI without its password and ``api_key`` query value (for messages)."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, host = netloc.rsplit("@", 1)
+        if ":" in cred:
+            netloc = f"{cred.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if "api_key" in query:
+        query = urllib.parse.urlencode(
+            [(k, "***" if k == "api_key" else v) for k, v in urllib.parse.parse_qsl(query)])
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-_embedded: dict[pathlib.Path, _Embedded] = {}
-_embedded_lock = threading.Lock()
-
-
-def _embedded_client(directory: str | os.PathLike) -> Any:
-    root = catalog_paths(directory)["root"]
-    with _embedded_lock:
-        emb = _embedded.get(root)
-        if emb is None:
-            try:
-                emb = _embedded[root] = _Embedded(root)
-            except CatalogUnavailableError:
-                raise
-            except Exception as err:
-                raise CatalogUnavailableError(
-                    f"Could not open the embedded Tiled catalogue in {root}: {err!r}. Check that the folder is "
-                    f"writable, or choose another one with catalog_dir=... or ${ENV_CATALOG}."
-                ) from err
-    return emb.client()
-
-
-def close_catalog(catalog_dir: str | os.PathLike | None = None) -> None:
-    """Shut down the in-process Tiled application of an embedded catalogue folder (of all of them if None).
-
-    What the catalogue writer process still has to write there is written first, then it closes its side too.
-    Clients of that folder stop working; the next ``open_catalog``/``make_run_engine`` starts a fresh one (a
-    RunEngine of that folder goes on recording). Useful in test suites that make many catalogues; at interpreter
-    exit this happens by itself.
-    """
-    from .writer import forget_catalog
-
-    with _embedded_lock:
-        roots = list(_embedded) if catalog_dir is None else [catalog_paths(catalog_dir)["root"]]
-    for root in roots:
-        forget_catalog(root)
-    with _embedded_lock:
-        for root in roots:
-            emb = _embedded.pop(root, None)
-            if emb is not None:
-                emb.context.close()
-
-
-def _serialization_registry() -> Any:
+def serialization_registry() -> Any:
     """Tiled's serialisers plus bluesky's ``application/json-seq`` exporter (``run.documents()``)."""
     from tiled.media_type_registration import default_serialization_registry
 
@@ -262,89 +231,6 @@ def _serialization_registry() -> Any:
     except Exception:  # pragma: no cover - optional convenience
         logger.debug("bluesky json-seq exporter not registered", exc_info=True)
     return default_serialization_registry
-
-
-def _probe(uri: str, timeout: float) -> None:
-    """Fail fast, without Tiled's retries, when nothing answers at ``uri``."""
-    import httpx
-
-    parts = urllib.parse.urlsplit(uri)
-    probe = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/healthz", "", ""))
-    try:
-        httpx.get(probe, timeout=timeout, trust_env=False)
-    except httpx.TransportError as err:
-        raise CatalogUnavailableError(
-            f"Cannot reach the Tiled server at {_redact(uri)} ({type(err).__name__}: {err}). Check the address "
-            "and that the server runs (e.g. `acc-bluesky catalog serve --port PORT --api-key KEY`). To record "
-            "while it is down, use make_run_engine(tiled=URI, offline_ok=True): runs then go to the local backup "
-            "folder and `acc-bluesky catalog replay BACKUP_DIR --tiled URI` loads them later; or record in the "
-            "embedded catalogue with tiled=None."
-        ) from err
-
-
-def _redact(uri: str) -> str:
-    parts = urllib.parse.urlsplit(uri)
-    if "api_key" not in parts.query:
-        return uri
-    query = urllib.parse.urlencode(
-        [(k, "***" if k == "api_key" else v) for k, v in urllib.parse.parse_qsl(parts.query)]
-    )
-    return urllib.parse.urlunsplit(parts._replace(query=query))
-
-
-def connect_tiled(uri: str, api_key: str | None = None, *, probe_timeout: float = 5.0) -> Any:
-    """A Tiled client on a server, with errors that name the URI and say what to do.
-
-    Args:
-        uri: ``http(s)://host:port`` (optionally with ``/api/v1/metadata/PATH``).
-        api_key: the server's API key; default ``$TILED_API_KEY`` (Tiled's convention).
-        probe_timeout: seconds to wait for the server's first answer [s].
-    """
-    import httpx
-    from tiled.client import from_uri
-
-    _probe(uri, probe_timeout)
-    try:
-        return from_uri(uri, api_key=api_key)
-    except httpx.HTTPStatusError as err:
-        code = err.response.status_code
-        if code in (401, 403):
-            raise CatalogUnavailableError(
-                f"The Tiled server at {_redact(uri)} refused the request (HTTP {code}): give a valid API key "
-                "(api_key=... or $TILED_API_KEY)."
-            ) from err
-        raise CatalogUnavailableError(f"The Tiled server at {_redact(uri)} answered HTTP {code}: {err}") from err
-    except httpx.TransportError as err:
-        raise CatalogUnavailableError(f"Lost the Tiled server at {_redact(uri)}: {err!r}") from err
-    except RuntimeError as err:  # Tiled: "This server requires API key authentication."
-        raise CatalogUnavailableError(
-            f"The Tiled server at {_redact(uri)} requires an API key: pass api_key=... or set $TILED_API_KEY."
-        ) from err
-
-
-def open_catalog(
-    tiled: str | None = None,
-    api_key: str | None = None,
-    catalog_dir: str | os.PathLike | None = None,
-) -> Any:
-    """Open the catalogue of runs for analysis: ``cat[uid]`` is a run, ``cat[-1]`` the latest one.
-
-    Args:
-        tiled: URI of a Tiled server; default ``$ACC_BLUESKY_CATALOG`` if it is a URI, else the embedded
-            catalogue.
-        api_key: API key of the server (a read-only key is enough); default ``$TILED_API_KEY``.
-        catalog_dir: folder of the embedded catalogue; default ``$ACC_BLUESKY_CATALOG`` or the user data folder.
-
-    Returns:
-        A Tiled container of runs (``CatalogOfBlueskyRuns`` for catalogues made here).
-    """
-    if tiled is None and catalog_dir is None:
-        env = os.environ.get(ENV_CATALOG)
-        if env and is_uri(env):
-            tiled = env
-    if tiled is not None:
-        return connect_tiled(tiled, api_key)
-    return _embedded_client(catalog_dir if catalog_dir is not None else default_catalog_dir())
 
 
 # --------------------------------------------------------------------------------------------- queries
@@ -420,12 +306,16 @@ def run_metadata(run: Any) -> dict[str, Any]:
 
 def _stream_node(run: Any, stream: str) -> Any:
     try:
-        return run[stream]
+        node = run[stream]
     except KeyError:
         streams = sorted(run)
         raise KeyError(
             f"Run {run.metadata['start']['uid']} has no stream {stream!r}; its streams are {streams}"
         ) from None
+    if not hasattr(node, "base") and hasattr(run, "v3"):
+        # a databroker v2 view of the run (databroker's v1 API switches the runs of the process to it)
+        node = run.v3[stream]
+    return node
 
 
 def _column(values: Any) -> np.ndarray:
@@ -476,3 +366,22 @@ def read_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
     data = read_stream(run, stream)
     data.pop("time", None)
     return {k: np.asarray(v[-1]) for k, v in data.items()}
+
+
+def read_dataset(run: Any, stream: str = "primary") -> Any:
+    """A stream as an :class:`xarray.Dataset`: one variable per data key (first dimension ``time``, the event),
+    with the descriptor's ``units`` and ``description`` in each variable's ``attrs`` (what databroker users
+    expect); ``time`` [s, epoch] as the coordinate."""
+    import xarray as xr
+
+    data = read_stream(run, stream)
+    keys = stream_data_keys(run, stream)
+    time = data.pop("time", None)
+    n = len(time) if time is not None else (len(next(iter(data.values()))) if data else 0)
+    variables = {}
+    for key, values in data.items():
+        dims = ["time", *(f"{key}_dim_{i}" for i in range(1, values.ndim))]
+        attrs = {a: keys.get(key, {}).get(a) for a in ("units", "description", "source")}
+        variables[key] = xr.Variable(dims, values, attrs={a: v for a, v in attrs.items() if v not in (None, "")})
+    coords = {"time": ("time", time if time is not None else np.arange(n), {"units": "s"})}
+    return xr.Dataset(variables, coords=coords, attrs={"uid": run_metadata(run).get("uid", ""), "stream": stream})

@@ -20,6 +20,8 @@ import os
 import pathlib
 import platform
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_LICENSE",
+    "FairFiller",
     "ENV_LICENSE",
     "ENV_OPERATOR",
     "MODES",
@@ -38,6 +41,9 @@ __all__ = [
     "make_md_validator",
     "missing_metadata",
     "operator_name",
+    "register_machine",
+    "registered_machines",
+    "unregister_machine",
     "software_versions",
     "tool_metadata",
     "validate_metadata",
@@ -135,21 +141,187 @@ def validate_metadata(md: Mapping[str, Any]) -> None:
         raise MetadataError(missing, problems)
 
 
-def make_md_validator(extra: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
-    """A ``RunEngine.md_validator``: bluesky's own checks, then :func:`validate_metadata`, then ``extra``."""
-    try:  # bluesky's own check ('sample' must be a str or a dict); private, so optional
-        from bluesky.run_engine import _default_md_validator
-    except ImportError:  # pragma: no cover
-        _default_md_validator = None
+def check_sample(md: Mapping[str, Any]) -> None:
+    """bluesky's own rule on ``sample`` (a string or a dictionary), which replacing its validator would drop."""
+    if "sample" in md and not (hasattr(md["sample"], "keys") or isinstance(md["sample"], str)):
+        raise ValueError("'sample' metadata must be a string or a dictionary, e.g. sample='dirt' or "
+                         "sample={'color': 'red'}, not " + repr(md["sample"]))
+
+
+def make_md_validator(extra: Callable[[dict], None] | None = None,
+                      fill: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> Callable[[dict], None]:
+    """A ``RunEngine.md_validator``: bluesky's ``sample`` rule, then :func:`validate_metadata` on the start
+    document as ``fill`` completes it (the RunEngine's ``md_normalizer``), then ``extra``."""
 
     def md_validator(md: dict) -> None:
-        if _default_md_validator is not None:
-            _default_md_validator(md)
-        validate_metadata(md)
+        check_sample(md)
+        full = fill(md) if fill is not None else md
+        validate_metadata(full)
         if extra is not None:
-            extra(md)
+            extra(full)
 
     return md_validator
+
+
+# --------------------------------------------------------------------------------------------- FAIR by default
+class _Registered:
+    __slots__ = ("_ids", "_names", "ref")
+
+    def __init__(self, machine: Any) -> None:
+        try:
+            self.ref: Callable[[], Any] = weakref.ref(machine)
+        except TypeError:  # not weak-referenceable (a plain namespace): kept until unregistered
+            self.ref = lambda machine=machine: machine
+        self._names: set[str] | None = None
+        self._ids: set[int] | None = None
+
+    def _walk(self) -> None:
+        machine = self.ref()
+        names: set[str] = set()
+        ids: set[int] = set()
+        stack = []
+        devices = getattr(machine, "devices", None)
+        if callable(devices):
+            try:
+                stack.extend(devices())
+            except Exception:  # noqa: BLE001 - a machine that cannot list its devices: names only
+                pass
+        if hasattr(machine, "children") and callable(machine.children):
+            stack.append(machine)
+        while stack:
+            dev = stack.pop()
+            if id(dev) in ids:
+                continue
+            ids.add(id(dev))
+            name = getattr(dev, "name", None)
+            if isinstance(name, str) and name:
+                names.add(name)
+            children = getattr(dev, "children", None)
+            if callable(children):
+                try:
+                    stack.extend(child for _, child in children())
+                except Exception:  # noqa: BLE001
+                    pass
+        self._names, self._ids = names, ids
+
+    @property
+    def names(self) -> set[str]:
+        if self._names is None:
+            self._walk()
+        return self._names or set()
+
+    @property
+    def ids(self) -> set[int]:
+        if self._ids is None:
+            self._walk()
+        return self._ids or set()
+
+
+_machines: list[_Registered] = []
+_machines_lock = threading.Lock()
+
+
+def register_machine(machine: Any) -> None:
+    """Make ``machine`` (duck-typed: ``.profile``, ``.mode``, ``.seed``, and ``.devices()`` or an ophyd-async
+    ``children()`` tree) known to every RunEngine of :func:`~acc_bluesky.data.make_run_engine`: a run that reads
+    its devices then gets its :func:`machine_metadata` and a ``tool`` (the plan's name) without the user typing
+    them (``RE(bp.count([m.bpm]))``). ``connect()`` calls it. Kept as a weak reference where possible."""
+    with _machines_lock:
+        _machines[:] = [r for r in _machines if r.ref() is not None and r.ref() is not machine]
+        _machines.append(_Registered(machine))
+
+
+def unregister_machine(machine: Any) -> None:
+    """Forget a machine given to :func:`register_machine`."""
+    with _machines_lock:
+        _machines[:] = [r for r in _machines if r.ref() is not None and r.ref() is not machine]
+
+
+def registered_machines() -> list[Any]:
+    """The machines :func:`register_machine` knows (still alive), oldest first."""
+    with _machines_lock:
+        return [m for m in (r.ref() for r in _machines) if m is not None]
+
+
+def _describe(machine: Any) -> str:
+    prof = getattr(machine, "profile", None)
+    return f"{getattr(prof, 'name', '?')} ({getattr(machine, 'mode', '?')}, seed {getattr(machine, 'seed', None)})"
+
+
+class FairFiller:
+    """Fills a start document from the registered machine whose devices the run uses (``md_normalizer`` of the
+    RunEngines of :func:`~acc_bluesky.data.make_run_engine`; ``preprocessor`` notes the devices a plan's messages
+    touch before its run opens).
+
+    Only what is missing is filled: the machine keys (:func:`machine_metadata`) if any of them is absent, and
+    ``tool`` from ``plan_name``. The machine is the one whose devices appear in the plan's messages before the run
+    opens (``stage``, ``read``, ``set``...), else whose device names are the run's ``detectors``/``motors``, else
+    the only registered one. Several candidates with different metadata: :class:`MetadataError` names them.
+    """
+
+    MACHINE_KEYS = ("facility", "accelerator", "profile", "lattice", "mode")
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+
+    def preprocessor(self, plan: Any) -> Any:
+        """A RunEngine preprocessor noting the objects of the messages since the last run opened."""
+        from bluesky.preprocessors import msg_mutator
+
+        seen = self._seen
+        seen.clear()  # (what the previous plan touched after its last run closed)
+        opened = [False]
+
+        def note(msg: Any) -> Any:
+            if opened[0]:  # the run opened: its machine is known; start afresh for the next one
+                seen.clear()
+                opened[0] = False
+            if msg.command == "open_run":
+                opened[0] = True
+            elif msg.obj is not None:
+                seen.add(id(msg.obj))
+            return msg
+
+        return msg_mutator(plan, note)
+
+    def _machine(self, md: Mapping[str, Any]) -> Any | None:
+        with _machines_lock:
+            regs = [r for r in _machines if r.ref() is not None]
+        if not regs:
+            return None
+        candidates = [r for r in regs if r.ids & self._seen] if self._seen else []
+        if not candidates:
+            names = {str(n) for key in ("detectors", "motors") for n in (md.get(key) or ())}
+            candidates = [r for r in regs if r.names & names] if names else []
+        if not candidates:
+            candidates = regs if len(regs) == 1 else []
+            if not candidates:
+                raise MetadataError(
+                    [k for k in self.MACHINE_KEYS if k not in md],
+                    [f"the run's devices belong to none of the {len(regs)} connected machines "
+                     f"({', '.join(_describe(r.ref()) for r in regs)}), so its machine metadata is unknown"])
+        machines = [r.ref() for r in candidates]
+        mds = [machine_metadata(m) for m in machines]
+        if any(x != mds[0] for x in mds[1:]):
+            raise MetadataError(
+                [k for k in self.MACHINE_KEYS if k not in md],
+                [f"the run's devices match {len(machines)} connected machines with different metadata "
+                 f"({', '.join(_describe(m) for m in machines)}): pass md=machine_metadata(m) for the one meant"])
+        return machines[0]
+
+    def __call__(self, md: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(md)
+        if any(out.get(k) in (None, "", {}) for k in self.MACHINE_KEYS):
+            machine = self._machine(out)
+            if machine is not None:
+                for key, value in machine_metadata(machine).items():
+                    if key == "seed":
+                        out.setdefault("seed", value)  # (None is a value: the ideal machine)
+                    elif out.get(key) in (None, "", {}):
+                        out[key] = value
+        if out.get("tool") in (None, "") and out.get("plan_name"):
+            out["tool"] = str(out["plan_name"])
+        return out
 
 
 def operator_name() -> str:

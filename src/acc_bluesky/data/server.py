@@ -1,5 +1,9 @@
 """Serve a catalogue folder over HTTP with a real Tiled server (``acc-bluesky catalog serve``).
 
+The same code serves a team (a fixed port, ``--database postgresql://...``, read-only keys for analysts) and the
+on-demand server of a local folder (``--port 0 --on-demand``: started by the first session that needs the folder,
+see :mod:`acc_bluesky.data.local`).
+
 Two authentication set-ups, both refusing anonymous requests:
 
 * **one key** (``api_key`` only): Tiled's single-user mode; the key reads and writes.
@@ -15,6 +19,7 @@ Two authentication set-ups, both refusing anonymous requests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +29,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .catalog import ROOT_SPEC, build_catalog_adapter, catalog_paths, init_catalog, init_sql_database
+from .catalog import (
+    ROOT_SPEC,
+    build_catalog_adapter,
+    catalog_paths,
+    init_catalog,
+    init_sql_database,
+    redact_uri,
+    serialization_registry,
+)
+from .local import ServerBookkeeping, folder_api_key
 
 __all__ = [
     "READ_ONLY_SCOPES",
@@ -85,6 +99,7 @@ def write_server_config(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
+    database: str | None = None,
 ) -> pathlib.Path:
     """Write ``<folder>/tiled-server.yml`` (multi-key mode) and return its path. Mode 0600: it holds the
     token-signing secret."""
@@ -97,8 +112,8 @@ def write_server_config(
                 "path": "/",
                 "tree": "catalog",
                 "args": {
-                    "uri": f"sqlite:///{paths['catalog']}",
-                    "writable_storage": [str(paths["data"]), f"sqlite:///{paths['tables']}"],
+                    "uri": database or f"sqlite:///{paths['catalog']}",
+                    "writable_storage": [str(paths["data"]), database or f"sqlite:///{paths['tables']}"],
                     "specs": [{"name": ROOT_SPEC[0], "version": ROOT_SPEC[1]}],
                 },
             }
@@ -210,27 +225,31 @@ def build_server_app(
     read_only_keys: Sequence[str] = (),
     host: str = "127.0.0.1",
     port: int = 8000,
+    database: str | None = None,
 ) -> Any:
-    """The Tiled ASGI application serving a catalogue folder (created if needed), refusing anonymous use."""
+    """The Tiled ASGI application serving a catalogue folder (created if needed), refusing anonymous use.
+
+    ``database``: a ``postgresql://`` URI holding the tree of runs and the event tables (arrays stay in the
+    folder's ``data/``); default the folder's SQLite files."""
     from tiled.config import Authentication
 
     _check_keys(api_key, read_only_keys)
-    root = init_catalog(directory)
+    root = init_catalog(directory) if database is None else catalog_paths(directory)["root"]
     if not read_only_keys:
         from tiled.server.app import build_app
 
-        from .catalog import _serialization_registry
-
-        adapter = build_catalog_adapter(root, streaming_cache=True)
+        adapter = build_catalog_adapter(root, database=database, streaming_cache=True)
         return build_app(
             adapter,
             authentication=Authentication(single_user_api_key=api_key, allow_anonymous_access=False),
-            serialization_registry=_serialization_registry(),
+            serialization_registry=serialization_registry(),
         )
     from tiled.config import parse_configs
     from tiled.server.app import build_app_from_config
 
-    config_path = write_server_config(root, host=host, port=port)
+    if database is not None:
+        _run_in_thread(init_sql_database, database, "catalog")
+    config_path = write_server_config(root, host=host, port=port, database=database)
     _run_in_thread(_register_keys, f"sqlite:///{root / _AUTHN_NAME}", api_key, list(read_only_keys))
     return build_app_from_config(parse_configs(config_path))
 
@@ -242,28 +261,88 @@ def serve_catalog(
     port: int = 8000,
     api_key: str | None = None,
     read_only_keys: Sequence[str] = (),
+    database: str | None = None,
     log_level: str = "warning",
+    on_demand: bool = False,
+    idle_timeout: float | None = None,
+    ready_fd: int | None = None,
 ) -> None:
-    """Serve a catalogue folder until interrupted (Ctrl-C or SIGTERM). Blocks.
+    """Serve a catalogue folder until interrupted (Ctrl-C or SIGTERM), or idle (``on_demand``). Blocks.
 
     Args:
         directory: the catalogue folder (created if needed).
         host: interface to listen on; keep 127.0.0.1 unless the network is trusted and firewalled.
-        port: TCP port.
-        api_key: the read-write key; default ``$TILED_SINGLE_USER_API_KEY`` or a random one (printed).
+        port: TCP port; 0 picks a free one (printed, and written to ``server.json`` with ``on_demand``).
+        api_key: the read-write key; default ``$TILED_SINGLE_USER_API_KEY``, with ``on_demand`` the folder's
+            ``server.key``, else a random one (printed).
         read_only_keys: keys that can only read (analysts); needs hexadecimal keys (see module docs).
+        database: ``postgresql://user@host:port/db`` for the tree of runs and the event tables (team scale);
+            default the folder's SQLite files.
         log_level: uvicorn log level.
+        on_demand: the local server of a folder: publish the address in ``server.json``, hold ``server.alive``,
+            stop after ``idle_timeout`` seconds without users (see :mod:`acc_bluesky.data.local`).
+        idle_timeout: with ``on_demand`` [s]; None: never.
+        ready_fd: a file descriptor to write ``ready URI`` to once the server listens (then closed).
     """
+    import socket
+
     import uvicorn
 
-    generated = api_key is None and not os.environ.get("TILED_SINGLE_USER_API_KEY")
-    if api_key is None:
-        api_key = os.environ.get("TILED_SINGLE_USER_API_KEY") or secrets.token_hex(32)
-    app = build_server_app(directory, api_key=api_key, read_only_keys=read_only_keys, host=host, port=port)
     root = catalog_paths(directory)["root"]
-    print(f"acc-bluesky: serving the catalogue {root} at http://{host}:{port}", flush=True)
-    if generated:
-        print(f"acc-bluesky: API key (read-write): {api_key}", flush=True)
-    if read_only_keys:
-        print(f"acc-bluesky: {len(read_only_keys)} read-only key(s); config {root / _CONFIG_NAME}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    generated = False
+    if api_key is None:
+        api_key = os.environ.get("TILED_SINGLE_USER_API_KEY")
+    if api_key is None:
+        if on_demand:
+            api_key = folder_api_key(root)
+        else:
+            generated, api_key = True, secrets.token_hex(32)
+    book = ServerBookkeeping(root, idle_timeout) if on_demand else None
+    from .._compat.tiled import memoize_fastapi_dependants
+
+    if not memoize_fastapi_dependants():  # this process only serves: ~40 % less CPU per request
+        logger.info("FastAPI's dependency trees are rebuilt per request (no memo for this FastAPI)")
+    try:
+        if book is not None:
+            book.acquire()
+        app = build_server_app(root, api_key=api_key, read_only_keys=read_only_keys, host=host, port=port,
+                               database=database)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            if not (on_demand and port):
+                raise
+            sock.bind((host, 0))  # the port of a previous server of the folder is taken: any free one
+        sock.listen(1024)
+        port = sock.getsockname()[1]
+        uri = f"http://{host}:{port}"
+        if book is not None:
+            app = book.track(app)
+            book.publish(uri)
+        where = f" (database {redact_uri(database)})" if database else ""
+        print(f"acc-bluesky: serving the catalogue {root}{where} at {uri}", flush=True)
+        if generated:
+            print(f"acc-bluesky: API key (read-write): {api_key}", flush=True)
+        if read_only_keys:
+            print(f"acc-bluesky: {len(read_only_keys)} read-only key(s); config {root / _CONFIG_NAME}", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        if book is not None:
+            book.watch_idle(server)
+    except BaseException as err:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"error {err!r}\n".encode())
+                os.close(ready_fd)
+        if book is not None:
+            book.close()
+        raise
+    if ready_fd is not None:
+        os.write(ready_fd, f"ready {uri}\n".encode())
+        os.close(ready_fd)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if book is not None:
+            book.close()
