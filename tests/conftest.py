@@ -10,7 +10,17 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("ACC_BLUESKY_OPERATOR", "pytest")
+os.environ.setdefault("ACC_BLUESKY_SERVER_IDLE", "30")  # a test's catalogue server stops soon after its last use
 warnings.filterwarnings("ignore", module="at")
+
+
+def pytest_configure(config):
+    """The default catalogue and the figures of the test session go to a temporary folder, never the user's."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="acc-bluesky-tests-")
+    os.environ.setdefault("ACC_BLUESKY_CATALOG", os.path.join(root, "default-catalog"))
+    os.environ.setdefault("ACC_BLUESKY_FIGURE_DIR", os.path.join(root, "figures"))
 
 
 @pytest.fixture(scope="session")
@@ -36,19 +46,34 @@ def twin_errors(ebs):
     return Twin(ebs, seed=1)
 
 
-@pytest.fixture
-def machine(ebs):
-    """A fresh sim machine on the EBS twin with default errors (seed 1)."""
+@pytest.fixture(scope="session")
+def _ebs_machine(ebs):
     from acc_bluesky.machine import connect
 
     return connect(ebs, mode="sim", seed=1)
 
 
-@pytest.fixture
-def machine_ideal(ebs):
+@pytest.fixture(scope="session")
+def _ebs_machine_ideal(ebs):
     from acc_bluesky.machine import connect
 
     return connect(ebs, mode="sim", seed=None)
+
+
+@pytest.fixture
+def machine(_ebs_machine):
+    """The sim machine on the EBS twin with default errors (seed 1), reset to its design setpoints, no anomaly, beam
+    injected (one twin for the session: connecting EBS costs seconds)."""
+    _ebs_machine.twin.reset()
+    yield _ebs_machine
+    _ebs_machine.twin.reset()
+
+
+@pytest.fixture
+def machine_ideal(_ebs_machine_ideal):
+    _ebs_machine_ideal.twin.reset()
+    yield _ebs_machine_ideal
+    _ebs_machine_ideal.twin.reset()
 
 
 @pytest.fixture

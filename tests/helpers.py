@@ -72,10 +72,12 @@ def events(docs, stream: str = "primary") -> list[dict]:
 # module-scoped RunEngine fixtures (import them into a test module: ``from helpers import module_run_engine, ...``)
 @pytest.fixture(scope="module", name="RE")
 def module_run_engine(tmp_path_factory):
-    """One RunEngine and embedded catalogue for the module (conftest's ``RE`` is per test)."""
+    """One RunEngine for the module, on the session's catalogue folder (one server for every test)."""
+    from conftest import _session_catalog
+
     from acc_bluesky.data import make_run_engine
 
-    re = make_run_engine(catalog_dir=tmp_path_factory.mktemp("catalog"), progress=False)
+    re = make_run_engine(catalog_dir=_session_catalog(tmp_path_factory), progress=False)
     yield re
     if re.state != "idle":
         re.halt()

@@ -159,10 +159,10 @@ def test_correct_chromaticity_with_the_model_response(machine, RE, catalog):
     assert np.allclose(corr.steps_hw.sum(axis=0), corr.delta_hw)
 
 
-def test_chromaticity_scan_past_the_rf_limit_is_refused_before_anything_moves(machine, RE):
+def test_chromaticity_scan_past_the_rf_limit_is_refused_before_anything_moves(machine, RE, monkeypatch):
     f0 = machine.twin.rf_frequency_setpoint
     # an RF limit 100 Hz above the frequency: the -dp side of the scan needs about +125 Hz
-    machine.rf.frequency_limits = Limits(low=f0 - 1e3, high=f0 + 100.0)
+    monkeypatch.setattr(machine.rf, "frequency_limits", Limits(low=f0 - 1e3, high=f0 + 100.0))
     before = machine.twin.snapshot()
     with pytest.raises(LimitError, match=r"measure_chromaticity: the scan dp/p = \+-0.002 needs RF steps"):
         RE(measure_chromaticity(machine, figure_dir=False))

@@ -67,6 +67,8 @@ def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
         uid = run_start(run).get("uid", "?")
         raise KeyError(f"run {uid} has no {stream!r} stream: it was not recorded by an acc_bluesky tool "
                        "or it failed before storing its results") from err
+    if not hasattr(node, "base") and hasattr(run, "v3"):
+        node = run.v3[stream]  # a databroker v2 view of the run (databroker's v1 API switches runs to it)
     out: dict[str, np.ndarray] = {}
     for k in list(node):
         if k in ("time", "seq_num") or k.startswith("ts_"):
