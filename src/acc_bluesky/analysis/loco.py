@@ -29,8 +29,9 @@ Degeneracies and how they are handled:
 
 - BPM gains against corrector gains: multiplying every BPM gain of a plane by ``a`` and dividing every corrector
   gain of that plane by ``a`` leaves the response unchanged (broken only by the tiny coupling blocks). One
-  constraint per plane fixes the scale: ``gain_reference="both"`` (mean BPM gain + mean corrector gain = 0,
-  the least-biased choice when both are uncalibrated), ``"bpm"`` (mean BPM gain = 0) or ``"corrector"``.
+  constraint per plane fixes the scale: ``gain_reference="both"`` (sum of the BPM gains = sum of the corrector
+  gains: the minimum-norm split, least biased when both are uncalibrated), ``"bpm"`` (mean BPM gain = 0: the BPMs
+  are the reference) or ``"corrector"`` (mean corrector gain = 0).
 - Quadrupoles without an independent signature (two magnets with no BPM or corrector between them, a magnet at
   a null of both beta functions' variation) give small singular values: the SVD cut (``rcond`` or ``n_sv``)
   drops those combinations, so only their determined combination is fitted (minimum-norm), or they can be
@@ -334,115 +335,266 @@ def _predict(p: np.ndarray, par: _Params, mod: ModelResponse, planes_sign: np.nd
     return _Prediction(np.concatenate([top, bot]), disp, u, b, eta_u)
 
 
-def _jacobian(p: np.ndarray, par: _Params, mod: ModelResponse, pred: _Prediction, planes_sign: np.ndarray,
-              w_orm: np.ndarray, w_disp: np.ndarray | None):
-    """Weighted Jacobian: dense gradient block (n_grad, N) and a sparse block for the calibrations (N, n_cal)."""
-    import scipy.sparse as sp
+@dataclass
+class _CalKind:
+    """The weighted Jacobian of one kind of calibration parameter, in the data's own layout."""
 
+    where: str  # "row" (a BPM row parameter), "col" (a corrector column parameter), "rf"
+    owner: np.ndarray  # (2n,) for "row", (m,) for "col", (1,) for "rf": parameter index or -1
+    orm: np.ndarray | None  # (2n, m) weighted derivative on the ORM data
+    disp: np.ndarray | None  # (2n,) weighted derivative on the dispersion data
+
+
+def _calibration_kinds(p: np.ndarray, par: _Params, mod: ModelResponse, pred: _Prediction,
+                       planes_sign: np.ndarray, w_orm: np.ndarray, w_disp: np.ndarray | None) -> list[_CalKind]:
     nb2, nc = mod.orm.shape
     n = nb2 // 2
-    nd_orm = nb2 * nc
-    ndata = nd_orm + (nb2 if w_disp is not None else 0)
-    ng = par.n_grad
+    b = pred.b
+    u = pred.u
     cgain = 1.0 + _take(p, par.cg)
     phi = _take(p, par.croll)
-    e = _take(p, par.energy)
-    b = pred.b
-
-    # ---- gradient block: B (cgain cos(phi) dR + e d(eta)) for each parameter, then the weights
-    jq = np.zeros((ng, ndata))
-    if ng:
-        d = mod.d_orm  # (ng_elements, 2n, m): already summed per parameter by the caller
-        d *= (cgain * np.cos(phi))[None, None, :]
-        if np.any(e):
-            d += mod.d_eta[:, :, None] * e[None, None, :]
-        top, bot = _apply_bpm(b, d[:, :n].transpose(1, 0, 2), d[:, n:].transpose(1, 0, 2))
-        view = jq[:, :nd_orm].reshape(ng, nb2, nc)
-        view[:, :n] = top.transpose(1, 0, 2) * w_orm[None, :n]
-        view[:, n:] = bot.transpose(1, 0, 2) * w_orm[None, n:]
-        if w_disp is not None:
-            de = mod.d_eta * (1.0 + (p[par.rf] if par.rf >= 0 else 0.0))
-            dt, db = _apply_bpm(b, de[:, :n].T, de[:, n:].T)
-            jq[:, nd_orm:] = np.concatenate([dt.T, db.T], axis=1) * w_disp[None, :]
-
-    # ---- calibration block (sparse)
-    rows, cols, vals = [], [], []
-    ncal = par.size - ng
-    u = pred.u
-    a11, a12, a21, a22 = b
-    ri = np.arange(n)
-
-    def orm_rows(i_row: np.ndarray, values: np.ndarray, pidx: np.ndarray) -> None:
-        """Parameter pidx[k] acts on ORM row i_row[k] with values[k, :] (over the correctors)."""
-        keep = pidx >= 0
-        if not np.any(keep):
-            return
-        ir, v, pi = i_row[keep], values[keep], pidx[keep]
-        rr = (ir[:, None] * nc + np.arange(nc)[None, :]).ravel()
-        rows.append(rr)
-        cols.append(np.repeat(pi - ng, nc))
-        vals.append((v * w_orm[ir]).ravel())
-
-    def disp_rows(i_row: np.ndarray, values: np.ndarray, pidx: np.ndarray) -> None:
-        if w_disp is None:
-            return
-        keep = pidx >= 0
-        if not np.any(keep):
-            return
-        rows.append(nd_orm + i_row[keep])
-        cols.append(pidx[keep] - ng)
-        vals.append(values[keep] * w_disp[i_row[keep]])
-
     gx, gy = 1.0 + _take(p, par.gx), 1.0 + _take(p, par.gy)
     th = _take(p, par.roll)
-    c, s = np.cos(th), np.sin(th)
+    c, s = np.cos(th)[:, None], np.sin(th)[:, None]
     ut, ub = u[:n], u[n:]
     et = eb = None
     if pred.eta_u is not None:
-        et, eb = pred.eta_u[:n], pred.eta_u[n:]
-    orm_rows(ri, c[:, None] * ut + s[:, None] * ub, par.gx)
-    orm_rows(n + ri, -s[:, None] * ut + c[:, None] * ub, par.gy)
-    orm_rows(ri, gx[:, None] * (-s[:, None] * ut + c[:, None] * ub), par.roll)
-    orm_rows(n + ri, gy[:, None] * (-c[:, None] * ut - s[:, None] * ub), par.roll)
-    if et is not None:
-        disp_rows(ri, c * et + s * eb, par.gx)
-        disp_rows(n + ri, -s * et + c * eb, par.gy)
-        disp_rows(ri, gx * (-s * et + c * eb), par.roll)
-        disp_rows(n + ri, gy * (-c * et - s * eb), par.roll)
+        et, eb = pred.eta_u[:n, None], pred.eta_u[n:, None]
+    none = np.full(n, -1, dtype=np.int64)
+    out: list[_CalKind] = []
 
-    def orm_cols(values: np.ndarray, pidx: np.ndarray) -> None:
-        """Parameter pidx[w] acts on ORM column w with values[:, w] (before the BPMs)."""
-        keep = np.flatnonzero(pidx >= 0)
-        if not keep.size:
-            return
-        vt, vb = _apply_bpm(b, values[:n][:, keep], values[n:][:, keep])
-        v = np.concatenate([vt, vb])  # (2n, k)
-        rr = (np.arange(nb2)[:, None] * nc + keep[None, :]).ravel()
-        rows.append(rr)
-        cols.append(np.broadcast_to(pidx[keep][None, :] - ng, (nb2, keep.size)).ravel())
-        vals.append((v * w_orm[:, keep]).ravel())
+    def rows(top, bot, own_top, own_bot, dtop, dbot):
+        m_ = np.concatenate([top, bot]) * w_orm
+        d_ = None if w_disp is None or dtop is None else np.concatenate([dtop, dbot]).reshape(-1) * w_disp
+        out.append(_CalKind("row", np.concatenate([own_top, own_bot]), m_, d_))
+
+    zero = np.zeros((n, nc))
+    zd = None if et is None else np.zeros((n, 1))
+    if np.any(par.gx >= 0):
+        rows(c * ut + s * ub, zero, par.gx, none, None if et is None else c * et + s * eb, zd)
+    if np.any(par.gy >= 0):
+        rows(zero, -s * ut + c * ub, none, par.gy, zd, None if et is None else -s * et + c * eb)
+    if np.any(par.roll >= 0):
+        rows(gx[:, None] * (-s * ut + c * ub), gy[:, None] * (-c * ut - s * ub), par.roll, par.roll,
+             None if et is None else gx[:, None] * (-s * et + c * eb),
+             None if et is None else gy[:, None] * (-c * et - s * eb))
+
+    def cols(values, own):
+        vt, vb = _apply_bpm(b, values[:n], values[n:])
+        out.append(_CalKind("col", own, np.concatenate([vt, vb]) * w_orm, None))
 
     if np.any(par.cg >= 0):
         base = mod.orm * np.cos(phi)
         if mod.orm_other is not None:
             base = base + mod.orm_other * (planes_sign * np.sin(phi))
-        orm_cols(base, par.cg)
+        cols(base, par.cg)
     if np.any(par.croll >= 0):
         other = mod.orm_other if mod.orm_other is not None else np.zeros_like(mod.orm)
-        orm_cols(cgain * (-mod.orm * np.sin(phi) + other * (planes_sign * np.cos(phi))), par.croll)
+        cols(cgain * (-mod.orm * np.sin(phi) + other * (planes_sign * np.cos(phi))), par.croll)
     if np.any(par.energy >= 0):
-        orm_cols(np.broadcast_to(mod.eta[:, None], mod.orm.shape), par.energy)
+        cols(np.broadcast_to(mod.eta[:, None], mod.orm.shape), par.energy)
     if par.rf >= 0 and w_disp is not None:
         dt, db = _apply_bpm(b, mod.eta[:n], mod.eta[n:])
-        rows.append(nd_orm + np.arange(nb2))
-        cols.append(np.full(nb2, par.rf - ng))
-        vals.append(np.concatenate([dt, db]) * w_disp)
-    if rows:
-        js = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                           shape=(ndata, ncal))
-    else:
-        js = sp.csc_matrix((ndata, ncal))
-    return jq, js
+        out.append(_CalKind("rf", np.array([par.rf]), None, np.concatenate([dt, db]) * w_disp))
+    return out
+
+
+def _gradient_block(p: np.ndarray, par: _Params, mod: ModelResponse, w_orm: np.ndarray,
+                    w_disp: np.ndarray | None, pred: _Prediction) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weighted Jacobian of the gradient parameters: (ng, 2n, m) on the ORM (written over ``mod.d_orm``) and
+    (ng, 2n) on the dispersion."""
+    nb2, nc = mod.orm.shape
+    n = nb2 // 2
+    d = mod.d_orm
+    cgain = 1.0 + _take(p, par.cg)
+    phi = _take(p, par.croll)
+    e = _take(p, par.energy)
+    colf = cgain * np.cos(phi)
+    a11, a12, a21, a22 = pred.b
+    mixed = np.any(a12) or np.any(a21)
+    wt, wb = w_orm[:n], w_orm[n:]
+    for q in range(d.shape[0]):  # one magnet at a time: no (ng, 2n, m) temporaries
+        dq = d[q]
+        dq *= colf
+        if np.any(e):
+            dq += np.outer(mod.d_eta[q], e)
+        if mixed:
+            top = a11[:, None] * dq[:n] + a12[:, None] * dq[n:]
+            dq[n:] = a21[:, None] * dq[:n] + a22[:, None] * dq[n:]
+            dq[:n] = top
+        else:
+            dq[:n] *= a11[:, None]
+            dq[n:] *= a22[:, None]
+        dq[:n] *= wt
+        dq[n:] *= wb
+    jd = None
+    if w_disp is not None:
+        de = mod.d_eta * (1.0 + (p[par.rf] if par.rf >= 0 else 0.0))
+        dt, db = _apply_bpm(pred.b, de[:, :n].T, de[:, n:].T)
+        jd = np.concatenate([dt.T, db.T], axis=1) * w_disp[None, :]
+    return d, jd
+
+
+def _gram(jq: np.ndarray) -> np.ndarray:
+    """``J J^T`` of the gradient block (ng, 2n, m) with one BLAS call on the array as it lies (no copy)."""
+    from scipy.linalg.blas import dsyrk
+
+    ng = jq.shape[0]
+    flat = jq.reshape(ng, -1)
+    a = dsyrk(1.0, flat.T, trans=1, lower=0)  # upper triangle of flat @ flat.T
+    return np.triu(a) + np.triu(a, 1).T
+
+
+def _normal_equations(jq: np.ndarray, jd: np.ndarray | None, kinds: list[_CalKind], r: np.ndarray,
+                      rd: np.ndarray | None, ng: int, npar: int) -> tuple[np.ndarray, ...]:
+    """Blocks of J^T J and J^T r: A (ng, ng), B (ng, ncal), C (ncal, ncal), g_q (ng,), g_c (ncal,)."""
+    ncal = npar - ng
+    a = np.zeros((ng, ng))
+    gq = np.zeros(ng)
+    if ng:
+        flat = jq.reshape(ng, -1)
+        gq = flat @ r.reshape(-1)
+        a = _gram(jq)
+        if jd is not None:
+            a += jd @ jd.T
+            gq += jd @ rd
+    bt = np.zeros((ncal, ng))
+    cm = np.zeros((ncal, ncal))
+    gc = np.zeros(ncal)
+    for ka in kinds:
+        own = ka.owner
+        valid = own >= 0
+        oi = own[valid] - ng
+        if ka.where == "row":
+            v = np.sum(ka.orm * r, axis=1)
+            if ka.disp is not None and rd is not None:
+                v = v + ka.disp * rd
+            np.add.at(gc, oi, v[valid])
+            if ng:
+                sq = np.einsum("qow,ow->qo", jq, ka.orm)
+                if ka.disp is not None and jd is not None:
+                    sq += jd * ka.disp[None, :]
+                np.add.at(bt, oi, sq[:, valid].T)
+        elif ka.where == "col":
+            v = np.sum(ka.orm * r, axis=0)
+            np.add.at(gc, oi, v[valid])
+            if ng:
+                sq = np.einsum("qow,ow->qw", jq, ka.orm)
+                np.add.at(bt, oi, sq[:, valid].T)
+        else:  # rf
+            gc[oi] += float(ka.disp @ rd)
+            if ng and jd is not None:
+                bt[oi[0]] += jd @ ka.disp
+    for ia, ka in enumerate(kinds):
+        for kb in kinds[ia:]:
+            _cross(cm, ka, kb, ng, same=ka is kb)
+    return a, bt.T, cm, gq, gc
+
+
+def _cross(cm: np.ndarray, ka: _CalKind, kb: _CalKind, ng: int, same: bool) -> None:
+    """Add the (ka, kb) block of J^T J to ``cm`` (and its transpose)."""
+    order = {"row": 0, "col": 1, "rf": 2}
+    if order[ka.where] > order[kb.where]:
+        ka, kb = kb, ka
+    va, vb = ka.owner >= 0, kb.owner >= 0
+
+    def put(i, j, v):
+        np.add.at(cm, (i, j), v)
+        if not same:
+            np.add.at(cm, (j, i), v)
+
+    if ka.where == "row" and kb.where == "row":
+        v = np.sum(ka.orm * kb.orm, axis=1)
+        if ka.disp is not None and kb.disp is not None:
+            v = v + ka.disp * kb.disp
+        ok = va & vb
+        put(ka.owner[ok] - ng, kb.owner[ok] - ng, v[ok])
+    elif ka.where == "col" and kb.where == "col":
+        v = np.sum(ka.orm * kb.orm, axis=0)
+        ok = va & vb
+        put(ka.owner[ok] - ng, kb.owner[ok] - ng, v[ok])
+    elif ka.where == "row" and kb.where == "col":
+        pm = (ka.orm * kb.orm)[np.ix_(va, vb)]
+        ii = np.broadcast_to((ka.owner[va] - ng)[:, None], pm.shape)
+        jj = np.broadcast_to((kb.owner[vb] - ng)[None, :], pm.shape)
+        put(ii.ravel(), jj.ravel(), pm.ravel())
+    elif ka.where == "row" and kb.where == "rf":
+        if ka.disp is not None:
+            v = ka.disp * kb.disp
+            put(ka.owner[va] - ng, np.full(int(va.sum()), kb.owner[0] - ng), v[va])
+    elif ka.where == "rf" and kb.where == "rf":
+        cm[ka.owner[0] - ng, ka.owner[0] - ng] += float(ka.disp @ ka.disp)
+
+
+def _solve(blocks: tuple[np.ndarray, ...], h_con: np.ndarray, ng: int, lam: float, rcond: float,
+           n_sv: int | None, want_var: bool):
+    """Damped Gauss-Newton step with an SVD cut on the gradient block (after eliminating the calibrations).
+
+    Returns (step, variance or None, singular values of the normalised gradient Schur complement, kept)."""
+    from scipy.linalg import cho_factor, cho_solve, solve_triangular
+
+    a, b, cm, gq, gc = blocks
+    ncal = cm.shape[0]
+    npar = ng + ncal
+    da = np.sqrt(np.clip(np.diag(a), 0, None))
+    dc = np.sqrt(np.clip(np.diag(cm), 0, None))
+    act_q, act_c = da > 0, dc > 0
+    sq = np.where(act_q, 1.0 / np.where(act_q, da, 1.0), 0.0)
+    sc = np.where(act_c, 1.0 / np.where(act_c, dc, 1.0), 0.0)
+    iq, ic = np.flatnonzero(act_q), np.flatnonzero(act_c)
+    as_ = (a * sq[:, None] * sq[None, :])[np.ix_(iq, iq)] + lam * np.eye(iq.size)
+    bs = (b * sq[:, None] * sc[None, :])[np.ix_(iq, ic)]
+    cs = (cm * sc[:, None] * sc[None, :])[np.ix_(ic, ic)] + lam * np.eye(ic.size)
+    gqs = (gq * sq)[iq]
+    gcs = (gc * sc)[ic]
+    step = np.zeros(npar)
+    var = np.zeros(npar) if want_var else None
+    l_c = y = None
+    if ic.size:
+        # gain-scale constraints as a stiff penalty (the directions they fix carry no information in the data)
+        hc = h_con[:, ng:][:, ic] / dc[ic][None, :] if h_con.size else np.zeros((0, ic.size))
+        for row in hc:
+            nrm = float(row @ row)
+            if nrm > 0:
+                cs += 1e8 * np.outer(row, row) / nrm
+        cs += 1e-12 * np.eye(ic.size)
+        l_c = cho_factor(cs, lower=True, check_finite=False)
+        y = cho_solve(l_c, bs.T, check_finite=False) if iq.size else np.zeros((ic.size, 0))
+        c0 = cho_solve(l_c, gcs, check_finite=False)
+    sv = np.zeros(0)
+    kept = 0
+    if iq.size:
+        schur = as_ - (bs @ y if ic.size else 0.0)
+        rhs = gqs - (y.T @ gcs if ic.size else 0.0)
+        ev, vec = np.linalg.eigh(0.5 * (schur + schur.T))
+        order = np.argsort(ev)[::-1]
+        ev, vec = ev[order], vec[:, order]
+        sv = np.sqrt(np.clip(ev - lam, 0, None))
+        if n_sv is not None:
+            kept = max(1, min(int(n_sv), int(np.sum(sv > 0))))
+        else:
+            kept = int(np.sum(sv > rcond * sv[0])) if sv.size and sv[0] > 0 else 0
+        vk = vec[:, :kept]
+        evk = ev[:kept]
+        qs = vk @ ((vk.T @ rhs) / evk)
+        step[iq] = qs * sq[iq]
+        if ic.size:
+            cs_step = c0 - y @ qs
+            step[ng + ic] = cs_step * sc[ic]
+        if want_var:
+            var[iq] = np.sum(vk * vk / evk[None, :], axis=1) * sq[iq] ** 2
+            if ic.size:
+                yv = y @ vk
+                l_inv = solve_triangular(l_c[0], np.eye(ic.size), lower=True, check_finite=False)
+                dcinv = np.sum(l_inv * l_inv, axis=0)
+                var[ng + ic] = (dcinv + np.sum(yv * yv / evk[None, :], axis=1)) * sc[ic] ** 2
+    elif ic.size:
+        step[ng + ic] = c0 * sc[ic]
+        kept = ic.size
+        if want_var:
+            l_inv = solve_triangular(l_c[0], np.eye(ic.size), lower=True, check_finite=False)
+            var[ng + ic] = np.sum(l_inv * l_inv, axis=0) * sc[ic] ** 2
+    return step, var, sv, kept
 
 
 def _gain_constraints(par: _Params, planes: np.ndarray, reference: str) -> np.ndarray:
@@ -458,10 +610,13 @@ def _gain_constraints(par: _Params, planes: np.ndarray, reference: str) -> np.nd
         if not bi.size or not ci.size:
             continue  # no degeneracy when one side is not fitted
         h = np.zeros(par.size)
-        if reference in ("both", "bpm"):
-            h[bi] = 1.0 / bi.size
-        if reference in ("both", "corrector"):
-            h[ci] = 1.0 / ci.size
+        if reference == "both":  # minimum-norm split of the unknown scale: sum of BPM gains = sum of corrector gains
+            h[bi] = 1.0
+            h[ci] = -1.0
+        elif reference == "bpm":
+            h[bi] = 1.0
+        else:
+            h[ci] = 1.0
         out.append(h)
     return np.asarray(out).reshape(-1, par.size)
 
@@ -1071,13 +1226,17 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     g_of_el = el.param
     coeff = el.coeff
 
+    grouped = par.n_grad != len(el.refpts) or bool(np.any(coeff != 1.0))
+    buffer = np.empty((len(el.refpts), 2 * n, m)) if (len(el.refpts) and not grouped) else None
+
+    work = ring.deepcopy()  # strengths are rewritten in place at every evaluation
+
     def evaluate(p: np.ndarray, jac: bool):
-        work = ring.deepcopy()
         _apply_elements(work, el, p[: par.n_grad])
         mod = linear_response(work, bpms, cors, orm.planes, params_el if jac else (), jacobian=jac,
-                              other_plane=other, n_slices=n_slices)
+                              other_plane=other, n_slices=n_slices, buffer=buffer)
         if jac and par.n_grad:
-            if par.n_grad != len(el.refpts) or np.any(coeff != 1.0):
+            if grouped:
                 d = np.zeros((par.n_grad,) + mod.d_orm.shape[1:])
                 de = np.zeros((par.n_grad, mod.d_eta.shape[1]))
                 for ie in range(len(el.refpts)):
@@ -1107,70 +1266,22 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     t_model = 0.0
 
     def normal_eq(p, mod, pred, r, rd):
-        jq, js = _jacobian(p, par, mod, pred, planes_sign, w_orm, w_disp)
-        resid = r.ravel() if rd is None else np.concatenate([r.ravel(), rd])
-        ng = par.n_grad
-        nmat = np.zeros((par.size, par.size))
-        grad = np.zeros(par.size)
-        if ng:
-            nmat[:ng, :ng] = jq @ jq.T
-            grad[:ng] = jq @ resid
-        if par.size > ng:
-            jst = js.T.tocsr()
-            nmat[ng:, ng:] = (jst @ js).toarray()
-            grad[ng:] = jst @ resid
-            if ng:
-                cross = np.asarray(jst @ jq.T)  # (ncal, ng)
-                nmat[ng:, :ng] = cross
-                nmat[:ng, ng:] = cross.T
-        mod.d_orm = mod.d_eta = None  # scaled in place by _jacobian: never reused
-        return nmat, grad
+        jq, jd = _gradient_block(p, par, mod, w_orm, w_disp, pred) if par.n_grad else (None, None)
+        kinds = _calibration_kinds(p, par, mod, pred, planes_sign, w_orm, w_disp)
+        blocks = _normal_equations(jq, jd, kinds, r, rd, par.n_grad, par.size)
+        mod.d_orm = mod.d_eta = None  # weighted in place: never reused
+        return blocks
 
-    def solve(nmat, grad, lam):
-        d = np.sqrt(np.clip(np.diag(nmat), 0, None))
-        active = d > 0
-        scale = np.where(active, 1.0 / np.where(active, d, 1.0), 0.0)
-        ns = nmat * scale[:, None] * scale[None, :]
-        gs = grad * scale
-        # constraints H p = 0 -> in scaled variables (H / scale) q = 0: restrict to the null space
-        hs = h_con * np.where(active, d, 0.0)[None, :]
-        idx = np.flatnonzero(active)
-        ns_a, gs_a = ns[np.ix_(idx, idx)], gs[idx]
-        if hs.shape[0]:
-            q, _ = np.linalg.qr(hs[:, idx].T, mode="complete")
-            z = q[:, hs.shape[0]:]
-            nr = z.T @ ns_a @ z
-            gr = z.T @ gs_a
-        else:
-            z = None
-            nr, gr = ns_a, gs_a
-        ev, vec = np.linalg.eigh(nr)
-        order = np.argsort(ev)[::-1]
-        ev, vec = ev[order], vec[:, order]
-        sv = np.sqrt(np.clip(ev, 0, None))
-        if n_sv is not None:
-            k = max(1, min(int(n_sv), int(np.sum(sv > 0))))
-        else:
-            k = int(np.sum(sv > rcond * sv[0])) if sv.size and sv[0] > 0 else 0
-        vk = vec[:, :k]
-        inv = 1.0 / (ev[:k] + lam)
-        u = vk @ (inv * (vk.T @ gr))
-        zv = vk if z is None else z @ vk
-        if z is not None:
-            u = z @ u
-        step = np.zeros(par.size)
-        step[idx] = u * scale[idx]
-        var = np.zeros(par.size)
-        var[idx] = np.sum(zv * zv / ev[:k][None, :], axis=1) * scale[idx] ** 2
-        return step, var, sv, k
+    def solve(blocks, lam, want_var=False):
+        return _solve(blocks, h_con, par.n_grad, lam, rcond, n_sv, want_var)
 
     converged = False
     t1 = time.perf_counter()
-    nmat, grad = normal_eq(p, mod, pred, r, rd)
+    blocks = normal_eq(p, mod, pred, r, rd)
     t_solve += time.perf_counter() - t1
     for it in range(int(max_iter)):
         t1 = time.perf_counter()
-        step, var, sv_all, kept = solve(nmat, grad, lam)
+        step, _, sv_all, kept = solve(blocks, lam)
         t_solve += time.perf_counter() - t1
         trial = p + step
         t1 = time.perf_counter()
@@ -1229,14 +1340,14 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
                 rd = (disp0 - pred.disp) * w_disp
             history[-1] = chi2
         t1 = time.perf_counter()
-        nmat, grad = normal_eq(p, mod, pred, r, rd)
+        blocks = normal_eq(p, mod, pred, r, rd)
         t_solve += time.perf_counter() - t1
         if improvement < tol and not changed:
             converged = True
             break
     # final covariance at the solution
     t1 = time.perf_counter()
-    _, var, sv_all, kept = solve(nmat, grad, 0.0)
+    _, var, sv_all, kept = solve(blocks, 0.0, want_var=True)
     t_solve += time.perf_counter() - t1
     nused = int(np.count_nonzero(w_orm)) + (0 if w_disp is None else int(np.count_nonzero(w_disp)))
     dof = max(1, nused - kept)
