@@ -757,7 +757,7 @@ class LocoResult:
         """The model the fit corresponds to: the start lattice (design + the measurement's setpoints) plus the
         fitted gradient changes. ``source``: the profile (default: the one named in the result)."""
         if lattice is None:
-            prof = resolve_profile(source if source is not None else self.profile)
+            prof = _result_profile(self, source)
             ring = model_lattice(prof, self.setpoints)
         else:
             ring = lattice.deepcopy()
@@ -767,7 +767,7 @@ class LocoResult:
     def beta_beat(self, source: Any = None, *, design=None, refpts=None) -> tuple[FloatArray, FloatArray]:
         """Beta-beat of the fitted model against the design (profile's design lattice by default) at ``refpts``
         (default: the BPMs): ``(dbx/bx, dby/by)``."""
-        prof = resolve_profile(source if source is not None else self.profile)
+        prof = _result_profile(self, source)
         ref = prof.load_lattice() if design is None else design
         pts = self.bpm_refpts if refpts is None else refpts
         if pts is None:
@@ -907,7 +907,7 @@ class LocoResult:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        prof = resolve_profile(source if source is not None else self.profile)
+        prof = _result_profile(self, source)
         design = prof.load_lattice()
         fitted = self.fitted_lattice(prof)
         fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), dpi=100)
@@ -966,6 +966,21 @@ class LocoResult:
         fig.savefig(path)
         plt.close(fig)
         return path
+
+
+def _result_profile(result: LocoResult, source: Any) -> Profile:
+    """The profile of a result: ``source`` if given, else the one it names (by name, then by the file it came from)."""
+    if source is not None:
+        return resolve_profile(source)
+    err = None
+    for ref in (result.profile, result.options.get("profile_path")):
+        if ref:
+            try:
+                return resolve_profile(str(ref))
+            except Exception as e:  # noqa: BLE001 - try the next reference
+                err = e
+    raise ValueError(f"cannot find the profile of this LOCO result ({result.profile!r}): pass it, e.g. "
+                     f"result.fitted_lattice(load_profile(...))") from err
 
 
 def _write_dk(ring, refpts, kinds, k0, dk) -> None:
@@ -1206,9 +1221,13 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     disp_meas, disp_sig = (None, None)
     if with_disp:
         disp_meas, disp_sig = _disp_data(dispersion, orm, bpm_noise, dispersion_sigma, use_rf_column, ring, profile)
-    elem_mask = finite & row_ok[:, None] & col_ok[None, :]
-    w_orm = np.where(elem_mask, 1.0 / np.where(sig > 0, sig, 1.0), 0.0)
-    meas0 = np.where(elem_mask, meas, 0.0)
+    base_mask = finite & row_ok[:, None] & col_ok[None, :]  # pre-screened data
+    elem_mask = base_mask.copy()  # data used (outliers out)
+    w0 = np.where(finite, 1.0 / np.where(sig > 0, sig, 1.0), 0.0)
+    meas_f = np.where(finite, meas, 0.0)
+    w_orm = np.where(elem_mask, w0, 0.0)
+    meas0 = np.where(elem_mask, meas_f, 0.0)
+    n_outlier_passes = 0
     if disp_meas is not None:
         dmask = np.isfinite(disp_meas) & np.isfinite(disp_sig) & (disp_sig > 0) & row_ok
         w_disp = np.where(dmask, 1.0 / np.where(disp_sig > 0, disp_sig, 1.0), 0.0)
@@ -1304,41 +1323,49 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
         history.append(chi2)
         if verbose:
             print(f"loco: iteration {it + 1}: chi2 {chi2:.6g} ({improvement:.2%} better), {kept} singular values")
-        # outliers: whole columns / rows, then single elements, against the residual distribution
+        # outliers, once the model is near its solution (earlier, the residual is the model's, not the data's):
+        # whole corrector columns and BPM rows against the median, then single elements against a robust sigma;
+        # the element mask is recomputed from the pre-screened data each time (an element can come back)
         changed = False
-        z_res = np.where(elem_mask, r, np.nan)
-        col_rms = np.sqrt(np.nanmean(z_res * z_res, axis=0))
-        row_rms = np.sqrt(np.nanmean(z_res * z_res, axis=1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            med_c, med_r = np.nanmedian(col_rms), np.nanmedian(row_rms)
-        for j in np.flatnonzero(col_ok & (col_rms > outlier_factor * med_c) & (it >= 1)):
-            col_ok[j] = False
-            excluded_c[orm.corrector_names[j]] = (f"residual {col_rms[j] / med_c:.1f} x the median column "
-                                                  "(outlier)")
-            changed = True
-        for i in np.flatnonzero(row_ok & (row_rms > outlier_factor * med_r) & (it >= 1)):
-            row_ok[i] = False
-            excluded_b[orm.bpm_names[i % n]] = f"{'xy'[i // n]} residual {row_rms[i] / med_r:.1f} x the median row"
-            changed = True
-        if outlier_sigma is not None and it >= 1:
-            s_rob = _robust_scale(z_res[elem_mask])
-            bad = elem_mask & (np.abs(np.nan_to_num(z_res)) > outlier_sigma * s_rob)
-            if np.any(bad):
-                elem_mask &= ~bad
+        if improvement < 0.1 and n_outlier_passes < 3:
+            n_outlier_passes += 1
+            z_all = np.where(base_mask, (meas_f - pred.orm) * w0, np.nan)
+            new_mask = base_mask.copy()
+            if outlier_sigma is not None:
+                s_rob = _robust_scale(z_all[base_mask])
+                if noise_known:  # never below the stated noise (a systematic residual is not an outlier)
+                    s_rob = max(s_rob, 1.0)
+                new_mask &= ~(np.abs(np.nan_to_num(z_all)) > outlier_sigma * s_rob)
+            z_in = np.where(new_mask, z_all, np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                col_rms = np.sqrt(np.nanmean(z_in * z_in, axis=0))
+                row_rms = np.sqrt(np.nanmean(z_in * z_in, axis=1))
+                med_c, med_r = np.nanmedian(col_rms), np.nanmedian(row_rms)
+            if noise_known:
+                med_c, med_r = max(med_c, 1.0), max(med_r, 1.0)
+            for j in np.flatnonzero(col_ok & (col_rms > outlier_factor * med_c)):
+                col_ok[j] = False
+                excluded_c[orm.corrector_names[j]] = f"residual {col_rms[j] / med_c:.1f} x the median column"
+            for i in np.flatnonzero(row_ok & (row_rms > outlier_factor * med_r)):
+                row_ok[i] = False
+                excluded_b[orm.bpm_names[i % n]] = (f"{'xy'[i // n]} residual {row_rms[i] / med_r:.1f} x the median "
+                                                    "row")
+            base_mask &= row_ok[:, None] & col_ok[None, :]
+            new_mask &= base_mask
+            if not np.array_equal(new_mask, elem_mask):
                 changed = True
-        if changed:
-            elem_mask &= row_ok[:, None] & col_ok[None, :]
-            w_orm = np.where(elem_mask, w_orm, 0.0)
-            meas0 = np.where(elem_mask, meas0, 0.0)
-            if w_disp is not None:
-                w_disp = np.where(row_ok, w_disp, 0.0)
-            # parameters that lost all their data are frozen at their value: zero weight rows give zero columns
-            r = (meas0 - pred.orm) * w_orm
-            chi2 = float(np.sum(r * r)) + (0.0 if rd is None else float(np.sum(((disp0 - pred.disp) * w_disp) ** 2)))
-            if rd is not None:
-                rd = (disp0 - pred.disp) * w_disp
-            history[-1] = chi2
+                elem_mask = new_mask
+                w_orm = np.where(elem_mask, w0, 0.0)
+                meas0 = np.where(elem_mask, meas_f, 0.0)
+                if w_disp is not None:
+                    w_disp = np.where(row_ok, w_disp, 0.0)
+                r = (meas0 - pred.orm) * w_orm
+                chi2 = float(np.sum(r * r))
+                if rd is not None:
+                    rd = (disp0 - pred.disp) * w_disp
+                    chi2 += float(np.sum(rd * rd))
+                history[-1] = chi2
         t1 = time.perf_counter()
         blocks = normal_eq(p, mod, pred, r, rd)
         t_solve += time.perf_counter() - t1
@@ -1367,7 +1394,7 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
                "gain_reference": gain_reference, "rcond": rcond, "n_sv": n_sv, "max_iter": max_iter, "tol": tol,
                "outlier_sigma": outlier_sigma, "outlier_factor": outlier_factor, "n_slices": n_slices,
                "bpm_noise": None if bpm_noise is None else np.asarray(bpm_noise, dtype=float).reshape(-1)[:1].tolist(),
-               "converged": converged, "start_lattice": "custom" if lattice is not None else (
+               "converged": converged, "profile_path": str(profile.path), "start_lattice": "custom" if lattice is not None else (
                    "setpoints" if setpoints is not None else "design")}
     return LocoResult(
         names=par.names, kinds=par.kinds, units=par.units, values=p, sigmas=sig_p, chi2=history,
@@ -1460,7 +1487,7 @@ def optics_correction(result: LocoResult, source: Any = None, setpoints: Mapping
     Returns:
         :class:`OpticsCorrection`; nothing is moved.
     """
-    prof = resolve_profile(source if source is not None else result.profile)
+    prof = _result_profile(result, source)
     if not np.isfinite(fraction):
         raise ValueError(f"fraction must be a finite number, got {fraction!r}")
     dk = result.dk
@@ -1530,7 +1557,7 @@ def optics_correction(result: LocoResult, source: Any = None, setpoints: Mapping
 def corrected_lattice(result: LocoResult, correction: OpticsCorrection, source: Any = None):
     """The fitted model after applying ``correction``: what the machine should become (its beta-beat against the
     design is what ``correct_optics`` records as "after")."""
-    prof = resolve_profile(source if source is not None else result.profile)
+    prof = _result_profile(result, source)
     ring = result.fitted_lattice(prof)
     from .tune import set_family_strengths
 
