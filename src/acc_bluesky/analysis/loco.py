@@ -1467,21 +1467,25 @@ class OpticsCorrection:
 
 
 def optics_correction(result: LocoResult, source: Any = None, setpoints: Mapping[str, npt.ArrayLike] | None = None,
-                      *, families: Sequence[str] | None = None, fraction: float = 1.0,
-                      check_limits: bool = True) -> OpticsCorrection:
-    """Quadrupole setpoints that cancel ``fraction`` of the fitted gradient errors (MML LOCO's "set model").
+                      *, reference: Mapping[str, npt.ArrayLike] | None = None, families: Sequence[str] | None = None,
+                      fraction: float = 1.0, check_limits: bool = True) -> OpticsCorrection:
+    """Quadrupole setpoints that bring the fitted model to the reference optics (MML LOCO's "set model").
 
-    The fitted model is the machine: ``K_true = K_nominal(I) + dK``. Setting the nominal strength to
-    ``K_nominal(I) - fraction dK`` brings the true strength back to the start model's (the design at the
-    measurement's setpoints) to first order. Strengths go to hardware units through the profile's calibrations.
+    The fitted model is the machine: ``K_true = K_nominal(I) + dK``, ``dK`` the fitted error of each magnet
+    (its calibration and field error: it stays when the current changes). The true strength equals the
+    reference ``K_ref`` (the design) when ``K_nominal(I_new) = K_ref - dK``; ``fraction`` goes that far from the
+    present setpoints: ``K_nominal(I_new) = K_nominal(I) + fraction (K_ref - dK - K_nominal(I))``. Measured at the
+    design setpoints this is ``K_nominal(I) - fraction dK``; measured after an earlier correction it does not
+    apply that correction twice. Strengths go to hardware units through the profile's calibrations.
 
     Args:
         result: the LOCO fit.
         source: the profile (default: the one named in the result).
         setpoints: ``{family: current hardware setpoints}`` to correct from (default: the setpoints of the fit's
             start model, i.e. the machine at the measurement; the design when the fit started from the design).
+        reference: ``{family: hardware setpoints}`` of the optics to restore (default: the design lattice's).
         families: restrict to these quadrupole families (default: every family with a fitted magnet).
-        fraction: 0..1 (or more) of the fitted error to cancel.
+        fraction: 0..1 of the way to the reference (1: all of it).
         check_limits: refuse (``LimitError`` naming the magnet) a new setpoint outside the profile's limits.
 
     Returns:
@@ -1533,12 +1537,17 @@ def optics_correction(result: LocoResult, source: Any = None, setpoints: Mapping
             hw = np.asarray(spec.calibration.physics2hw(family_strengths(ring0, prof, fam), e, e),
                             dtype=float).reshape(-1)
         k_now = np.asarray(spec.calibration.hw2physics(hw, e, e), dtype=float).reshape(-1)
+        if reference is not None and fam in reference:
+            k_ref = np.asarray(spec.calibration.hw2physics(
+                np.broadcast_to(np.asarray(reference[fam], dtype=float), (len(f),)), e, e), dtype=float).reshape(-1)
+        else:
+            k_ref = family_strengths(ring0, prof, fam)
         dkv = np.zeros(len(f))
         for i, d in changes.items():
             if i in f.bad:
                 skipped[f.device_names[i]] = "out of service"
                 continue
-            dkv[i] = -fraction * d
+            dkv[i] = fraction * (k_ref[i] - d - k_now[i])
         k_new = k_now + dkv
         hw_new = np.asarray(spec.calibration.physics2hw(k_new, e, e), dtype=float).reshape(-1)
         hw_new = np.where(dkv == 0, hw, hw_new)
