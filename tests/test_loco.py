@@ -331,35 +331,49 @@ def test_families_and_dispersion(prof):
     assert res.units[res.names.index("QF1")] == "1"
 
 
-def test_results_round_trip_through_a_run(prof, noisy, RE, catalog, tmp_path):
-    """to_results + start_metadata stored by a plain Bluesky run, read back by LocoResult.from_run."""
-    import bluesky.plan_stubs as bps
-    import bluesky.preprocessors as bpp
+class _Node:
+    """A Tiled array node as ``run_results`` reads it: one event stacked on the first axis."""
 
-    from acc_bluesky.plan_stubs.results import store_result
+    def __init__(self, value):
+        self._v = np.asarray(value)[None, ...]
 
-    from types import SimpleNamespace
+    def read(self):
+        return self._v
 
-    from acc_bluesky.data import tool_metadata
+
+class _Run:
+    """Just what ``LocoResult.from_run`` reads of a Tiled ``BlueskyRun``: ``metadata["start"]``, ``["results"]``."""
+
+    def __init__(self, start, results):
+        self.metadata = {"start": start}
+        self._results = {k: _Node(v) for k, v in results.items()}
+
+    def __getitem__(self, stream):
+        return self._results if stream == "results" else {}
+
+
+def test_results_round_trip_through_a_run(prof, noisy, tmp_path):
+    """to_results (arrays of a results stream, units for every key) + start_metadata (JSON) -> from_run."""
+    import json
+
+    from acc_bluesky.plan_stubs.results import ResultsReadable
 
     _, _, _, res = noisy
     beta = res.beta_beat()
-    md = tool_metadata("loco", SimpleNamespace(profile=prof, mode="sim", seed=2)) | res.start_metadata()
-
-    @bpp.run_decorator(md=md)
-    def plan():
-        yield from store_result(res.to_results(beta), units={k: u for k, (u, _) in LocoResult.RESULT_KEYS.items()
-                                                             if k in res.to_results(beta)})
-        yield from bps.null()
-
-    uid = RE(plan())
-    back = LocoResult.from_run(catalog[uid])
+    results = res.to_results(beta)
+    units = {k: u for k, (u, _) in LocoResult.RESULT_KEYS.items() if k in results}
+    assert set(units) == set(results)  # every stored array has its units and meaning
+    ResultsReadable("results", results, units=units).describe()  # storable as one event (no strings, no objects)
+    start = json.loads(json.dumps({"tool": "loco", "uid": "0123abcd", **res.start_metadata()}))
+    back = LocoResult.from_run(_Run(start, results))
     assert back.names == res.names and back.kinds == res.kinds and back.units == res.units
-    assert np.allclose(back.values, res.values) and np.allclose(back.dk, res.dk)
-    assert np.array_equal(back.data_mask, res.data_mask)
+    assert np.allclose(back.values, res.values) and np.allclose(back.dk, res.dk) and back.uid == "0123abcd"
+    assert np.array_equal(back.data_mask, res.data_mask) and back.excluded_bpms == res.excluded_bpms
     assert back.chi2 == pytest.approx(res.chi2)
     lat_a, lat_b = back.fitted_lattice(prof), res.fitted_lattice(prof)
     assert all(np.array_equal(a.PolynomB, b.PolynomB) for a, b in zip(lat_a, lat_b) if hasattr(a, "PolynomB"))
+    with pytest.raises(ValueError, match="not a loco run"):
+        LocoResult.from_run(_Run({"tool": "orbit_response"}, results))
     png = back.plot(tmp_path / "loco.png", prof, corrected=corrected_lattice(back, optics_correction(back, prof)))
     assert png.stat().st_size > 10_000
 

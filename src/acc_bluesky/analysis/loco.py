@@ -98,10 +98,15 @@ class _Elements:
     group_units: list[str]
 
 
-def _device_lookup(profile: Profile) -> dict[int, tuple[str, str, int]]:
+_KIND_FIELDS = {"normal": {("PolynomB", 1), ("K", None)}, "skew": {("PolynomA", 1)}}
+
+
+def _device_lookup(profile: Profile, kind: str = "normal") -> dict[int, tuple[str, str, int]]:
+    """Lattice index -> (device, family, index in family) of the families that drive this kind of gradient
+    (``PolynomB[1]``/``K`` for normal, ``PolynomA[1]`` for skew), correctors excluded."""
     out = {}
     for fname, fam in profile.families.items():
-        if fam.spec.type in ("hcor", "vcor"):
+        if fam.spec.type in ("hcor", "vcor") or fam.spec.field_parts not in _KIND_FIELDS[kind]:
             continue
         for i, r in enumerate(fam.refpts.tolist()):
             out.setdefault(int(r), (fam.device_names[i], fname, i))
@@ -149,7 +154,7 @@ def _strength(elem, kind: str) -> float:
 def _build_elements(profile: Profile, ring, fit: set[str], quads, skews, group) -> _Elements:
     import at
 
-    lookup = _device_lookup(profile)
+    lookups = {k: _device_lookup(profile, k) for k in _KIND_FIELDS}
     spos = at.get_s_pos(ring, range(len(ring) + 1))
     refs, kinds = [], []
     if "quads" in fit:
@@ -163,8 +168,8 @@ def _build_elements(profile: Profile, ring, fit: set[str], quads, skews, group) 
     names, fams, k0, thick, sc = [], [], [], [], []
     for r, k in zip(refs, kinds):
         e = ring[r]
-        dev = lookup.get(r)
-        names.append(dev[0] if dev else f"{e.FamName}@{r}")
+        dev = lookups[k].get(r)
+        names.append(dev[0] if dev else f"{e.FamName}@{r}" + ("" if k == "normal" else ":skew"))
         fams.append(dev[1] if dev else None)
         k0.append(_strength(e, k))
         thick.append(float(getattr(e, "Length", 0.0)) > 0)
@@ -194,7 +199,7 @@ def _build_elements(profile: Profile, ring, fit: set[str], quads, skews, group) 
             if gk not in index:
                 index[gk] = len(gnames)
                 grouped = keys.count(key) > 1 or key != names[i]
-                gnames.append(key if k == "normal" else f"{key}:skew")
+                gnames.append(key if (k == "normal" or not isinstance(group, Mapping)) else f"{key}:skew")
                 gkinds.append("quad" if k == "normal" else "skew")
                 gunits.append("1" if (grouped and k == "normal") else ("m^-2" if thick[i] else "m^-1"))
             param[i] = index[gk]
@@ -1495,22 +1500,17 @@ def optics_correction(result: LocoResult, source: Any = None, setpoints: Mapping
     if not np.isfinite(fraction):
         raise ValueError(f"fraction must be a finite number, got {fraction!r}")
     dk = result.dk
-    lookup = _device_lookup(prof)
+    lookups = {k: _device_lookup(prof, k) for k in _KIND_FIELDS}
     per_family: dict[str, dict[int, float]] = {}
     skipped: dict[str, str] = {}
     for r, kind, name, d in zip(result.element_refpts.tolist(), result.element_kinds, result.element_names,
                                 dk.tolist()):
-        dev = lookup.get(int(r))
-        if kind != "normal":
-            skipped[name] = "skew gradient: not a quadrupole family setpoint"
-            continue
+        dev = lookups[kind].get(int(r))
         if dev is None:
-            skipped[name] = "not a device of a profile family"
+            skipped[name] = (f"no family of the profile drives its {'skew' if kind == 'skew' else 'normal'} "
+                             "gradient")
             continue
         _, fam, i = dev
-        if prof.families[fam].spec.type not in ("quadrupole", "magnet", "dipole", "sextupole"):
-            skipped[name] = f"family {fam} is of type {prof.families[fam].spec.type}"
-            continue
         per_family.setdefault(fam, {})[i] = d
     if families is not None:
         unknown = [f for f in families if f not in prof.families]
