@@ -204,7 +204,8 @@ def jacobian_costs(p, tracking_steerers: int = 14) -> None:
         orm.build()
     per_steerer = ct.cpu / tracking_steerers
     track_total = per_steerer * len(cors) * 2 * len(quads)
-    print(f"  pyAT tracking OrbitResponseMatrix.build:            {track_total:8.0f} s CPU = {track_total / 3600:.1f} h "
+    print(f"  pyAT tracking OrbitResponseMatrix.build:            {track_total:8.0f} s CPU = "
+          f"{track_total / 3600:.1f} h "
           f"({per_steerer:.2f} s per steerer, {tracking_steerers} steerers measured, x 448 x 2 x 256)")
     print(f"  ratio tracking / analytic: {track_total / ca.cpu:.0f}x;  finite differences over the model / analytic: "
           f"{fd_total / ca.cpu:.0f}x")
@@ -232,7 +233,8 @@ def gradient_only(p, seeds=(1,)) -> None:
         print(f"  seed {seed}: ORM + dispersion measured in {cm}; fit ({len(res.values)} parameters, "
               f"{len(res.chi2) - 1} iterations, chi2/dof {res.chi2_dof:.3f}) in {cl}")
         print(f"    gradient errors: injected {rms(truth):.2e} rms, fit - injected {rms(err):.2e} rms = "
-              f"{100 * rms(err) / rms(truth):.0f} % (target 10 %); median 1-sigma {np.median(res.dk_sigma / np.abs(res.element_k0)):.1e}; "
+              f"{100 * rms(err) / rms(truth):.0f} % (target 10 %); median 1-sigma "
+              f"{np.median(res.dk_sigma / np.abs(res.element_k0)):.1e}; "
               f"{res.n_sv} of 256 singular values kept")
         print(f"    BPM gains: fit - injected {100 * rms(gx - em.bpm_gain[:, 0]):.3f} % (x), "
               f"{100 * rms(gy - em.bpm_gain[:, 1]):.3f} % (y) rms (target 0.2 %); "
@@ -251,7 +253,8 @@ def whole_table(p, seeds=(1, 4), loco_iterations: int = 3, label: str = "EBS", f
             continue
         ox, oy = correct_orbit(twin)
         b0 = beta_beat(twin)
-        line = f"  seed {seed}: orbit {ox * 1e6:.0f} / {oy * 1e6:.0f} um rms, beta-beat {100 * b0[0]:.2f} / {100 * b0[1]:.2f} %"
+        line = (f"  seed {seed}: orbit {ox * 1e6:.0f} / {oy * 1e6:.0f} um rms, beta-beat {100 * b0[0]:.2f} / "
+                f"{100 * b0[1]:.2f} %")
         for it in range(loco_iterations):
             with Clock() as cl:
                 orm = measure_orm(twin)

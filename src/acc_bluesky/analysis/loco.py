@@ -17,11 +17,12 @@ The model is the lattice itself (the profile's design with the machine's magnet 
 errors): orbit response at fixed path length and dispersion from one-turn maps, coupled, exact to 1e-7 of the
 twin's tracking (:mod:`._loco_model`). The Jacobian is analytic (the gradient derivative of the closed-orbit
 response, Franchi & Liuzzo, arXiv:1711.06589, in its exact coupled thick-lens form): on EBS (256 quadrupoles,
-224 BPMs, 448 correctors) it costs ~1 s against ~20 s for finite differences over the same analytic model and
-~5 h with pyAT's tracking ``OrbitResponseMatrix.build``, at the same accuracy (1e-7 relative).
+224 BPMs, 448 correctors) it costs ~1 s of CPU against ~37 s for finite differences over the same analytic model
+and ~2.3 h with pyAT's tracking ``OrbitResponseMatrix.build``, at the same accuracy (4e-6 relative).
 
-The fit is Gauss-Newton with a cut on the singular values of the weighted, column-normalised Jacobian,
-switching to Levenberg-Marquardt damping when a step does not lower the chi-square; it stops when the
+The fit is Gauss-Newton: the calibration parameters (gains, rolls) are eliminated exactly, and the singular values
+of the column-normalised gradient block left (its Schur complement) are cut below ``rcond`` x the largest; a step
+that does not lower the chi-square is retried with Levenberg-Marquardt damping; iterations stop when the
 chi-square improves by less than ``tol``. Weights come from the BPM noise. Dead BPMs (NaN or absent readings),
 stuck or dead correctors (columns without response) and single outliers are excluded automatically.
 
@@ -961,7 +962,8 @@ class LocoResult:
         ax.plot(100 * gx, ".", ms=3, label="BPM gain x")
         ax.plot(100 * gy, ".", ms=3, label="BPM gain y")
         cg = self.corrector_gains()
-        ax.plot(np.arange(len(cg)) * len(gx) / max(1, len(cg)), 100 * cg, "+", ms=3, label="corrector gain (scaled index)")
+        ax.plot(np.arange(len(cg)) * len(gx) / max(1, len(cg)), 100 * cg, "+", ms=3,
+                label="corrector gain (index scaled)")
         ax.set_xlabel("BPM index")
         ax.set_ylabel("relative gain [%]")
         ax.set_title("calibrations")
@@ -1395,12 +1397,12 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     for i in range(n):
         if not row_ok[i] and not row_ok[n + i]:
             excluded_b.setdefault(orm.bpm_names[i], "excluded")
+    start_kind = "custom" if lattice is not None else ("setpoints" if setpoints is not None else "design")
     options = {"fit": sorted(fit_set), "group": group if isinstance(group, str) else "custom",
                "gain_reference": gain_reference, "rcond": rcond, "n_sv": n_sv, "max_iter": max_iter, "tol": tol,
                "outlier_sigma": outlier_sigma, "outlier_factor": outlier_factor, "n_slices": n_slices,
                "bpm_noise": None if bpm_noise is None else np.asarray(bpm_noise, dtype=float).reshape(-1)[:1].tolist(),
-               "converged": converged, "profile_path": str(profile.path), "start_lattice": "custom" if lattice is not None else (
-                   "setpoints" if setpoints is not None else "design")}
+               "converged": converged, "profile_path": str(profile.path), "start_lattice": start_kind}
     return LocoResult(
         names=par.names, kinds=par.kinds, units=par.units, values=p, sigmas=sig_p, chi2=history,
         chi2_dof=chi2_dof, residual=resid, data_mask=elem_mask, bpm_names=list(orm.bpm_names),
