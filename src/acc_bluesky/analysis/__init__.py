@@ -55,6 +55,10 @@ from .tune import *  # noqa: E402,F403
 from .chromaticity import *  # noqa: E402,F403
 from . import chromaticity as _chromaticity, tune as _tune  # noqa: E402
 
+# --- LOCO (written by the loco engineer) ----------------------------------------------------------------------
+from .loco import *  # noqa: E402,F403
+from . import loco as _loco  # noqa: E402
+
 __all__ = [
     # orbit tools
     "BumpGeometry",
@@ -107,4 +111,6 @@ __all__ = [
     # optics tools
     *_tune.__all__,
     *_chromaticity.__all__,
+    # LOCO
+    *_loco.__all__,
 ]

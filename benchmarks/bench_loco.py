@@ -1,0 +1,356 @@
+"""LOCO acceptance figures (issue 18) on EBS, side by side: accuracy against the twin's truth, fit time, Jacobian cost.
+
+    python benchmarks/bench_loco.py            # everything (~10-20 min on 2 busy cores)
+    python benchmarks/bench_loco.py --quick    # Jacobian costs and the gradient-only case only
+
+Sections:
+1. Jacobian of the ORM with respect to the 256 quadrupole gradients (448 correctors x 224 BPMs x 2 planes): the
+   analytic one (``analysis._loco_model``), finite differences over the same analytic model, and finite
+   differences with pyAT's tracking ``OrbitResponseMatrix.build`` (measured on a subset of steerers, scaled).
+2. Gradient-only case: EBS, quadrupole field errors of the profile (5e-4 rms) and nothing else on the magnets,
+   BPM gains/rolls/noise and corrector calibration errors of the profile. Fitted gradient errors against the
+   injected ones, BPM and corrector gains, true beta-beat before/after the correction, full fit time.
+3. Whole error table: EBS with the profile's default errors (seeds 1 and 4), orbit corrected as in the demo
+   (measured ORM, SVD with the RF frequency, 3 iterations), then LOCO + correction, iterated. The coupling (quadrupole
+   rolls, the vertical orbit in the sextupoles) is not corrected by normal quadrupoles: the beta-beat of the coupled
+   optics is printed beside the uncoupled one. 3b: the same with skew windings in the sextupoles (a profile variant
+   written here), the skew gradients fitted and corrected too.
+4. The same on a second real lattice (ALS, /work/shared/lattices), through a profile written here.
+
+The "measured" ORM is what ``measure_orm`` does, done straight on the twin (setpoints +-0.2 A, BPM readings with
+their gains, rolls, offsets and noise); the truth is the twin's error model and pyAT on its lattice. Times are
+wall-clock and CPU seconds of this process (other processes share the 2 cores: CPU time is the steadier figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+
+import at  # noqa: E402
+
+from acc_bluesky.analysis import CorrectionSystem, Dispersion, OrbitResponse, dispersion_from_orbits  # noqa: E402
+from acc_bluesky.analysis._common import corrector_table  # noqa: E402
+from acc_bluesky.analysis._loco_model import linear_response  # noqa: E402
+from acc_bluesky.analysis.loco import fit_loco, optics_correction  # noqa: E402
+from acc_bluesky.profile import load_profile  # noqa: E402
+from acc_bluesky.twin import Twin  # noqa: E402
+from acc_bluesky.twin.errors import ErrorModel  # noqa: E402
+
+FIT = ("quads", "bpm_gains", "bpm_rolls", "corrector_gains")
+
+
+class Clock:
+    def __enter__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
+
+    def __str__(self):
+        return f"{self.wall:.1f} s wall, {self.cpu:.1f} s CPU"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the tools do, done on the twin
+def measure_orm(twin: Twin, delta_hw: float = 0.2, rf: bool = False, df: float = 20.0) -> OrbitResponse:
+    p = twin.profile
+    table = corrector_table(p)
+    e = p.energy
+    cols, d_ph = [], []
+    for _, fam, i, _ in table:
+        cal = p.families[fam].spec.calibration
+        sp0 = float(twin.get_setpoint(fam, i))
+        orbits = []
+        for s in (1, -1):
+            twin.set_setpoint(fam, sp0 + s * delta_hw, i)
+            orbits.append(np.concatenate(twin.read_bpms()))
+        twin.set_setpoint(fam, sp0, i)
+        d = float(cal.hw2physics(sp0 + delta_hw, e, e) - cal.hw2physics(sp0, e, e))
+        cols.append((orbits[0] - orbits[1]) / (2 * d))
+        d_ph.append(d)
+    rf_col = None
+    if rf:
+        f0 = twin.rf_frequency
+        orbits = []
+        for s in (1, -1):
+            twin.set_rf_frequency(f0 + s * df)
+            orbits.append(np.concatenate(twin.read_bpms()))
+        twin.set_rf_frequency(f0)
+        rf_col = (orbits[0] - orbits[1]) / (2 * df)
+    m = np.array(cols).T
+    d_ph = np.array(d_ph)
+    return OrbitResponse(matrix=m, matrix_hw=m * d_ph / delta_hw, bpm_names=p.bpm_names,
+                         corrector_names=[t[0] for t in table], planes=[t[3] for t in table],
+                         delta=np.full(len(table), delta_hw), delta_physics=d_ph, rf=rf_col, df=df if rf else None,
+                         bpm_refpts=np.asarray(p.bpm_refpts),
+                         corrector_refpts=np.array([int(p.families[f].refpts[i]) for (_, f, i, _) in table]))
+
+
+def measure_dispersion(twin: Twin, df: float = 20.0) -> Dispersion:
+    f0 = twin.rf_frequency
+    xs, ys = [], []
+    for s in (1, -1):
+        twin.set_rf_frequency(f0 + s * df)
+        x, y = twin.read_bpms()
+        xs.append(x)
+        ys.append(y)
+    twin.set_rf_frequency(f0)
+    a = twin.momentum_compaction()
+    ex, ey = dispersion_from_orbits(np.array(xs), np.array(ys), np.array([df, -df]), f0, a)
+    return Dispersion(eta_x=ex, eta_y=ey, bpm_names=twin.profile.bpm_names, df=np.array([df, -df]), f_rf=f0,
+                      alpha_c=a)
+
+
+def correct_orbit(twin: Twin, iterations: int = 3) -> tuple[float, float]:
+    """As the demo: measured ORM with the RF column, SVD (1e-3 cut) with the RF frequency, 3 iterations."""
+    orm = measure_orm(twin, rf=True)
+    system = CorrectionSystem.build(orm, fit_rf=True)
+    table = corrector_table(twin.profile)
+    for _ in range(iterations):
+        x, y = twin.read_bpms()
+        dk, drf = system.step(np.concatenate([x, y]))
+        for (_, fam, i, _), d in zip(table, dk):
+            twin.set_setpoint(fam, float(twin.get_setpoint(fam, i)) + d, i)
+        twin.set_rf_frequency(twin.rf_frequency + drf)
+    x, y = twin.orbit()
+    return float(np.std(x)), float(np.std(y))
+
+
+def beta_beat(twin: Twin) -> tuple[float, float]:
+    _, _, l0 = at.get_optics(twin.design, refpts=twin.bpm_refpts)
+    bx, by = twin.beta()
+    return (float(np.sqrt(np.mean((bx / l0.beta[:, 0] - 1) ** 2))),
+            float(np.sqrt(np.mean((by / l0.beta[:, 1] - 1) ** 2))))
+
+
+def uncoupled_beta_beat(twin: Twin) -> tuple[float, float]:
+    """The same with pyAT's uncoupled optics (``linopt2``): the beta-beat a normal-quadrupole correction can reach."""
+    _, _, l0 = at.get_optics(twin.design, refpts=twin.bpm_refpts)
+    _, _, lm = at.get_optics(twin.ring, refpts=twin.bpm_refpts, orbit=twin.observables().orbit0, method=at.linopt2)
+    return (float(np.sqrt(np.mean((lm.beta[:, 0] / l0.beta[:, 0] - 1) ** 2))),
+            float(np.sqrt(np.mean((lm.beta[:, 1] / l0.beta[:, 1] - 1) ** 2))))
+
+
+def quad_setpoints(twin: Twin) -> dict[str, np.ndarray]:
+    """Setpoints of the families that shape the optics (normal and skew quadrupoles)."""
+    p = twin.profile
+    return {f: twin.get_setpoint(f) for f in p.families if p.families[f].spec.type in ("quadrupole", "skew")}
+
+
+def apply(twin: Twin, corr) -> None:
+    for fam, sp in corr.setpoints.items():
+        twin.set_setpoint(fam, sp)
+
+
+def gradient_only_errors(p, seed: int) -> ErrorModel:
+    em = ErrorModel.generate(p, seed, scale=0.0)
+    quads = set(p.load_lattice().get_uint32_index(at.Quadrupole).tolist())
+    em.field = {r: v for r, v in em.field.items() if r in quads}  # no dipole/sextupole field errors
+    return em
+
+
+def rms(a) -> float:
+    a = np.asarray(a, dtype=float)
+    return float(np.sqrt(np.mean(a * a)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def jacobian_costs(p, tracking_steerers: int = 14) -> None:
+    print("\n== 1. Jacobian of the EBS ORM with respect to 256 quadrupole gradients (448 correctors, 224 BPMs)")
+    ring = p.load_lattice()
+    table = corrector_table(p)
+    cors = np.array([int(p.families[f].refpts[i]) for (_, f, i, _) in table])
+    planes = [t[3] for t in table]
+    quads = sorted(int(r) for f in p.families.values() if f.spec.type == "quadrupole" for r in f.refpts.tolist())
+    params = [(q, "normal") for q in quads]
+    buf = np.empty((len(quads), 2 * len(p.bpm_refpts), len(cors)))
+    linear_response(ring, p.bpm_refpts, cors, planes, params[:2])  # warm-up
+    with Clock() as ca:
+        mod = linear_response(ring, p.bpm_refpts, cors, planes, params, buffer=buf)
+    with Clock() as c1:
+        for _ in range(4):
+            linear_response(ring, p.bpm_refpts, cors, planes, jacobian=False)
+    one = c1.cpu / 4
+    # finite differences over the analytic model on 4 quadrupoles: accuracy against the analytic Jacobian
+    errs = []
+    with Clock() as cf:
+        for k in (0, 60, 130, 200):
+            r = quads[k]
+            a, b = ring.deepcopy(), ring.deepcopy()
+            a[r].PolynomB[1] += 1e-5
+            b[r].PolynomB[1] -= 1e-5
+            fd = (linear_response(a, p.bpm_refpts, cors, planes, jacobian=False).orm
+                  - linear_response(b, p.bpm_refpts, cors, planes, jacobian=False).orm) / 2e-5
+            errs.append(np.linalg.norm(mod.d_orm[k] - fd) / np.linalg.norm(fd))
+    fd_total = cf.cpu / 4 * len(quads)
+    print(f"  analytic (map model, Gauss-Legendre slices):        {ca.cpu:6.2f} s CPU ({ca.wall:.2f} s wall)")
+    print(f"  finite differences over the same analytic model:    {fd_total:6.1f} s CPU "
+          f"(one model ORM {one * 1e3:.0f} ms x 2 x 256; measured on 4 quads)")
+    print(f"  agreement analytic vs finite differences:           {max(errs):.1e} relative (worst of 4 quads)")
+    # pyAT tracking ORM on a subset of steerers, scaled to 448 steerers x 2 signs x 256 quadrupoles
+    bpms = p.bpm_refpts
+    sub = p.families["HST"].refpts[:tracking_steerers]
+    with Clock() as ct:
+        orm = at.OrbitResponseMatrix(ring, "x", bpms, sub)
+        orm.build()
+    per_steerer = ct.cpu / tracking_steerers
+    track_total = per_steerer * len(cors) * 2 * len(quads)
+    print(f"  pyAT tracking OrbitResponseMatrix.build:            {track_total:8.0f} s CPU = "
+          f"{track_total / 3600:.1f} h "
+          f"({per_steerer:.2f} s per steerer, {tracking_steerers} steerers measured, x 448 x 2 x 256)")
+    print(f"  ratio tracking / analytic: {track_total / ca.cpu:.0f}x;  finite differences over the model / analytic: "
+          f"{fd_total / ca.cpu:.0f}x")
+
+
+def gradient_only(p, seeds=(1,)) -> None:
+    print("\n== 2. Gradient errors only (EBS: quadrupole field 5e-4 rms; BPM gains 2 %, rolls 1 mrad, noise 0.1 um; "
+          "corrector calibration 2 %)")
+    for seed in seeds:
+        em = gradient_only_errors(p, seed)
+        twin = Twin(p, seed=seed, errors=em)
+        before = beta_beat(twin)
+        with Clock() as cm:
+            orm = measure_orm(twin)
+            disp = measure_dispersion(twin)
+        with Clock() as cl:
+            res = fit_loco(p, orm, disp, fit=FIT, bpm_noise=p.spec.errors.bpm.noise, rcond=3e-4)
+        truth = np.array([em.field.get(int(r), 0.0) for r in res.element_refpts])
+        err = res.relative_dk - truth
+        gx, gy = res.bpm_gains()
+        cg = res.corrector_gains()
+        cal = np.concatenate([em.corrector_calibration["HST"], em.corrector_calibration["VST"]])
+        apply(twin, optics_correction(res, p, quad_setpoints(twin)))
+        after = beta_beat(twin)
+        print(f"  seed {seed}: ORM + dispersion measured in {cm}; fit ({len(res.values)} parameters, "
+              f"{len(res.chi2) - 1} iterations, chi2/dof {res.chi2_dof:.3f}) in {cl}")
+        print(f"    gradient errors: injected {rms(truth):.2e} rms, fit - injected {rms(err):.2e} rms = "
+              f"{100 * rms(err) / rms(truth):.0f} % (target 10 %); median 1-sigma "
+              f"{np.median(res.dk_sigma / np.abs(res.element_k0)):.1e}; "
+              f"{res.n_sv} of 256 singular values kept")
+        print(f"    BPM gains: fit - injected {100 * rms(gx - em.bpm_gain[:, 0]):.3f} % (x), "
+              f"{100 * rms(gy - em.bpm_gain[:, 1]):.3f} % (y) rms (target 0.2 %); "
+              f"corrector gains {100 * rms(cg - cal):.3f} % rms (target 0.5 %)")
+        print(f"    true beta-beat {100 * before[0]:.2f} / {100 * before[1]:.2f} % -> after one correction "
+              f"{100 * after[0]:.3f} / {100 * after[1]:.3f} % rms (x / y, target 0.5 %)")
+
+
+def whole_table(p, seeds=(1, 4), loco_iterations: int = 3, label: str = "EBS", fit=FIT, section: str = "3") -> None:
+    print(f"\n== {section}. Whole error table ({label}, profile defaults), orbit corrected as in the demo, then LOCO "
+          f"+ correction, iterated; fitted: {', '.join(fit)}")
+    for seed in seeds:
+        twin = Twin(p, seed=seed)
+        if twin.beam_lost:
+            print(f"  seed {seed}: no closed orbit with these errors ({twin.loss_reason}); skipped")
+            continue
+        ox, oy = correct_orbit(twin)
+        b0 = beta_beat(twin)
+        line = (f"  seed {seed}: orbit {ox * 1e6:.0f} / {oy * 1e6:.0f} um rms, beta-beat {100 * b0[0]:.2f} / "
+                f"{100 * b0[1]:.2f} %")
+        for it in range(loco_iterations):
+            with Clock() as cl:
+                orm = measure_orm(twin)
+                disp = measure_dispersion(twin)
+                res = fit_loco(p, orm, disp, fit=fit, setpoints=quad_setpoints(twin),
+                               bpm_noise=p.spec.errors.bpm.noise, rcond=3e-4)
+            apply(twin, optics_correction(res, p))
+            b = beta_beat(twin)
+            line += f" -> {100 * b[0]:.2f} / {100 * b[1]:.2f} %"
+            print(line + f"   (LOCO {it + 1}: chi2/dof {res.chi2_dof:.2f}, {len(res.excluded_bpms)} BPMs and "
+                  f"{len(res.excluded_correctors)} correctors excluded, {cl})")
+            line = " " * 10
+        b_unc = uncoupled_beta_beat(twin)
+        print(f"           true rms beta-beat after {loco_iterations} LOCO corrections (target 1 %, aim 0.5 %): "
+              f"{100 * b[0]:.2f} / {100 * b[1]:.2f} %; uncoupled optics (linopt2): "
+              f"{100 * b_unc[0]:.2f} / {100 * b_unc[1]:.2f} %")
+
+
+ALS_PROFILE = """
+facility: ALS
+accelerator: ALS storage ring (superbend lattice, MML loco file)
+energy: 1.8909e9
+lattice: {lattice}
+kind: ring
+orbit_model: 4d
+bpm: {{select: {{name: BPM}}}}
+families:
+  HCM: {{type: hcor, select: {{name: COR}}, field: "KickAngle[0]", calibration: {{linear: 1.0e-4}}, physics_units: rad, limits: [-20, 20]}}
+  VCM: {{type: vcor, select: {{name: COR}}, field: "KickAngle[1]", calibration: {{linear: 1.0e-4}}, physics_units: rad, limits: [-20, 20]}}
+  QF: {{type: quadrupole, select: {{name: QF}}, field: "PolynomB[1]", calibration: {{linear: 0.02}}, limits: [-200, 200]}}
+  QD: {{type: quadrupole, select: {{name: QD}}, field: "PolynomB[1]", calibration: {{linear: 0.02}}, limits: [-200, 200]}}
+  QFA: {{type: quadrupole, select: {{name: QFA}}, field: "PolynomB[1]", calibration: {{linear: 0.02}}, limits: [-200, 200]}}
+  QDA: {{type: quadrupole, select: {{name: QDA}}, field: "PolynomB[1]", calibration: {{linear: 0.02}}, limits: [-200, 200]}}
+beam: {{current: 0.5, lifetime: 36000.0, aperture_x: 20.0e-3, aperture_y: 5.0e-3}}
+errors:
+  truncation: 2.5
+  scale: 0.2
+  magnets:
+    - {{select: {{class: Quadrupole}}, dx: 100.0e-6, dy: 85.0e-6, roll: 150.0e-6, field: 5.0e-4}}
+    - {{select: {{class: Sextupole}}, dx: 70.0e-6, dy: 50.0e-6, roll: 150.0e-6, field: 3.5e-3}}
+    - {{select: {{class: Dipole}}, dx: 100.0e-6, dy: 100.0e-6, roll: 150.0e-6, field: 1.0e-3}}
+  bpm: {{offset: 50.0e-6, gain: 0.02, roll: 1.0e-3, noise: 1.0e-7}}
+  corrector_calibration: 0.02
+tools:
+  orbit_response: {{delta: 0.1}}
+"""
+
+
+def with_skew_correctors(seeds=(1, 4)) -> None:
+    """EBS with skew-quadrupole windings in the 224 sextupoles (as the real machine has): coupling fitted and
+    corrected too."""
+    src = Path(load_profile("ebs").path).read_text()
+    line = '  SQ: {type: skew, select: {class: Sextupole}, field: "PolynomA[1]", calibration: {linear: 1.0e-3}, ' \
+           'physics_units: m^-2, limits: [-20, 20], description: skew windings of the sextupoles}\n'
+    text = src.replace("\nfamilies:\n", "\nfamilies:\n" + line, 1)
+    d = Path(tempfile.mkdtemp(prefix="loco_")) / "ebs_skew"
+    d.mkdir()
+    (d / "profile.yaml").write_text(text)
+    p = load_profile(d / "profile.yaml")
+    whole_table(p, seeds, label="EBS + skew windings in the sextupoles", fit=FIT + ("skew",), section="3b")
+
+
+def second_lattice(seeds=(1, 4)) -> None:
+    src = Path("/work/shared/lattices/als_loco_3sb_disp_nuy9_122bpms.json")
+    if not src.exists():
+        print("\n== 4. second lattice: /work/shared/lattices not available; skipped")
+        return
+    d = Path(tempfile.mkdtemp(prefix="loco_als_"))
+    (d / "profile.yaml").write_text(ALS_PROFILE.format(lattice=str(src)))
+    p = load_profile(d / "profile.yaml")
+    print(f"\n   (ALS: {len(p.bpm_refpts)} BPMs, {len(p.families['HCM'])} + {len(p.families['VCM'])} correctors, "
+          f"{sum(len(p.families[f]) for f in ('QF', 'QD', 'QFA', 'QDA'))} quadrupoles)")
+    whole_table(p, seeds, label="ALS, EBS-like error table", section="4")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="Jacobian costs and the gradient-only case only")
+    ap.add_argument("--only", choices=["jacobian", "gradient", "whole", "skew", "als"], nargs="+",
+                    help="run only these sections")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="error seeds of the whole-table cases")
+    args = ap.parse_args()
+    p = load_profile("ebs")
+    only = set(args.only or ["jacobian", "gradient"] + ([] if args.quick else ["whole", "skew", "als"]))
+    seeds = tuple(args.seeds)
+    if "jacobian" in only:
+        jacobian_costs(p)
+    if "gradient" in only:
+        gradient_only(p, seeds=(1,) if args.quick else (1, 2))
+    if "whole" in only:
+        whole_table(p, seeds=seeds)
+    if "skew" in only:
+        with_skew_correctors(seeds=seeds)
+    if "als" in only:
+        second_lattice(seeds=seeds)
+
+
+if __name__ == "__main__":
+    main()
