@@ -226,3 +226,17 @@ def test_orm_figure_colour_bar_is_in_its_unit(machine_small_orm=None):
     assert unit == "mm/mrad" and np.all(data == 12.0)  # 12 m/rad is 12 mm/mrad, not 12000
     data, unit = r.plot_data(hw=True)
     assert unit == "mm/A" and np.allclose(data, 0.6)
+
+
+def test_the_live_table_shows_scalar_readings_with_units(m, RE):  # noqa: N803
+    from acc_bluesky.data import LiveReadings
+
+    lines: list[str] = []
+    RE(bp.count([m.bpm, m.tune, m.beam], 2), LiveReadings(out=lines.append))
+    head = lines[1]
+    for col in ("bpm-x_rms [m]", "bpm-y_rms [m]", "tune-x", "tune-y", "beam-current [A]"):
+        assert col in head, head
+    rows = [ln for ln in lines[3:] if ln.startswith("|")]
+    assert len(rows) == 2 and all(len(r.split("|")) == len(head.split("|")) for r in rows)
+    x_rms = float(rows[0].split("|")[3])
+    assert 1e-6 < x_rms < 1e-2  # an orbit rms in m

@@ -25,7 +25,8 @@ __all__ = ["add_parser", "build_namespace", "has_display", "main"]
 
 _BANNER = """acc-bluesky session: RE (RunEngine -> Tiled), m (machine), ap (plans), cat (catalogue), bec
   uid = RE(ap.measure_orm(m))          plans return their run uid; cat[uid] reads it back
-  RE(bp.count([m.bpm], 5), tool="orbit_snapshot")   ad-hoc runs need a `tool`
+  RE(bp.count([m.bpm, m.tune], 5))     bluesky's own plans are recorded with the machine's FAIR metadata
+  RE(bps.mv(m.hcor["HST_004"].strength, 1e-5))   set in physics units (rad); m.device("BPM_005")
 """
 
 
@@ -77,7 +78,9 @@ def build_namespace(
         plots = has_display()
     if not plots:
         bec.disable_plots()
+    bec.disable_table()  # the live table with units instead (arrays as their rms)
     RE.subscribe(bec)
+    RE.subscribe(data.LiveReadings())
     # Orbits are arrays: the live table shows the scalars and says once per key that it skips arrays. Quiet.
     warnings.filterwarnings("ignore", message=r"The key .* will be skipped because LiveTable")
     cat = RE.catalog  # the same catalogue the runs go to

@@ -23,6 +23,7 @@ from .catalog import (
 )
 from .client import close_catalog, connect_tiled, open_catalog, recover_catalog
 from .export import export_run
+from .livetable import LiveReadings
 from .metadata import (
     REQUIRED_KEYS,
     MetadataError,
@@ -44,6 +45,7 @@ from .run_engine import (
 from .wal import RecoveryReport, recover
 
 __all__ = [
+    "LiveReadings",
     "CATALOG_COMMAND",
     "REQUIRED_KEYS",
     "BackupStore",

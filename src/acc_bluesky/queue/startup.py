@@ -301,10 +301,14 @@ def _ipython_extras(RE: Any) -> dict[str, Any]:  # noqa: N803 - bluesky's name
     import bluesky.plans as bp
     from bluesky.callbacks.best_effort import BestEffortCallback
 
+    from ..data import LiveReadings
+
     bec = BestEffortCallback()
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         bec.disable_plots()
+    bec.disable_table()
     RE.subscribe(bec)
+    RE.subscribe(LiveReadings())
     return {"cat": RE.catalog, "bec": bec, "ap": importlib.import_module("acc_bluesky.plans"), "bp": bp, "bps": bps}
 
 
