@@ -321,7 +321,7 @@ def test_fair_metadata_by_default_for_bluesky_plans_on_a_registered_machine(run_
         start = run_engine.catalog[uid].metadata["start"]
         assert start["seed"] == 2 and start["tool"] == "scan" and start["mode"] == "sim"
         other = make_bpm_device("other")  # on no machine: which one is meant is unknown
-        with pytest.raises(MetadataError, match="none of the 2 connected machines"):
+        with pytest.raises(MetadataError, match=r"none of the \d+ connected machines"):
             run_engine(bp.count([other], 1))
         uid = run_engine(bp.count([other], 1, md=tool_metadata("x", a) | {"tool": "mine"}))
         assert run_engine.catalog[uid].metadata["start"]["tool"] == "mine"  # what is given is kept

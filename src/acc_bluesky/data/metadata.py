@@ -294,7 +294,9 @@ class FairFiller:
             names = {str(n) for key in ("detectors", "motors") for n in (md.get(key) or ())}
             candidates = [r for r in regs if r.names & names] if names else []
         if not candidates:
-            candidates = regs if len(regs) == 1 else []
+            # a run that touched devices of no connected machine is not that machine's; one that touched no device
+            # at all is the only connected machine's
+            candidates = regs if len(regs) == 1 and not self._seen else []
             if not candidates:
                 raise MetadataError(
                     [k for k in self.MACHINE_KEYS if k not in md],
