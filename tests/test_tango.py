@@ -11,6 +11,7 @@ attributes.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -350,6 +351,42 @@ def test_correct_tune_reaches_the_sim_result(both, sim):
     assert ct.converged and np.all(np.abs(ct.after - tgt) <= 1e-3)
     assert ct.families == cs.families
     assert np.allclose(ct.delta_hw, cs.delta_hw, rtol=0.02)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_queue_in_tango_mode_measures_on_the_server(server, tmachine, reset, tmp_path):
+    """``start_queue_server(mode="tango", address=...)``: the worker drives the Tango server; its ORM is the twin's
+    (seed 1, the server's errors: orbit differences of a local twin, noise-free BPM transform) within the noise."""
+    from acc_bluesky.analysis import OrbitResponse
+    from acc_bluesky.data import open_catalog
+    from acc_bluesky.queue import run_queue, start_queue_server, submit
+    from acc_bluesky.twin import Twin
+
+    cors = [tmachine.family("HST").names[9], tmachine.family("VST").names[9]]
+    qs = start_queue_server("ebs", mode="tango", address=server.address, catalog_dir=tmp_path / "catalog",
+                            run_dir=tmp_path / "run", timeout=200.0)
+    try:
+        api = qs.api(timeout=10.0)
+        try:
+            (item,) = run_queue(api, [submit(api, "measure_orm", {"correctors": cors, "delta": 0.5})], timeout=180)
+        finally:
+            api.close()
+    finally:
+        qs.stop()
+    assert item["result"]["exit_status"] == "completed", item["result"]["msg"]
+    run = open_catalog(catalog_dir=tmp_path / "catalog")[item["result"]["run_uids"][0]]
+    assert run.metadata["start"]["mode"] == "tango" and run.metadata["start"]["tool"] == "orbit_response"
+    live = OrbitResponse.from_run(run)
+    t = Twin("ebs", seed=1)
+    truth = []
+    for fam, i in (("HST", 9), ("VST", 9)):
+        orbits = []
+        for v in (0.5, -0.5):
+            t.set_setpoint(fam, v, i)
+            orbits.append(np.concatenate(t.errors.bpm_transform(*t.orbit())))
+        t.set_setpoint(fam, 0.0, i)
+        truth.append((orbits[0] - orbits[1]) / 1.0)
+    assert rel(live.matrix_hw, np.array(truth).T) < 5e-3, rel(live.matrix_hw, np.array(truth).T)
 
 
 # ---------------------------------------------------------------------------------------------------------
