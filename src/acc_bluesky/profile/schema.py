@@ -270,6 +270,9 @@ class ControlsSpec(_Strict):
     tango_tune_y: str = "{domain}/tune/main/Qy"
     tango_beam_current: str = "{domain}/beam/main/Current"
     tango_beam_lifetime: str = "{domain}/beam/main/Lifetime"
+    tango_setpoints_from_write_value: bool = Field(
+        default=False, description="the magnet setpoint templates name read-write attributes that read the measured "
+        "current (one attribute per supply): the setpoint signals read the attributes' write value instead")
 
     @model_validator(mode="after")
     def _tango_templates(self):

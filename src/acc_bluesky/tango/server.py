@@ -104,6 +104,7 @@ class AttrSpec:
     index: int | None = None
     plane: str | None = None
     what: str = ""  # setpoint / readback / x / y / frequency ...
+    merged: list[str] = field(default_factory=list)  # the other "what"s this attribute serves (a setpoint's readback)
 
 
 @dataclass
@@ -175,10 +176,15 @@ def build_layout(twin: Twin, names: dict[str, str], twin_device: str) -> dict[st
     for s in specs:
         s.device, s.name = split_attribute(table[s.key])
         full = f"{s.device}/{s.name}".lower()
-        if full in by_attr:  # rf:frequency and rf:frequency_rb on one read-write attribute
+        if full in by_attr:  # a setpoint and its readback on one read-write attribute (may_share)
             other = by_attr[full]
             other.writable = other.writable or s.writable
             other.limits = other.limits or s.limits
+            other.merged.append(s.what)
+            if s.what in ("readback", "readbacks"):  # it reads what the supply delivers, as a real one does
+                other.merged[-1], other.what = other.what, s.what
+                other.description = s.description.replace("current delivered to", "power supply of") + \
+                    " (write value: the setpoint)"
             continue
         by_attr[full] = s
         dev = layout.setdefault(s.device.lower(), DeviceLayout(s.device, _ROLE_CLASS[s.role]))
@@ -448,16 +454,19 @@ class TwinTangoServer:
         self._last_sp = {n: v.copy() for n, v in self.obs.setpoints.items()}
         self._last_rb = {n: v.copy() for n, v in self.obs.readbacks.items()}
         self._last_rf = (self.obs.rf_frequency, self.obs.rf_voltage)
-        self._magnet_attrs: dict[tuple[str, int, str], tuple[str, str]] = {}
-        self._family_attrs: dict[tuple[str, str], tuple[str, str]] = {}
+        # (family, index, what) / (family, what) -> (device, attribute, whether the attribute reads that value)
+        self._magnet_attrs: dict[tuple[str, int, str], tuple[str, str, bool]] = {}
+        self._family_attrs: dict[tuple[str, str], tuple[str, str, bool]] = {}
         self._live: list[tuple[str, AttrSpec]] = []  # pushed at every publication (noise changes them)
         self._rf_attrs: list[tuple[str, AttrSpec]] = []
         for dkey, dl in self.layout.items():
             for s in dl.attrs:
                 if s.role == "magnet":
-                    self._magnet_attrs[(s.family, s.index, s.what)] = (dkey, s.name)
+                    for what in (s.what, *s.merged):
+                        self._magnet_attrs[(s.family, s.index, what)] = (dkey, s.name, what == s.what)
                 elif s.role == "family":
-                    self._family_attrs[(s.family, s.what)] = (dkey, s.name)
+                    for what in (s.what, *s.merged):
+                        self._family_attrs[(s.family, what)] = (dkey, s.name, what == s.what)
                 elif s.role == "rf":
                     self._rf_attrs.append((dkey, s))
                 else:
@@ -661,9 +670,20 @@ class TwinTangoServer:
     # ------------------------------------------------------------------------------------------------------
     # publisher
     def start(self) -> None:
-        """Start the publisher thread (after the devices exist)."""
+        """Give every setpoint attribute its write value (the twin's setpoint), then start the publisher thread
+        (after the devices exist)."""
         if self._thread is not None:
             raise RuntimeError("TwinTangoServer already started")
+        o = self.obs
+        for (fname, i, what), (dkey, name, _) in self._magnet_attrs.items():
+            if what == "setpoint":
+                self._set_write_value(dkey, name, float(o.setpoints[fname][i]))
+        for (fname, what), (dkey, name, _) in self._family_attrs.items():
+            if what == "setpoints":
+                self._set_write_value(dkey, name, o.setpoints[fname])
+        for dkey, s in self._rf_attrs:
+            if s.writable:
+                self._set_write_value(dkey, s.name, self.value(s)[0])
         self._thread = threading.Thread(target=self._run, name="twin-tango-publisher", daemon=True)
         self._thread.start()
 
@@ -765,23 +785,25 @@ class TwinTangoServer:
                 for i in diff.tolist():
                     where = self._magnet_attrs.get((fname, i, "setpoint"))
                     if where is not None:
-                        self._set_write_value(*where, float(sp[i]))
-                        self._push(*where, float(sp[i]))
+                        self._set_write_value(where[0], where[1], float(sp[i]))
+                        if where[2]:
+                            self._push(where[0], where[1], float(sp[i]))
                 where = self._family_attrs.get((fname, "setpoints"))
                 if where is not None:
-                    self._set_write_value(*where, sp)
-                    self._push(*where, sp)
+                    self._set_write_value(where[0], where[1], sp)
+                    if where[2]:
+                        self._push(where[0], where[1], sp)
         for fname, rb in obs.readbacks.items():
             diff = np.nonzero(rb != self._last_rb[fname])[0]
             if diff.size:
                 self._last_rb[fname] = rb.copy()
                 for i in diff.tolist():
                     where = self._magnet_attrs.get((fname, i, "readback"))
-                    if where is not None:
-                        self._push(*where, float(rb[i]))
+                    if where is not None and where[2]:
+                        self._push(where[0], where[1], float(rb[i]))
                 where = self._family_attrs.get((fname, "readbacks"))
-                if where is not None:
-                    self._push(*where, rb)
+                if where is not None and where[2]:
+                    self._push(where[0], where[1], rb)
         rf = (obs.rf_frequency, obs.rf_voltage)
         if rf != self._last_rf:
             self._last_rf = rf

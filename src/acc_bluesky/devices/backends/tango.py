@@ -41,15 +41,25 @@ from ophyd_async.core import Array1D, NotConnectedError, SignalBackend, SignalR,
 from ...profile import Profile
 
 __all__ = ["TangoBackend", "TangoAttributeBackend", "TangoUnreachable", "TangoWriteRefused", "tango_names",
-           "magnet_key", "bpm_key", "split_attribute", "QUALITY_SEVERITY"]
+           "magnet_key", "bpm_key", "split_attribute", "may_share", "QUALITY_SEVERITY"]
 
 FloatArray = Array1D[np.float64]
 
 #: Tango ``AttrQuality`` (VALID 0, INVALID 1, ALARM 2, CHANGING 3, WARNING 4) -> bluesky alarm severity.
 QUALITY_SEVERITY = {0: 0, 1: 3, 2: 2, 3: 0, 4: 1}
 
-#: Keys of :func:`tango_names` that may name the same attribute (a read-write attribute reading its setpoint back).
-SHARED_KEYS = {frozenset({"rf:frequency", "rf:frequency_rb"})}
+def may_share(key1: str, key2: str) -> bool:
+    """Whether two keys of :func:`tango_names` may name one attribute: a setpoint and its readback (one read-write
+    attribute: read = the readback, write value = the setpoint), of one magnet, one family or the RF frequency."""
+    pair = {key1, key2}
+    if pair == {"rf:frequency", "rf:frequency_rb"}:
+        return True
+    a, b = sorted(pair)
+    for sp, rb in ((":readback", ":setpoint"), (":readbacks", ":setpoints")):
+        if a.endswith(sp) and b.endswith(rb) and a[: -len(sp)] == b[: -len(rb)]:
+            return True
+    return False
+
 
 _PART = re.compile(r"^[A-Za-z0-9_.:+\-]+$")
 
@@ -117,8 +127,9 @@ def tango_names(profile: Profile, domain: str | None = None) -> dict[str, str]:
     """Every Tango attribute of a profile: logical key (those of ``pv_names``) -> ``domain/family/member/attr``.
 
     Names come from the profile's ``controls.tango_*`` templates with its device names; ``domain`` overrides
-    ``controls.tango_domain``. Tango names are case-insensitive: two keys naming the same attribute (other than
-    :data:`SHARED_KEYS`) or a name that is not ``domain/family/member/attribute`` raise ``ValueError`` naming them.
+    ``controls.tango_domain``. Tango names are case-insensitive: two keys naming the same attribute (other than a
+    setpoint and its readback, :func:`may_share`) or a name that is not ``domain/family/member/attribute`` raise
+    ``ValueError`` naming them.
     """
     c = profile.spec.controls
     d = c.tango_domain if domain is None else domain
@@ -161,7 +172,7 @@ def _check_names(names: dict[str, str]) -> None:
                              "its device names")
         low = name.lower()
         other = seen.get(low)
-        if other is not None and frozenset({other, key}) not in SHARED_KEYS:
+        if other is not None and not may_share(other, key):
             raise ValueError(f"Tango attribute {name!r} is named by both {other!r} and {key!r} (Tango names are "
                              "case-insensitive): the profile's controls.tango_* templates must give every magnet, "
                              "BPM and family its own attribute")
@@ -226,8 +237,9 @@ class TangoAttributeBackend(SignalBackend):
     with timeouts, clear errors, quality and units mapped (see the module docstring)."""
 
     def __init__(self, owner: TangoBackend, datatype, read_name: str, write_name: str, kind: str,
-                 units: str | None = None, length: int | None = None):
+                 units: str | None = None, length: int | None = None, write_value: bool = False):
         self.owner = owner
+        self.write_value = write_value  # reads give the attribute's write value (a setpoint on a measured attribute)
         self.read_name, self.write_name = read_name, write_name
         self.read_trl, self.write_trl = owner.trl(read_name), owner.trl(write_name)
         self.kind = kind
@@ -316,7 +328,12 @@ class TangoAttributeBackend(SignalBackend):
 
     async def get_reading(self):
         inner = self._need()
-        return self._map(await self._call(inner.get_reading(), self.read_trl, "read", self.owner.timeout))
+        reading = await self._call(inner.get_reading(), self.read_trl, "read", self.owner.timeout)
+        if self.write_value:
+            reading = dict(reading)
+            reading["value"] = await self._call(inner.get_setpoint(), self.write_trl, "read of the write value",
+                                                self.owner.timeout)
+        return self._map(reading)
 
     async def get_value(self):
         return (await self.get_reading())["value"]
@@ -523,8 +540,10 @@ class TangoBackend:
     # signals ----------------------------------------------------------------------------------------------
     def _backend(self, datatype, key: str, write_key: str | None, kind: str, units: str | None,
                  length: int | None) -> TangoAttributeBackend:
+        write_value = (kind in ("tango_magnet_setpoint", "tango_family_setpoints")
+                       and self.profile.spec.controls.tango_setpoints_from_write_value)
         return TangoAttributeBackend(self, datatype, self.names[key], self.names[write_key or key], kind, units,
-                                     length)
+                                     length, write_value)
 
     def _r(self, datatype, key: str, kind: str, units: str | None = None, length: int | None = None) -> SignalR:
         return SignalR(self._backend(datatype, key, None, kind, units, length), timeout=None)
