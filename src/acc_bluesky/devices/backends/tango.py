@@ -208,8 +208,10 @@ def _is_connection_error(df: Any) -> bool:
 
 
 def _desc(df: Any) -> str:
+    """The first line of the first two errors of a DevFailed (Tango appends its reconnection notes below)."""
     errs = getattr(df, "args", ())
-    return "; ".join(str(getattr(e, "desc", e)).strip() for e in errs[:2]) or str(df)
+    lines = [str(getattr(e, "desc", e)).strip().splitlines()[0] for e in errs[:2] if str(getattr(e, "desc", e)).strip()]
+    return "; ".join(lines) or str(df).strip().splitlines()[0]
 
 
 def _units_factor(have: str, want: str) -> float | None:
