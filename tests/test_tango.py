@@ -169,6 +169,7 @@ def expected(**setpoints) -> tuple[np.ndarray, np.ndarray]:
     from acc_bluesky.twin import Twin
 
     t = Twin("ebs", seed=1)
+    t.orbit()  # the seeded machine's orbit first, as on the server
     for fam, d in setpoints.items():
         for i, v in d.items():
             t.set_setpoint(fam, v, i)
