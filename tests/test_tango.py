@@ -394,6 +394,39 @@ def test_queue_in_tango_mode_measures_on_the_server(server, tmachine, reset, tmp
     assert rel(live.matrix_hw, np.array(truth).T) < 5e-3, rel(live.matrix_hw, np.array(truth).T)
 
 
+def test_tango_names_come_from_the_templates_and_refuse_clashes(tmp_path):
+    """No server: the names table of the profile's templates, and the refusals of names Tango cannot serve."""
+    import yaml
+
+    from acc_bluesky.devices.backends.tango import bpm_key, magnet_key, may_share, tango_names
+    from acc_bluesky.profile import ProfileError, load_profile
+
+    prof = load_profile(HMBA)
+    names = tango_names(prof, domain="ring")
+    fam = prof.families["QF1"]
+    assert names[magnet_key("QF1", 1, "setpoint")] == f"ring/QF1/{fam.device_names[1]}/CurrentSetpoint"
+    assert names[bpm_key(0, "y")] == f"ring/bpm/{prof.bpm_names[0]}/Y"
+    assert names["rf:frequency"] == names["rf:frequency_rb"] and may_share("HST:001:setpoint", "HST:001:readback")
+    assert not may_share("HST:001:setpoint", "HST:002:readback")
+
+    def profile_with(**controls):
+        spec = yaml.safe_load(Path(HMBA).read_text())
+        spec["controls"].update(controls)
+        path = tmp_path / f"p{len(list(tmp_path.iterdir()))}" / "profile.yaml"
+        path.parent.mkdir()
+        path.write_text(yaml.safe_dump(spec))
+        return str(path)
+
+    with pytest.raises(ValueError, match=r"'sim/mag/1/Sp' is named by both 'HST:001:setpoint' and '\w+:001:setpoint'"):
+        tango_names(load_profile(profile_with(tango_magnet_setpoint="{domain}/mag/{index}/Sp")))
+    with pytest.raises(ValueError, match=r"named by both 'BPM:001:x' and 'BPM:001:y' \(Tango names are case-ins"):
+        tango_names(load_profile(profile_with(tango_bpm_y="{domain}/bpm/{device}/x")))
+    with pytest.raises((ProfileError, ValueError), match=r"controls.tango_orbit_x.*4 parts"):
+        load_profile(profile_with(tango_orbit_x="{domain}/orbit/X"))
+    with pytest.raises((ProfileError, ValueError), match=r"controls.tango_tune_x.*placeholders of a global template"):
+        load_profile(profile_with(tango_tune_x="{domain}/tune/{device}/Qx"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the server dies in the middle of a plan
 def _chain(err: BaseException) -> list[BaseException]:
@@ -454,6 +487,16 @@ def test_server_killed_mid_plan_fails_the_run_and_reports_what_was_not_restored(
         srv.command("clear")
         RE(bps.mv(m.hcor[0], 0.0))
         assert rd(RE, m.hcor[0].readback) == [0.0]
+        # a profile whose units differ from the attributes' is refused at connection, naming both
+        import yaml
+
+        other = Path(facility_profile).parent.parent / "hmba_ma" / "profile.yaml"
+        other.parent.mkdir()
+        spec = yaml.safe_load(Path(facility_profile).read_text())
+        spec["families"]["QF1"]["units"] = "mA"
+        other.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ConnectionError, match=r"QF1.*the attribute is in 'A', the profile expects 'mA'"):
+            connect(str(other), mode="tango", address=srv.address, timeout=3.0)
         # the server dies in the middle of an ORM
         cors = m.family("HST").names + m.family("VST").names
         starts, events = [], []

@@ -577,8 +577,10 @@ class TwinTangoServer:
                 if nbad:
                     return DevState.ALARM, f"{nbad} BPMs read nothing"
             if s.role in ("orbit", "beam") and s.what in ("rms", "current", "lifetime"):
-                v = {"rms": None, "current": o.current, "lifetime": o.lifetime}[s.what]
-                if v is not None and _alarm_quality(float(v), s.alarms) == _ALARM:
+                v = {"current": o.current, "lifetime": o.lifetime}.get(s.what)
+                if v is None:
+                    v = _rms(o.x if s.plane == "x" else o.y)
+                if _alarm_quality(float(v), s.alarms) == _ALARM:
                     return DevState.ALARM, f"{s.label} {float(v):g} {s.units} beyond its alarm level"
             return DevState.ON, ""
         return DevState.ON, ""
