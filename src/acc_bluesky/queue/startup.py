@@ -61,8 +61,10 @@ def settings_from_env(profile: str | os.PathLike | None = None, mode: str | None
                 seed = int(text)
             except ValueError:
                 raise ValueError(f"{ENV_SEED} must be an integer or 'none', got {text!r}") from None
-    return {"profile": profile, "mode": mode, "seed": seed, "prefix": os.environ.get(ENV_PREFIX) or None,
-            "address": os.environ.get(ENV_TANGO_ADDRESS) or None}  # tango: the device server or $TANGO_HOST
+    out = {"profile": profile, "mode": mode, "seed": seed, "prefix": os.environ.get(ENV_PREFIX) or None}
+    if mode == "tango":  # tango: the device server (host:port), else the database of $TANGO_HOST
+        out["address"] = os.environ.get(ENV_TANGO_ADDRESS) or None
+    return out
 
 
 class RunLookup:
@@ -267,7 +269,7 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
     RE = make_run_engine(tiled=tiled, catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
     RE.wait_written = True  # a queue client reads the runs of an item as soon as the queue says it completed
     m = connect(s["profile"], mode=s["mode"], seed=s["seed"], prefix=s["prefix"],
-                **({"address": s["address"]} if s["mode"] == "tango" else {}))  # tango
+                **({"address": s["address"]} if "address" in s else {}))  # tango: the device server
 
     def catalog():
         if RE.catalog is None:
