@@ -153,8 +153,9 @@ def tango_names(profile: Profile, domain: str | None = None) -> dict[str, str]:
         kw = _bpm_fields(profile, i, elements) | {"domain": d}
         out[bpm_key(i, "x")] = c.tango_bpm_x.format(**kw)
         out[bpm_key(i, "y")] = c.tango_bpm_y.format(**kw)
-    for key, attr in (("orbit:x", "tango_orbit_x"), ("orbit:y", "tango_orbit_y"), ("rf:frequency", "tango_rf_frequency"),
-                      ("rf:frequency_rb", "tango_rf_frequency_rb"), ("rf:voltage", "tango_rf_voltage"),
+    for key, attr in (("orbit:x", "tango_orbit_x"), ("orbit:y", "tango_orbit_y"),
+                      ("rf:frequency", "tango_rf_frequency"), ("rf:frequency_rb", "tango_rf_frequency_rb"),
+                      ("rf:voltage", "tango_rf_voltage"),
                       ("tune:x", "tango_tune_x"), ("tune:y", "tango_tune_y"), ("beam:current", "tango_beam_current"),
                       ("beam:lifetime", "tango_beam_lifetime")):
         out[key] = getattr(c, attr).format(domain=d)
