@@ -48,9 +48,14 @@ def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("ACC_BLUESKY_SEED", "seven")
     with pytest.raises(ValueError, match="ACC_BLUESKY_SEED must be an integer or 'none', got 'seven'"):
         settings_from_env()
+    # --- tango: a third mode, with the device server's address ---
     monkeypatch.setenv("ACC_BLUESKY_MODE", "tango")
-    with pytest.raises(ValueError, match="ACC_BLUESKY_MODE must be 'sim' or 'epics'"):
+    monkeypatch.setenv("ACC_BLUESKY_TANGO_ADDRESS", "127.0.0.1:45000")
+    assert settings_from_env(seed=1)["address"] == "127.0.0.1:45000"
+    monkeypatch.setenv("ACC_BLUESKY_MODE", "pva")
+    with pytest.raises(ValueError, match="ACC_BLUESKY_MODE must be one of sim, epics, tango, got 'pva'"):
         settings_from_env(seed=1)
+    # --- end tango ---
 
 
 def test_profile_startup_uses_its_own_folder(ebs, tmp_path):

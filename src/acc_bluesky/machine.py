@@ -18,7 +18,7 @@ from .twin import Twin
 
 __all__ = ["Machine", "connect", "bluesky_loop", "NoSuchDevice"]
 
-MODES = ("sim", "epics")
+MODES = ("sim", "epics", "tango")
 
 
 def bluesky_loop() -> asyncio.AbstractEventLoop:
@@ -187,9 +187,10 @@ def _register(machine: Machine) -> None:
         register(machine)
 
 
-def connect(profile: Profile | str, mode: Literal["sim", "epics"] = "sim", seed: int | None = None, *,
+def connect(profile: Profile | str, mode: Literal["sim", "epics", "tango"] = "sim", seed: int | None = None, *,
             twin: Twin | None = None, prefix: str | None = None, timeout: float = 10.0,
-            error_scale: float | None = None, protocol: str = "ca") -> Machine:
+            error_scale: float | None = None, protocol: str = "ca",
+            address: str | None = None, database: bool | None = None) -> Machine:
     """Build and connect the device tree of ``profile``.
 
     Args:
@@ -201,6 +202,9 @@ def connect(profile: Profile | str, mode: Literal["sim", "epics"] = "sim", seed:
         timeout: connection timeout [s].
         error_scale: sim mode: multiplier on the profile's alignment errors.
         protocol: epics mode: ``"ca"`` or ``"pva"``.
+        address: tango mode: ``"host:port"`` of a device server without a database (``acc-bluesky tango-server``),
+            or of the Tango database with ``database=True``; default ``$TANGO_HOST`` (a database).
+        database: tango mode: whether ``address`` is a Tango database (default False with an address).
     """
     prof = load_profile(profile)
     if mode == "sim":
@@ -212,6 +216,12 @@ def connect(profile: Profile | str, mode: Literal["sim", "epics"] = "sim", seed:
         from .devices.backends.epics import EpicsBackend
 
         backend = EpicsBackend(prof, prefix=prefix, timeout=timeout, protocol=protocol)
+    # --- tango: the same devices on Tango attributes (devices/backends/tango.py) ---
+    elif mode == "tango":
+        from .devices.backends.tango import TangoBackend
+
+        backend = TangoBackend(prof, address, database=database, timeout=timeout)
+    # --- end tango ---
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     m = Machine(prof, mode, backend, seed)

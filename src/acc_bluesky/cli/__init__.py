@@ -10,6 +10,7 @@ __all__ = ["main", "build_parser"]
 
 #: Subcommand modules; each has ``add_parser(subparsers)`` setting ``func(args) -> int``.
 SUBCOMMANDS = ("demo", "profile", "shell", "catalog", "ioc", "shadow", "queue", "commission", "twin")
+SUBCOMMANDS += ("tango",)  # tango: acc-bluesky tango-server
 
 
 def build_parser() -> argparse.ArgumentParser:

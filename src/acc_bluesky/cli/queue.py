@@ -33,9 +33,12 @@ def add_parser(sub) -> None:
 
     s = qsub.add_parser("start", help="start Redis + RE Manager on 127.0.0.1 and open the environment")
     s.add_argument("profile", nargs="?", default="ebs", help="profile name or path (default: ebs)")
-    s.add_argument("--mode", choices=("sim", "epics"), default="sim", help="sim twin or live EPICS (default sim)")
+    s.add_argument("--mode", choices=("sim", "epics", "tango"), default="sim",
+                   help="sim twin, live EPICS or Tango devices (default sim)")
     s.add_argument("--seed", type=int, default=1, help="sim error seed (default 1; -1 = ideal machine)")
     s.add_argument("--prefix", default=None, help="epics mode: PV prefix (default: the profile's controls.prefix)")
+    s.add_argument("--address", default=None,  # tango
+                   help="tango mode: HOST:PORT of the device server (acc-bluesky tango-server); default $TANGO_HOST")
     s.add_argument("--redis-port", type=int, default=None, help="Redis port (default: a free port)")
     s.add_argument("--zmq-port", type=int, default=None, help="RE Manager control port (default: a free port)")
     s.add_argument("--zmq-info-port", type=int, default=None, help="RE Manager info port (default: a free port)")
@@ -110,7 +113,8 @@ def _start(args: argparse.Namespace) -> int:
         qs = start_queue_server(args.profile, mode=args.mode, seed=_seed(args.seed), redis_port=args.redis_port,
                                 zmq_control_port=args.zmq_port, zmq_info_port=args.zmq_info_port,
                                 catalog_dir=args.catalog_dir, tiled=args.tiled, run_dir=args.run_dir,
-                                open_env=not args.no_open, timeout=args.timeout, prefix=args.prefix)
+                                open_env=not args.no_open, timeout=args.timeout, prefix=args.prefix,
+                                address=args.address)
     except (QueueServerError, ValueError) as err:
         return _fail(err)
     print(f"queue server for {qs.profile!r} ({qs.mode}, seed {qs.seed}) ready in {time.perf_counter() - t0:.1f} s")

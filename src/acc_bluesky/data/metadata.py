@@ -70,7 +70,7 @@ REQUIRED_SUBKEYS: dict[str, tuple[str, ...]] = {
 }
 
 #: Allowed values of ``mode``.
-MODES: tuple[str, ...] = ("sim", "epics")
+MODES: tuple[str, ...] = ("sim", "epics", "tango")  # tango: runs on Tango devices
 
 #: Environment variable naming the operator (default: the login name).
 ENV_OPERATOR = "ACC_BLUESKY_OPERATOR"

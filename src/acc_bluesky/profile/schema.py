@@ -197,6 +197,39 @@ class ErrorSpec(_Strict):
     injection: InjectionErrorSpec = InjectionErrorSpec()  # tbt: errors of the injected beam (twin/beam.py)
 
 
+# --- tango: the Tango templates of ControlsSpec and their check -------------------------------------------------
+#: ControlsSpec Tango templates -> their kind: "device" (per magnet/BPM), "family" or "global"
+TANGO_TEMPLATES = {
+    "tango_magnet_setpoint": "device", "tango_magnet_readback": "device", "tango_family_setpoints": "family",
+    "tango_family_readbacks": "family", "tango_bpm_x": "device", "tango_bpm_y": "device", "tango_orbit_x": "global",
+    "tango_orbit_y": "global", "tango_rf_frequency": "global", "tango_rf_frequency_rb": "global",
+    "tango_rf_voltage": "global", "tango_tune_x": "global", "tango_tune_y": "global", "tango_beam_current": "global",
+    "tango_beam_lifetime": "global",
+}
+_TANGO_FIELDS = {"device": ("domain", "device", "element", "family", "index", "name"),
+                 "family": ("domain", "family"), "global": ("domain",)}
+_TANGO_PART = re.compile(r"^[A-Za-z0-9_.:+\-]+$")
+
+
+def check_tango_template(template: str, kind: str, where: str) -> None:
+    """Refuse a Tango template that cannot make ``domain/family/member/attribute`` names, naming ``where``."""
+    allowed = _TANGO_FIELDS[kind]
+    sample = {"domain": "d", "device": "DEV_001", "element": "EL", "family": "FAM", "index": 1, "name": "EL"}
+    try:
+        text = template.format(**{k: sample[k] for k in allowed})
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{where} {template!r}: placeholders of a {kind} template are "
+                         f"{', '.join('{' + a + '}' for a in allowed)} ({type(err).__name__}: {err})") from None
+    parts = text.split("/")
+    if len(parts) != 4 or not all(_TANGO_PART.match(x) for x in parts):
+        raise ValueError(f"{where} {template!r} gives {text!r}: a Tango attribute name is "
+                         "domain/family/member/attribute (4 parts, no blanks; no tango://host: the address is "
+                         "given to connect())")
+
+
+# --- end tango -------------------------------------------------------------------------------------------------
+
+
 class ControlsSpec(_Strict):
     """Control-system names. Templates use {prefix}, {family}, {index} (1-based), {name}."""
 
@@ -218,6 +251,41 @@ class ControlsSpec(_Strict):
     beam_lifetime: str = "{prefix}BEAM:LIFETIME"
     alarms: AlarmsSpec = Field(default_factory=lambda: AlarmsSpec(),
                                description="alarm limits of the IOC's beam current, lifetime and orbit rms PVs")
+    # --- tango: Tango attribute names (devices/backends/tango.py, the tango server) ------------------------------
+    # "domain/family/member/attribute", one line per kind as the PV templates. Per-device templates use {domain},
+    # {device} (the device name), {element} (lattice FamName), {family}, {index} (1-based); family templates
+    # {domain}, {family}; the others {domain}. A read-write attribute that reads back its own setpoint serves both
+    # keys of a pair (rf_frequency and rf_frequency_rb below name the same attribute).
+    tango_domain: str = Field(default="sim", description="Tango domain of the machine's devices")
+    tango_magnet_setpoint: str = "{domain}/{family}/{device}/CurrentSetpoint"
+    tango_magnet_readback: str = "{domain}/{family}/{device}/Current"
+    tango_family_setpoints: str = "{domain}/{family}/all/CurrentSetpoints"
+    tango_family_readbacks: str = "{domain}/{family}/all/Currents"
+    tango_bpm_x: str = "{domain}/bpm/{device}/X"
+    tango_bpm_y: str = "{domain}/bpm/{device}/Y"
+    tango_orbit_x: str = "{domain}/orbit/all/X"
+    tango_orbit_y: str = "{domain}/orbit/all/Y"
+    tango_rf_frequency: str = "{domain}/rf/main/Frequency"
+    tango_rf_frequency_rb: str = "{domain}/rf/main/Frequency"
+    tango_rf_voltage: str = "{domain}/rf/main/Voltage"
+    tango_tune_x: str = "{domain}/tune/main/Qx"
+    tango_tune_y: str = "{domain}/tune/main/Qy"
+    tango_beam_current: str = "{domain}/beam/main/Current"
+    tango_beam_lifetime: str = "{domain}/beam/main/Lifetime"
+    tango_setpoints_from_write_value: bool = Field(
+        default=False, description="the magnet setpoint templates name read-write attributes that read the measured "
+        "current (one attribute per supply): the setpoint signals read the attributes' write value instead")
+
+    @model_validator(mode="after")
+    def _tango_templates(self):
+        for key, kind in TANGO_TEMPLATES.items():
+            check_tango_template(getattr(self, key), kind, f"controls.{key}")
+        check_tango_template(self.tango_domain + "/a/b/c", "global", "controls.tango_domain")
+        if self.tango_bpm_x == self.tango_bpm_y:
+            raise ValueError(f"controls.tango_bpm_x and tango_bpm_y are the same template {self.tango_bpm_x!r}: the "
+                             "two planes need different attributes")
+        return self
+    # --- end tango -------------------------------------------------------------------------------------------------
 
 
 _SEVERITY = Literal["NO_ALARM", "MINOR", "MAJOR", "INVALID"]

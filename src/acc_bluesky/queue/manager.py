@@ -38,6 +38,7 @@ __all__ = [
     "ENV_PREFIX",
     "ENV_PROFILE",
     "ENV_SEED",
+    "ENV_TANGO_ADDRESS",
     "PLANS_FILE",
     "PERMISSIONS_FILE",
     "QueueServer",
@@ -53,6 +54,10 @@ ENV_PROFILE = "ACC_BLUESKY_PROFILE"
 ENV_MODE = "ACC_BLUESKY_MODE"
 ENV_SEED = "ACC_BLUESKY_SEED"
 ENV_PREFIX = "ACC_BLUESKY_PREFIX"  # epics mode: the PV prefix (default: the profile's controls.prefix)
+# --- tango: tango mode's device server (host:port, no database) or Tango database (with $TANGO_HOST) ---
+ENV_TANGO_ADDRESS = "ACC_BLUESKY_TANGO_ADDRESS"
+QUEUE_MODES = ("sim", "epics", "tango")
+# --- end tango ---
 ENV_CATALOG = "ACC_BLUESKY_CATALOG"  # the data layer's: a catalogue folder or a Tiled URI
 ENV_QUEUE_DIR = "ACC_BLUESKY_QUEUE_DIR"
 
@@ -214,7 +219,8 @@ def _seed_str(seed: int | None) -> str:
 
 
 def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: str | os.PathLike | None = None,
-                       tiled: str | None = None, prefix: str | None = None) -> dict[str, str]:
+                       tiled: str | None = None, prefix: str | None = None,
+                       address: str | None = None) -> dict[str, str]:
     """The environment variables that tell :mod:`acc_bluesky.queue.startup` what to build.
 
     ``tiled`` (a server URI) wins over ``catalog_dir``; with neither, the worker inherits ``ACC_BLUESKY_CATALOG``
@@ -228,6 +234,8 @@ def worker_environment(profile: str, mode: str, seed: int | None, catalog_dir: s
         env[ENV_CATALOG] = str(Path(catalog_dir).expanduser().resolve())
     if prefix is not None:
         env[ENV_PREFIX] = prefix
+    if address is not None:  # tango
+        env[ENV_TANGO_ADDRESS] = address
     return env
 
 
@@ -425,12 +433,12 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
                        tiled: str | None = None, run_dir: str | os.PathLike | None = None,
                        redis_prefix: str | None = None, open_env: bool = True,
                        extra_env: dict[str, str] | None = None, timeout: float = 120.0,
-                       prefix: str | None = None) -> QueueServer:
+                       prefix: str | None = None, address: str | None = None) -> QueueServer:
     """Start Redis and an RE Manager for ``profile`` on 127.0.0.1, open the worker environment.
 
     Args:
         profile: profile name or path to its ``profile.yaml``.
-        mode: ``"sim"`` (the twin runs in the worker) or ``"epics"`` (live PVs).
+        mode: ``"sim"`` (the twin runs in the worker), ``"epics"`` (live PVs) or ``"tango"`` (Tango devices).
         seed: sim error seed (``None``: ideal machine, no noise).
         redis_port, zmq_control_port, zmq_info_port: TCP ports on 127.0.0.1 (default: free ports).
         catalog_dir: embedded Tiled catalogue the worker's RunEngine writes to (default: ``$ACC_BLUESKY_CATALOG``
@@ -438,6 +446,8 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
         tiled: URI of a Tiled server instead of the embedded catalogue (API key from ``$TILED_API_KEY``).
         run_dir: folder for logs and the state file (default :func:`default_run_dir`).
         prefix: epics mode: the PV prefix of the machine (default: the profile's ``controls.prefix``).
+        address: tango mode: ``host:port`` of the device server without a database (``acc-bluesky tango-server``);
+            without it the worker uses the Tango database of ``$TANGO_HOST``.
         redis_prefix: Redis key prefix (default: unique per start, so queues never mix).
         open_env: open the worker environment (build RE + machine) before returning.
         extra_env: more environment variables for the worker (e.g. ``ACC_BLUESKY_BACKUP``,
@@ -451,8 +461,8 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
         QueueServerError: redis-server missing, a server already running in ``run_dir``, a process that exits,
             or an environment that fails to open (with the log tail); everything started is stopped first.
     """
-    if mode not in ("sim", "epics"):
-        raise ValueError(f"mode must be 'sim' or 'epics', got {mode!r}")
+    if mode not in QUEUE_MODES:  # tango
+        raise ValueError(f"mode must be one of {', '.join(QUEUE_MODES)}, got {mode!r}")
     prof = load_profile(profile)
     profile_dir = prof.path.parent
     rd = Path(run_dir) if run_dir is not None else default_run_dir(prof.name)
@@ -485,7 +495,7 @@ def start_queue_server(profile: str | os.PathLike = "ebs", *, mode: str = "sim",
     redis_name = redis_prefix or f"acc_bluesky_{prof.name}_{uuid.uuid4().hex[:10]}"
     env = os.environ.copy()
     env.update(worker_environment(prof.name if startup == profile_dir else str(prof.path), mode, seed,
-                                  catalog_dir, tiled, prefix))
+                                  catalog_dir, tiled, prefix, address))
     env.update(extra_env or {})
     for k in ("QSERVER_ZMQ_CONTROL_ADDRESS_FOR_SERVER", "QSERVER_ZMQ_INFO_ADDRESS_FOR_SERVER",
               "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"):

@@ -11,7 +11,8 @@
 
 Settings come from arguments, else from the environment that ``acc-bluesky queue start`` sets:
 ``ACC_BLUESKY_PROFILE``, ``ACC_BLUESKY_MODE`` (sim/epics), ``ACC_BLUESKY_SEED`` (int or ``none``),
-``ACC_BLUESKY_PREFIX`` (epics: the PV prefix, default the profile's),
+``ACC_BLUESKY_PREFIX`` (epics: the PV prefix, default the profile's), ``ACC_BLUESKY_TANGO_ADDRESS`` (tango: the
+device server's host:port, else the database of ``$TANGO_HOST``),
 and the data layer's ``ACC_BLUESKY_CATALOG`` (an embedded catalogue folder or a Tiled server URI; API key from
 ``TILED_API_KEY``).
 
@@ -33,7 +34,7 @@ from bluesky_queueserver import parameter_annotation_decorator
 
 from ..data import find_runs, make_run_engine
 from ..machine import Machine, connect
-from .manager import ENV_MODE, ENV_PREFIX, ENV_PROFILE, ENV_SEED
+from .manager import ENV_MODE, ENV_PREFIX, ENV_PROFILE, ENV_SEED, ENV_TANGO_ADDRESS, QUEUE_MODES
 from .plans import LATEST, MEASURE, MODEL, queue_plan, tool_plan_list
 
 __all__ = ["build_namespace", "queue_plans", "queue_functions", "settings_from_env", "RunLookup"]
@@ -49,8 +50,8 @@ def settings_from_env(profile: str | os.PathLike | None = None, mode: str | None
     """
     profile = profile or os.environ.get(ENV_PROFILE) or "ebs"
     mode = mode or os.environ.get(ENV_MODE) or "sim"
-    if mode not in ("sim", "epics"):
-        raise ValueError(f"{ENV_MODE} must be 'sim' or 'epics', got {mode!r}")
+    if mode not in QUEUE_MODES:  # tango
+        raise ValueError(f"{ENV_MODE} must be one of {', '.join(QUEUE_MODES)}, got {mode!r}")
     if seed == "env":
         text = os.environ.get(ENV_SEED, "1").strip().lower()
         if text in ("", "none", "null", "ideal"):
@@ -60,7 +61,10 @@ def settings_from_env(profile: str | os.PathLike | None = None, mode: str | None
                 seed = int(text)
             except ValueError:
                 raise ValueError(f"{ENV_SEED} must be an integer or 'none', got {text!r}") from None
-    return {"profile": profile, "mode": mode, "seed": seed, "prefix": os.environ.get(ENV_PREFIX) or None}
+    out = {"profile": profile, "mode": mode, "seed": seed, "prefix": os.environ.get(ENV_PREFIX) or None}
+    if mode == "tango":  # tango: the device server (host:port), else the database of $TANGO_HOST
+        out["address"] = os.environ.get(ENV_TANGO_ADDRESS) or None
+    return out
 
 
 class RunLookup:
@@ -246,7 +250,7 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
 
     Args:
         profile: profile name or path (default ``$ACC_BLUESKY_PROFILE``, else ``ebs``).
-        mode: ``"sim"`` or ``"epics"`` (default ``$ACC_BLUESKY_MODE``, else sim).
+        mode: ``"sim"``, ``"epics"`` or ``"tango"`` (default ``$ACC_BLUESKY_MODE``, else sim).
         seed: sim error seed; ``"env"`` reads ``$ACC_BLUESKY_SEED`` (default 1, ``none`` = ideal).
         catalog_dir: embedded Tiled catalogue folder; with ``tiled``, both default to ``$ACC_BLUESKY_CATALOG``
             (a folder or a URI), else the data layer's default folder.
@@ -264,7 +268,8 @@ def build_namespace(profile: str | os.PathLike | None = None, *, mode: str | Non
         progress = not is_re_worker_active()
     RE = make_run_engine(tiled=tiled, catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
     RE.wait_written = True  # a queue client reads the runs of an item as soon as the queue says it completed
-    m = connect(s["profile"], mode=s["mode"], seed=s["seed"], prefix=s["prefix"])
+    m = connect(s["profile"], mode=s["mode"], seed=s["seed"], prefix=s["prefix"],
+                **({"address": s["address"]} if "address" in s else {}))  # tango: the device server
 
     def catalog():
         if RE.catalog is None:

@@ -1,0 +1,7 @@
+"""``python -m acc_bluesky.tango PROFILE [--port P] ...``: the twin's Tango server."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())
