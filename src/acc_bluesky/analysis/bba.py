@@ -615,10 +615,19 @@ def bowtie_fit(z: npt.ArrayLike, d: npt.ArrayLike, *, sigma: float | None = None
         dof = int(ok.sum()) - (fit_order + 1)
         chi2 = float(np.sum(res ** 2) / dof) if dof > 0 else nan
         bad = np.zeros(t, dtype=bool)
-        bad[np.nonzero(ok)[0]] = np.abs(res) > reject * max(1.0, np.sqrt(chi2) if np.isfinite(chi2) else 1.0) \
-            if dof > 1 else False
-        if not bad.any() or ok.sum() - bad.sum() < max(min_points, fit_order + 2):
-            break
+        if dof > 1 and chi2 > 4.0:  # an outlier? the point whose removal explains the excess scatter
+            idx = np.nonzero(ok)[0]
+            best, best_chi2 = -1, chi2
+            for j in range(idx.size):
+                keep = np.delete(idx, j)
+                c, _ = _weighted_polyfit(z[keep], a[keep], w[np.arange(idx.size) != j], fit_order)
+                r_keep = (a[keep] - np.polyval(c, z[keep])) * w[np.arange(idx.size) != j]
+                chi_j = float(np.sum(r_keep ** 2) / max(1, keep.size - (fit_order + 1)))
+                dev = abs(a[idx[j]] - np.polyval(c, z[idx[j]])) * w[j]
+                if chi_j < best_chi2 and dev > reject * max(1.0, np.sqrt(chi_j)):
+                    best, best_chi2 = j, chi_j
+            if best >= 0 and best_chi2 < chi2 / 4.0:
+                bad[idx[best]] = True
         rejected |= bad
     ok = ~rejected
     centre = float(np.mean(z[ok]))

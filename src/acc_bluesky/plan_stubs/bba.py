@@ -196,7 +196,7 @@ def serial_scan(machine, model: BbaModel, pairs: dict[str, BbaPair], measure: Se
 
 def block_sweep(machine, model: BbaModel, block: Block, *, index: int, quad_numbers: Sequence[int],
                 sp_quads: Sequence[float], sp_cors: Sequence[float], levels: int, n_avg: int, settle: float,
-                terms: dict[tuple[int, str], float], pairs_of: dict[int, list[BbaPair]], record: Record,
+                terms: dict[tuple[str, str], float], pairs_of: dict[int, list[BbaPair]], record: Record,
                 counter: MoveCounter) -> MsgGenerator[dict[tuple[str, str], PointSet]]:
     """One block of the parallel method: for each level ``l = 1 .. levels`` the block's two correctors go to
     ``-theta l / levels`` (x and y at once), the quadrupoles are stepped one after the other (an orbit read after
@@ -205,7 +205,7 @@ def block_sweep(machine, model: BbaModel, block: Block, *, index: int, quad_numb
     two consecutive reads), at two mirrored orbits, with the same other quadrupoles stepped: one move per
     quadrupole and orbit.
 
-    ``terms[(quad, plane)]`` is the model's angle term of the block's corrector for the BPMs of that quadrupole;
+    ``terms[(bpm, plane)]`` is the model's angle term of the block's corrector for that BPM;
     the other quadrupoles already stepped add their kicks' angle terms (their kicks estimated from their own orbit
     changes).
 
@@ -247,7 +247,7 @@ def block_sweep(machine, model: BbaModel, block: Block, *, index: int, quad_numb
                 for pair in pairs_of.get(q, []):
                     if pair.plane != p:
                         continue
-                    corr = terms[(q, p)] * dth[p]
+                    corr = terms[(pair.bpm, p)] * dth[p]
                     for k in range(j):  # the quadrupoles stepped before this one: their kicks move the angle
                         qk = block.quads[k]
                         rb = model.bpm_response_to_quads([pair.bpm_index], [qk], p)[0, 0]

@@ -152,7 +152,7 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
     tune_shift = float(defaults.get("tune_shift", 0.01))
     model_error = float(defaults.get("model_error", 0.05))
     quads = _check_quads(machine, quads)
-    correctors = _as_names(correctors)
+    correctors = correctors if isinstance(correctors, dict) else _as_names(correctors)
     bpm_list = _as_names(bpms)
     if bpm_list is not None:
         for b in bpm_list:
@@ -238,7 +238,7 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
         pairs_of: dict[int, list] = {}
         for p in pairs:
             pairs_of.setdefault(p.quad_index, []).append(p)
-        terms = {(p.quad_index, p.plane): p.angle_term for p in pairs}
+        terms = {(p.bpm, p.plane): p.angle_term for p in pairs}
         for k, b in enumerate(blocks):
             try:
                 got = yield from block_sweep(
@@ -250,17 +250,25 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
             except LimitError as err:
                 messages.append(f"block {k}: {err}; its BPMs are skipped")
                 warnings.warn(f"measure_bba: block {k}: {err}; its BPMs are skipped", stacklevel=2)
-    return _result(machine, model, pairs, points, blocks, counter, messages, model_error, method)
+    expected = {}
+    for p in pairs:  # the abscissa range the scan should give: the beam moved at the quadrupole, seen at the BPM
+        if serial:
+            expected[(p.bpm, p.plane)] = 2 * amplitude * abs(p.m11)
+        else:
+            b = next(b for b in blocks if p.quad_index in b.quads)
+            expected[(p.bpm, p.plane)] = 2 * b.theta[PLANES.index(p.plane)] * abs(p.r_quad * p.m11)
+    return _result(machine, model, pairs, points, blocks, counter, messages, model_error, method, expected)
 
 
 def _result(machine: Machine, model, pairs, points, blocks, counter: MoveCounter, messages: list[str],
-            model_error: float, method: str) -> BBAResult:
+            model_error: float, method: str, expected: dict[tuple[str, str], float]) -> BBAResult:
     names = list(dict.fromkeys(p.bpm for p in pairs))
     row = {b: k for k, b in enumerate(names)}
     n = len(names)
     nan2 = lambda: np.full((n, 2), np.nan)  # noqa: E731
     off, unc, chi2, snr, stat, sys_, corr = nan2(), nan2(), nan2(), nan2(), nan2(), nan2(), nan2()
     rej, npts = np.zeros((n, 2), dtype=int), np.zeros((n, 2), dtype=int)
+    first_new = len(messages)
     qn = [["", ""] for _ in range(n)]
     cn = [["", ""] for _ in range(n)]
     pmax = max((len(v.readings) for v in points.values()), default=1)
@@ -277,17 +285,23 @@ def _result(machine: Machine, model, pairs, points, blocks, counter: MoveCounter
             messages.append(f"{pair.bpm} {pair.plane}: the bow-tie fit failed ({fit.message})")
             continue
         span = float(np.ptp(fit.z[~fit.rejected]))
-        lever = abs(fit.coef[0]) * span
-        if not lever > 3 * fit.sigma:
-            messages.append(f"{pair.bpm} {pair.plane}: no crossing measured: the signal changed by "
-                            f"{lever * 1e9:.1f} nm over the scan, noise {fit.sigma * 1e9:.1f} nm "
-                            f"({pair.corrector} or {pair.quad} without effect: dead or disconnected?)")
+        want = expected.get((pair.bpm, pair.plane), 0.0)
+        if span < 0.1 * want:
+            messages.append(f"{pair.bpm} {pair.plane}: no lever arm: the BPM moved by {span * 1e6:.2f} um over the "
+                            f"scan instead of ~{want * 1e6:.0f} um ({pair.corrector} without effect: dead or "
+                            "disconnected?)")
+            continue
+        if not fit.snr > 5:
+            messages.append(f"{pair.bpm} {pair.plane}: no crossing measured: the orbit change of the step varied by "
+                            f"{fit.snr:.1f} times the noise ({pair.quad} without effect: dead or disconnected?)")
             continue
         sign = np.sign(fit.coef[0]) or 1.0
         off[i, p], unc[i, p], stat[i, p] = fit.offset, u, fit.uncertainty
         sys_[i, p], corr[i, p] = model_error * abs(c_star), c_star
         chi2[i, p], snr[i, p], rej[i, p] = fit.chi2, fit.snr, int(fit.rejected.sum())
         bz[i, p, :fit.z.size], ba[i, p, :fit.a.size] = fit.z, fit.a * sign
+    for msg in messages[first_new:]:
+        warnings.warn(f"measure_bba: {msg}", stacklevel=3)
     # moves per BPM: serial exactly; parallel: each block's moves shared by its BPMs
     per = np.zeros(n)
     for key, v in counter.per.items():
