@@ -167,6 +167,15 @@ def test_truth_is_the_reading_of_the_beam_through_the_magnetic_centre(hmba):
         gain = 1.0 + twin.errors.bpm_gain[p.bpm_index, k]
         linear = (xm, ym)[k][p.bpm_index] - gain * p.m11 * uq[k]
         assert t == pytest.approx(linear, abs=0.02 * abs(uq[k]) + 20e-9)
+    # the magnet's frame: the orbit at the centre in lattice coordinates (mean of the magnet's ends) minus its offset
+    import at
+
+    for p, uq in zip(pairs[:6], u[:6]):
+        r = model.quads[p.quad_index].refpt
+        ends = at.lattice_pass(twin.ring, np.asfortranarray(twin.observables().orbit0.reshape(6, 1)),
+                               refpts=np.array([r, r + 1], dtype=np.uint32))[[0, 2], 0, :, 0].mean(axis=1)
+        shift = np.array([twin.errors.dx.get(r, 0.0), twin.errors.dy.get(r, 0.0)])
+        assert np.allclose(uq, ends - shift, atol=0.1 * np.abs(uq).max() + 0.2e-6)
     # with the BPM offset and the magnet's own offset in it: far from the BPM offset alone
     assert _rms(truth + twin.errors.bpm_offset[[p.bpm_index for p in pairs], [("xy".index(p.plane)) for p in pairs]]) \
         > 10e-6

@@ -1,30 +1,43 @@
 """Beam-based alignment (BBA): the reading of each BPM when the beam passes through the magnetic centre of its
-quadrupole (MML's ``quadcenter``), one BPM at a time or many at once. Pure numpy/pyAT: no bluesky.
+quadrupole (MML's ``quadcenter``), one BPM at a time or all of them over shared orbits. Pure numpy/pyAT.
 
-The measurement (``plans.measure_bba``) steps a quadrupole by ``dk`` (a fraction of its strength) at several
-orbits; the orbit change is the response to a kick ``-dK L (x_q - c)`` at the quadrupole, so it vanishes when the
-beam passes through the quadrupole's centre ``c``. The *bow-tie* is that orbit change at every BPM against the
-reading of the BPM next to the quadrupole: straight lines that all cross zero at the same reading, the BBA offset.
+**The measurement.** A quadrupole stepped by ``dK`` kicks the beam by ``-dK L (x_q - c)``: the closed orbit does
+not change when the beam passes through the centre ``c``. Over several orbits (correctors moved) the orbit change of
+the step is measured at every BPM; all BPMs see the same kick, so the changes form a rank-1 matrix (direction x
+signal) whose signal, fitted against the reading of the BPM next to the quadrupole, crosses zero at the offset: the
+*bow-tie*, without any model (:func:`bowtie_fit`).
 
-**What the offset is.** The BPM is not at the quadrupole: between them the beam moves by its angle. A scan that
-changes the beam angle at the quadrupole would find a reading that depends on the angle the scan happened to give.
-Here the offset is the BPM reading when the beam passes through the centre **with the angle it had at the
-quadrupole on the orbit the measurement started from** (the operating orbit): the golden-orbit target of the BPM.
-The part of each BPM change that the angle change at the quadrupole made (the model says it: ``R_bc - m11 R_qc``
-per corrector, ``m11`` the transfer from the quadrupole centre to the BPM) is taken out of the abscissa before the
-fit. The correction is small by choice of the corrector (the one with a large response at the quadrupole and a
-small angle change there) and its model error smaller still.
+**What the offset is.** The BPM is not at the quadrupole (up to 1.7 m on EBS): between them the beam moves by its
+angle, and a scan that changes the angle at the quadrupole finds a reading that depends on the scan. Here the
+offset is the BPM reading when the beam passes through the centre **with the angle it had at the quadrupole on the
+orbit the measurement started from** (the operating orbit): the golden-orbit target of the BPM, the same for any
+corrector and for both methods. The part of each BPM change made by the angle change at the quadrupole (the
+model's ``R_bc - m11 R_qc`` per corrector, ``m11`` the transfer from the quadrupole centre to the BPM) is taken
+out of the abscissa before the fit. The corrector is chosen so this correction is small (the largest response at
+the quadrupole among those whose orbit wave has an extremum there); its model error (a few per cent) is the
+systematic part of the uncertainty (``model_error`` x the correction at the crossing). The "geometric" offset
+(the reading of a beam at the magnet's centre, the BPM offset and the magnet offset alone) differs from it by the
+beam angle times the distance: about 11 um rms on the corrected EBS orbit; BBA cannot measure it without the
+absolute beam angle.
 
-**Parallel BBA** (``method="parallel"``, this package's design, after X. Huang, arXiv:2203.14869, for the use of
-the model to separate simultaneous signals): the quadrupoles are put in groups whose members are far apart along
-the ring (every ``n_groups``-th one in s), with signs chosen so the tune shifts of the group cancel. A betatron
-wave made by two correctors per plane about 90 degrees apart is turned through ``n_steps`` phases; at each phase
-the orbit is read with the group at its nominal strengths and stepped. The orbit difference is separated into one
-kick per quadrupole and plane by least squares on the model's kick responses (the kick's *scale* cancels in the
-crossing, only the shapes of the responses matter), the kick of each quadrupole is fitted against its BPM's
-corrected reading, and the crossing is its offset: both planes of every BPM of a group from ``2 n_steps`` orbits.
-The wave is shared by every quadrupole, so magnet moves are ``2`` per quadrupole plus a few per group, instead of
-``~2 n_steps + 3`` per BPM and plane for the serial method.
+**Quadcenter** (one BPM at a time): a probe step estimates from the model how far the beam is from the centre in
+both planes; the other plane's corrector puts the beam near its centre (a beam off-centre in the other plane
+leaks its kick through the coupling into this plane's orbit change); this plane's corrector is scanned around the
+estimated crossing with the quadrupole toggling at each point.
+
+**Parallel** (this package's design): every quadrupole still makes its orbit change alone, but the orbits are
+shared. The quadrupoles are put in blocks, each with one x and one y corrector (three per plane, spread by 60
+degrees in phase, so every quadrupole has one whose wave has an extremum near it). Per block the two correctors go
+to ``-theta``, the quadrupoles are stepped one after the other (an orbit read after each), the correctors go to
+``+theta`` and the quadrupoles go back one after the other: the difference of two consecutive reads is one
+quadrupole's orbit change, at two mirrored orbits, with the same other quadrupoles stepped (their kicks' angle
+change at the quadrupole corrected like the corrector's). One magnet move per quadrupole and orbit for both planes
+of its BPMs: about 2 moves per BPM instead of 26 for quadcenter on EBS.
+
+Simultaneous steps of many quadrupoles, separated by their model responses (after X. Huang, arXiv:2203.14869),
+were tried first and rejected: the separation depends on the model's responses, whose 4-5 % errors on a corrected,
+errored EBS leak the other quadrupoles' kicks into each one's (2-5 um errors); it saves no move either (each
+quadrupole still moves up and down at each orbit). Sharing the orbits is what saves the moves.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def _check_quads(machine: Machine, quads: Any) -> Any:
 def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Sequence[str] = ("x", "y"),
                 quads: Sequence[str] | None = None, correctors: Sequence[str] | None = None,
                 method: str = "quadcenter", n_steps: int | None = None, dk: float | None = None,
-                amplitude: float | None = None, n_avg: int = 1, max_distance: float | None = None,
+                amplitude: float | None = None, n_avg: int | None = None, max_distance: float | None = None,
                 block_size: int | None = None, settle: float = 0.0, figure_dir: str | Path | bool | None = None,
                 md: dict | None = None) -> MsgGenerator[str]:
     """Beam-based alignment: the reading of each BPM when the beam passes through the magnetic centre of its
@@ -124,7 +124,8 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
         amplitude: orbit change [m] at the quadrupole over the scan (quadcenter: half range around the centre;
             parallel: at the median quadrupole of a block at the outer orbits); default ``tools.bba.amplitude``,
             else 100 um (quadcenter), 90 um (parallel).
-        n_avg: orbit acquisitions averaged per read.
+        n_avg: orbit acquisitions averaged per read (default 1 for quadcenter; 4 for parallel, which has two
+            points per quadrupole where quadcenter has five: reads cost no magnet move).
         max_distance: a BPM whose nearest quadrupole centre is farther [m] is skipped (default
             ``tools.bba.max_distance``, else 2 m).
         block_size: parallel: quadrupoles per block (default ``tools.bba.block_size``, else 8).
@@ -145,8 +146,12 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
     if method == "parallel":
         planes = PLANES
     n_steps = int(n_steps if n_steps is not None else (2 if method == "quadcenter" else 1))
+    n_avg = int(n_avg if n_avg is not None else defaults.get("n_avg", 1 if method == "quadcenter" else 4))
     amplitude = float(amplitude if amplitude is not None else defaults.get(
         "amplitude", 100e-6 if method == "quadcenter" else 90e-6))
+    if not 0 < amplitude <= 2e-3:
+        raise ToolError(f"measure_bba: amplitude is the orbit change at the quadrupole [m], in (0, 2e-3]; got "
+                        f"{amplitude!r}. Nothing was moved.")
     max_distance = float(max_distance if max_distance is not None else defaults.get("max_distance", 2.0))
     block_size = int(block_size if block_size is not None else defaults.get("block_size", 8))
     tune_shift = float(defaults.get("tune_shift", 0.01))
@@ -176,7 +181,7 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
         raise ToolError(f"measure_bba: dk must be a relative step in (0, 0.2], got {dk!r}. Nothing was moved.")
     blocks = []
     if method == "parallel":
-        shared = {p: shared_correctors(model, p, 3, correctors) for p in PLANES}
+        shared = {p: shared_correctors(model, p, int(defaults.get("shared_correctors", 3)), correctors) for p in PLANES}
         uq = sorted({p.quad_index for p in pairs}, key=lambda q: model.quad.s[q])
         blocks = parallel_blocks(model, uq, shared, [dks[q] for q in uq], block_size=block_size,
                                  amplitude=amplitude)
