@@ -73,7 +73,7 @@ def run(n_serial: int = 20, seed: int = 1) -> dict:
 
     tmp = tempfile.mkdtemp(prefix="bench_bba_")
     m = ab.connect("ebs", mode="sim", seed=seed)
-    RE = ab.make_run_engine(catalog_dir=f"{tmp}/catalog", progress=False)  # noqa: N806
+    RE = ab.make_run_engine(catalog_dir=f"{tmp}/catalog", progress=False)
     RE(ap.correct_orbit(m, **OPERATING))
     x, y = m.twin.orbit()
     names = m.bpm.names

@@ -11,13 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import acc_bluesky as ab
-from acc_bluesky import plans as ap
-from acc_bluesky.analysis import BBAResult, bba_model, bba_pairs, bowtie_fit, true_offset, true_orbit_at_quads
-from acc_bluesky.plan_stubs.machine import BeamLostError, restore_setpoints, snapshot_setpoints
-from acc_bluesky.plan_stubs.checks import ParameterError
-from acc_bluesky.plan_stubs.tool import ToolError, remembered
 from helpers import (  # noqa: F401 - module fixtures
     Interrupt,
     draw_step,
@@ -29,6 +22,24 @@ from helpers import (  # noqa: F401 - module fixtures
     same,
 )
 
+import acc_bluesky as ab
+from acc_bluesky import plans as ap
+from acc_bluesky.analysis import (
+    BBAResult,
+    bba_model,
+    bba_pairs,
+    bowtie_fit,
+    true_offset,
+    true_orbit_at_quads,
+)
+from acc_bluesky.plan_stubs.checks import ParameterError
+from acc_bluesky.plan_stubs.machine import (
+    BeamLostError,
+    restore_setpoints,
+    snapshot_setpoints,
+)
+from acc_bluesky.plan_stubs.tool import ToolError, remembered
+
 HMBA = "tests/profiles/hmba/profile.yaml"
 # the operating orbit BBA is measured on: the default correction to zero readings
 OPERATING = dict(orm="model", figure_dir=False)
@@ -36,19 +47,19 @@ OPERATING = dict(orm="model", figure_dir=False)
 CORRECT = dict(orm="model", fit_rf=True, tikhonov=1e-4, max_iter=15, figure_dir=False)
 
 
-def _corrected(name: str, RE):  # noqa: N803
+def _corrected(name: str, RE):
     m = ab.connect(name, mode="sim", seed=1)
     RE(ap.correct_orbit(m, **OPERATING))
     return m
 
 
 @pytest.fixture(scope="module")
-def hmba(RE):  # noqa: N803
+def hmba(RE):
     return _corrected(HMBA, RE)
 
 
 @pytest.fixture(scope="module")
-def ebs(RE):  # noqa: N803
+def ebs(RE):
     return _corrected("ebs", RE)
 
 
@@ -83,7 +94,7 @@ def test_model_responses_and_transfer_match_tracking():
     qc = np.array([i for i, e in enumerate(split) if e.FamName == "QC"], dtype=np.uint32)
     sp = split.get_s_pos(range(len(split)))
     for c in list(model.correctors)[::3]:
-        fam, _, r, plane, _ = model.correctors[c]
+        _, _, r, plane, _ = model.correctors[c]
         j = next(k for k, e in enumerate(split) if abs(sp[k] - ring.get_s_pos(r)[0]) < 1e-9
                  and e.FamName == ring[r].FamName)
         col = 0 if plane == "x" else 2
@@ -184,7 +195,7 @@ def test_truth_is_the_reading_of_the_beam_through_the_magnetic_centre(hmba):
 
 # ------------------------------------------------------------------------------------------------------------
 # measurements on one cell
-def test_run_holds_one_event_per_read_and_the_result(hmba, RE, catalog, docs):  # noqa: N803
+def test_run_holds_one_event_per_read_and_the_result(hmba, RE, catalog, docs):
     uid = RE(ap.measure_bba(hmba, bpms=hmba.bpm.names[3:4], planes=("y",), n_steps=1, figure_dir=False)).plan_result
     start = catalog[uid].metadata["start"]
     assert len(events(docs)) == start["num_points"] == 2 + 2 * 3
@@ -196,7 +207,7 @@ def test_run_holds_one_event_per_read_and_the_result(hmba, RE, catalog, docs):  
     assert np.allclose(back.bowtie_z, r.bowtie_z, equal_nan=True)
 
 
-def test_quadcenter_recovers_the_offsets_and_restores(hmba, RE, tmp_path):  # noqa: N803
+def test_quadcenter_recovers_the_offsets_and_restores(hmba, RE, tmp_path):
     before = hmba.twin.snapshot()
     uid = RE(ap.measure_bba(hmba, figure_dir=tmp_path)).plan_result
     assert same(hmba.twin.snapshot(), before)
@@ -210,7 +221,7 @@ def test_quadcenter_recovers_the_offsets_and_restores(hmba, RE, tmp_path):  # no
     assert list(tmp_path.glob("measure_bba_*_bba.png"))
 
 
-def test_bad_input_refused_nothing_moved(hmba, RE):  # noqa: N803
+def test_bad_input_refused_nothing_moved(hmba, RE):
     before = hmba.twin.snapshot()
     with pytest.raises(ToolError, match="method must be one of"):
         RE(ap.measure_bba(hmba, method="fast"))
@@ -225,7 +236,7 @@ def test_bad_input_refused_nothing_moved(hmba, RE):  # noqa: N803
     assert same(hmba.twin.snapshot(), before)
 
 
-def test_dead_corrector_skips_that_bpm_only(RE):  # noqa: N803
+def test_dead_corrector_skips_that_bpm_only(RE):
     """A corrector that does not move (its supply dead): that BPM is reported and skipped, the others measured."""
     m = _corrected(HMBA, RE)
     auto = {p.corrector for p in bba_pairs(m.profile, bpms=m.bpm.names[1:3], planes=("x",))[0]}
@@ -240,7 +251,7 @@ def test_dead_corrector_skips_that_bpm_only(RE):  # noqa: N803
     assert any(s.startswith(f"{m.bpm.names[0]} x: no lever arm") and "dead or disconnected" in s for s in r.messages)
 
 
-def test_beam_lost_midway_stops_and_restores(RE, catalog):  # noqa: N803
+def test_beam_lost_midway_stops_and_restores(RE, catalog):
     m = _corrected(HMBA, RE)
     before = m.twin.snapshot()
     hook = Interrupt(m, 9, m.twin.anomalies.lose_beam)
@@ -250,7 +261,7 @@ def test_beam_lost_midway_stops_and_restores(RE, catalog):  # noqa: N803
 
 
 @pytest.mark.parametrize("method", ["quadcenter", "parallel"])
-def test_interrupted_bba_restores_every_setpoint(method, hmba, RE):  # noqa: N803
+def test_interrupted_bba_restores_every_setpoint(method, hmba, RE):
     before = hmba.twin.snapshot()
     stops = []
     token = RE.subscribe(lambda n, d: stops.append(d) if n == "stop" else None)
@@ -265,13 +276,13 @@ def test_interrupted_bba_restores_every_setpoint(method, hmba, RE):  # noqa: N80
 
 # ------------------------------------------------------------------------------------------------------------
 # EBS: parallel against serial, the golden orbit
-def test_ebs_parallel_against_serial_and_golden_orbit(ebs, RE):  # noqa: N803
+def test_ebs_parallel_against_serial_and_golden_orbit(ebs, RE):
     names = ebs.bpm.names
     serial_bpms = [names[i] for i in range(3, len(names), 45)]
     us = RE(ap.measure_bba(ebs, bpms=serial_bpms, figure_dir=False)).plan_result
     up = RE(ap.measure_bba(ebs, method="parallel", figure_dir=False)).plan_result
     rs, rp = remembered(us)[1], remembered(up)[1]
-    es, uns, _ = _errors(ebs, rs)
+    es, _, _ = _errors(ebs, rs)
     ep, unp, pp = _errors(ebs, rp)
     assert ep.size == 2 * len(names) and rp.method == "parallel"
     assert _rms(es) < 1.5e-6 and _rms(ep) < 1.5e-6
@@ -288,5 +299,5 @@ def test_ebs_parallel_against_serial_and_golden_orbit(ebs, RE):  # noqa: N803
     golden = RE(ap.apply_bba(ebs, bba=up)).plan_result
     RE(ap.correct_orbit(ebs, target=golden, **CORRECT))
     assert zero / _rms(true_orbit_at_quads(ebs.twin, quads)) >= 3.0
-    gx, gy, meas = rp.golden_orbit(names)
+    gx, _, meas = rp.golden_orbit(names)
     assert meas.all() and np.allclose(remembered(golden)[1]["golden_x"], gx)

@@ -126,7 +126,6 @@ class BbaModel:
         for fname, fam in profile.families.items():
             if fam.spec.type != "quadrupole":
                 continue
-            attr, idx = fam.spec.field_parts
             for i, r in enumerate(np.asarray(fam.refpts).tolist()):
                 e = ring[int(r)]
                 k = float(np.asarray(getattr(e, "PolynomB", [0.0, 0.0]))[1]) if len(getattr(e, "PolynomB", [])) > 1 \
@@ -590,7 +589,7 @@ def bowtie_fit(z: npt.ArrayLike, d: npt.ArrayLike, *, sigma: float | None = None
         if dd.shape[1] == 0 or good.sum() < min_points:
             return BowtieFit(nan, nan, z, np.full(t, nan), np.zeros(order + 1), nan, ~good, nan, nan,
                              message="no finite orbit changes")
-        u, s, vt = np.linalg.svd(dd[good], full_matrices=False)
+        _, _, vt = np.linalg.svd(dd[good], full_matrices=False)
         direction = vt[0]
         a = dd @ direction
         if sigma is None:

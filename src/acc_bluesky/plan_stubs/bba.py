@@ -19,7 +19,7 @@ from bluesky.utils import MsgGenerator
 from ..analysis.bba import PLANES, BbaModel, BbaPair, Block, kick_estimate
 from .machine import Record, emit, move, read_orbit
 
-__all__ = ["MoveCounter", "PointSet", "bba_record", "serial_scan", "block_sweep", "BBASkip"]
+__all__ = ["BBASkip", "MoveCounter", "PointSet", "bba_record", "block_sweep", "serial_scan"]
 
 
 class BBASkip(RuntimeError):

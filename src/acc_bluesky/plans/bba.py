@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from bluesky.utils import MsgGenerator
 
+from ..analysis._common import rms
 from ..analysis.bba import (
     PLANES,
     BBAResult,
@@ -26,15 +27,21 @@ from ..analysis.bba import (
     quadrupole_step,
     shared_correctors,
 )
-from ..analysis._common import rms
 from ..machine import Machine
-from ..plan_stubs.bba import BBASkip, MoveCounter, PointSet, bba_record, block_sweep, serial_scan
+from ..plan_stubs.bba import (
+    BBASkip,
+    MoveCounter,
+    PointSet,
+    bba_record,
+    block_sweep,
+    serial_scan,
+)
 from ..plan_stubs.machine import snapshot_setpoints
 from ..plan_stubs.runs import resolve
 from ..plan_stubs.tool import Restore, ToolError, ToolResult, open_tool_run, tool
 from ..profile import LimitError
 
-__all__ = ["measure_bba", "apply_bba"]
+__all__ = ["measure_bba", "apply_bba"]  # noqa: RUF022 - the order of the tools
 
 METHODS = ("quadcenter", "parallel")
 
@@ -270,8 +277,7 @@ def _result(machine: Machine, model, pairs, points, blocks, counter: MoveCounter
     names = list(dict.fromkeys(p.bpm for p in pairs))
     row = {b: k for k, b in enumerate(names)}
     n = len(names)
-    nan2 = lambda: np.full((n, 2), np.nan)  # noqa: E731
-    off, unc, chi2, snr, stat, sys_, corr = nan2(), nan2(), nan2(), nan2(), nan2(), nan2(), nan2()
+    off, unc, chi2, snr, stat, sys_, corr = (np.full((n, 2), np.nan) for _ in range(7))
     rej, npts = np.zeros((n, 2), dtype=int), np.zeros((n, 2), dtype=int)
     first_new = len(messages)
     qn = [["", ""] for _ in range(n)]
