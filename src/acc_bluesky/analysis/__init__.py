@@ -50,6 +50,9 @@ from .trajectory import (
     trajectory_step,
 )
 
+# --- beam-based alignment (bba engineer) -----------------------------------------------------------------------
+from .bba import BBAResult, BbaModel, BbaPair, bba_model, bba_pairs, bowtie_fit, true_offset, true_orbit_at_quads
+
 # --- optics tools (tune, chromaticity: written by the optics engineer) ----------------------------------------
 from .tune import *  # noqa: E402,F403
 from .chromaticity import *  # noqa: E402,F403
@@ -108,6 +111,15 @@ __all__ = [
     "model_trajectory_response",
     "thread_first_turns",
     "trajectory_step",
+    # beam-based alignment
+    "BBAResult",
+    "BbaModel",
+    "BbaPair",
+    "bba_model",
+    "bba_pairs",
+    "bowtie_fit",
+    "true_offset",
+    "true_orbit_at_quads",
     # optics tools
     *_tune.__all__,
     *_chromaticity.__all__,

@@ -66,6 +66,10 @@ BOUNDS: dict[str, Bound] = {
     "dp_max": Bound(0, 0.05, "largest momentum deviation of the scan", open_low=True),
     "order": Bound(1, 3, "polynomial order of the fit"),
     "n_correctors": Bound(3, 4, "correctors of the bump"),
+    # beam-based alignment (bba engineer)
+    "dk": Bound(0, 0.2, "relative quadrupole step", open_low=True),
+    "block_size": Bound(1, 64, "quadrupoles per block"),
+    "max_distance": Bound(0, None, "largest BPM-quadrupole distance [m]", open_low=True),
 }
 
 

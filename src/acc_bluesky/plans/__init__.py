@@ -13,4 +13,8 @@ from .orbit import *  # noqa: F403
 from . import optics as _optics  # noqa: E402
 from .optics import *  # noqa: E402,F403
 
-__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__]
+# --- beam-based alignment (bba engineer) -------------------------------------------------------------------
+from . import bba as _bba  # noqa: E402
+from .bba import *  # noqa: E402,F403
+
+__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__]
