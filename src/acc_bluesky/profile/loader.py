@@ -206,6 +206,13 @@ class Profile:
         ring = self._design_lattice
         return [type(e).__name__ for e in ring], [e.FamName for e in ring]
 
+    @functools.cached_property
+    def _by_class(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, c in enumerate(self._element_table[0]):
+            out.setdefault(c, []).append(i)
+        return out
+
     def select(self, sel: Selector, where: str = "select", field: tuple[str, int | None] | None = None,
                empty_ok: bool = False) -> np.ndarray:
         """Lattice indices selected by ``sel`` (class, name regex, exclude regex, design strength).
@@ -218,9 +225,9 @@ class Profile:
         name_re = re.compile(sel.name) if sel.name else None
         excl_re = re.compile(sel.exclude) if sel.exclude else None
         idx = []
-        for i, (cn, fn) in enumerate(zip(cls_names, fam_names)):
-            if classes and cn not in classes:
-                continue
+        cand = sorted(i for c in classes for i in self._by_class.get(c, ())) if classes else range(len(cls_names))
+        for i in cand:
+            cn, fn = cls_names[i], fam_names[i]
             if name_re is not None and not name_re.fullmatch(fn):
                 continue
             if excl_re is not None and excl_re.fullmatch(fn):

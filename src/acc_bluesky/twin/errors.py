@@ -225,23 +225,23 @@ def _apply_errors(ring, em: ErrorModel) -> None:
 class _Alignment:
     """The alignment of an error set on a lattice copy, rescaled in place fast (for the scale search).
 
-    pyAT's ``shift_elem``/``tilt_elem`` write the element's T1/T2/R1/R2 at scale 1 once; a new scale writes
-    ``s*T1``, ``s*T2`` and the rotation by ``s*roll`` (the translations are linear in the errors to first order)."""
+    Writes the entrance/exit translations ``T1 = -(dx, 0, dy, 0, 0, 0)``, ``T2 = -T1`` and the rotations ``R1``/``R2``
+    by the roll, scaled by ``s``, in place (pyAT's converted lattice stays valid with ``keep_lattice``). This is
+    pyAT's ``shift_elem``/``tilt_elem`` but for the small translation a roll adds on a bend (second order here)."""
 
     def __init__(self, ring, em: ErrorModel):
-        import at
-
-        self.ring = ring
         self.items = []
         for r in sorted(set(em.dx) | set(em.dy) | set(em.roll)):
             e = ring[r]
-            at.shift_elem(e, em.dx.get(r, 0.0), em.dy.get(r, 0.0))
-            if r in em.roll:
-                at.tilt_elem(e, em.roll[r])
-            # own contiguous arrays, rewritten in place: pyAT's converted lattice (keep_lattice) stays valid
-            for a in ("T1", "T2", *(("R1", "R2") if r in em.roll else ())):
-                setattr(e, a, np.ascontiguousarray(getattr(e, a), dtype=np.float64).copy())
-            self.items.append((e, e.T1.copy(), e.T2.copy(), em.roll.get(r, 0.0)))
+            t = np.zeros(6)
+            t[0], t[2] = em.dx.get(r, 0.0), em.dy.get(r, 0.0)
+            e.T1 = -t
+            e.T2 = t.copy()
+            roll = em.roll.get(r, 0.0)
+            if roll:
+                e.R1 = np.eye(6)
+                e.R2 = np.eye(6)
+            self.items.append((e, -t, t.copy(), roll))
 
     def scale(self, s: float) -> None:
         for e, t1, t2, roll in self.items:
@@ -255,22 +255,62 @@ class _Alignment:
                     m[2, 0] = m[3, 1] = -sg * sn
 
 
+_IDX5 = np.array([0, 1, 2, 3, 5])
+
+
+def _orbit4(ring, bpms: np.ndarray, keep: bool, tol: float = 1e-11, max_iter: int = 30):
+    """4D closed orbit at fixed path length (pyAT's ``find_orbit4(dct=0)`` Newton) with the fast engine calls.
+
+    Returns ``(z, positions (nbpm, 6), one-turn 4x4 map)`` or a reason string."""
+    from . import _engine
+
+    step = 3e-8
+    delta = np.zeros((6, 6), order="F")
+    for i in range(5):
+        delta[i, i] = step
+    id5 = np.zeros((5, 5))
+    id5[np.arange(4), np.arange(4)] = 1.0
+    z = np.zeros(6)
+    end = [len(ring)]
+    for _ in range(max_iter):
+        out = _engine.track(ring, z.reshape(6, 1) + delta, end, keep)[:, :, 0, 0]
+        keep = True
+        if not np.all(np.isfinite(out)):
+            return "no closed orbit (tracking lost the particle)"
+        a = (out[_IDX5, :5] - out[_IDX5, 5:]) / step - id5
+        b = out[_IDX5, 5] - np.append(z[:4], 0.0)
+        try:
+            dz = np.linalg.solve(a, b)
+        except np.linalg.LinAlgError:
+            return "no closed orbit (singular one-turn map)"
+        z[:5] -= dz
+        if not np.all(np.isfinite(z)) or np.max(np.abs(z[:4])) > 1.0:
+            return "no closed orbit (the Newton search diverged)"
+        if np.linalg.norm(dz) < tol:
+            break
+    else:
+        return "no closed orbit (the Newton search did not converge)"
+    refs = np.append(np.asarray(bpms, dtype=np.uint32), len(ring))
+    pos = _engine.track(ring, z.reshape(6, 1).copy(), refs, True)[:, 0, :-1, 0].T
+    return z, pos, a[:4, :4] + np.eye(4)
+
+
 def _probe(profile: Profile, ring, keep: bool = False) -> OrbitCheck:
     """Closed orbit (ring) or trajectory (line) of ``ring`` at the BPMs, with the twin's loss criteria.
 
-    ``keep``: reuse pyAT's converted lattice (the caller holds the engine lock and only changed arrays in place)."""
-    import at
+    ``keep``: reuse the engine's converted lattice (only arrays changed in place since it was converted)."""
+    from . import _engine
 
     beam = profile.spec.beam
     bpms = profile.bpm_refpts
-    with warnings.catch_warnings():
+    with _engine.ENGINE_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             if profile.kind == "ring":
-                z, pos = at.find_orbit4(ring, refpts=bpms, keep_lattice=keep)
-                if not np.all(np.isfinite(z)):
-                    return OrbitCheck(False, reason="no closed orbit (tracking lost the particle)")
-                m44, _ = at.find_m44(ring, orbit=z, keep_lattice=True)
+                res = _orbit4(ring, bpms, keep)
+                if isinstance(res, str):
+                    return OrbitCheck(False, reason=res)
+                z, pos, m44 = res
                 rho = float(np.max(np.abs(np.linalg.eigvals(m44))))
                 if rho > 1.0 + 1e-3:
                     return OrbitCheck(False, reason=f"unstable optics (one-turn eigenvalue modulus {rho:.4g})")
@@ -281,8 +321,7 @@ def _probe(profile: Profile, ring, keep: bool = False) -> OrbitCheck:
                 if co is not None:
                     co = np.atleast_1d(np.asarray(co, dtype=float))
                     z[:len(co)] = co
-                out = at.lattice_pass(ring, z.reshape(6, 1).copy(), refpts=bpms, keep_lattice=keep)
-                pos = out[:, 0, :, 0].T
+                pos = _engine.track(ring, z.reshape(6, 1).copy(), bpms, keep)[:, 0, :, 0].T
         except Exception as err:  # noqa: BLE001 - pyAT raises AtError, LinAlgError...
             return OrbitCheck(False, reason=f"no closed orbit: {err}")
     x, y = pos[:, 0], pos[:, 2]
@@ -349,16 +388,20 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     from . import _engine
 
-    base = profile.load_lattice()
+    ring = profile.load_lattice()  # one copy for every seed: the errors are rewritten, the fields restored
+    design: dict[int, np.ndarray] = {}
     limits: dict[int, float] = {}
     for seed in seeds:
         unit = ErrorModel.generate(profile, seed, scale=1.0)
-        ring = base.deepcopy()
-        _apply_errors(ring, unit.scaled(0.0))  # field errors only
+        for r in unit.field:
+            design.setdefault(r, np.array(getattr(ring[r], "PolynomB", np.zeros(1)), dtype=float))
+        for r, pb in design.items():
+            ring[r].PolynomB = pb.copy()
+        _apply_errors(ring, ErrorModel(field=unit.field))  # field errors; the alignment is rescaled below
         align = _Alignment(ring, unit)
         state = {"converted": False}
 
-        def ok(s: float, align=align, ring=ring, state=state) -> bool:
+        def ok(s: float, align=align, state=state) -> bool:
             with _engine.ENGINE_LOCK:  # the converted lattice is global: nobody else tracks meanwhile
                 keep = state["converted"] and _engine.generation() == state.get("gen")
                 align.scale(s)
