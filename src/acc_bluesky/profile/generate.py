@@ -60,7 +60,7 @@ _ID_NAME = re.compile(r"(?i).*(und|uind|wig|\bid\b|ivu|epu).*")
 _PREFIX_PLANE = re.compile(r"^([hvxy])(c|cm|cor|corr|st|str|steer|k|kick|t|trim)")
 _SUFFIX_PLANE = re.compile(r"(c|co|cm|cor|corr|st|k|kick|trim|m)([hvxy])$")
 
-_KICK_CAL, _KICK_LIM = 1.0e-5, 40.0  # rad/A and A: +-0.4 mrad
+_KICK_CAL, _KICK_LIM, _KICK_LIM_LINE = 1.0e-5, 40.0, 100.0  # rad/A; A: +-0.4 mrad in rings, +-1 mrad in lines
 
 
 def _load(path: Path, **kw):
@@ -319,7 +319,7 @@ def _between_bends(table: _Table, i: int) -> bool:
 
 
 def _correctors(table: _Table, families: dict, notes: list[str], warns: list[str], excluded: list[dict],
-                steer_quadrupoles: bool) -> None:
+                steer_quadrupoles: bool, kind: str = "ring") -> None:
     cors = table.of("Corrector")
     names = {table.name[i] for i in cors}
     edges = _edge_kick_of(table, names)
@@ -361,7 +361,8 @@ def _correctors(table: _Table, families: dict, notes: list[str], warns: list[str
     vy = sorted([i for i in marked if planes[i] == "y"] + two_plane)
     _exclusions(table, sorted(reasons), "Corrector", lambda n, r=reasons, t=table: next(
         r[i] for i in r if t.name[i] == n), excluded)
-    common = {"calibration": {"linear": _KICK_CAL}, "physics_units": "rad", "limits": [-_KICK_LIM, _KICK_LIM]}
+    lim = _KICK_LIM_LINE if kind == "line" else _KICK_LIM
+    common = {"calibration": {"linear": _KICK_CAL}, "physics_units": "rad", "limits": [-lim, lim]}
     if hx:
         families["HCM"] = {"type": "hcor", "select": _exact_selector(table, hx, ["Corrector"], plane_token=True),
                            "field": "KickAngle[0]", **common, "description": "horizontal correctors"}
@@ -613,7 +614,7 @@ def generate_profile(lattice_file: str | Path, *, name: str | None = None, facil
 
     bpm_sel, bpm_idx = _bpms(table, notes, warns, excluded)
     families: dict[str, Any] = {}
-    _correctors(table, families, notes, warns, excluded, steer_quadrupoles)
+    _correctors(table, families, notes, warns, excluded, steer_quadrupoles, kind)
     taken = set(families)
     for ftype, attr, index, idx in _magnet_groups(table):
         families.update(_families_of(table, ftype, attr, index, idx, taken, notes))

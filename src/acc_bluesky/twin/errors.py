@@ -368,11 +368,12 @@ class ScaleSearch:
 
     def describe(self) -> str:
         lim = min(self.limits.values())
-        capped = " (capped: the design tolerances themselves keep a closed orbit)" if self.scale >= self.cap else ""
-        return (f"alignment errors scaled by {self.scale:.3g} = {self.fraction:g} x {lim:.3g}, the largest scale "
-                f"that kept a closed orbit for every one of seeds {self.seeds[0]}-{self.seeds[-1]} "
-                f"(per seed: {', '.join(f'{v:.3g}' for v in self.limits.values())}){capped}; above it a real machine "
-                "needs first-turn threading before orbit tools")
+        how = (f"the cap {self.cap:g}: the tolerances as written keep a closed orbit up to {lim:.3g}x"
+               if self.scale >= self.cap else f"{self.fraction:g} x {lim:.3g}")
+        return (f"alignment errors scaled by {self.scale:.3g} ({how}; {lim:.3g} is the largest scale that kept a "
+                f"closed orbit for every one of seeds {self.seeds[0]}-{self.seeds[-1]}, per seed: "
+                f"{', '.join(f'{v:.3g}' for v in self.limits.values())}); above it a real machine needs first-turn "
+                "threading before orbit tools")
 
 
 def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5), *, fraction: float = 0.5,
