@@ -403,9 +403,8 @@ def correction_floor(solver: SvdCorrector, deviation: npt.ArrayLike, n_sv: int, 
     om = solver.obs_mask
     d = np.asarray(deviation, dtype=float)[om]
     d = np.where(np.isfinite(d), d, 0.0)
-    r = solver.weighted_response[np.ix_(om, solver.var_mask)]
-    u = np.linalg.svd(r, full_matrices=False)[0][:, :int(n_sv)]
     w = 1.0 / solver.obsweights[om]  # importance: the SVD lives in the weighted space
+    u = (solver._uh[:int(n_sv)] / w).T  # the solver's left singular vectors (its _uh is U^T scaled by w)
     resid = (d * w - u @ (u.T @ (d * w))) / w
     noise = float(bpm_noise) / math.sqrt(max(int(n_avg), 1))
     return float(math.sqrt(float(np.mean(resid * resid)) + noise * noise))

@@ -84,7 +84,8 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
             if halved:
                 note += f"; the field errors were halved {halved} time(s): at the class table no seed had a closed orbit"
             prof["generated"]["errors"] = note
-            path = write_profile(lattice, out, name=name, profile=prof)
+            ring = profile._design_lattice  # the same lattice file: not read a third time
+            path = write_profile(lattice, out, name=name, profile=prof, design_lattice=ring)
             profile = load_profile(path)
             orbit = search.check
         else:

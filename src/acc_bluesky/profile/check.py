@@ -125,7 +125,11 @@ def check_profile(profile: Profile, orbit: Any = None, orbit_seed: int | None = 
         warnings.simplefilter("ignore")
         try:
             if profile.kind == "ring":
-                _, _, ld = at.get_optics(ring, refpts=range(len(ring) + 1))  # the phase accumulates: integer tunes
+                # the phase accumulates: sampled at every focusing element (< 2 pi apart) and at the end, it
+                # gives the integer tunes too
+                refs = np.append(ring.get_uint32_index(lambda e: hasattr(e, "PolynomB") or
+                                                       getattr(e, "BendingAngle", 0.0) != 0.0), len(ring))
+                _, _, ld = at.linopt6(ring, refpts=refs)
                 rep.tunes = np.asarray(ld.mu[-1][:2] / (2 * np.pi), dtype=float)
                 rep.chromaticity = np.asarray(at.get_chrom(ring)[:2], dtype=float)
                 if not np.all(np.isfinite(rep.tunes)):
@@ -136,7 +140,7 @@ def check_profile(profile: Profile, orbit: Any = None, orbit_seed: int | None = 
                 if not tw:
                     rep.warnings.append("line without twiss_in: no entrance optics, the optics tools cannot run")
                 else:
-                    _, _, ld = at.get_optics(ring, refpts=len(ring), twiss_in=tw)
+                    _, _, ld = at.linopt6(ring, refpts=len(ring), twiss_in=tw)
                     rep.exit_beta = np.asarray(ld.beta[-1], dtype=float)
         except Exception as err:  # noqa: BLE001 - pyAT: unstable optics
             if profile.kind == "ring":

@@ -764,10 +764,11 @@ def dump_profile(prof: Mapping[str, Any], header: str = "") -> str:
 
 def write_profile(lattice_file: str | Path, out_dir: str | Path | None = None, *, name: str | None = None,
                   facility: str | None = None, kind: str | None = None, profile: Mapping[str, Any] | None = None,
-                  **kw: Any) -> Path:
+                  design_lattice: Any = None, **kw: Any) -> Path:
     """Generate (or take ``profile``) and write ``<out_dir>/profile.yaml``; returns its path (validated by loading
-    it back). ``kw`` go to :func:`generate_profile`."""
-    from .loader import load_profile
+    it back). ``kw`` go to :func:`generate_profile`; ``design_lattice``: the profile's lattice already read (the
+    validation then does not read the file again)."""
+    from .loader import load_profile, preload_lattice
 
     lattice_file = Path(lattice_file)
     name = name or _safe(lattice_file.stem).lower()
@@ -786,5 +787,7 @@ def write_profile(lattice_file: str | Path, out_dir: str | Path | None = None, *
     tmp.replace(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if design_lattice is not None:
+            preload_lattice(path, design_lattice)
         load_profile(path)
     return path

@@ -182,6 +182,9 @@ class Profile:
 
     @functools.cached_property
     def _design_lattice(self):
+        pre = _PRELOADED.pop(self.path, None)
+        if pre is not None:
+            return pre
         src = self.spec.lattice
         opts = dict(src.options)
         if self.spec.rf.harmonic_number and "harmonic_number" not in opts:
@@ -443,6 +446,15 @@ class Profile:
     def tool_defaults(self, tool: str) -> dict:
         """The profile's default parameters of ``tool`` (``tools.<tool>``), typed at load."""
         return dict(self.spec.tools.get(tool, {}))
+
+
+_PRELOADED: dict[Path, object] = {}
+
+
+def preload_lattice(path: str | os.PathLike, lattice) -> None:
+    """Give the next load of the profile at ``path`` its design lattice already read (the generator rewrites a
+    profile of the same lattice: no need to read the file again). Used once, then forgotten."""
+    _PRELOADED[Path(path).resolve()] = lattice
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:
