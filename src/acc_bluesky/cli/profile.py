@@ -68,12 +68,12 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
         path = write_profile(lattice, out, name=name, profile=prof)
         profile = load_profile(path)
         orbit = None
-        if seeds > 0:
+        if seeds > 0 and prof["errors"]["scale"] > 0:  # scale 0: the file carries its own errors
             halved = 0
             while True:
                 search = closed_orbit_scale(profile, seeds=range(1, seeds + 1))
-                if min(search.limits.values()) > 0 or halved >= 4:
-                    break
+                if min(search.limits.values()) > 0 or halved >= 4 or check_closed_orbit(profile, 1, 0.0).found:
+                    break  # (alignment is the cause when the field errors alone keep a closed orbit)
                 halved += 1  # the field errors alone leave no closed orbit: halve them
                 for m in prof["errors"]["magnets"]:
                     m["field"] = float(f"{m['field'] / 2:.2g}")

@@ -27,6 +27,7 @@ The YAML has one line per family and no anchors or aliases.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections import Counter
@@ -39,8 +40,8 @@ import yaml
 
 from .lattice_io import read_lattice
 
-__all__ = ["generate_profile", "write_profile", "dump_profile", "guess_kind", "plane_from_name", "BPM_NAME",
-           "NOT_BPM_NAME"]
+__all__ = ["generate_profile", "write_profile", "dump_profile", "guess_kind", "plane_from_name", "parse_twiss_in",
+           "carries_misalignments", "BPM_NAME", "NOT_BPM_NAME"]
 
 #: names of beam position monitors (strong: a Monitor or a Marker so named is a BPM)
 BPM_NAME = re.compile(r"(?i).*(bpm|pick.?up|beam.?pos).*")
@@ -65,6 +66,23 @@ _KICK_CAL, _KICK_LIM, _KICK_LIM_LINE = 1.0e-5, 40.0, 100.0  # rad/A; A: +-0.4 mr
 
 def _load(path: Path, **kw):
     return read_lattice(path, **kw)
+
+
+def carries_misalignments(ring) -> int:
+    """How many elements of ``ring`` the file already shifts or rolls (T1/T2/R1/R2 not identity)."""
+    n = 0
+    eye = np.eye(6)
+    for e in ring:
+        for a in ("T1", "T2"):
+            v = getattr(e, a, None)
+            if v is not None and np.any(np.asarray(v) != 0):
+                n += 1
+                break
+        else:
+            v = getattr(e, "R1", None)
+            if v is not None and not np.array_equal(np.asarray(v), eye):
+                n += 1
+    return n
 
 
 def guess_kind(ring) -> str:
@@ -179,27 +197,28 @@ def _exact_selector(table: _Table, idx: Sequence[int], classes: Sequence[str], *
     cls = sorted(set(classes))
     cls_v: str | list[str] = cls[0] if len(cls) == 1 else cls
     names = [table.name[i] for i in target]
-    # candidates from the most readable to the most explicit; the first that selects exactly idx wins
+    # candidates from the most readable to the most explicit; the first that selects exactly idx wins (a
+    # strength is added only where the names alone do not select the family)
     uniq = sorted(set(names))
     stems = sorted({_stem_regex(n) for n in names})
-    cands: list[dict[str, Any]] = [{"class": cls_v}] if strength is None else []
-    if len(uniq) <= 3:
-        cands.append({"class": cls_v, "name": _alternation(re.escape(n) for n in uniq)})
     prefixes = [sorted({_prefix_regex(n, k) for n in names}) for k in range(3)]
+    by_name: list[dict[str, Any]] = [{"class": cls_v}]
+    if len(uniq) <= 3:
+        by_name.append({"class": cls_v, "name": _alternation(re.escape(n) for n in uniq)})
     if plane_token:
-        cands += [{"class": cls_v, "name": _alternation(pf)} for pf in prefixes if len(pf) < len(stems)]
-    cands.append({"class": cls_v, "name": _alternation(stems)})
-    cands += [{"class": cls_v, "name": _alternation(pf)} for pf in prefixes[:2] if len(pf) < len(stems)]
+        by_name += [{"class": cls_v, "name": _alternation(pf)} for pf in prefixes if len(pf) < len(stems)]
+    by_name.append({"class": cls_v, "name": _alternation(stems)})
+    by_name += [{"class": cls_v, "name": _alternation(pf)} for pf in prefixes[:2] if len(pf) < len(stems)]
+    explicit = {"class": cls_v, "name": _alternation(re.escape(n) for n in uniq)}
+    cands = list(by_name)
     if strength is not None:
-        cands.append({"class": cls_v})
-    cands.append({"class": cls_v, "name": _alternation(re.escape(n) for n in uniq)})
+        cands += [{**c, "strength": float(strength)} for c in by_name[1:] + by_name[:1]]
+    cands.append(explicit)
     for c in cands:
-        if strength is not None:
-            c = {**c, "strength": float(strength)}
         if table.select(c, field) == target:
             return c
-    # explicit names and, for strength groups, the strength (cannot fail but for equal names of other strength)
-    return cands[-1] if strength is None else {**cands[-1], "strength": float(strength)}
+    # explicit names and the strength (only equal names of another strength are left out by it)
+    return explicit if strength is None else {**explicit, "strength": float(strength)}
 
 
 def _safe(name: str) -> str:
@@ -234,7 +253,7 @@ def _bpms(table: _Table, notes: list[str], warns: list[str], excluded: list[dict
         quads = table.of("Quadrupole")
         warns.append("BPMs: the lattice has no Monitor and no BPM-named marker: one BPM per quadrupole is ASSUMED "
                      "(at its entrance); replace bpm.select with the real BPMs")
-        return {"select": {"class": "Quadrupole"}}, quads
+        return {"class": "Quadrupole"}, quads
     classes = sorted({table.cls[i] for i in chosen})
     # a readable selector: the BPM name pattern when it selects exactly these, else a synthesized one
     sel: dict[str, Any] = {"class": classes[0] if len(classes) == 1 else classes}
@@ -308,10 +327,11 @@ def _edge_kick_of(table: _Table, names: set[str]) -> dict[str, str]:
 
 
 def _between_bends(table: _Table, i: int) -> bool:
-    """Whether element ``i`` has a bend on both sides (drifts, markers and monitors aside)."""
+    """Whether element ``i`` has a bend on both sides (drifts, markers, monitors, thin kicks aside)."""
     def neighbour(step: int) -> str | None:
         k = i + step
-        while 0 <= k < len(table.cls) and table.cls[k] in ("Drift", "Marker", "Monitor"):
+        while 0 <= k < len(table.cls) and (table.cls[k] in ("Drift", "Marker", "Monitor") or (
+                table.cls[k] == "Corrector" and not getattr(table.ring[k], "Length", 0.0))):  # edge kicks aside
             k += step
         return table.cls[k] if 0 <= k < len(table.cls) else None
 
@@ -459,25 +479,49 @@ def _label(table: _Table, name: str) -> str:
     return _safe("_".join(keep))
 
 
+def _kind_token(table: _Table, name: str) -> str:
+    """The magnet-kind letters of a device name: the leading letters of its first token that the whole lattice
+    does not share (``ARS01_MQUA_0550`` -> ``MQUA``, ``QF4A`` -> ``QF``, ``qa_nor_12`` -> ``qa``)."""
+    for tok in re.split(r"[^A-Za-z0-9]+", name):
+        m = re.match(r"[A-Za-z]+", tok)
+        if m and m.group(0) not in table.common_tokens:
+            return m.group(0)
+    return re.sub(r"[^A-Za-z]", "", name) or name
+
+
+def _cluster_name(table: _Table, names: list[str]) -> str:
+    """A family name from its devices' names: the tokens they all share (lattice-wide tokens aside), else their
+    common prefix (``QF4A, QF4B, QF4E`` -> ``QF4``; ``ARS01_MQUA_1260 ... ARS12_MQUA_1260`` -> ``MQUA_1260``)."""
+    toks = [re.split(r"[^A-Za-z0-9]+", n) for n in names]
+    common = [t for t in toks[0] if t and all(t in tt for tt in toks[1:])
+              and re.sub(r"\d+", "", t) not in table.common_tokens]
+    if common:
+        return _safe("_".join(common))
+    pre = re.sub(r"[^A-Za-z0-9]+$", "", os.path.commonprefix(names))
+    return _safe(pre) if len(pre) >= 2 else _label(table, names[0])
+
+
 def _families_of(table: _Table, ftype: str, attr: str, index: int, idx: list[int], taken: set[str],
                  notes: list[str]) -> dict[str, Any]:
+    """Families of one kind of magnet: a shared FamName is a family; magnets named per device (unique FamNames)
+    of one kind (``_kind_token``) and equal design strength are a family."""
     field = (attr, index)
     counts = Counter(table.name[i] for i in idx)
     groups: dict[tuple, list[int]] = {}
     for i in idx:
         n = table.name[i]
-        key = ("name", n) if counts[n] > 1 else ("stem", _stem_regex(n))
+        key = ("name", n) if counts[n] > 1 else ("kind", _kind_token(table, n))
         groups.setdefault(key, []).append(i)
     fams: dict[str, Any] = {}
     split = 0
     classes_all = sorted({table.cls[i] for i in idx})
     for key, members in groups.items():
-        if key[0] == "name" or len(members) == 1:
+        if key[0] == "name":
             subs = [(members, None)]
         else:  # named per device: equal design strength makes a family
-            vals = [table.value(i, attr, index) for i in members]
             clusters: list[tuple[float, list[int]]] = []
-            for i, v in zip(members, vals):
+            for i in members:
+                v = table.value(i, attr, index)
                 for c in clusters:
                     if abs(v - c[0]) <= 1e-6 * max(abs(c[0]), 1e-12 if c[0] else 1.0):
                         c[1].append(i)
@@ -485,13 +529,18 @@ def _families_of(table: _Table, ftype: str, attr: str, index: int, idx: list[int
                 else:
                     clusters.append((v, [i]))
             subs = [(m, v) for v, m in clusters]
-            split += 1
-        for k, (mem, strength) in enumerate(subs):
-            base = (_safe(table.name[mem[0]]) if key[0] == "name" or len(members) == 1
-                    else _label(table, table.name[members[0]]))
-            fname = base if len(subs) == 1 else f"{base}_{k + 1}"
+            split += len(members) > 1
+        for mem, strength in subs:
+            if key[0] == "name":
+                base = _safe(table.name[mem[0]])
+            else:
+                base = _cluster_name(table, [table.name[i] for i in mem])
+                if key[1].lower() not in base.lower():  # the kind first: QF11_MPW, QF18_MPW -> QF_MPW
+                    base = _safe(f"{key[1]}_{base}")
+            fname, k = base, 1
             while fname in taken:
-                fname = f"{fname}x"
+                k += 1
+                fname = f"{base}_{k}"
             taken.add(fname)
             classes = sorted({table.cls[i] for i in mem})
             sel = _exact_selector(table, mem, classes, strength=strength, field=field if strength is not None else None)
@@ -505,8 +554,8 @@ def _families_of(table: _Table, ftype: str, attr: str, index: int, idx: list[int
                            "physics_units": _UNITS.get(index, "") if attr == "PolynomB" else "m^-2",
                            "limits": [-lim, lim], "description": desc}
     if split:
-        notes.append(f"{ftype} families: {split} name stem(s) of {'/'.join(classes_all)} named per device, split by "
-                     "equal design strength")
+        notes.append(f"{ftype} families: {'/'.join(classes_all)} named per device, grouped by kind and equal design "
+                     "strength")
     return fams
 
 
@@ -684,8 +733,13 @@ def generate_profile(lattice_file: str | Path, *, name: str | None = None, facil
         magnets.append({"select": {"class": "Sextupole"}, "dx": 70e-6, "dy": 50e-6, "roll": 150e-6, "field": 3.5e-3})
     if "Dipole" in present:
         magnets.append({"select": {"class": "Dipole"}, "dx": 100e-6, "dy": 100e-6, "roll": 150e-6, "field": 1e-3})
+    misaligned = carries_misalignments(ring)
+    if misaligned:
+        notes.append(f"errors: the lattice file already shifts or rolls {misaligned} elements (a machine with its "
+                     "errors): the twin adds no alignment errors (errors.scale 0); the twin's errors would replace "
+                     "the file's on the elements they touch")
     prof["errors"] = {
-        "truncation": 2.5, "scale": 1.0, "magnets": magnets,
+        "truncation": 2.5, "scale": 0.0 if misaligned else 1.0, "magnets": magnets,
         "bpm": {"offset": 50e-6, "gain": 0.02, "roll": 1e-3, "noise": 1e-7, "tbt_noise": 10e-6},
         "corrector_calibration": 0.02, "tune_noise": 1e-5,
     }
@@ -706,7 +760,9 @@ def generate_profile(lattice_file: str | Path, *, name: str | None = None, facil
             notes.append(f"line: entrance Twiss {src}")
         prof["twiss_in"] = tw
     gen: dict[str, Any] = {"by": f"acc-bluesky profile new {path.name}", "notes": notes, "warnings": warns,
-                           "excluded": excluded, "errors": "class table as written (scale 1), not sized yet"}
+                           "excluded": excluded, "errors": (
+                               "no alignment errors: the lattice file carries its own" if misaligned else
+                               "class table as written (scale 1), not sized yet")}
     prof["generated"] = gen
     return prof
 

@@ -91,8 +91,9 @@ def read_lattice(path: str | Path, *, format: str | None = None, energy: float |
         default = "RING" if ext == ".lte" else "ring"
         if len(seqs) == 1 and seqs[0].lower() != default.lower():
             use = seqs[0]
+    printed = io.StringIO()  # pyAT's MAD-X reader prints the chain of causes
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             warnings.simplefilter("ignore")
             if ext in (".seq", ".madx", ".mad"):
                 ring = at.load_madx(str(p), use=use or "ring", strict=strict, **kw)
@@ -110,7 +111,7 @@ def read_lattice(path: str | Path, *, format: str | None = None, energy: float |
     except LatticeFileError:
         raise
     except Exception as err:  # noqa: BLE001 - pyAT readers raise anything (AtError, KeyError, NameError...)
-        raise LatticeFileError(_explain(p, ext, fmt, err, use)) from err
+        raise LatticeFileError(_explain(p, ext, fmt, err, use, printed.getvalue())) from err
     if len(ring) == 0:
         raise LatticeFileError(f"{p}: the {fmt} file holds an empty lattice (use={use!r})")
     if not getattr(ring, "energy", 0):
@@ -119,16 +120,18 @@ def read_lattice(path: str | Path, *, format: str | None = None, energy: float |
     return ring
 
 
-def _explain(p: Path, ext: str, fmt: str, err: BaseException, use: str | None) -> str:
+def _explain(p: Path, ext: str, fmt: str, err: BaseException, use: str | None, printed: str = "") -> str:
     """A message for a pyAT reader's exception: file, format, what is missing and what to do."""
     cause = err
     while cause.__cause__ is not None and isinstance(cause, ValueError) and "Failed to load" in str(cause):
         cause = cause.__cause__
     msg = str(cause.args[0]) if cause.args else type(cause).__name__
+    notes = " ".join(str(n) for n in getattr(cause, "__notes__", ()))
+    undefined = re.findall(r"'([^']+)' is not defined", f"{msg} {notes} {printed}")
     head = f"{p}: cannot read this {fmt} file"
-    if isinstance(cause, NameError) or "is not defined" in msg:
+    if isinstance(cause, NameError) or undefined:
         name = re.search(r"'([^']+)'", msg)
-        what = name.group(1) if name else msg
+        what = undefined[-1] if undefined else (name.group(1) if name else msg)
         if ext in (".seq", ".madx", ".mad", ".mad8"):
             seqs = _madx_sequences(p)
             if isinstance(cause, KeyError) or (seqs and what.lower() == (use or "ring").lower()):

@@ -186,16 +186,13 @@ class Profile:
         if pre is not None:
             return pre
         src = self.spec.lattice
-        opts = dict(src.options)
+        opts = src.options.kwargs()
         if self.spec.rf.harmonic_number and "harmonic_number" not in opts:
             opts["harmonic_number"] = self.spec.rf.harmonic_number
         try:
             ring = read_lattice(self.lattice_path, format=src.format, energy=self.spec.energy, use=src.name, **opts)
         except LatticeFileError as err:
             raise ProfileError(f"{self.path}: key 'lattice': {err}") from err
-        except TypeError as err:  # an unknown reader option
-            raise ProfileError(f"{self.path}: key 'lattice.options': {err}; known: strict (MAD-X), "
-                               "harmonic_number (Tracy)") from err
         ring.energy = self.spec.energy
         if self.spec.orbit_model == "4d" and ring.is_6d:
             ring.disable_6d()

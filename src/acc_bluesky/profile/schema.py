@@ -155,6 +155,17 @@ class Selector(_Strict):
         return [self.class_] if isinstance(self.class_, str) else list(self.class_)
 
 
+class LatticeOptions(_Strict):
+    """Options of the lattice reader (:func:`acc_bluesky.profile.lattice_io.read_lattice`)."""
+
+    strict: bool | None = None
+    harmonic_number: int | None = Field(default=None, ge=1)
+    periodicity: int | None = Field(default=None, ge=1)
+
+    def kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class LatticeSource(_Strict):
     """The lattice: a path (relative to the profile file) or a file shipped in a Python package."""
 
@@ -163,8 +174,9 @@ class LatticeSource(_Strict):
     file: str | None = None
     name: str | None = None  # pyAT load option (e.g. variable name in a .mat file)
     format: str | None = None  # override the extension: mat, m, json, repr, madx, mad8, elegant, tracy
-    options: dict[str, Any] = Field(default_factory=dict, description=(
-        "reader options: strict (MAD-X: false sets undefined variables to 0), harmonic_number (Tracy)"))
+    options: LatticeOptions = Field(default_factory=lambda: LatticeOptions(), description=(
+        "reader options: strict (MAD-X: false sets undefined variables to 0), harmonic_number (Tracy), "
+        "periodicity"))
 
     @model_validator(mode="before")
     @classmethod

@@ -446,7 +446,7 @@ def diagnose_closed_orbit(twin: Twin) -> str | None:
 
 def explain_loss(twin: Twin, reason: str) -> str:
     """The loss ``reason`` of ``twin`` completed with its cause and the remedy (see :func:`diagnose_closed_orbit`)."""
-    if twin.anomalies.beam_lost or "what to do:" in reason:
+    if twin.anomalies.beam_lost or "what to do:" in reason.lower():
         return reason
     prof = twin.profile
     at_design = all(np.array_equal(st.setpoint, st.design_hw) for st in twin._families.values())
