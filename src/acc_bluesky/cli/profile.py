@@ -62,10 +62,15 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
     facility = kw.pop("facility", None)
     out = Path(output) if output else Path.cwd() / name
     out.mkdir(parents=True, exist_ok=True)
-    prof = generate_profile(lattice, name=name, facility=facility, relative_to=out, **kw)
+    from ..profile.lattice_io import read_lattice
+
+    opts = {} if kw.get("strict", True) else {"strict": False}
+    ring = read_lattice(lattice, energy=kw.get("energy"), use=kw.get("use"), format=kw.get("lattice_format"), **opts)
+    prof = generate_profile(lattice, name=name, facility=facility, relative_to=out, lattice=ring, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = write_profile(lattice, out, name=name, profile=prof)
+        design = _design_copy(ring, prof)
+        path = write_profile(lattice, out, name=name, profile=prof, design_lattice=design)
         profile = load_profile(path)
         orbit = None
         if seeds > 0 and prof["errors"]["scale"] > 0:  # scale 0: the file carries its own errors
@@ -91,6 +96,15 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
         else:
             orbit = check_closed_orbit(profile, 1)
     return path, report_profile(profile, orbit)
+
+
+def _design_copy(ring, prof: dict):
+    """The profile's design lattice from the ring read by the generator: its energy, 4D unless asked 6D."""
+    r = ring.deepcopy()
+    r.energy = float(prof["energy"])
+    if prof.get("orbit_model", "4d") == "4d" and r.is_6d:
+        r.disable_6d()
+    return r
 
 
 def report_profile(profile, orbit=None, seed: int = 1):

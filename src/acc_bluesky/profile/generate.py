@@ -619,16 +619,16 @@ def parse_twiss_in(items: Sequence[str] | str | Mapping | None) -> dict[str, lis
 def generate_profile(lattice_file: str | Path, *, name: str | None = None, facility: str | None = None,
                      kind: str | None = None, relative_to: Path | None = None, energy: float | None = None,
                      use: str | None = None, strict: bool = True, lattice_format: str | None = None,
-                     twiss_in: Any = None, steer_quadrupoles: bool = False) -> dict[str, Any]:
+                     twiss_in: Any = None, steer_quadrupoles: bool = False, lattice: Any = None) -> dict[str, Any]:
     """Build a profile dict for ``lattice_file`` (any format :func:`~.lattice_io.read_lattice` reads).
 
     See the module docstring for how each guess is made. Errors are the class table at ``scale: 1``; the CLI
-    sizes them to the machine (``acc-bluesky profile new``)."""
+    sizes them to the machine (``acc-bluesky profile new``). ``lattice``: the file already read (not read again)."""
     path = Path(lattice_file).resolve()
     opts: dict[str, Any] = {}
     if not strict:
         opts["strict"] = False
-    ring = _load(path, energy=energy, use=use, format=lattice_format, **opts)
+    ring = lattice if lattice is not None else _load(path, energy=energy, use=use, format=lattice_format, **opts)
     if getattr(ring, "is_6d", False):
         ring = ring.disable_6d(copy=True)
     kind = kind or guess_kind(ring)

@@ -365,15 +365,18 @@ class ScaleSearch:
     fraction: float
     cap: float
     check: OrbitCheck
+    kind: str = "ring"
 
     def describe(self) -> str:
         lim = min(self.limits.values())
-        how = (f"the cap {self.cap:g}: the tolerances as written keep a closed orbit up to {lim:.3g}x"
+        what = "closed orbit" if self.kind == "ring" else "trajectory through the line"
+        how = (f"the cap {self.cap:g}: the tolerances as written keep a {what} up to {lim:.3g}x"
                if self.scale >= self.cap else f"{self.fraction:g} x {lim:.3g}")
+        after = ("above it a real machine needs first-turn threading before orbit tools" if self.kind == "ring" else
+                 "above it the line needs steering from its entrance, BPM by BPM")
         return (f"alignment errors scaled by {self.scale:.3g} ({how}; {lim:.3g} is the largest scale that kept a "
-                f"closed orbit for every one of seeds {self.seeds[0]}-{self.seeds[-1]}, per seed: "
-                f"{', '.join(f'{v:.3g}' for v in self.limits.values())}); above it a real machine needs first-turn "
-                "threading before orbit tools")
+                f"{what} for every one of seeds {self.seeds[0]}-{self.seeds[-1]}, per seed: "
+                f"{', '.join(f'{v:.3g}' for v in self.limits.values())}); {after}")
 
 
 def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5), *, fraction: float = 0.5,
@@ -428,7 +431,7 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
     scale = min(cap, fraction * lim)
     scale = float(f"{scale:.2g}") if scale > 0 else 0.0
     return ScaleSearch(scale, limits, [int(s) for s in seeds], fraction, cap,
-                       check_closed_orbit(profile, int(seeds[0]), scale))
+                       check_closed_orbit(profile, int(seeds[0]), scale), profile.kind)
 
 
 def diagnose_closed_orbit(twin: Twin) -> str | None:
