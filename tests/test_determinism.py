@@ -62,7 +62,8 @@ TWIN_SESSION = textwrap.dedent("""
                 dk, _ = system.step(dev, n_sv=cut.n_sv)
                 for (name, k) in zip(system.orm.corrector_names, dk):
                     fam, i = prof.locate(name)
-                    t.set_setpoint(fam, t.get_setpoint(fam, i) + k, index=i)
+                    lim = prof.families[fam].spec.limits
+                    t.set_setpoint(fam, float(np.clip(t.get_setpoint(fam, i) + k, lim.low, lim.high)), index=i)
                 add("orbit", np.concatenate(t.orbit()))
     print(" ".join(parts))
 """)

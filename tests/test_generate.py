@@ -51,8 +51,9 @@ def test_generator_works_on_every_shipped_ring(lattice, tmp_path):
     # a corrector changes the orbit: the generated families drive real lattice fields
     hc = next(n for n, f in fams.items() if f.spec.type == "hcor")
     x0 = twin.orbit()[0]
-    lim = fams[hc].spec.limits.high
-    twin.set_setpoint(hc, 0.25 * lim, index=0)
+    kick = 20e-6 / fams[hc].spec.calibration.linear  # 20 urad
+    assert kick < fams[hc].spec.limits.high
+    twin.set_setpoint(hc, kick, index=0)
     assert np.max(np.abs(twin.orbit()[0] - x0)) > 1e-6
 
 
@@ -333,5 +334,5 @@ def test_profile_check_of_a_shipped_profile(capsys):
         assert main(["profile", "check", "ebs"]) == 0
     out = capsys.readouterr().out
     assert "BPMs: 224" in out and "correctors: 224 horizontal, 224 vertical" in out
-    assert "closed orbit at the default errors (seed 1, errors.scale 0.067): yes" in out
+    assert "closed orbit at the default errors (seed 1, errors.scale 0.15): yes" in out
     assert textwrap.dedent("usable: yes") in out

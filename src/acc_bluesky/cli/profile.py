@@ -95,7 +95,48 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
             orbit = search.check
         else:
             orbit = check_closed_orbit(profile, 1)
+        size = _size_correctors(profile, prof, seeds=(1, 2, 3))
+        if size:
+            prof["generated"]["notes"].append(size)
+            ring = profile._design_lattice
+            path = write_profile(lattice, out, name=name, profile=prof, design_lattice=ring)
+            profile = load_profile(path)
     return path, report_profile(profile, orbit)
+
+
+def _size_correctors(profile, prof: dict, seeds=(1, 2, 3), margin: float = 2.0) -> str:
+    """Raise the corrector limits of ``prof`` to ``margin`` x the largest kick a correction of the default errors
+    needs (seeds ``seeds``); returns the note, or "" when the generator's limits are enough."""
+    import numpy as np
+
+    from ..profile.generate import corrector_kicks_needed, kick_response
+    from ..twin.errors import check_closed_orbit
+
+    if not profile.families_of_type("hcor", "vcor"):
+        return ""
+    orbits = []
+    for seed in seeds:
+        c = check_closed_orbit(profile, seed)
+        if c.found:
+            orbits.append((c.x, c.y))
+    if not orbits:
+        return ""
+    resp, rows = kick_response(profile)
+    need = corrector_kicks_needed(resp, orbits)
+    raised = []
+    for fam in dict.fromkeys(f for f, _ in rows):
+        spec = prof["families"][fam]
+        cal = float(spec["calibration"]["linear"])
+        want = margin * float(max(need[k] for k, (f, _) in enumerate(rows) if f == fam)) / abs(cal)
+        lim = float(spec["limits"][1])
+        if want > lim:
+            new = float(np.ceil(want / 10.0) * 10.0)
+            spec["limits"] = [-new, new]
+            raised.append(f"{fam} +-{new:g} A ({new * abs(cal) * 1e3:.2g} mrad)")
+    if not raised:
+        return ""
+    return (f"corrector limits raised to {margin:g}x the largest kick a correction of the default errors needs "
+            f"(seeds {seeds[0]}-{seeds[-1]}): {', '.join(raised)}")
 
 
 def _design_copy(ring, prof: dict):

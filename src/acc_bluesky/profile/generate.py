@@ -41,7 +41,7 @@ import yaml
 from .lattice_io import read_lattice
 
 __all__ = ["generate_profile", "write_profile", "dump_profile", "guess_kind", "plane_from_name", "parse_twiss_in",
-           "carries_misalignments", "BPM_NAME", "NOT_BPM_NAME"]
+           "carries_misalignments", "kick_response", "corrector_kicks_needed", "BPM_NAME", "NOT_BPM_NAME"]
 
 #: names of beam position monitors (strong: a Monitor or a Marker so named is a BPM)
 BPM_NAME = re.compile(r"(?i).*(bpm|pick.?up|beam.?pos).*")
@@ -771,6 +771,62 @@ def _field_tuple(field: str) -> tuple[str, int | None]:
     m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$", field)
     attr, idx = m.group(1), m.group(2)
     return attr, (int(idx) if idx is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# corrector strength: what a correction of the default errors needs
+def kick_response(profile) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """The orbit (line: trajectory) response [m/rad] at the BPMs to every corrector of ``profile``, both planes:
+    ``(R (2 nbpm x ncor), [(family, index), ...])``. Rings: the uncoupled closed-orbit formula with the fixed-path-
+    length term, from one ``linopt2`` at the BPMs and correctors; lines: tracking. For sizing, not for steering."""
+    import at
+
+    ring = profile.load_lattice()
+    rows = [(f, i) for f, fam in profile.families_of_type("hcor", "vcor").items() for i in range(len(fam))]
+    bpms = np.asarray(profile.bpm_refpts, dtype=np.uint32)
+    crefs = np.array([int(profile.families[f].refpts[i]) for f, i in rows], dtype=np.uint32)
+    planes = [0 if profile.families[f].spec.type == "hcor" else 1 for f, _ in rows]
+    nb = len(bpms)
+    out = np.zeros((2 * nb, len(rows)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if profile.kind == "ring":
+            refs = np.unique(np.concatenate([bpms, crefs, [len(ring)]])).astype(np.uint32)
+            _, _, ld = at.linopt2(ring, refpts=refs)
+            alpha_c, circ = float(at.get_mcf(ring)), ring.circumference
+            pos = {int(r): k for k, r in enumerate(refs)}
+            b = np.array([pos[int(r)] for r in bpms])
+            q = ld.mu[pos[len(ring)], :2] / (2 * np.pi)
+            for j, r in enumerate(crefs):
+                p_, c = planes[j], pos[int(r)]
+                col = (np.sqrt(ld.beta[b, p_] * ld.beta[c, p_]) * np.cos(np.abs(ld.mu[b, p_] - ld.mu[c, p_])
+                       - np.pi * q[p_]) / (2 * np.sin(np.pi * q[p_])))
+                if p_ == 0:
+                    col = col - ld.dispersion[b, 0] * ld.dispersion[c, 0] / (alpha_c * circ)
+                out[p_ * nb:(p_ + 1) * nb, j] = col
+        else:
+            z0 = np.zeros((6, 1))
+            for j, r in enumerate(crefs):
+                e = ring[int(r)]
+                ka0 = np.array(getattr(e, "KickAngle", np.zeros(2)), dtype=float)
+                ka = ka0.copy()
+                ka[planes[j]] += 1e-6
+                e.KickAngle = ka
+                o = at.lattice_pass(ring, z0.copy(), refpts=bpms)[:, 0, :, 0]
+                e.KickAngle = ka0
+                o0 = at.lattice_pass(ring, z0.copy(), refpts=bpms)[:, 0, :, 0]
+                out[:, j] = np.concatenate([o[0] - o0[0], o[2] - o0[2]]) / 1e-6
+    return out, rows
+
+
+def corrector_kicks_needed(response: np.ndarray, orbits: Sequence[tuple[np.ndarray, np.ndarray]],
+                           rcond: float = 1e-3) -> np.ndarray:
+    """Per corrector, the largest |kick| [rad] that cancels each of ``orbits`` ((x, y) [m]) with ``response``."""
+    u, s, vt = np.linalg.svd(response, full_matrices=False)
+    keep = s >= rcond * s[0]
+    pinv = (vt[keep].T / s[keep]) @ u[:, keep].T
+    kicks = [np.abs(pinv @ np.concatenate([x, y])) for x, y in orbits]
+    return np.max(kicks, axis=0)
 
 
 # ------------------------------------------------------------------------------------------------------------

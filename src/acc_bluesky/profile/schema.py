@@ -440,6 +440,9 @@ class ToolsSpec(BaseModel):
     def keys(self) -> list[str]:
         return [k for k in (*_TOOL_MODELS, *(self.model_extra or {})) if self.get(k) is not None]
 
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(k, self.get(k)) for k in self.keys()]
+
 
 # -- what the generator decided (written by `profile new`, shown by `profile check`) ----------------------
 class ExcludedSpec(_Strict):

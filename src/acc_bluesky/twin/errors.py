@@ -37,6 +37,7 @@ __all__ = [
     "check_closed_orbit",
     "closed_orbit_scale",
     "diagnose_closed_orbit",
+    "element_normals",
     "named_stream",
     "truncated_normal",
 ]
@@ -57,6 +58,30 @@ def named_stream(seed: int, *names: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *words])))
 
 
+def _words(names: tuple[str, ...]) -> list[int]:
+    digest = hashlib.sha256("/".join(names).encode("utf-8")).digest()
+    return [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+
+
+def element_normals(seed: int, refpts, *names: str, cut: float = 2.5) -> np.ndarray:
+    """One truncated standard normal per lattice element, each from its own stream ``(seed, names, element)``.
+
+    An element keeps its draw whatever else the profile selects: editing one error group, adding one, or
+    reordering them changes no other element's error."""
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed}")
+    base = [seed, *_words(names)]
+    out = np.empty(len(refpts))
+    for k, r in enumerate(np.asarray(refpts).tolist()):
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*base, int(r)])))
+        v = g.standard_normal()
+        while abs(v) > cut:
+            v = g.standard_normal()
+        out[k] = v
+    return out
+
+
 def truncated_normal(rng: np.random.Generator, sigma, size, cut: float = 2.5) -> np.ndarray:
     """Gaussian samples of rms ``sigma`` (before truncation) redrawn beyond ``cut`` sigma."""
     out = rng.standard_normal(size)
@@ -65,11 +90,6 @@ def truncated_normal(rng: np.random.Generator, sigma, size, cut: float = 2.5) ->
         out[bad] = rng.standard_normal(int(bad.sum()))
         bad = np.abs(out) > cut
     return out * sigma
-
-
-def _selector_key(sel) -> str:
-    """A stable text key of a selector (its class, name, exclude and strength)."""
-    return f"class={sel.classes}|name={sel.name}|exclude={sel.exclude}|strength={sel.strength}"
 
 
 @dataclass
@@ -115,9 +135,9 @@ class ErrorModel:
     def generate(cls, profile: Profile, seed: int, scale: float | None = None) -> ErrorModel:
         """Draw the profile's default error set for ``seed``; ``scale`` overrides the alignment scale.
 
-        Each quantity has its own named stream (:func:`named_stream`): ``errors/magnets/<selector>/<dx|dy|roll|
-        field>``, ``errors/bpm/<offset|gain|roll>``, ``errors/corrector_calibration/<family>``,
-        ``errors/rf_frequency``."""
+        Each quantity has its own named stream (:func:`named_stream`): per magnet ``errors/magnets/element/<dx|dy|
+        roll|field>/<lattice index>`` (:func:`element_normals`), ``errors/bpm/<offset|gain|roll>``,
+        ``errors/corrector_calibration/<family>``, ``errors/rf_frequency``."""
         spec = profile.spec.errors
         cut = spec.truncation
         s = spec.scale if scale is None else float(scale)
@@ -125,18 +145,14 @@ class ErrorModel:
             raise ValueError(f"error_scale must be a finite number >= 0, got {scale!r}")
         em = cls.ideal(profile)
         em.seed, em.scale = int(seed), s
-        used: dict[str, int] = {}
         for k, mspec in enumerate(spec.magnets):
             refs = profile.select(mspec.select, f"errors.magnets.{k}.select", empty_ok=True)
             if not len(refs):  # a class absent from this lattice is not an error here
                 continue
-            key = _selector_key(mspec.select)
-            used[key] = used.get(key, 0) + 1
-            if used[key] > 1:
-                key = f"{key}#{used[key]}"
-            n = len(refs)
-            draws = {q: truncated_normal(named_stream(seed, "errors", "magnets", key, q), 1.0, n, cut)
-                     for q in ("dx", "dy", "roll", "field")}
+            key = "element"  # per element: its draws depend neither on the group's selector nor on the order
+            draws = {q: element_normals(seed, refs, "errors", "magnets", key, q, cut=cut)
+                     for q, sig in (("dx", mspec.dx), ("dy", mspec.dy), ("roll", mspec.roll), ("field", mspec.field))
+                     if sig}
             for q, sigma, out in (("dx", mspec.dx * s, em.dx), ("dy", mspec.dy * s, em.dy),
                                   ("roll", mspec.roll * s, em.roll), ("field", mspec.field, em.field)):
                 if sigma:
@@ -199,6 +215,8 @@ class OrbitCheck:
     rms_x: float = float("nan")  # [m] true orbit at the BPMs
     rms_y: float = float("nan")
     reason: str = ""
+    x: np.ndarray | None = _field(default=None, repr=False)  # [m] the true orbit at each BPM (when found)
+    y: np.ndarray | None = _field(default=None, repr=False)
 
 
 def _apply_errors(ring, em: ErrorModel) -> None:
@@ -330,7 +348,7 @@ def _probe(profile: Profile, ring, keep: bool = False) -> OrbitCheck:
     mx, my = float(np.max(np.abs(x))), float(np.max(np.abs(y)))
     if mx > beam.aperture_x or my > beam.aperture_y:
         return OrbitCheck(False, reason=f"orbit beyond the aperture (max |x| {mx * 1e3:.2f} mm, |y| {my * 1e3:.2f} mm)")
-    return OrbitCheck(True, float(np.sqrt(np.mean(x * x))), float(np.sqrt(np.mean(y * y))))
+    return OrbitCheck(True, float(np.sqrt(np.mean(x * x))), float(np.sqrt(np.mean(y * y))), x=x.copy(), y=y.copy())
 
 
 def check_closed_orbit(profile: Profile, seed: int | None = 1, scale: float | None = None,
