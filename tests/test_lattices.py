@@ -49,7 +49,8 @@ RINGS = ["sls2", "petra3_p3x_v24", "nsls2_2014March", "als_loco_3sb_disp_nuy9_12
 ALL = [*RINGS, "als_bts"]
 NAMES_XFAIL = ("plan-level: device names are one string now (HCM_001, ARS01_MCOX_0410); the plan must resolve them "
                "with profile.locate(name) -> (family, index) instead of name.rpartition(':') (analysis._common."
-               "corrector_table for measure_orm(correctors=[...]); correct_orbit's grouping of the ORM's correctors)")
+               "corrector_table for measure_orm(correctors=[...]); correct_orbit's grouping of the ORM's correctors). "
+               "With those two lookups changed, every test here passes (checked)")
 
 
 @pytest.fixture(scope="module")
@@ -156,18 +157,17 @@ def _truth_orm(twin, names: list[str]) -> np.ndarray:
             spec = prof.families[fam].spec
             el = ring[int(prof.families[fam].refpts[i])]
             k = spec.field_parts[1]
-            ka0 = np.array(el.KickAngle, dtype=float)
+            ka = el.KickAngle  # changed in place: the twin writes into this very array
+            ka0 = float(ka[k])
             orbits = []
             for s in (+1, -1):
-                ka = ka0.copy()
-                ka[k] += s * d
-                el.KickAngle = ka
+                ka[k] = ka0 + s * d
                 if twin.is_ring:
                     _, o = at.find_orbit4(ring, refpts=bpms, dct=twin._dct())
                 else:
                     o = at.lattice_pass(ring, twin._line_input().reshape(6, 1).copy(), refpts=bpms)[:, 0, :, 0].T
                 orbits.append(np.concatenate([o[:, 0], o[:, 2]]))
-            el.KickAngle = ka0
+            ka[k] = ka0
             dtheta_di = spec.calibration.linear * (1.0 + twin.errors.corrector_calibration[fam][i])
             cols.append((orbits[0] - orbits[1]) / (2 * d) * dtheta_di)
         twin._engine_gen = -1
@@ -206,7 +206,7 @@ def _line_response(profile) -> OrbitResponse:
     ring = profile.load_lattice()
     bpms = profile.bpm_refpts
     names, planes, cols = [], [], []
-    for fname, fam in profile.families_of_type("hcor", "vcor").items():
+    for fam in profile.families_of_type("hcor", "vcor").values():
         k = fam.spec.field_parts[1]
         for i, r in enumerate(fam.refpts.tolist()):
             outs = []
@@ -307,8 +307,7 @@ def test_steering_with_the_noise_cut_never_worse_and_reaches_the_floor(generated
     assert _true_rms(twin) < before
 
 
-@pytest.mark.xfail(strict=True, reason=NAMES_XFAIL + "; and on a line the plan must use the noise/limit-aware "
-                   "cut and undo a worse step (analysis.correction.noise_sv_cut, n_sv_within_limits, judge_step)")
+@pytest.mark.xfail(strict=True, reason=NAMES_XFAIL)
 @pytest.mark.parametrize("lat", ALL)
 def test_correct_orbit_plan_reduces_orbit_tenfold_or_to_the_offset_floor(generated, run_engine, lat):
     m = machine_of(generated, lat)

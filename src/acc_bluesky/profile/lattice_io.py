@@ -110,7 +110,7 @@ def read_lattice(path: str | Path, *, format: str | None = None, energy: float |
                 ring = loader(str(p), **kw)
     except LatticeFileError:
         raise
-    except Exception as err:  # noqa: BLE001 - pyAT readers raise anything (AtError, KeyError, NameError...)
+    except Exception as err:  # pyAT readers raise anything (AtError, KeyError, NameError...)
         raise LatticeFileError(_explain(p, ext, fmt, err, use, printed.getvalue())) from err
     if len(ring) == 0:
         raise LatticeFileError(f"{p}: the {fmt} file holds an empty lattice (use={use!r})")
@@ -215,7 +215,7 @@ def _read_tracy(p: Path, *, use: str | None, energy: float | None, harmonic_numb
                 if part.startswith("harnum="):
                     if harnum is None:
                         try:
-                            harnum = int(round(float(part.split("=", 1)[1])))
+                            harnum = round(float(part.split("=", 1)[1]))
                         except ValueError:
                             pass
                     continue
@@ -243,7 +243,7 @@ def _read_tracy(p: Path, *, use: str | None, energy: float | None, harmonic_numb
         cavs = ring.get_uint32_index(at.RFCavity)
         if len(cavs):
             f = float(ring[int(cavs[0])].Frequency)
-            h = int(round(f / ring.revolution_frequency))
+            h = round(f / ring.revolution_frequency)
             for i in cavs:
                 ring[int(i)].HarmNumber = h
     return ring
