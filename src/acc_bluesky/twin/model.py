@@ -24,7 +24,8 @@ import numpy as np
 from ..profile import Family, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
-from .errors import ErrorModel, explain_loss, named_stream
+from .errors import ErrorModel
+from .errors import explain_loss, named_stream  # lattice: named noise stream, no-closed-orbit diagnosis
 
 __all__ = ["Twin", "Observables", "BeamLost", "UnknownDevice"]
 
