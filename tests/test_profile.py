@@ -56,7 +56,7 @@ def test_minimal_profile_loads(tmp_path):
         (("energy: 6.0e9", "energy: -1"), r"key 'energy': .*greater than 0"),
         (("type: quadrupole", "type: quadrupol"), r"key 'families.Q.type'"),
         (('field: "PolynomB[1]"', 'field: "Polynom B"'), r"key 'families.Q.field'.*'K', 'H'"),
-        (("limits: [-100, 100]", "limits: [100, -100]"), r"families.Q.limits.*low <= high"),
+        (("limits: [-100, 100]", "limits: [100, -100]"), r"families.Q.limits.*low < high"),
         (("calibration: {linear: 0.01}", "calibration: {linear: 0.01, poly: [0, 1]}"), r"exactly one of"),
         (("select: {name: QF2}", "select: {name: 'QF2['}"), r"not a valid regular expression"),
         (("facility: X\n", ""), r"key 'facility': Field required"),
@@ -81,7 +81,7 @@ def test_bad_device_status(tmp_path):
     body = GOOD.replace("limits: [-100, 100]}", "limits: [-100, 100], status: {bad: [40]}}")
     with pytest.raises(ProfileError, match=r"status.bad.*out of range"):
         load_profile(_write(tmp_path, body)).families  # noqa: B018
-    body = GOOD.replace("limits: [-100, 100]}", "limits: [-100, 100], status: {bad: ['Q:003', 5]}}")
+    body = GOOD.replace("limits: [-100, 100]}", "limits: [-100, 100], status: {bad: ['Q_003', 5]}}")
     fam = load_profile(_write(tmp_path, body)).families["Q"]
     assert fam.bad == {2, 5} and fam.good.sum() == 30
 
@@ -109,8 +109,8 @@ def test_calibration_scales_with_energy():
 
 def test_limits_refuse_and_name_device():
     lim = Limits(low=-8, high=8)
-    lim.check("HST:001", 7.9, "A")
-    with pytest.raises(LimitError, match=r"HST:001: setpoint 9 A is outside the limits \[-8, 8\] A"):
-        lim.check("HST:001", 9.0, "A")
+    lim.check("HST_001", 7.9, "A")
+    with pytest.raises(LimitError, match=r"HST_001: setpoint 9 A is outside the limits \[-8, 8\] A"):
+        lim.check("HST_001", 9.0, "A")
     with pytest.raises(LimitError, match="not a finite number"):
-        lim.check("HST:001", float("nan"), "A")
+        lim.check("HST_001", float("nan"), "A")

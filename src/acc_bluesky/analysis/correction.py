@@ -8,6 +8,7 @@ matrix columns are per), RF [Hz].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,13 @@ __all__ = [
     "StepLimits",
     "limit_step",
     "orbit_rms",
+    "SvCut",
+    "noise_sv_cut",
+    "orm_element_noise",
+    "correction_floor",
+    "StepVerdict",
+    "judge_step",
+    "n_sv_within_limits",
 ]
 
 
@@ -288,3 +296,190 @@ def limit_step(step: npt.ArrayLike, current: npt.ArrayLike, low: npt.ArrayLike, 
 def orbit_rms(x: npt.ArrayLike, y: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> tuple[float, float]:
     """(rms x, rms y) [m] of the finite readings (optionally only where ``mask``)."""
     return rms(x, mask), rms(y, mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# steering that never makes things worse: a singular-value cut above the noise, a judge of every step
+@dataclass
+class SvCut:
+    """The default singular-value cut of :func:`noise_sv_cut`.
+
+    Attributes:
+        n_sv: number of leading singular values kept (>= 1).
+        singular_values: all weighted singular values.
+        matrix_floor: singular values below this are dominated by the response's own error (dropped).
+        signal: per mode, |projection of the deviation| (``None`` without a deviation).
+        noise: per mode, the rms projection of the BPM noise.
+        dropped: one line per reason, for the run's messages.
+    """
+
+    n_sv: int
+    singular_values: FloatArray
+    matrix_floor: float
+    signal: FloatArray | None
+    noise: FloatArray
+    dropped: list[str] = field(default_factory=list)
+
+
+def orm_element_noise(bpm_noise: float, delta: npt.ArrayLike, n_avg: int = 1, bipolar: bool = True) -> FloatArray:
+    """rms error of each ORM column's elements [m per unit of ``delta``] from the BPM noise of its measurement.
+
+    A bipolar column ``(x(+d) - x(-d)) / 2d`` has ``sigma / (sqrt(2 n_avg) d)``; unipolar ``(x(d) - x0) / d`` has
+    ``sqrt(2) sigma / (sqrt(n_avg) d)``."""
+    d = np.abs(np.asarray(delta, dtype=float))
+    if np.any(d <= 0):
+        raise ValueError("delta must be > 0 for every column")
+    s = float(bpm_noise) / math.sqrt(max(int(n_avg), 1))
+    return s / (math.sqrt(2.0) * d) if bipolar else math.sqrt(2.0) * s / d
+
+
+def noise_sv_cut(solver: SvdCorrector, deviation: npt.ArrayLike | None = None, *, bpm_noise: float | npt.ArrayLike,
+                 n_avg: int = 1, response_noise: float | npt.ArrayLike | None = None, rel_error: float = 1e-3,
+                 kappa: float = 3.0) -> SvCut:
+    """The default number of singular values: drop the modes the noise owns.
+
+    Two kinds of modes are dropped (the cut keeps a prefix of the singular values, at least one):
+
+    1. **The response's own spread**: singular values below ``matrix_floor`` = the larger of ``rel_error`` x the
+       largest one (model or calibration error) and the norm of the response's element noise
+       (``response_noise``, e.g. :func:`orm_element_noise`; its spectral norm is about
+       ``noise x (sqrt(nobs) + sqrt(nvar))`` in the weighted space): their singular vectors are noise.
+    2. **BPM noise**: with a ``deviation`` (readings - target), trailing modes whose projection is below ``kappa``
+       times the projection of the BPM noise (``bpm_noise`` [m] per reading, averaged ``n_avg`` times): correcting
+       them would only move correctors by ``noise / s`` (the large steps of noise-dominated modes).
+
+    Args:
+        solver: the :class:`SvdCorrector` (weights and masks as the correction uses them).
+        deviation: (nobs,) readings minus target [m], or ``None`` (only the matrix floor).
+        bpm_noise: rms noise of one reading [m] (scalar or per observable).
+        n_avg: readings averaged per orbit.
+        response_noise: rms error of the response elements (scalar, per column (nvar,), or (nobs, nvar)).
+        rel_error: relative error of the response (model mismatch) when nothing better is known.
+        kappa: signal-to-noise ratio a mode needs to be corrected.
+
+    Returns:
+        :class:`SvCut` (``n_sv`` for :meth:`SvdCorrector.correct` / :meth:`CorrectionSystem.step`).
+    """
+    if solver.singular_values is None:
+        solver.solve()
+    s = np.asarray(solver.singular_values, dtype=float)
+    om, vm = solver.obs_mask, solver.var_mask
+    nobs, nvar = int(om.sum()), int(vm.sum())
+    sig = np.broadcast_to(np.asarray(bpm_noise, dtype=float), (solver.shape[0],))[om] / math.sqrt(max(n_avg, 1))
+    uh = solver._uh  # (k, nobs_used): projections on the weighted left singular vectors, in observable units
+    noise = np.sqrt((uh * uh) @ (sig * sig))
+    floor = float(rel_error) * float(s[0])
+    notes: list[str] = []
+    if response_noise is not None:
+        rn = np.asarray(response_noise, dtype=float)
+        full = np.broadcast_to(rn if rn.ndim != 1 else rn.reshape(1, -1), solver.shape)
+        w = (solver.varweights / solver.obsweights.reshape(-1, 1))[np.ix_(om, vm)]
+        e = full[np.ix_(om, vm)] * w
+        rms_e = float(np.sqrt(np.mean(e * e)))
+        floor = max(floor, rms_e * (math.sqrt(nobs) + math.sqrt(nvar)))
+    eligible = int(np.sum(s >= floor))
+    if eligible < len(s):
+        notes.append(f"{len(s) - eligible} singular value(s) below the response's own error ({floor:.3g}) dropped")
+    eligible = max(eligible, 1)
+    signal = None
+    n_sv = eligible
+    if deviation is not None:
+        d = np.asarray(deviation, dtype=float)[om]
+        d = np.where(np.isfinite(d), d, 0.0)
+        signal = np.abs(uh @ d)
+        strong = np.nonzero(signal[:eligible] >= kappa * noise[:eligible])[0]
+        n_sv = int(strong[-1]) + 1 if strong.size else 1
+        if n_sv < eligible:
+            notes.append(f"{eligible - n_sv} trailing mode(s) at the BPM-noise level (< {kappa:g} sigma) dropped")
+    return SvCut(n_sv=n_sv, singular_values=s.copy(), matrix_floor=floor, signal=signal, noise=noise, dropped=notes)
+
+
+def correction_floor(solver: SvdCorrector, deviation: npt.ArrayLike, n_sv: int, *,
+                     bpm_noise: float = 0.0, n_avg: int = 1) -> float:
+    """rms [m] of ``deviation`` (nobs,) that a perfect step with ``n_sv`` singular values leaves: the part outside
+    the kept modes (over the used observables) and the BPM noise. What :func:`judge_step` calls the floor."""
+    if solver.singular_values is None:
+        solver.solve()
+    om = solver.obs_mask
+    d = np.asarray(deviation, dtype=float)[om]
+    d = np.where(np.isfinite(d), d, 0.0)
+    w = 1.0 / solver.obsweights[om]  # importance: the SVD lives in the weighted space
+    u = (solver._uh[:int(n_sv)] / w).T  # the solver's left singular vectors (its _uh is U^T scaled by w)
+    resid = (d * w - u @ (u.T @ (d * w))) / w
+    noise = float(bpm_noise) / math.sqrt(max(int(n_avg), 1))
+    return float(math.sqrt(float(np.mean(resid * resid)) + noise * noise))
+
+
+@dataclass
+class StepVerdict:
+    """What to do after a correction step (:func:`judge_step`).
+
+    Attributes:
+        undo: the step made the rms worse (beyond the noise): put the correctors back.
+        converged: the rms reached its floor (no further step can do better with these settings).
+        stalled: the step improved by less than ``min_improvement``: stop iterating (converged or not).
+        message: one line for the run (``"iteration 2: rms 191 -> 472 um: worse, step undone"``).
+    """
+
+    undo: bool
+    converged: bool
+    stalled: bool
+    message: str
+
+
+def judge_step(rms_before: float, rms_after: float, floor: float, *, noise: float = 0.0,
+               min_improvement: float = 0.02, rtol: float = 0.2) -> StepVerdict:
+    """Judge one correction step from the rms before and after it [m].
+
+    - **undo** when ``rms_after > rms_before + 2 noise`` (worse beyond what the BPM noise explains);
+    - **converged** only when ``rms_after <= floor x (1 + rtol) + 2 noise``: the floor is what a perfect step can
+      reach (:func:`correction_floor`; at least the BPM noise), not merely "it stopped improving";
+    - **stalled** when the step gained less than ``min_improvement`` of ``rms_before`` (or was undone): iterating
+      further does not help, whether or not the floor was reached.
+
+    ``noise`` is the rms noise of the rms itself (about ``bpm_noise / sqrt(n_avg)``)."""
+    vals = (rms_before, rms_after, floor, noise)
+    if not all(math.isfinite(v) and v >= 0 for v in vals):
+        raise ValueError(f"rms values must be finite and >= 0, got before={rms_before}, after={rms_after}, "
+                         f"floor={floor}, noise={noise}")
+    worse = rms_after > rms_before + 2.0 * noise
+    converged = (not worse) and rms_after <= floor * (1.0 + rtol) + 2.0 * noise
+    gained = rms_before - rms_after
+    stalled = worse or gained < min_improvement * rms_before
+    um = 1e6
+    if worse:
+        msg = f"rms {rms_before * um:.3g} -> {rms_after * um:.3g} um: worse, step undone"
+    elif converged:
+        msg = f"rms {rms_before * um:.3g} -> {rms_after * um:.3g} um: at its floor ({floor * um:.3g} um), converged"
+    elif stalled:
+        msg = (f"rms {rms_before * um:.3g} -> {rms_after * um:.3g} um: stalled above its floor "
+               f"({floor * um:.3g} um), not converged")
+    else:
+        msg = f"rms {rms_before * um:.3g} -> {rms_after * um:.3g} um (floor {floor * um:.3g} um)"
+    return StepVerdict(undo=worse, converged=converged, stalled=stalled, message=msg)
+
+
+def n_sv_within_limits(system: CorrectionSystem, deviation: npt.ArrayLike, n_sv: int, current: npt.ArrayLike,
+                       low: npt.ArrayLike, high: npt.ArrayLike, *, gain: float = 1.0,
+                       max_step: float | None = None) -> tuple[int, str]:
+    """The largest number of singular values ``<= n_sv`` whose step needs no clipping.
+
+    A step clipped at the corrector limits is no longer the least-squares step: its direction changes and it can
+    make the orbit worse (a transfer line steered with too few, too weak trims). Fewer singular values give smaller
+    steps in the same least-squares sense. ``current``, ``low``, ``high``: setpoints and limits of the system's
+    correctors (its column order, hardware units); ``max_step`` as in :func:`limit_step` (scaling, not clipping,
+    so it is not counted). Returns ``(n, message)``; ``n = 1`` if even one mode needs clipping (then
+    :func:`limit_step` clips it and :func:`judge_step` judges the result)."""
+    cur = np.asarray(current, dtype=float)
+    lo = np.broadcast_to(np.asarray(low, dtype=float), cur.shape)
+    hi = np.broadcast_to(np.asarray(high, dtype=float), cur.shape)
+    for n in range(int(n_sv), 0, -1):
+        dk, _ = system.step(deviation, n_sv=n, gain=gain)
+        if max_step is not None and dk.size and np.max(np.abs(dk)) > max_step:
+            dk = dk * (max_step / np.max(np.abs(dk)))
+        new = cur + dk
+        if np.all((new >= lo) & (new <= hi)):
+            msg = "" if n == n_sv else (f"{n_sv - n} singular value(s) dropped so that no corrector reaches its "
+                                        f"limit ({n} kept)")
+            return n, msg
+    return 1, "even one singular value needs a corrector beyond its limit: the step is clipped"

@@ -7,6 +7,7 @@ energy. Magnet strengths scale as 1/Brho, so at another energy the physics value
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -32,13 +33,31 @@ class Limits(BaseModel):
         if isinstance(v, (list, tuple)):
             if len(v) != 2:
                 raise ValueError(f"limits must be [low, high], got {list(v)}")
-            return {"low": v[0], "high": v[1]}
+            v = {"low": v[0], "high": v[1]}
+        if isinstance(v, dict):  # given limits are finite numbers: a NaN would switch the limit off
+            v = dict(v)
+            for k in ("low", "high"):
+                if k not in v:
+                    continue
+                x = v[k]
+                if isinstance(x, str):  # YAML 1.1 reads 352.15e6 (no exponent sign) as a string
+                    try:
+                        x = v[k] = float(x)
+                    except ValueError:
+                        raise ValueError(f"limits.{k} must be a number in hardware units, got {x!r}") from None
+                if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                    raise ValueError(f"limits.{k} must be a number in hardware units, got {x!r}")
+                if not np.isfinite(x):
+                    raise ValueError(f"limits.{k} must be a finite number, got {x!r} (omit the limit instead of "
+                                     "giving .nan or .inf)")
         return v
 
     @model_validator(mode="after")
     def _ordered(self):
-        if self.low > self.high:
-            raise ValueError(f"limits must have low <= high, got [{self.low}, {self.high}]")
+        if np.isnan(self.low) or np.isnan(self.high):
+            raise ValueError(f"limits must be numbers, got [{self.low}, {self.high}]")
+        if not self.low < self.high:
+            raise ValueError(f"limits must have low < high, got [{self.low}, {self.high}]")
         return self
 
     def check(self, device: str, value, units: str = "", names=None) -> None:

@@ -15,9 +15,10 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from .schema import FamilySpec, ProfileSpec, Selector
+from .lattice_io import LatticeFileError, read_lattice
+from .schema import FamilySpec, ProfileSpec, Selector, format_device_name
 
-__all__ = ["Profile", "ProfileError", "load_profile", "profile_search_path", "available_profiles"]
+__all__ = ["Profile", "ProfileError", "ProfileWarning", "load_profile", "profile_search_path", "available_profiles"]
 
 PROFILE_PATH_ENV = "ACC_BLUESKY_PROFILE_PATH"
 _PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -25,6 +26,48 @@ _PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 class ProfileError(ValueError):
     """A profile that cannot be used: the message names the file, the key and what was expected."""
+
+
+class ProfileWarning(UserWarning):
+    """A profile that loads but has a questionable entry (named with file and key)."""
+
+
+#: the main field of each element class (what ``select.strength`` compares without a family field)
+_MAIN_FIELD = {"Quadrupole": ("PolynomB", 1), "Sextupole": ("PolynomB", 2), "Octupole": ("PolynomB", 3),
+               "Dipole": ("BendingAngle", None), "Bend": ("BendingAngle", None), "Corrector": ("KickAngle", 0)}
+_ALIASES = {"K": ("PolynomB", 1), "H": ("PolynomB", 2)}
+#: the fields a family type drives (anything else has no effect as that kind of magnet)
+_TYPE_FIELDS = {
+    "hcor": {("KickAngle", 0), ("PolynomB", 0)},
+    "vcor": {("KickAngle", 1), ("PolynomA", 0)},
+    "quadrupole": {("PolynomB", 1)},
+    "sextupole": {("PolynomB", 2)},
+    "octupole": {("PolynomB", 3)},
+    "dipole": {("PolynomB", 0), ("BendingAngle", None)},
+}
+_TYPE_HINT = {"hcor": "KickAngle[0] (or PolynomB[0])", "vcor": "KickAngle[1] (or PolynomA[0])",
+              "quadrupole": "PolynomB[1] (or K)", "sextupole": "PolynomB[2] (or H)", "octupole": "PolynomB[3]",
+              "dipole": "PolynomB[0] or BendingAngle", "skew": "PolynomA[n]"}
+
+
+def _acts(passmethod: str, attr: str) -> bool:
+    """Whether a pass method uses the field ``attr`` (PolynomA/B, KickAngle)."""
+    pm = passmethod or ""
+    if attr == "KickAngle":
+        return "MPole" in pm or "Multipole" in pm or "Corrector" in pm or "Bend" in pm
+    if attr in ("PolynomA", "PolynomB"):
+        return "MPole" in pm or "Multipole" in pm or "Bend" in pm
+    return True
+
+
+def _field_value(e, attr: str, index: int | None) -> float:
+    v = getattr(e, attr, None)
+    if v is None:
+        return float("nan")
+    if index is None:
+        return float(v)
+    v = np.asarray(v, dtype=float).reshape(-1)
+    return float(v[index]) if index < len(v) else 0.0
 
 
 def profile_search_path() -> list[Path]:
@@ -66,10 +109,18 @@ class Family:
     refpts: np.ndarray  # uint32 lattice indices
     element_names: tuple[str, ...]
     bad: frozenset[int] = field(default_factory=frozenset)
+    names: tuple[str, ...] = ()  # device names (from spec.device_names); filled by the loader
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            tpl = self.spec.device_names
+            object.__setattr__(self, "names", tuple(
+                format_device_name(tpl, self.name, i + 1, e) for i, e in enumerate(self.element_names)))
 
     @property
     def device_names(self) -> list[str]:
-        return [f"{self.name}:{i + 1:03d}" for i in range(len(self.refpts))]
+        """One name per device, used everywhere (devices, runs, ``status.bad``, the PVs' ``{device}``)."""
+        return list(self.names)
 
     @property
     def good(self) -> np.ndarray:
@@ -90,6 +141,7 @@ class Profile:
         self.path = path
         self.name = name or path.parent.name
         self.sha256 = _sha256(path)
+        self.warnings: list[str] = []  # questionable entries found by validate()
 
     # -- identity -------------------------------------------------------------------------------------
     facility = property(lambda self: self.spec.facility)
@@ -130,17 +182,17 @@ class Profile:
 
     @functools.cached_property
     def _design_lattice(self):
-        import at
-
-        kw = {"energy": self.spec.energy}
-        if self.spec.lattice.name:
-            kw["use"] = self.spec.lattice.name
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ring = at.load_lattice(str(self.lattice_path), **kw)
-            except Exception as err:  # noqa: BLE001 - pyAT raises many kinds
-                raise ProfileError(f"{self.path}: key 'lattice': pyAT cannot load {self.lattice_path}: {err}") from err
+        pre = _PRELOADED.pop(self.path, None)
+        if pre is not None:
+            return pre
+        src = self.spec.lattice
+        opts = src.options.kwargs()
+        if self.spec.rf.harmonic_number and "harmonic_number" not in opts:
+            opts["harmonic_number"] = self.spec.rf.harmonic_number
+        try:
+            ring = read_lattice(self.lattice_path, format=src.format, energy=self.spec.energy, use=src.name, **opts)
+        except LatticeFileError as err:
+            raise ProfileError(f"{self.path}: key 'lattice': {err}") from err
         ring.energy = self.spec.energy
         if self.spec.orbit_model == "4d" and ring.is_6d:
             ring.disable_6d()
@@ -149,66 +201,231 @@ class Profile:
         return ring
 
     # -- selections -----------------------------------------------------------------------------------
-    def select(self, sel: Selector, where: str = "select") -> np.ndarray:
+    @functools.cached_property
+    def _element_table(self) -> tuple[list[str], list[str]]:
         ring = self._design_lattice
-        classes = sel.classes
+        return [type(e).__name__ for e in ring], [e.FamName for e in ring]
+
+    @functools.cached_property
+    def _by_class(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, c in enumerate(self._element_table[0]):
+            out.setdefault(c, []).append(i)
+        return out
+
+    def select(self, sel: Selector, where: str = "select", field: tuple[str, int | None] | None = None,
+               empty_ok: bool = False) -> np.ndarray:
+        """Lattice indices selected by ``sel`` (class, name regex, exclude regex, design strength).
+
+        ``field`` (attribute, index) is what ``sel.strength`` compares (a family's field); default: the main
+        multipole of each element's class."""
+        ring = self._design_lattice
+        cls_names, fam_names = self._element_table
+        classes = set(sel.classes)
         name_re = re.compile(sel.name) if sel.name else None
         excl_re = re.compile(sel.exclude) if sel.exclude else None
         idx = []
-        for i, e in enumerate(ring):
-            if classes and type(e).__name__ not in classes:
+        cand = sorted(i for c in classes for i in self._by_class.get(c, ())) if classes else range(len(cls_names))
+        for i in cand:
+            cn, fn = cls_names[i], fam_names[i]
+            if name_re is not None and not name_re.fullmatch(fn):
                 continue
-            if name_re is not None and not name_re.fullmatch(e.FamName):
+            if excl_re is not None and excl_re.fullmatch(fn):
                 continue
-            if excl_re is not None and excl_re.fullmatch(e.FamName):
-                continue
+            if sel.strength is not None:
+                attr, index = field if field is not None else _MAIN_FIELD.get(cn, (None, None))
+                v = _field_value(ring[i], *_ALIASES.get(attr, (attr, index))) if attr else float("nan")
+                if not abs(v - sel.strength) <= sel.rtol * max(abs(sel.strength), 1.0 if sel.strength == 0 else 0):
+                    continue
             idx.append(i)
-        if not idx:
+        if not idx and not empty_ok:
             raise ProfileError(
                 f"{self.path}: key '{where}': selects no element of {self.lattice_path.name} "
-                f"(class={classes or 'any'}, name={sel.name!r}); "
-                f"element classes present: {sorted({type(e).__name__ for e in ring})}"
+                f"(class={sel.classes or 'any'}, name={sel.name!r}"
+                + (f", strength={sel.strength!r}" if sel.strength is not None else "") + "); "
+                f"element classes present: {sorted(set(cls_names))}"
             )
         return np.asarray(idx, dtype=np.uint32)
 
     def _bad(self, names: list[str], bad: list[int | str], where: str) -> frozenset[int]:
         out = set()
+        index = {n: i for i, n in enumerate(names)}
         for b in bad:
             if isinstance(b, int):
                 if not 0 <= b < len(names):
-                    raise ProfileError(f"{self.path}: key '{where}': index {b} out of range 0..{len(names) - 1}")
+                    raise ProfileError(f"{self.path}: key '{where}': index {b} out of range 0..{len(names) - 1} "
+                                       "(0-based; or give the device name)")
                 out.add(b)
-            elif b in names:
-                out.add(names.index(b))
+            elif b in index:
+                out.add(index[b])
             else:
-                raise ProfileError(f"{self.path}: key '{where}': unknown device {b!r}; valid: {names[:5]}...")
+                raise ProfileError(f"{self.path}: key '{where}': unknown device {b!r}; device names look like "
+                                   f"{names[0]!r} ... {names[-1]!r} (or give a 0-based index)")
         return frozenset(out)
+
+    def _check_field(self, fname: str, spec: FamilySpec, refs: np.ndarray) -> None:
+        """Refuse a field that cannot act on the selected elements or that is not what the family type drives."""
+        ring = self._design_lattice
+        key = f"families.{fname}.field"
+        attr, index = spec.field_parts
+        attr, index = _ALIASES.get(attr, (attr, index))
+        want = _TYPE_FIELDS.get(spec.type)
+        if want is not None and (attr, index) not in want:
+            raise ProfileError(
+                f"{self.path}: key '{key}': {spec.field!r} has no effect as the field of a {spec.type} family "
+                f"{fname!r} (a {spec.type} family drives {_TYPE_HINT[spec.type]}); fix the field, or use type: "
+                "magnet for another multipole")
+        if spec.type == "skew" and attr != "PolynomA":
+            raise ProfileError(f"{self.path}: key '{key}': {spec.field!r} is not a skew field of family {fname!r} "
+                               "(a skew family drives PolynomA[n])")
+        seen: set[str] = set()
+        for r in refs.tolist():
+            e = ring[r]
+            cls = type(e).__name__
+            if cls in seen:
+                continue
+            seen.add(cls)
+            pm = getattr(e, "PassMethod", "")
+            if attr in ("KickAngle", "PolynomA", "PolynomB"):
+                if not _acts(pm, attr):
+                    raise ProfileError(
+                        f"{self.path}: key '{key}': {spec.field!r} has no effect on {cls} element {e.FamName!r} "
+                        f"(PassMethod {pm}) of family {fname!r}: select magnets whose pass method uses {attr}")
+                if attr != "KickAngle" and index is not None and index > getattr(e, "MaxOrder", index):
+                    msg = (f"{self.path}: key '{key}': {spec.field!r} is above the MaxOrder "
+                           f"({getattr(e, 'MaxOrder', '?')}) of {cls} {e.FamName!r} in family {fname!r}: the twin "
+                           "raises MaxOrder so the field acts; check it is the field you mean")
+                    self.warnings.append(msg)
+                    warnings.warn(msg, ProfileWarning, stacklevel=4)
+            elif not hasattr(e, attr):
+                raise ProfileError(f"{self.path}: key '{key}': {cls} element {e.FamName!r} of family {fname!r} has no "
+                                   f"attribute {attr!r}")
 
     @functools.cached_property
     def families(self) -> dict[str, Family]:
         ring = self._design_lattice
         out = {}
         for fname, spec in self.spec.families.items():
-            refs = self.select(spec.select, f"families.{fname}.select")
             attr, index = spec.field_parts
-            for i in refs[:1]:
-                e = ring[int(i)]
-                if attr not in ("K", "H", "KickAngle", "PolynomB", "PolynomA") and not hasattr(e, attr):
-                    raise ProfileError(
-                        f"{self.path}: key 'families.{fname}.field': element {e.FamName} has no attribute {attr!r}"
-                    )
+            refs = self.select(spec.select, f"families.{fname}.select", field=(attr, index))
+            self._check_field(fname, spec, refs)
             fam = Family(fname, spec, refs, tuple(ring[int(i)].FamName for i in refs))
             bad = self._bad(fam.device_names, spec.status.get("bad", []), f"families.{fname}.status.bad")
-            out[fname] = Family(fname, spec, refs, fam.element_names, bad)
+            out[fname] = Family(fname, spec, refs, fam.element_names, bad, fam.names)
         return out
 
     @functools.cached_property
     def bpm_refpts(self) -> np.ndarray:
         return self.select(self.spec.bpm.select, "bpm.select")
 
+    @functools.cached_property
+    def bpm_element_names(self) -> tuple[str, ...]:
+        """The lattice FamName of each BPM."""
+        _, fam_names = self._element_table
+        return tuple(fam_names[int(i)] for i in self.bpm_refpts)
+
+    @functools.cached_property
+    def _bpm_names(self) -> tuple[str, ...]:
+        tpl = self.spec.bpm.device_names
+        return tuple(format_device_name(tpl, "BPM", i + 1, e) for i, e in enumerate(self.bpm_element_names))
+
     @property
     def bpm_names(self) -> list[str]:
-        return [f"BPM:{i + 1:03d}" for i in range(len(self.bpm_refpts))]
+        """One name per BPM (``bpm.device_names``, default ``BPM_001`` ...), used everywhere."""
+        return list(self._bpm_names)
+
+    def locate(self, device: str) -> tuple[str, int]:
+        """``(family, index)`` of a device name (``("BPM", i)`` for a BPM); ``KeyError`` naming valid names."""
+        hit = self._device_index.get(str(device))
+        if hit is None:
+            fam = next(iter(self.families.values()))
+            raise KeyError(f"unknown device {device!r}; names look like {fam.device_names[0]!r} or "
+                           f"{self.bpm_names[0]!r} (profile {self.name!r})")
+        return hit
+
+    @functools.cached_property
+    def _device_index(self) -> dict[str, tuple[str, int]]:
+        out: dict[str, tuple[str, int]] = {n: ("BPM", i) for i, n in enumerate(self.bpm_names)}
+        for fname, fam in self.families.items():
+            for i, n in enumerate(fam.names):
+                out.setdefault(n, (fname, i))
+        return out
+
+    # -- names and PV templates ---------------------------------------------------------------------------
+    def pv_fields(self, family: str, index: int) -> dict[str, object]:
+        """Placeholders of a magnet's PV templates: prefix, family, index (1-based), device, element, name."""
+        fam = self.families[family]
+        e = fam.element_names[index]
+        return {"prefix": self.spec.controls.prefix, "family": family, "index": index + 1,
+                "device": fam.names[index], "element": e, "name": e}
+
+    def bpm_pv_fields(self, index: int) -> dict[str, object]:
+        """Placeholders of a BPM's PV templates: prefix, family (BPM), index (1-based), device, element, name."""
+        e = self.bpm_element_names[index]
+        return {"prefix": self.spec.controls.prefix, "family": "BPM", "index": index + 1,
+                "device": self._bpm_names[index], "element": e, "name": e}
+
+    def validate(self) -> Profile:
+        """Resolve everything that needs the lattice and refuse what cannot work (at load).
+
+        Families and BPMs select elements; fields act on them; device names are unique across the machine;
+        every device gets its own PVs; limits hold the design values. Raises :class:`ProfileError`."""
+        fams = self.families
+        _ = self.bpm_refpts
+        self.bpm_bad  # noqa: B018 - resolves status.bad
+        # one name per device across the whole machine
+        owners: dict[str, list[str]] = {}
+        for n in self.bpm_names:
+            owners.setdefault(n, []).append("bpm")
+        for fname, fam in fams.items():
+            for n in fam.names:
+                owners.setdefault(n, []).append(f"families.{fname}")
+        dup = {n: w for n, w in owners.items() if len(w) > 1}
+        if dup:
+            shown = "; ".join(f"{n!r} in {', '.join(sorted(set(w)))}" for n, w in list(dup.items())[:5])
+            keys = sorted({k for w in dup.values() for k in w})
+            raise ProfileError(
+                f"{self.path}: key '{keys[0]}.device_names': device names must be unique across the machine; "
+                f"{len(dup)} repeat(s): {shown}. Use the default '{{family}}_{{n:03d}}', or '{{element}}' only where "
+                "every device has its own lattice name")
+        self._check_pvs()
+        return self
+
+    def _check_pvs(self) -> None:
+        c = self.spec.controls
+        seen: dict[str, str] = {}
+
+        def add(pv: str, key: str) -> None:
+            other = seen.get(pv)
+            if other is not None:
+                raise ProfileError(
+                    f"{self.path}: key '{key}': PV {pv!r} is also the PV of {other}: every device needs its own PV "
+                    "(use {device} or {index} in per-device templates, different x and y templates)")
+            seen[pv] = key
+
+        def fmt(t: str, kw: dict, key: str) -> str:
+            try:
+                return t.format(**kw)
+            except (KeyError, ValueError, IndexError, TypeError) as err:
+                raise ProfileError(f"{self.path}: key '{key}': PV template {t!r} cannot be formatted ({err})") from None
+
+        for fname, fam in self.families.items():
+            pv = fam.spec.pv
+            for what, default in (("setpoint", c.magnet_setpoint), ("readback", c.magnet_readback)):
+                t = pv.get(what, default)
+                key = f"families.{fname}.pv.{what}" if what in pv else f"controls.magnet_{what}"
+                for i in range(len(fam)):
+                    add(fmt(t, self.pv_fields(fname, i), key), f"{key} ({fam.names[i]})")
+            for what, default in (("setpoints", c.family_setpoints), ("readbacks", c.family_readbacks)):
+                t = pv.get(what, default)
+                key = f"families.{fname}.pv.{what}" if what in pv else f"controls.family_{what}"
+                add(fmt(t, {"prefix": c.prefix, "family": fname}, key), f"{key} ({fname})")
+        bpv = self.spec.bpm.pv
+        for plane in ("x", "y"):
+            t = bpv.get(plane, getattr(c, f"bpm_{plane}"))
+            key = f"bpm.pv.{plane}" if plane in bpv else f"controls.bpm_{plane}"
+            for i in range(len(self.bpm_refpts)):
+                add(fmt(t, self.bpm_pv_fields(i), key), f"{key} ({self._bpm_names[i]})")
 
     @functools.cached_property
     def bpm_bad(self) -> frozenset[int]:
@@ -224,6 +441,7 @@ class Profile:
             raise KeyError(f"unknown family {name!r}; valid families: {sorted(self.families)}") from None
 
     def tool_defaults(self, tool: str) -> dict:
+        """The profile's default parameters of ``tool`` (``tools.<tool>``), typed at load."""
         return dict(self.spec.tools.get(tool, {}))
 
     def s_positions(self, refpts) -> np.ndarray:
@@ -233,6 +451,15 @@ class Profile:
             ring = self._design_lattice
             spos = self.__dict__["_spos_all"] = np.asarray(ring.get_s_pos(range(len(ring) + 1)), dtype=float)
         return spos[np.asarray(refpts, dtype=int)]
+
+
+_PRELOADED: dict[Path, object] = {}
+
+
+def preload_lattice(path: str | os.PathLike, lattice) -> None:
+    """Give the next load of the profile at ``path`` its design lattice already read (the generator rewrites a
+    profile of the same lattice: no need to read the file again). Used once, then forgotten."""
+    _PRELOADED[Path(path).resolve()] = lattice
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:
@@ -265,7 +492,7 @@ def _load_cached(path: Path, mtime: float) -> Profile:
         spec = ProfileSpec.model_validate(data)
     except ValidationError as err:
         raise ProfileError(_format_validation(path, err)) from None
-    return Profile(spec, path)
+    return Profile(spec, path).validate()
 
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:

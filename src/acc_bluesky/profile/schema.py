@@ -10,7 +10,9 @@ The common case is one line per family:
 
 from __future__ import annotations
 
+import math
 import re
+import string
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -30,6 +32,13 @@ __all__ = [
     "ControlsSpec",
     "ProfileSpec",
     "LatticeSource",
+    "GeneratedSpec",
+    "ExcludedSpec",
+    "ToolsSpec",
+    "DEVICE_NAME_FIELDS",
+    "PV_FIELDS",
+    "check_pv_template",
+    "format_device_name",
 ]
 
 FAMILY_TYPES = ("hcor", "vcor", "quadrupole", "sextupole", "octupole", "skew", "dipole", "magnet")
@@ -40,12 +49,87 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# -- device names and PV templates ------------------------------------------------------------------------
+#: placeholders of a device-name template: family name, 1-based number in the family, lattice FamName
+DEVICE_NAME_FIELDS = frozenset({"family", "n", "index", "element"})
+#: placeholders allowed in each kind of PV template
+PV_FIELDS = {
+    "device": frozenset({"prefix", "family", "index", "device", "element", "name"}),  # one magnet / one BPM
+    "family": frozenset({"prefix", "family"}),                                       # a family's waveforms
+    "global": frozenset({"prefix"}),                                                  # orbit, RF, tunes, beam
+}
+_PER_DEVICE = frozenset({"index", "device", "element", "name"})
+_SAMPLE = {"prefix": "P:", "family": "F", "index": 1, "n": 1, "device": "F_001", "element": "E1", "name": "E1"}
+
+
+def _placeholders(template: str, what: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"{what} {template!r} is malformed ({err}): every '{{' needs its '}}' "
+                         "(write '{{' for a literal brace)") from None
+    names = []
+    for _, fld, _, _ in parsed:
+        if fld is None:
+            continue
+        if not fld.isidentifier():
+            raise ValueError(f"{what} {template!r}: placeholder {{{fld}}} is not a plain name")
+        names.append(fld)
+    return names
+
+
+def check_pv_template(template: str, kind: str, what: str = "PV template") -> str:
+    """Validate a PV template of ``kind`` (``device``, ``family``, ``global``): known placeholders, balanced braces,
+    a per-device placeholder where every device needs its own PV, a format that works. Returns the template."""
+    allowed = PV_FIELDS[kind]
+    names = _placeholders(template, what)
+    unknown = sorted(set(names) - allowed)
+    if unknown:
+        raise ValueError(f"{what} {template!r}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                         f"known here: {', '.join('{' + a + '}' for a in sorted(allowed))}")
+    if kind == "device" and not set(names) & _PER_DEVICE:
+        raise ValueError(f"{what} {template!r} names every device alike: add {{device}} (or {{index}}) so each "
+                         "device gets its own PV, e.g. '{prefix}{device}:I-SP'")
+    try:
+        template.format(**_SAMPLE)
+    except (ValueError, TypeError, KeyError, IndexError) as err:
+        raise ValueError(f"{what} {template!r} cannot be formatted ({err}); e.g. '{{index:03d}}' needs a number, "
+                         "'{device}' a plain placeholder") from None
+    return template
+
+
+def _check_device_template(template: str) -> str:
+    names = _placeholders(template, "device_names template")
+    unknown = sorted(set(names) - DEVICE_NAME_FIELDS)
+    if unknown:
+        raise ValueError(f"device_names template {template!r}: unknown placeholder(s) "
+                         f"{', '.join('{' + u + '}' for u in unknown)}; known: {{family}}, {{n}} (1-based), "
+                         "{index} (= n), {element} (lattice FamName)")
+    if not set(names) & {"n", "index", "element"}:
+        raise ValueError(f"device_names template {template!r} gives every device the same name: use {{n:03d}} "
+                         "or {element}")
+    try:
+        template.format(**_SAMPLE)
+    except (ValueError, TypeError, KeyError, IndexError) as err:
+        raise ValueError(f"device_names template {template!r} cannot be formatted ({err})") from None
+    return template
+
+
+def format_device_name(template: str, family: str, n: int, element: str) -> str:
+    """The name of device number ``n`` (1-based) of ``family`` whose lattice element is ``element``."""
+    return template.format(family=family, n=n, index=n, element=element)
+
+
 class Selector(_Strict):
     """Which lattice elements: by pyAT class name and/or a regular expression on FamName (full match)."""
 
     class_: str | list[str] | None = Field(default=None, alias="class")
     name: str | None = None
     exclude: str | None = None
+    strength: float | None = Field(default=None, allow_inf_nan=False, description=(
+        "design value of the driven field (a family's 'field'; elsewhere the class's main multipole): elements "
+        "with this value within 'rtol' (families of equal design strength)"))
+    rtol: float = Field(default=1e-6, gt=0, lt=1, description="relative tolerance of 'strength'")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -72,6 +156,17 @@ class Selector(_Strict):
         return [self.class_] if isinstance(self.class_, str) else list(self.class_)
 
 
+class LatticeOptions(_Strict):
+    """Options of the lattice reader (:func:`acc_bluesky.profile.lattice_io.read_lattice`)."""
+
+    strict: bool | None = None
+    harmonic_number: int | None = Field(default=None, ge=1)
+    periodicity: int | None = Field(default=None, ge=1)
+
+    def kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class LatticeSource(_Strict):
     """The lattice: a path (relative to the profile file) or a file shipped in a Python package."""
 
@@ -79,6 +174,10 @@ class LatticeSource(_Strict):
     package: str | None = None
     file: str | None = None
     name: str | None = None  # pyAT load option (e.g. variable name in a .mat file)
+    format: str | None = None  # override the extension: mat, m, json, repr, madx, mad8, elegant, tracy
+    options: LatticeOptions = Field(default_factory=lambda: LatticeOptions(), description=(
+        "reader options: strict (MAD-X: false sets undefined variables to 0), harmonic_number (Tracy), "
+        "periodicity"))
 
     @model_validator(mode="before")
     @classmethod
@@ -111,7 +210,22 @@ class FamilySpec(_Strict):
     pv: dict[Literal["setpoint", "readback", "setpoints", "readbacks"], str] = Field(
         default_factory=dict, description="PV templates of this family, overriding controls: magnet_setpoint, "
         "magnet_readback, family_setpoints, family_readbacks")
+    device_names: str = Field(default="{family}_{n:03d}", description=(
+        "name of each device, the one string used everywhere (devices, runs, status.bad, PVs' {device}): "
+        "placeholders {family}, {n} (1-based), {element} (lattice FamName, where unique per device)"))
     description: str = ""
+
+    @field_validator("device_names")
+    @classmethod
+    def _names(cls, v):
+        return _check_device_template(v)
+
+    @field_validator("pv")
+    @classmethod
+    def _pv(cls, v):
+        for k, t in v.items():
+            check_pv_template(t, "device" if k in ("setpoint", "readback") else "family", f"pv.{k} template")
+        return v
 
     @field_validator("field")
     @classmethod
@@ -134,6 +248,22 @@ class BpmSpec(_Strict):
     status: dict[Literal["bad"], list[int | str]] = Field(default_factory=lambda: {"bad": []})
     rate: float | None = Field(default=None, gt=0, description="acquisition rate [Hz]; None = every read")
     pv: dict[Literal["x", "y"], str] = Field(default_factory=dict, description="PV templates overriding controls.bpm_x/y")
+    device_names: str = Field(default="BPM_{n:03d}", description=(
+        "name of each BPM: placeholders {n} (1-based), {element} (lattice FamName, where unique), {family} (BPM)"))
+
+    @field_validator("device_names")
+    @classmethod
+    def _names(cls, v):
+        return _check_device_template(v)
+
+    @field_validator("pv")
+    @classmethod
+    def _pv(cls, v):
+        for k, t in v.items():
+            check_pv_template(t, "device", f"pv.{k} template")
+        if "x" in v and v.get("x") == v.get("y"):
+            raise ValueError(f"pv.x and pv.y are the same template {v['x']!r}: the two planes need different PVs")
+        return v
 
 
 class RfSpec(_Strict):
@@ -142,6 +272,13 @@ class RfSpec(_Strict):
     harmonic_number: int | None = None
     pv: dict[Literal["frequency", "frequency_rb", "voltage"], str] = Field(
         default_factory=dict, description="PV templates overriding controls.rf_frequency, rf_frequency_rb, rf_voltage")
+
+    @field_validator("pv")
+    @classmethod
+    def _pv(cls, v):
+        for k, t in v.items():
+            check_pv_template(t, "global", f"pv.{k} template")
+        return v
 
 
 class MagnetErrorSpec(_Strict):
@@ -230,16 +367,34 @@ def check_tango_template(template: str, kind: str, where: str) -> None:
 # --- end tango -------------------------------------------------------------------------------------------------
 
 
+_CONTROLS_TEMPLATES = {
+    "magnet_setpoint": "device", "magnet_readback": "device", "family_setpoints": "family",
+    "family_readbacks": "family", "bpm_x": "device", "bpm_y": "device", "orbit_x": "global", "orbit_y": "global",
+    "rf_frequency": "global", "rf_frequency_rb": "global", "rf_voltage": "global", "tune_x": "global",
+    "tune_y": "global", "beam_current": "global", "beam_lifetime": "global",
+}
+
+
 class ControlsSpec(_Strict):
-    """Control-system names. Templates use {prefix}, {family}, {index} (1-based), {name}."""
+    """Control-system names. Per-device templates use {prefix}, {device} (the device name), {element} (lattice
+    FamName), {family}, {index} (1-based); family templates {prefix}, {family}; the others {prefix}."""
+
+    @model_validator(mode="after")
+    def _templates(self):
+        for key, kind in _CONTROLS_TEMPLATES.items():
+            check_pv_template(getattr(self, key), kind, f"controls.{key} template")
+        if self.bpm_x == self.bpm_y:
+            raise ValueError(f"controls.bpm_x and controls.bpm_y are the same template {self.bpm_x!r}: the two planes "
+                             "need different PVs")
+        return self
 
     prefix: str = "SIM:"
-    magnet_setpoint: str = "{prefix}{family}:{index:03d}:I-SP"
-    magnet_readback: str = "{prefix}{family}:{index:03d}:I-RB"
+    magnet_setpoint: str = "{prefix}{device}:I-SP"
+    magnet_readback: str = "{prefix}{device}:I-RB"
     family_setpoints: str = "{prefix}{family}:I-SP"
     family_readbacks: str = "{prefix}{family}:I-RB"
-    bpm_x: str = "{prefix}BPM:{index:03d}:X"
-    bpm_y: str = "{prefix}BPM:{index:03d}:Y"
+    bpm_x: str = "{prefix}{device}:X"
+    bpm_y: str = "{prefix}{device}:Y"
     orbit_x: str = "{prefix}ORBIT:X"
     orbit_y: str = "{prefix}ORBIT:Y"
     rf_frequency: str = "{prefix}RF:FREQ-SP"
@@ -338,13 +493,123 @@ class BeamSpec(_Strict):
     aperture_y: float = Field(default=5e-3, gt=0, description="m")
 
 
+# -- tool defaults (typed: a wrong type is refused at load, not when the tool runs) -----------------------
+class _ToolDefaults(BaseModel):
+    """Known keys are typed (strict: ``"big"`` is not a step, ``2.7`` is not a count); other keys pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class OrbitResponseDefaults(_ToolDefaults):
+    delta: float | None = Field(default=None, gt=0, description="corrector half step [A]")
+    delta_physics: float | None = Field(default=None, gt=0, description="corrector half step [rad]")
+    df: float | None = Field(default=None, gt=0, description="RF half step [Hz]")
+    n_avg: int | None = Field(default=None, ge=1)
+
+
+class OrbitCorrectionDefaults(_ToolDefaults):
+    rcond: float | None = Field(default=None, gt=0, lt=1, description="relative singular-value cut")
+    n_sv: int | None = Field(default=None, ge=1)
+    gain: float | None = Field(default=None, gt=0, le=1)
+    max_iter: int | None = Field(default=None, ge=1)
+    tikhonov: float | None = Field(default=None, ge=0)
+    min_improvement: float | None = Field(default=None, ge=0, lt=1)
+    n_avg: int | None = Field(default=None, ge=1)
+
+
+class DispersionDefaults(_ToolDefaults):
+    df: float | None = Field(default=None, gt=0, description="RF step [Hz]")
+    n_steps: int | None = Field(default=None, ge=1)
+    n_avg: int | None = Field(default=None, ge=1)
+
+
+class ChromaticityDefaults(_ToolDefaults):
+    dp_max: float | None = Field(default=None, gt=0, lt=0.1, description="largest dp/p of the scan")
+    steps: int | None = Field(default=None, ge=2)
+    order: int | None = Field(default=None, ge=1, le=3)
+    n_avg: int | None = Field(default=None, ge=1)
+
+
+class TuneDefaults(_ToolDefaults):
+    n_avg: int | None = Field(default=None, ge=1)
+    delta: float | None = Field(default=None, gt=0, description="quadrupole family step [A]")
+
+
+_TOOL_MODELS: dict[str, type[_ToolDefaults]] = {
+    "orbit_response": OrbitResponseDefaults, "orbit_correction": OrbitCorrectionDefaults,
+    "dispersion": DispersionDefaults, "chromaticity": ChromaticityDefaults, "tune": TuneDefaults,
+}
+
+
+class ToolsSpec(BaseModel):
+    """``tools.<tool>``: default parameters of each tool; the known ones typed. Read with :meth:`get`."""
+
+    model_config = ConfigDict(extra="allow")
+    orbit_response: OrbitResponseDefaults | None = None
+    orbit_correction: OrbitCorrectionDefaults | None = None
+    dispersion: DispersionDefaults | None = None
+    chromaticity: ChromaticityDefaults | None = None
+    tune: TuneDefaults | None = None
+
+    @model_validator(mode="after")
+    def _extra_are_mappings(self):
+        for k, v in (self.model_extra or {}).items():
+            if not isinstance(v, dict):
+                raise ValueError(f"tools.{k} must be a mapping of parameter: value, got {v!r}")
+        return self
+
+    def get(self, tool: str, default: Any = None) -> dict[str, Any] | Any:
+        """The defaults of ``tool`` as a plain dict (only the keys the profile gives), or ``default``."""
+        v = getattr(self, tool, None) if tool in _TOOL_MODELS else (self.model_extra or {}).get(tool)
+        if v is None:
+            return default
+        return v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) else dict(v)
+
+    def __getitem__(self, tool: str) -> dict[str, Any]:
+        v = self.get(tool)
+        if v is None:
+            raise KeyError(tool)
+        return v
+
+    def __contains__(self, tool: str) -> bool:
+        return self.get(tool) is not None
+
+    def keys(self) -> list[str]:
+        return [k for k in (*_TOOL_MODELS, *(self.model_extra or {})) if self.get(k) is not None]
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(k, self.get(k)) for k in self.keys()]
+
+
+# -- what the generator decided (written by `profile new`, shown by `profile check`) ----------------------
+class ExcludedSpec(_Strict):
+    """Lattice elements the generator left out on purpose, and why (one line each)."""
+
+    select: Selector
+    count: int = Field(ge=0)
+    reason: str
+
+
+class GeneratedSpec(_Strict):
+    """Provenance and decisions of ``acc-bluesky profile new``: notes, warnings, excluded elements, error sizing."""
+
+    by: str = ""
+    notes: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    excluded: list[ExcludedSpec] = Field(default_factory=list)
+    errors: str = ""
+
+
+_TWISS_KEYS = {"beta": 2, "alpha": 2, "dispersion": 4, "closed_orbit": 6, "mu": 2}
+
+
 class ProfileSpec(_Strict):
     """One accelerator: its lattice, families, calibrations, limits, names and tool defaults."""
 
     facility: str
     accelerator: str
     description: str = ""
-    energy: float = Field(gt=0, description="beam energy [eV]")
+    energy: float = Field(gt=0, allow_inf_nan=False, description="beam energy [eV]")
     lattice: LatticeSource
     kind: Literal["ring", "line"] = "ring"
     orbit_model: Literal["4d", "6d"] = "4d"
@@ -354,11 +619,30 @@ class ProfileSpec(_Strict):
     beam: BeamSpec = BeamSpec()
     errors: ErrorSpec = ErrorSpec()
     controls: ControlsSpec = ControlsSpec()
-    tools: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tools: ToolsSpec = Field(default_factory=ToolsSpec)
     twiss_in: dict[str, list[float] | float] | None = None  # for lines: initial optics
+    generated: GeneratedSpec | None = None
 
     @model_validator(mode="after")
     def _families(self):
         if not self.families:
             raise ValueError("a profile needs at least one family")
         return self
+
+    @field_validator("twiss_in")
+    @classmethod
+    def _twiss(cls, v):
+        if v is None:
+            return v
+        for k, val in v.items():
+            if k not in _TWISS_KEYS:
+                raise ValueError(f"twiss_in: unknown key {k!r}; expected {sorted(_TWISS_KEYS)} (beta [m], alpha, "
+                                 "dispersion [m, rad, m, rad], closed_orbit (6,), mu [rad])")
+            vals = [val] if isinstance(val, (int, float)) else list(val)
+            if len(vals) > _TWISS_KEYS[k] or (k in ("beta", "alpha") and len(vals) != 2):
+                raise ValueError(f"twiss_in.{k}: {len(vals)} values, expected {_TWISS_KEYS[k]}")
+            if not all(math.isfinite(float(x)) for x in vals):
+                raise ValueError(f"twiss_in.{k}: values must be finite numbers, got {vals}")
+            if k == "beta" and min(vals) <= 0:
+                raise ValueError(f"twiss_in.beta: beta functions must be > 0 [m], got {vals}")
+        return v

@@ -26,6 +26,7 @@ from . import _engine
 from .anomalies import Anomalies
 from .beam import Beam  # tbt: injected/stored beam, BPM acquisition modes
 from .errors import ErrorModel
+from .errors import explain_loss, named_stream  # lattice: named noise stream, no-closed-orbit diagnosis
 
 __all__ = ["Twin", "Observables", "BeamLost", "UnknownDevice"]
 
@@ -146,7 +147,7 @@ class Twin:
             errors = ErrorModel.ideal(self.profile) if seed is None else ErrorModel.generate(
                 self.profile, seed, error_scale)
         self.errors = errors
-        self._noise_rng = np.random.default_rng(None if seed is None else [int(seed), 0x0B5])
+        self._noise_rng = named_stream(0 if seed is None else seed, "noise")  # stable name: same in every process
         self.noise_on = seed is not None
         self.bpm_refpts = self.profile.bpm_refpts
         self.nbpm = len(self.bpm_refpts)
@@ -406,7 +407,15 @@ class Twin:
         """The true closed orbit (or trajectory for a line) at the BPMs, computed once per state."""
         with self._lock:
             self._update_ramps()
-            return self._cached("obs", self._solve)
+            return self._cached("obs", self._solve_explained)
+
+    # -- no-closed-orbit diagnosis (lattice engineer): a lost beam says why and what to do ------------------
+    def _solve_explained(self) -> Observables:
+        obs = self._solve()
+        if obs.lost:  # e.g. "lower error_scale, or thread the first turns" (twin.errors.explain_loss)
+            obs.reason = explain_loss(self, obs.reason)
+        return obs
+    # -- end of the diagnosis ------------------------------------------------------------------------------
 
     def _solve(self) -> Observables:
         self.stats["solves"] += 1

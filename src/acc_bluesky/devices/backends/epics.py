@@ -106,16 +106,17 @@ def pv_names(profile: Profile, prefix: str | None = None) -> dict[str, str]:
     for fname, fam in profile.families.items():
         sp_t = tpl(fam.spec.pv, "setpoint", c.magnet_setpoint)
         rb_t = tpl(fam.spec.pv, "readback", c.magnet_readback)
-        for i, ename in enumerate(fam.element_names):
-            kw = {"prefix": p, "family": fname, "index": i + 1, "name": ename}
+        for i in range(len(fam.element_names)):
+            kw = profile.pv_fields(fname, i) | {"prefix": p}  # prefix, family, index, device, element, name
             out[f"{fname}:{i + 1:03d}:setpoint"] = sp_t.format(**kw)
             out[f"{fname}:{i + 1:03d}:readback"] = rb_t.format(**kw)
         out[f"{fname}:setpoints"] = tpl(fam.spec.pv, "setpoints", c.family_setpoints).format(prefix=p, family=fname)
         out[f"{fname}:readbacks"] = tpl(fam.spec.pv, "readbacks", c.family_readbacks).format(prefix=p, family=fname)
     bpv = profile.spec.bpm.pv
     for i in range(len(profile.bpm_refpts)):
-        out[f"BPM:{i + 1:03d}:x"] = tpl(bpv, "x", c.bpm_x).format(prefix=p, index=i + 1)
-        out[f"BPM:{i + 1:03d}:y"] = tpl(bpv, "y", c.bpm_y).format(prefix=p, index=i + 1)
+        kw = profile.bpm_pv_fields(i) | {"prefix": p}
+        out[f"BPM:{i + 1:03d}:x"] = tpl(bpv, "x", c.bpm_x).format(**kw)
+        out[f"BPM:{i + 1:03d}:y"] = tpl(bpv, "y", c.bpm_y).format(**kw)
     out["orbit:x"] = c.orbit_x.format(prefix=p)
     out["orbit:y"] = c.orbit_y.format(prefix=p)
     rpv = profile.spec.rf.pv
