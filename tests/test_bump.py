@@ -59,7 +59,7 @@ def test_three_corrector_bumps_are_closed(machine, RE, catalog):
     for b, plane, amp in ((10, "x", 1e-3), (57, "y", 0.5e-3)):  # far apart: each judged from its own start
         before = true_state(twin)
         f0 = twin.rf_frequency_setpoint
-        uid = RE(orbit_bump(machine, f"BPM:{b + 1:03d}", amp, plane=plane))
+        uid = RE(orbit_bump(machine, f"BPM_{b + 1:03d}", amp, plane=plane))
         d, res = check_bump(machine, catalog, uid, b, plane, amp, before)
         start = catalog[uid].metadata["start"]
         assert start["tool"] == "orbit_bump" and len(start["bump_correctors"]) == 6  # 3 + 3 for the coupling
@@ -82,8 +82,8 @@ def test_four_corrector_position_bump_without_rf(machine, RE, catalog):
         RE(orbit_bump(machine, 10, 20e-3, plane="x"))
     with pytest.raises(ValueError, match="angle bump needs n_correctors=4"):
         RE(orbit_bump(machine, 10, 1e-3, angle=1e-5, plane="x"))
-    with pytest.raises(KeyError, match="unknown device 'BPM:999'"):
-        RE(orbit_bump(machine, "BPM:999", 1e-3))
+    with pytest.raises(KeyError, match="unknown device 'BPM_999'"):
+        RE(orbit_bump(machine, "BPM_999", 1e-3))
     after = machine.twin.snapshot()
     assert all(np.array_equal(np.asarray(after[k]), np.asarray(before[k])) for k in before)
     assert len(list(catalog)) == 0
@@ -117,7 +117,7 @@ def test_position_and_angle_bumps(machine, RE, catalog):
 
 
 def test_bump_with_a_measured_orm(machine, RE, catalog):
-    names = [f"VST:{i:03d}" for i in range(55, 63)] + [f"HST:{i:03d}" for i in range(55, 63)]
+    names = [f"VST_{i:03d}" for i in range(55, 63)] + [f"HST_{i:03d}" for i in range(55, 63)]
     orm_uid = RE(measure_orm(machine, correctors=names))
     before = true_state(machine.twin)
     uid = RE(orbit_bump(machine, 57, 0.5e-3, plane="y", orm=orm_uid))

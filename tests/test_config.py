@@ -56,10 +56,10 @@ def test_save_change_compare_restore(machine, RE, catalog):
     twin.set_setpoint("QF2", twin.get_setpoint("QF2", 3) * 1.001, 3)
     twin.set_rf_frequency(saved["RF:frequency"] + 12.5)
     diffs = compare_config(uid, machine)
-    assert [d.device for d in diffs] == ["HST:006", "QF2:004", "RF:frequency"]
+    assert [d.device for d in diffs] == ["HST_006", "QF2_004", "RF:frequency"]
     assert diffs[0].a == 0.0 and diffs[0].b == 0.37 and diffs[0].units == "A"
     assert diffs[2].delta == pytest.approx(12.5) and diffs[2].units == "Hz"
-    assert "HST:006" in str(diffs)
+    assert "HST_006" in str(diffs)
 
     uid2 = RE(restore_config(machine, uid))
     assert same(twin.snapshot(), saved)

@@ -112,7 +112,7 @@ def test_device_refuses_out_of_limits_before_any_put(reset_ioc, ioc_machine, pla
     m = ioc_machine
     tp = reset_ioc.tpvs
     n0 = int(caget(tp["refused"]))
-    with pytest.raises(FailedStatus, match=r"HST:004: setpoint 9 A is outside the limits \[-8, 8\] A") as info:
+    with pytest.raises(FailedStatus, match=r"HST_004: setpoint 9 A is outside the limits \[-8, 8\] A") as info:
         plain_RE(bps.mv(m.hcor[3], 9.0))
     assert isinstance(info.value.__cause__, LimitError)
     with pytest.raises(FailedStatus, match=r"frequency: setpoint 3.53e\+08 Hz is outside the limits") as info:
@@ -128,7 +128,7 @@ def test_describe_carries_units_and_limits(ioc_machine):
     m = ioc_machine
     d = call_in_bluesky_event_loop(m.hcor[0].setpoint.describe())
     key = next(iter(d.values()))
-    assert key["units"] == "A" and key["source"] == f"ca://{PREFIX}HST:001:I-SP"
+    assert key["units"] == "A" and key["source"] == f"ca://{PREFIX}HST_001:I-SP"
     lim = key["limits"]["control"]
     assert lim["low"] == pytest.approx(-8.0, abs=1e-12) and lim["high"] == pytest.approx(8.0, abs=1e-12)
     assert key["limits"]["display"] == {"low": -8.0, "high": 8.0}
@@ -225,7 +225,7 @@ def test_ioc_killed_mid_plan_fails_the_run_keeps_data_and_names_the_pvs(fault_io
     t0 = time.monotonic()
     try:
         with pytest.raises(Exception) as info:
-            RE(measure_orm(m, correctors=[f"HST:{i:03d}" for i in range(1, 41)]))
+            RE(measure_orm(m, correctors=[f"HST_{i:03d}" for i in range(1, 41)]))
     finally:
         RE.unsubscribe(token)
     elapsed = time.monotonic() - t0

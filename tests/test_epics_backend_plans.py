@@ -62,7 +62,7 @@ def rel(a, b) -> float:
 def test_measure_orm(both):
     from acc_bluesky.plans import measure_orm
 
-    cors = ["HST:001", "HST:050", "HST:120", "HST:200", "VST:002", "VST:060", "VST:130", "VST:210"]
+    cors = ["HST_001", "HST_050", "HST_120", "HST_200", "VST_002", "VST_060", "VST_130", "VST_210"]
     s, e = both(lambda m: measure_orm(m, correctors=cors))
     rs, re_ = OrbitResponse.from_run(s), OrbitResponse.from_run(e)
     assert re_.corrector_names == cors and re_.matrix.shape == (448, 8)
@@ -104,7 +104,7 @@ def test_orbit_bump(both):
     from acc_bluesky.data import read_results
     from acc_bluesky.plans import orbit_bump
 
-    s, e = both(lambda m: orbit_bump(m, "BPM:010", 0.3e-3, plane="x"))
+    s, e = both(lambda m: orbit_bump(m, "BPM_010", 0.3e-3, plane="x"))
     rs, re_ = read_results(s), read_results(e)
     assert float(re_["amplitude_x"]) == pytest.approx(0.3e-3, abs=5e-6)
     assert float(re_["amplitude_x"]) == pytest.approx(float(rs["amplitude_x"]), abs=2e-6)
@@ -124,7 +124,7 @@ def test_save_and_restore_config(both, ioc_machine, reset_ioc, mcat):
     caput(p["HST:001:setpoint"], 1.0)
     caput(p["QF2:003:setpoint"], q0 * 1.01)
     diff = compare_config(ioc_machine, e)
-    assert {d.device for d in diff} == {"HST:001", "QF2:003"}, str(diff)
+    assert {d.device for d in diff} == {"HST_001", "QF2_003"}, str(diff)
     re, cat = mcat
     uid = re(restore_config(ioc_machine, e.metadata["start"]["uid"])).plan_result
     assert cat[uid].metadata["stop"]["exit_status"] == "success"
@@ -184,7 +184,7 @@ def test_correct_orbit_with_an_orm_measured_on_the_ioc(both):
     from acc_bluesky.data import read_results
     from acc_bluesky.plans import correct_orbit, measure_orm
 
-    cors = [f"HST:{i:03d}" for i in range(5, 224, 14)] + [f"VST:{i:03d}" for i in range(5, 224, 14)]
+    cors = [f"HST_{i:03d}" for i in range(5, 224, 14)] + [f"VST_{i:03d}" for i in range(5, 224, 14)]
     orms = {}
 
     def measure_then_correct(m):

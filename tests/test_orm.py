@@ -19,8 +19,8 @@ from acc_bluesky.plans import measure_orm
 from acc_bluesky.plan_stubs.orbit import corrector_devices
 from acc_bluesky.profile import LimitError
 
-SUBSET = ["HST:001", "HST:040", "HST:077", "HST:150", "HST:201", "VST:003", "VST:050", "VST:111", "VST:160",
-          "VST:222"]
+SUBSET = ["HST_001", "HST_040", "HST_077", "HST_150", "HST_201", "VST_003", "VST_050", "VST_111", "VST_160",
+          "VST_222"]
 
 
 def _dct(twin, df: float) -> float:
@@ -113,18 +113,18 @@ def test_one_sided_physics_step_rf_column(machine, RE, catalog):
     twin = machine.twin
     # first, bad requests: refused before anything moves and before a run opens
     before = twin.snapshot()
-    with pytest.raises(LimitError, match="HST:001.*outside the limits"):
-        RE(measure_orm(machine, correctors=["HST:001"], delta=9.0))
-    with pytest.raises(KeyError, match="unknown corrector 'HXX:001'"):
-        RE(measure_orm(machine, correctors=["HXX:001"]))
+    with pytest.raises(LimitError, match="HST_001.*outside the limits"):
+        RE(measure_orm(machine, correctors=["HST_001"], delta=9.0))
+    with pytest.raises(KeyError, match="unknown corrector 'HXX_001'"):
+        RE(measure_orm(machine, correctors=["HXX_001"]))
     with pytest.raises(ValueError, match="delta .* or delta_physics"):
-        RE(measure_orm(machine, correctors=["HST:001"], delta=0.1, delta_physics=1e-6))
+        RE(measure_orm(machine, correctors=["HST_001"], delta=0.1, delta_physics=1e-6))
     assert all(np.array_equal(np.asarray(twin.snapshot()[k]), np.asarray(before[k])) for k in before)
     assert len(list(catalog)) == 0
-    names = ["HST:020", "VST:020"]
+    names = ["HST_020", "VST_020"]
     # correctors as a device and a name (a MagnetFamily selects its in-service correctors)
     assert [d.name for d in corrector_devices(machine, machine.vcor)] == machine.vcor.names
-    uid = RE(measure_orm(machine, correctors=[machine.hcor[19], "VST:020"], delta_physics=10e-6, bipolar=False,
+    uid = RE(measure_orm(machine, correctors=[machine.hcor[19], "VST_020"], delta_physics=10e-6, bipolar=False,
                          rf=True, df=30.0))
     resp = OrbitResponse.from_run(catalog[uid])
     assert resp.corrector_names == names
@@ -146,7 +146,7 @@ def test_one_sided_physics_step_rf_column(machine, RE, catalog):
 
 def test_model_orm_is_the_ideal_machine(machine_ideal, RE, catalog, ebs):
     """The model (analytic + fixed-path-length term) equals a measurement on the ideal twin."""
-    names = ["HST:005", "HST:100", "VST:007", "VST:180"]
+    names = ["HST_005", "HST_100", "VST_007", "VST_180"]
     uid = RE(measure_orm(machine_ideal, correctors=names))
     meas = OrbitResponse.from_run(catalog[uid])
     model = model_orm(ebs, names)
@@ -183,8 +183,8 @@ def test_model_orm_plan_records_the_model_and_corrections_name_it(machine, RE, c
 
 def test_orbit_response_tools(tmp_path, ebs):
     resp = model_orm(ebs, rf=True)
-    sub = resp.submatrix(bpms=["BPM:001", "BPM:010"], correctors=["HST:003", "VST:004"])
-    assert sub.matrix.shape == (4, 2) and sub.corrector_names == ["HST:003", "VST:004"]
+    sub = resp.submatrix(bpms=["BPM_001", "BPM_010"], correctors=["HST_003", "VST_004"])
+    assert sub.matrix.shape == (4, 2) and sub.corrector_names == ["HST_003", "VST_004"]
     np.testing.assert_array_equal(sub.matrix[0, 0], resp.matrix[0, 2])
     np.testing.assert_array_equal(sub.matrix[3, 1], resp.matrix[224 + 9, 224 + 3])
     assert sub.rf.shape == (4,)
@@ -198,7 +198,7 @@ def test_orbit_response_tools(tmp_path, ebs):
     np.testing.assert_array_equal(back.matrix, resp.matrix)
     assert back.planes == resp.planes
     with pytest.raises(KeyError, match="not in this response matrix"):
-        resp.column("QF2:001")
+        resp.column("QF2_001")
 
 
 def test_bpms_with_an_acquisition_rate_never_give_a_stale_response(ebs, RE, catalog, tmp_path):
@@ -214,6 +214,6 @@ def test_bpms_with_an_acquisition_rate_never_give_a_stale_response(ebs, RE, cata
     path.parent.mkdir()
     path.write_text(yaml.safe_dump(spec))
     m = connect(str(path), mode="sim", seed=1)
-    names = ["HST:020", "VST:033"]
+    names = ["HST_020", "VST_033"]
     resp = OrbitResponse.from_run(catalog[RE(measure_orm(m, correctors=names))])
     assert rel(resp.matrix_hw, truth_orm(m.twin, names, 0.2)) <= 0.01

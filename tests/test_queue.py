@@ -19,7 +19,7 @@ from acc_bluesky.analysis.config import config_from_run
 pytestmark = [needs_redis, pytest.mark.timeout(400)]
 
 #: 10 correctors spread around the ring (5 per plane, every 45th): a quick ORM that still corrects the orbit
-HST10 = [f"HST:{i:03d}" for i in range(1, 225, 45)] + [f"VST:{i:03d}" for i in range(23, 225, 45)]
+HST10 = [f"HST_{i:03d}" for i in range(1, 225, 45)] + [f"VST_{i:03d}" for i in range(23, 225, 45)]
 
 
 def _catalog(queue_dirs):
@@ -73,9 +73,9 @@ def test_shipped_permissions_give_each_group_its_plans(ebs):
 def test_parse_params_reads_yaml_values():
     from acc_bluesky.queue import parse_params
 
-    kw = parse_params(["delta=0.2", "correctors=[HST:001, VST:002]", "bipolar=false", "tol=null", "name=golden",
+    kw = parse_params(["delta=0.2", "correctors=[HST_001, VST_002]", "bipolar=false", "tol=null", "name=golden",
                        "target=[0.21, 0.34]"])
-    assert kw == {"delta": 0.2, "correctors": ["HST:001", "VST:002"], "bipolar": False, "tol": None,
+    assert kw == {"delta": 0.2, "correctors": ["HST_001", "VST_002"], "bipolar": False, "tol": None,
                   "name": "golden", "target": [0.21, 0.34]}
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_params(["delta"])
@@ -113,7 +113,7 @@ def test_shipped_plan_list_is_up_to_date(ebs, tmp_path):
     par = {p["name"]: p for p in plans["measure_orm"]["parameters"]}
     assert "machine" not in par
     cors = par["correctors"]["annotation"]["enums"]["Correctors"]
-    assert len(cors) == 2 + 224 + 224 and cors[:3] == ["HST", "VST", "HST:001"]
+    assert len(cors) == 2 + 224 + 224 and cors[:3] == ["HST", "VST", "HST_001"]
     assert float(par["delta"]["max"]) == 8.0 and "[A]" in par["delta"]["description"]  # half the +-8 A span
     assert {"bpm", "rf", "tune", "beam", "HST", "VST", "QF2", "S4"} <= set(fresh["existing_devices"])
 
@@ -133,7 +133,7 @@ def test_server_started_on_loopback(queue_server, api):  # noqa: F811
     ("measure_orm", {"delta": "big"}, None, "valid number"),
     ("measure_orm", {"n_avg": 2.5}, None, "valid integer"),
     ("measure_orm", {"deltaa": 0.2}, None, "unexpected keyword argument 'deltaa'"),
-    ("measure_orm", {"correctors": ["HST:999"]}, None, "HST:999"),
+    ("measure_orm", {"correctors": ["HST_999"]}, None, "HST_999"),
     ("measure_orm", {"delta": 40.0}, None, "40.0"),
     ("measure_orm", {"delta": 9.0}, None, "out of range"),
     ("measure_dispersion", {"df": 1e9}, None, "out of range"),
@@ -146,7 +146,7 @@ def test_server_started_on_loopback(queue_server, api):  # noqa: F811
     ("correct_chromaticity", {"target": [1e6, 5.0]}, None, "out of range"),
     ("correct_orbit", {"gain": 1.5}, None, "1.5"),
     ("correct_tune", {}, None, "target"),
-    ("orbit_bump", {"bpm": "BPM:999", "amplitude": 1e-4}, None, "BPM:999"),
+    ("orbit_bump", {"bpm": "BPM_999", "amplitude": 1e-4}, None, "BPM_999"),
     ("measure_orbit_response", {}, None, "not in the list of allowed plans"),
     ("correct_orbit", {}, "guest", "not in the list of allowed plans"),
     ("restore_config", {}, "operator", "not in the list of allowed plans"),
@@ -216,7 +216,7 @@ def test_measure_orm_then_correct_orbit(api, queue_dirs):  # noqa: F811
     before, after = config_from_run(cat[before_uid]), config_from_run(cat[after_uid])
     for fam in ("HST", "VST"):
         np.testing.assert_allclose(after[fam] - before[fam], cr[f"{fam}_correction"], atol=1e-12)
-        moved = {f"{fam}:{i + 1:03d}" for i in np.nonzero(after[fam] != before[fam])[0]}
+        moved = {f"{fam}_{i + 1:03d}" for i in np.nonzero(after[fam] != before[fam])[0]}
         assert moved and moved <= set(HST10)  # only the ORM's correctors moved
     for key in set(before) - {"HST", "VST"}:
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
@@ -238,9 +238,9 @@ def test_failed_plans_leave_queue_usable_and_machine_restored(api, queue_dirs): 
     # 1. a bump the correctors cannot make (+-8 A limits): refused when the plan starts, before anything moves
     #    (a parameter out of its declared range, e.g. a corrector step past half the span, never gets this far:
     #    the submission is refused, see test_bad_submission_is_refused_before_anything_runs)
-    (fail1,) = _run_items(api, [("orbit_bump", {"bpm": "BPM:010", "amplitude": 0.01}, {})])
+    (fail1,) = _run_items(api, [("orbit_bump", {"bpm": "BPM_010", "amplitude": 0.01}, {})])
     assert fail1["result"]["exit_status"] == "failed"
-    assert "HST:0" in fail1["result"]["msg"] and "limit" in fail1["result"]["msg"].lower()
+    assert "HST_0" in fail1["result"]["msg"] and "limit" in fail1["result"]["msg"].lower()
     q = api.queue_get(reload=True)["items"]
     assert [i["name"] for i in q] == ["orbit_bump"] and q[0]["item_uid"] != fail1["item_uid"]
     api.item_remove(pos="front")
@@ -312,7 +312,7 @@ def test_cli_submit_status_and_plans(queue_dirs, queue_server, capsys):  # noqa:
     assert main(["queue", "plans", "--group", "guest", *run_dir]) == 0
     out = capsys.readouterr().out
     assert "measure_orm:" in out and "correct_orbit" not in out
-    assert "correctors: typing.Optional[typing.List[{HST, VST, HST:001" in out
+    assert "correctors: typing.Optional[typing.List[{HST, VST, HST_001" in out
 
 
 def test_broken_startup_is_reported_and_cleaned_up(ebs, tmp_path):

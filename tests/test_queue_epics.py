@@ -7,7 +7,7 @@ import numpy as np
 from ioc_fixtures import *  # noqa: F403
 from queue_fixtures import needs_redis
 
-CORRECTORS = ["HST:010", "HST:011", "VST:010"]
+CORRECTORS = ["HST_010", "HST_011", "VST_010"]
 
 
 @needs_redis

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-COR4 = ["HST:001", "HST:100", "VST:050", "VST:150"]
+COR4 = ["HST_001", "HST_100", "VST_050", "VST_150"]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_correct_orbit_wrapper_uses_the_latest_orm(qmachine, qRE, qplans):  # no
     assert start["orm_uid"] == orm and start["tool"] == "orbit_correction"
     res = read_results(RE.catalog[uid])
     np.testing.assert_allclose(machine.twin.get_setpoint("HST") - sp0, res["HST_correction"], atol=1e-12)
-    assert np.count_nonzero(res["HST_correction"]) == 2  # only HST:001 and HST:100 are in the ORM
+    assert np.count_nonzero(res["HST_correction"]) == 2  # only HST_001 and HST_100 are in the ORM
 
 
 def test_count_records_fair_metadata(qmachine, qRE, qplans):  # noqa: N803

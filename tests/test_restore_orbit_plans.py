@@ -22,7 +22,7 @@ from acc_bluesky.plans import (
     save_config,
 )
 
-ORM_SUBSET = ["HST:010", "HST:011", "HST:012", "VST:010", "VST:011", "VST:012"]
+ORM_SUBSET = ["HST_010", "HST_011", "HST_012", "VST_010", "VST_011", "VST_012"]
 
 
 def _changed_config(m):
@@ -71,9 +71,9 @@ def test_beam_lost_midway_through_an_orm(machine, RE, catalog):
     before = twin.snapshot()
     stops = []
     RE.subscribe(lambda n, d: stops.append(d) if n == "stop" else None)
-    names = [f"HST:{i:03d}" for i in range(1, 9)]
+    names = [f"HST_{i:03d}" for i in range(1, 9)]
     hook = Interrupt(machine, 9, twin.anomalies.lose_beam)  # lost at the 9th step: 2 correctors measured
-    with pytest.raises(BeamLostError, match="beam lost while stepping HST:003.*all 224 in-service BPMs read NaN"
+    with pytest.raises(BeamLostError, match="beam lost while stepping HST_003.*all 224 in-service BPMs read NaN"
                                             ".*restores every setpoint") as err:
         RE(hook(measure_orm(machine, correctors=names)))
     assert len(err.value.bpms) == 224
@@ -112,7 +112,7 @@ def test_machine_stubs(machine, RE):
         out["snap"] = yield from snapshot_setpoints(machine)
         x, y = yield from read_orbit(machine, n_avg=3)
         out["orbit"] = (x, y)
-        out["new"] = yield from step_corrector(machine, "HST:007", 0.25)
+        out["new"] = yield from step_corrector(machine, "HST_007", 0.25)
         yield from step_corrector(machine, ("VST", 2), -0.5)
         yield from set_family(machine.quad["QF2"], before["QF2"] * 1.001)
         out["moved"] = yield from restore_setpoints(machine, out["snap"])
@@ -130,13 +130,13 @@ def test_machine_stubs(machine, RE):
     with pytest.raises(LimitError, match="QF2"):
         RE(set_family(machine.quad["QF2"], np.full(32, 1e4)))
     # restoring(): the wrapped plan's changes are undone, also on success unless on_success=False
-    RE(restoring(machine, step_corrector(machine, "HST:001", 1.0)))
+    RE(restoring(machine, step_corrector(machine, "HST_001", 1.0)))
     assert same_snapshot(twin.snapshot(), before)
-    RE(restoring(machine, step_corrector(machine, "HST:001", 1.0), on_success=False))
+    RE(restoring(machine, step_corrector(machine, "HST_001", 1.0), on_success=False))
     assert twin.get_setpoint("HST", 0) == 1.0
     # a BPM out of service is not checked; a dead in-service one is named
     twin.anomalies.dead_bpm(4)
-    with pytest.raises(BeamLostError, match="1 in-service BPM\\(s\\) read NaN.*BPM:005"):
+    with pytest.raises(BeamLostError, match="1 in-service BPM\\(s\\) read NaN.*BPM_005"):
         RE(read_orbit(machine))
     x, _ = RE(read_orbit(machine, ignore=[4])).plan_result
     assert np.isnan(x[4]) and np.isfinite(np.delete(x, 4)).all()

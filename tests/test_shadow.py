@@ -97,7 +97,7 @@ def test_design_model_uses_the_start_reference(machine_twin, design_twin):
         assert st.rms_y < 20e-6 and not st.anomaly, st.reason
         mach.anomalies.dead_bpm(4)
         st = sh.evaluate(measure(mach), now=2.0)
-        assert st.anomaly and "1 BPM(s) read nothing: BPM:005" in st.reason
+        assert st.anomaly and "1 BPM(s) read nothing: BPM_005" in st.reason
         mach.anomalies.lose_beam()
         st = sh.evaluate(measure(mach), now=3.0)
         assert "no beam" in st.reason

@@ -96,10 +96,10 @@ def test_lazy_cache_one_solve_per_state(twin_errors):
 def test_limits_refused_before_anything_moves(twin_errors):
     t = twin_errors
     before = t.snapshot()
-    with pytest.raises(LimitError, match=r"HST:004.*outside the limits"):
+    with pytest.raises(LimitError, match=r"HST_004.*outside the limits"):
         t.set_setpoint("HST", 9.0, index=3)
     with pytest.raises(LimitError):
-        t.set({"HST:001": 1.0, "VST:002": 99.0})  # all-or-nothing
+        t.set({"HST_001": 1.0, "VST_002": 99.0})  # all-or-nothing
     after = t.snapshot()
     assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
 
@@ -108,7 +108,7 @@ def test_unknown_family_lists_valid_names(twin_errors):
     with pytest.raises(UnknownDevice, match=r"unknown family 'QF9'; valid families: \[.*'QD3'"):
         twin_errors.set_setpoint("QF9", 1.0)
     with pytest.raises(UnknownDevice, match="unknown variable"):
-        twin_errors.get(["HST:999"])
+        twin_errors.get(["HST_999"])
 
 
 def test_beam_loss_gives_nan_and_zero_current(twin_errors):
@@ -210,13 +210,13 @@ def test_bpm_acquisition_rate_holds_each_acquisition(ebs, tmp_path):
 def test_lume_interface(twin_errors):
     t = twin_errors
     v = t.supported_variables
-    assert v["HST:001"]["units"] == "A" and v["HST:001"]["limits"] == [-8.0, 8.0]
+    assert v["HST_001"]["units"] == "A" and v["HST_001"]["limits"] == [-8.0, 8.0]
     assert v["orbit:x"]["type"] == "output" and v["orbit:x"]["shape"] == [224]
-    t.set({"HST:001": 1.0, "RF:frequency": t.rf_frequency + 10.0})
-    out = t.get(["HST:001", "RF:frequency", "orbit:x", "tune:x", "beam:current"])
-    assert out["HST:001"] == 1.0 and out["orbit:x"].shape == (224,) and 0 < out["tune:x"] < 1
+    t.set({"HST_001": 1.0, "RF:frequency": t.rf_frequency + 10.0})
+    out = t.get(["HST_001", "RF:frequency", "orbit:x", "tune:x", "beam:current"])
+    assert out["HST_001"] == 1.0 and out["orbit:x"].shape == (224,) and 0 < out["tune:x"] < 1
     t.reset()
-    assert t.get("HST:001")["HST:001"] == 0.0
+    assert t.get("HST_001")["HST_001"] == 0.0
 
 
 def test_thread_safe_concurrent_sets_and_reads(ebs):

@@ -96,7 +96,7 @@ def corrector_table(profile: Profile, correctors: Sequence[str] | str | None = N
     """Resolve a corrector selection to ``[(device_name, family, index, plane), ...]``.
 
     ``correctors``: ``None`` (every in-service corrector of every hcor then vcor family), a family name, or a list
-    of device names (``"HST:001"``) and/or family names. Unknown names raise a ``KeyError`` listing valid ones.
+    of device names (``"HST_001"``) and/or family names. Unknown names raise a ``KeyError`` listing valid ones.
     """
     fams = profile.families_of_type("hcor", "vcor")
     if not fams:

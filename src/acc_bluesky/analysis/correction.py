@@ -1,8 +1,8 @@
-"""SVD orbit correction (MML's ``setorbit``) on top of pyAT's response-matrix solver.
+"""SVD orbit correction (MML's ``setorbit``): a weighted, masked SVD of a measured or model matrix.
 
-The weighted, masked SVD and the correction matrix are pyAT's (``at.latticetools.response_matrix``'s solver),
-fed with a measured or model matrix; Tikhonov regularisation, the RF frequency as an extra variable (MML's FitRF)
-and the step limits are added here. Units: orbit [m], correctors in hardware units [A] (or whatever unit the
+The weighting and masking follow pyAT's response-matrix solvers (observables divided by their weights, variables
+multiplied by theirs); Tikhonov regularisation, the RF frequency as an extra variable (MML's FitRF), the
+noise-aware singular-value cut and the step limits are added here. Units: orbit [m], correctors in hardware units [A] (or whatever unit the
 matrix columns are per), RF [Hz].
 """
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from at.latticetools.response_matrix import _SvdSolver
 
 from ._common import FloatArray, rms
 from .orm import OrbitResponse
@@ -35,7 +34,7 @@ __all__ = [
 ]
 
 
-class SvdCorrector(_SvdSolver):
+class SvdCorrector:
     """Weighted, masked SVD inverse of a response matrix ``R`` (observables x variables).
 
     Args:
@@ -45,7 +44,7 @@ class SvdCorrector(_SvdSolver):
         obs_mask: observables used (False = excluded: ignored in the fit).
         var_mask: variables used (False = excluded: never moved).
 
-    pyAT's solver divides by observable weights and multiplies by variable weights; the conversions are done here.
+    The weighted matrix is ``R * var_weights / obs_sigma`` (``obs_sigma = 1 / obs_weights``), as pyAT's solvers.
     """
 
     def __init__(self, response: npt.ArrayLike, obs_weights: npt.ArrayLike | None = None,
@@ -54,7 +53,12 @@ class SvdCorrector(_SvdSolver):
         r = np.asarray(response, dtype=float)
         if r.ndim != 2:
             raise ValueError(f"response must be a 2-D matrix, got shape {r.shape}")
-        super().__init__(*r.shape)
+        self._shape = r.shape
+        self._obsmask = np.ones(r.shape[0], dtype=bool)
+        self._varmask = np.ones(r.shape[1], dtype=bool)
+        self._v: np.ndarray | None = None
+        self._uh: np.ndarray | None = None
+        self.singular_values: np.ndarray | None = None
         self._ow = np.ones(r.shape[0]) if obs_weights is None else np.broadcast_to(
             np.asarray(obs_weights, dtype=float), (r.shape[0],)).copy()
         self._vw = np.ones(r.shape[1]) if var_weights is None else np.broadcast_to(
@@ -71,6 +75,22 @@ class SvdCorrector(_SvdSolver):
         if not self._obsmask.any() or not self._varmask.any():
             raise ValueError("every observable or every variable is excluded: nothing to correct with")
         self.response = np.where(np.isfinite(r), r, 0.0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def weighted_response(self) -> FloatArray:
+        return self.response * (self.varweights / self.obsweights.reshape(-1, 1))
+
+    def solve(self) -> None:
+        """The SVD of the weighted response over the observables and variables in use."""
+        sel = np.ix_(self._obsmask, self._varmask)
+        u, s, vh = np.linalg.svd(self.weighted_response[sel], full_matrices=False)
+        self._v = vh.T * (1.0 / s) * self.varweights[self._varmask].reshape(-1, 1)
+        self._uh = u.T / self.obsweights[self._obsmask]
+        self.singular_values = s
 
     @property
     def varweights(self) -> np.ndarray:
@@ -106,12 +126,13 @@ class SvdCorrector(_SvdSolver):
         s = self.singular_values
         if nvals is not None and not 1 <= int(nvals) <= len(s):
             raise ValueError(f"n_sv must be between 1 and {len(s)} (number of singular values), got {nvals}")
-        if tikhonov is None:
-            return super().correction_matrix(nvals=None if nvals is None else int(nvals))
-        if tikhonov < 0:
-            raise ValueError(f"tikhonov alpha must be >= 0, got {tikhonov}")
         k = len(s) if nvals is None else int(nvals)
-        filt = (s * s / (s * s + tikhonov * tikhonov))[:k]  # multiplies 1/s
+        if tikhonov is None:
+            filt = np.ones(k)
+        elif tikhonov < 0:
+            raise ValueError(f"tikhonov alpha must be >= 0, got {tikhonov}")
+        else:
+            filt = (s * s / (s * s + tikhonov * tikhonov))[:k]  # multiplies 1/s
         cormat = np.zeros(self.shape[::-1])
         cormat[np.ix_(self._varmask, self._obsmask)] = (self._v[:, :k] * filt) @ self._uh[:k, :]
         return cormat

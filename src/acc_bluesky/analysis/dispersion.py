@@ -135,7 +135,7 @@ class Dispersion:
                 raise KeyError(f"no {k!r} in the results {sorted(results)}: is this a dispersion run?")
         n = np.asarray(results["eta_x"]).size
         return cls(eta_x=results["eta_x"], eta_y=results["eta_y"],
-                   bpm_names=list(start.get("bpm_names") or [f"BPM:{i + 1:03d}" for i in range(n)]),
+                   bpm_names=list(start.get("bpm_names") or [f"BPM_{i + 1:03d}" for i in range(n)]),
                    df=np.asarray(results.get("df", start.get("rf_offsets", [np.nan])), dtype=float),
                    f_rf=float(np.asarray(results["f_rf"])), alpha_c=float(np.asarray(results["alpha_c"])),
                    dp=results.get("dp"), uid=start.get("uid"),

@@ -265,7 +265,7 @@ class OrbitResponse:
         m = np.asarray(results["orm"], dtype=float)
         mhw = np.asarray(results.get("orm_hw", m), dtype=float)
         nbpm = m.shape[0] // 2
-        bpm_names = list(start.get("bpm_names") or [f"BPM:{i + 1:03d}" for i in range(nbpm)])
+        bpm_names = list(start.get("bpm_names") or [f"BPM_{i + 1:03d}" for i in range(nbpm)])
         cor_names = list(start.get("corrector_names") or [f"C{j}" for j in range(m.shape[1])])
         planes = list(start.get("corrector_planes") or ["x"] * m.shape[1])
         df = results.get("df")

@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     s = qsub.add_parser("submit", help="add a plan to the queue (validated by the manager before it is queued)")
     s.add_argument("plan", help="plan name, e.g. measure_orm")
     s.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
-                   help="plan keyword argument, YAML value: -p delta=0.2 -p 'correctors=[HST:001, HST:002]'")
+                   help="plan keyword argument, YAML value: -p delta=0.2 -p 'correctors=[HST_001, HST_002]'")
     s.add_argument("--user", default=None, help="user name recorded with the item")
     s.add_argument("--group", default=None, help="user group: primary (default), admin, operator, guest")
     s.add_argument("--front", action="store_true", help="put the plan at the front of the queue")

@@ -78,7 +78,9 @@ def orbit_rms_pv_names(profile: Profile, prefix: str | None = None) -> dict[str,
 def magnet_pv(pvs: dict[str, str], profile: Profile, family: str, index: int, what: str) -> str:
     """The ``what`` (``setpoint`` or ``readback``) PV of magnet ``index`` (0-based) of ``family`` in the table
     ``pvs`` of :func:`acc_bluesky.devices.pv_names` (keyed by device name, or by the older ``FAMILY:NNN``)."""
-    dev = profile.families[family].device_names[index]
+    names = profile.families[family].device_names
+    index = index % len(names)  # -1: the last one
+    dev = names[index]
     for key in (f"{dev}:{what}", f"{family}:{index + 1:03d}:{what}"):
         if key in pvs:
             return pvs[key]
@@ -87,6 +89,7 @@ def magnet_pv(pvs: dict[str, str], profile: Profile, family: str, index: int, wh
 
 def bpm_pv(pvs: dict[str, str], profile: Profile, index: int, plane: str) -> str:
     """The ``plane`` (``x`` or ``y``) PV of BPM ``index`` (0-based) in the table ``pvs`` (see :func:`magnet_pv`)."""
+    index = index % len(profile.bpm_names)  # -1: the last one
     dev = profile.bpm_names[index]
     for key in (f"{dev}:{plane}", f"BPM:{index + 1:03d}:{plane}"):
         if key in pvs:

@@ -328,17 +328,14 @@ def set_family(family: Any, values: Any, *, group: str | None = None, wait: bool
 
 
 def resolve_corrector(machine, corrector: Any):
-    """A Corrector device from a device, a device name (``"HST:003"``) or ``(family, index)``."""
+    """A Corrector device from a device, a device name (``"HST_003"``) or ``(family, index)``."""
     if hasattr(corrector, "setpoint") and hasattr(corrector, "device_name"):
         return corrector
     if isinstance(corrector, tuple):
         fam, idx = corrector
         f = machine.family(fam)
         return f[f.index_of(idx)]
-    name = str(corrector)
-    fam, _, _ = name.rpartition(":")
-    f = machine.family(fam)
-    return f[f.index_of(name)]
+    return machine.device(str(corrector))
 
 
 def step_corrector(machine, corrector: Any, delta: float, *, wait: bool = True,

@@ -432,12 +432,24 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
     good = np.asarray(machine.bpm.good, dtype=bool)
     excluded = [c.resp.bpm_index(b) for b in exclude_bpms]
     rec = _correction_record(machine, c.groups)
+    # the planes this correction acts on (its correctors' planes; the RF acts on x): a step is judged there only,
+    # so a one-plane correction is never undone because the other plane's orbit dominates
+    acts_x = bool(c.fit_rf) or any(f in machine.hcors for f in c.groups)
+    acts_y = any(f in machine.vcors for f in c.groups)
+
+    # ... and over the readings it corrects (weight > 0, not excluded, not NaN)
+    obs = np.asarray(c.system.solver.obs_mask, dtype=bool)
+    judged_x, judged_y = good & obs[:n], good & obs[n:]
+
+    def size(rx: float, ry: float) -> float:
+        return float(np.hypot(rx if acts_x else 0.0, ry if acts_y else 0.0))
+
     x, y = yield from read_orbit(machine, n_avg, ignore=excluded, where="reading the orbit to correct")
     out: dict[str, Any] = {"first": (x, y), "last": (x, y), "iterations": 0, "converged": False, "undone": False}
     for it in range(1, int(max_iter) + 1):
         dev = np.concatenate([x - tx, y - ty])
-        rx, ry = rms(dev[:n], good), rms(dev[n:], good)
-        if tol is not None and max(rx, ry) <= tol:
+        rx, ry = rms(dev[:n], judged_x), rms(dev[n:], judged_y)
+        if tol is not None and max(rx if acts_x else 0.0, ry if acts_y else 0.0) <= tol:
             out["converged"] = True
             break
         dk, drf = c.system.step(dev, n_sv=nsv, tikhonov=tikhonov, gain=gain)
@@ -447,8 +459,8 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
         yield from c.apply(steps, drf)
         xa, ya = yield from read_orbit(machine, n_avg, ignore=excluded,
                                        where=f"reading the orbit after correction step {it}")
-        rxa, rya = rms(xa - tx, good), rms(ya - ty, good)
-        worse = max(rxa, rya) > max(rx, ry)
+        rxa, rya = rms(xa - tx, judged_x), rms(ya - ty, judged_y)
+        worse = size(rxa, rya) > size(rx, ry)
         rec.update(iteration=it, rms_x_before=rx, rms_y_before=ry, rms_x_after=rxa, rms_y_after=rya, x_before=x,
                    y_before=y, x_after=xa, y_after=ya, rf_step=drf, rf_frequency=c.f, scale=rep.scale,
                    n_clipped=len(rep.clipped), undone=int(worse),
@@ -456,18 +468,19 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
         yield from emit(rec)
         out["iterations"] = it
         if worse:  # never leave the orbit worse than it was: take the step back and stop
-            warnings.warn(f"correct_orbit iteration {it}: the step made the orbit worse ({max(rx, ry) * 1e6:.1f} -> "
-                          f"{max(rxa, rya) * 1e6:.1f} um rms); it was taken back", stacklevel=2)
+            warnings.warn(f"correct_orbit iteration {it}: the step made the orbit worse ({size(rx, ry) * 1e6:.1f} -> "
+                          f"{size(rxa, rya) * 1e6:.1f} um rms over the corrected planes); it was taken back",
+                          stacklevel=2)
             yield from c.apply(steps, drf, sign=-1.0)
             x, y = yield from read_orbit(machine, n_avg, ignore=excluded, where="taking back a step")
             out.update(undone=True, converged=True, last=(x, y))
             break
         x, y = xa, ya
         out["last"] = (x, y)
-        if tol is not None and max(rxa, rya) <= tol:
+        if tol is not None and max(rxa if acts_x else 0.0, rya if acts_y else 0.0) <= tol:
             out["converged"] = True
             break
-        if max(rxa, rya) > max(rx, ry) * (1.0 - min_improvement * gain):
+        if size(rxa, rya) > size(rx, ry) * (1.0 - min_improvement * gain):
             out["converged"] = True  # stalled: more iterations would not help
             break
     return out

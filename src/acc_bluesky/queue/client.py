@@ -68,7 +68,7 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_params(pairs: Iterable[str] | None) -> dict[str, Any]:
-    """``["delta=0.2", "correctors=[HST:001, VST:002]", "bipolar=false"]`` -> plan keyword arguments.
+    """``["delta=0.2", "correctors=[HST_001, VST_002]", "bipolar=false"]`` -> plan keyword arguments.
 
     Values are read as YAML scalars/lists/maps (numbers, ``true``/``false``, ``null``, ``[a, b]``,
     ``{k: v}``); anything else stays a string. A repeated key is an error.
@@ -79,7 +79,7 @@ def parse_params(pairs: Iterable[str] | None) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key.isidentifier():
             raise ValueError(f"parameter {p!r}: expected KEY=VALUE with KEY a Python identifier "
-                             f"(e.g. delta=0.2 or correctors='[HST:001, HST:002]')")
+                             f"(e.g. delta=0.2 or correctors='[HST_001, HST_002]')")
         if key in out:
             raise ValueError(f"parameter {key!r} given twice")
         out[key] = _parse_value(value)

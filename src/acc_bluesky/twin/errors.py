@@ -21,14 +21,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from ..profile import Profile
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import Twin
 
 __all__ = [
     "ErrorModel",
@@ -452,7 +449,7 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
                        check_closed_orbit(profile, int(seeds[0]), scale), profile.kind)
 
 
-def diagnose_closed_orbit(twin: Twin) -> str | None:
+def diagnose_closed_orbit(twin: Any) -> str | None:
     """Why ``twin`` has no closed orbit (or no line trajectory) and what to do; ``None`` when the beam is there.
 
     The text names the seed and the error scale and says what to do: lower ``error_scale`` (``connect(profile,
@@ -465,7 +462,7 @@ def diagnose_closed_orbit(twin: Twin) -> str | None:
     return explain_loss(twin, obs.reason)
 
 
-def explain_loss(twin: Twin, reason: str) -> str:
+def explain_loss(twin: Any, reason: str) -> str:
     """The loss ``reason`` of ``twin`` completed with its cause and the remedy (see :func:`diagnose_closed_orbit`)."""
     if twin.anomalies.beam_lost or "what to do:" in reason.lower():
         return reason

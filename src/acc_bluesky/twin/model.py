@@ -270,10 +270,11 @@ class Twin:
             st = self.family(family)
             idx = self._indices(st, index)
             vals = np.broadcast_to(np.asarray(values, dtype=float), idx.shape).copy()
+            names = st.fam.names
             if len(idx) == 1:
-                st.spec.limits.check(f"{family}:{idx[0] + 1:03d}", vals[0], st.spec.units)
+                st.spec.limits.check(names[int(idx[0])], vals[0], st.spec.units)
             else:
-                st.spec.limits.check(family, vals, st.spec.units, names=[st.fam.device_names[i] for i in idx])
+                st.spec.limits.check(family, vals, st.spec.units, names=[names[i] for i in idx.tolist()])
             now = self._clock()
             ramp = st.spec.ramp_rate
             for i, v in zip(idx.tolist(), vals.tolist()):
@@ -738,13 +739,15 @@ class Twin:
         return v
 
     def _parse(self, name: str) -> tuple[str, int]:
-        fam, _, num = name.rpartition(":")
-        if fam in self._families and num.isdigit():
-            i = int(num) - 1
-            if 0 <= i < len(self._families[fam].refpts):
-                return fam, i
+        try:
+            fam, i = self.profile.locate(name)
+        except KeyError:
+            fam, i = "", -1
+        if fam in self._families:
+            return fam, i
+        first = next(iter(self._families.values())).fam.names[0] if self._families else "?"
         raise UnknownDevice(
-            f"unknown variable {name!r}; inputs look like 'HST:001', 'RF:frequency'; "
+            f"unknown variable {name!r}; inputs are device names like {first!r}, or 'RF:frequency', 'RF:voltage'; "
             f"outputs: {[k for k, s in self.supported_variables.items() if s['type'] == 'output']}")
 
     def get(self, names: str | Iterable[str]) -> dict[str, Any]:
