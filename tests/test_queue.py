@@ -100,7 +100,8 @@ def test_shipped_plan_list_is_up_to_date(ebs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = yaml.safe_load((tmp_path / "existing_plans_and_devices.yaml").read_text())
     shipped = yaml.safe_load((ebs.path.parent / "existing_plans_and_devices.yaml").read_text())
-    assert fresh == shipped, "run `acc-bluesky queue gen-lists ebs` and commit the file"
+    same = fresh == shipped  # a plain bool: pytest's rewrite of a diff of two large dicts is unreadable anyway
+    assert same, "run `acc-bluesky queue gen-lists ebs` and commit the file"
     plans = fresh["existing_plans"]
     # only the queue plans (one per tool plan, generated from it, and count) are plans: no helper generator of the
     # tool modules leaks into the namespace
@@ -211,8 +212,17 @@ def test_measure_orm_then_correct_orbit(api, queue_dirs):  # noqa: F811
     # the correction: it reduced the orbit, and the machine kept exactly the steps it reports
     cr = _results(cor_run, "rms_x_before", "rms_x_after", "rms_y_before", "rms_y_after", "HST_correction",
                   "VST_correction")
-    # seed 1: 1.49 mm -> 0.82 mm rms in x, 0.62 -> 0.40 mm in y with these 10 correctors (measured here)
-    assert cr["rms_x_after"] < 0.7 * cr["rms_x_before"] and cr["rms_y_after"] < 0.75 * cr["rms_y_before"]
+    # 5 + 5 correctors remove only part of the orbit: the truth is the least-squares optimum of the measured ORM
+    # on the orbit read before the first step (seed 1: x 1.05 -> 0.77 mm, y 0.47 -> 0.45 mm, 2 iterations)
+    x0 = np.asarray(cor_run["primary"]["orbit_correction-x_before"].read())[0]
+    y0 = np.asarray(cor_run["primary"]["orbit_correction-y_before"].read())[0]
+    for plane, dev, cols, after in (("x", x0, slice(0, 5), cr["rms_x_after"]), ("y", y0, slice(5, 10),
+                                                                               cr["rms_y_after"])):
+        r = orm.matrix[:224, cols] if plane == "x" else orm.matrix[224:, cols]
+        ok = np.isfinite(dev)
+        best = dev[ok] - r[ok] @ np.linalg.lstsq(r[ok], dev[ok], rcond=None)[0]
+        optimum = float(np.sqrt(np.mean(best ** 2)))
+        assert after < 1.05 * optimum + 2e-6, (plane, after, optimum)  # within 5 % of the best these can do
     before, after = config_from_run(cat[before_uid]), config_from_run(cat[after_uid])
     for fam in ("HST", "VST"):
         np.testing.assert_allclose(after[fam] - before[fam], cr[f"{fam}_correction"], atol=1e-12)

@@ -87,14 +87,15 @@ def test_wrappers_expose_every_tool_parameter(qplans):
     """When a tool plan gains a parameter, its queue wrapper must offer it too (figures go to the default folder)."""
     import inspect
 
-    from acc_bluesky.plans import config, optics, orbit
+    from acc_bluesky.queue.plans import tool_plan_list
 
+    tools = {p.__name__: p for p in tool_plan_list()}
     plans, _, _ = qplans
     renamed = {"uid_or_run": "config"}
     for name, wrapper in plans.items():
         if name == "count":
             continue
-        tool = next(getattr(mod, name) for mod in (orbit, optics, config) if hasattr(mod, name))
+        tool = tools[name]
         tool_params = set(inspect.signature(tool).parameters) - {"machine", "figure_dir"}
         exposed = set(inspect.signature(wrapper).parameters)
         missing = {p for p in tool_params if renamed.get(p, p) not in exposed}

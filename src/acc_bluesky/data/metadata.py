@@ -261,8 +261,9 @@ class FairFiller:
 
     MACHINE_KEYS = ("facility", "accelerator", "profile", "lattice", "mode")
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = True) -> None:
         self._seen: set[int] = set()
+        self.strict = strict  # False (a RunEngine without validation): an unknown machine fills nothing, silently
 
     def preprocessor(self, plan: Any) -> Any:
         """A RunEngine preprocessor noting the objects of the messages since the last run opened."""
@@ -314,7 +315,12 @@ class FairFiller:
     def __call__(self, md: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(md)
         if any(out.get(k) in (None, "", {}) for k in self.MACHINE_KEYS):
-            machine = self._machine(out)
+            try:
+                machine = self._machine(out)
+            except MetadataError:
+                if self.strict:
+                    raise
+                machine = None
             if machine is not None:
                 for key, value in machine_metadata(machine).items():
                     if key == "seed":

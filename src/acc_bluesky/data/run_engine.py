@@ -291,7 +291,7 @@ def make_run_engine(
     RE.md.setdefault("software", software_versions())
     if md:
         RE.md.update(md)
-    fill = FairFiller()
+    fill = FairFiller(strict=validate)
     RE.preprocessors.append(fill.preprocessor)
     RE.md_normalizer = fill
     if validate:
