@@ -21,7 +21,7 @@ from bluesky.utils import MsgGenerator
 
 from ..analysis import bump as _bump
 from ..analysis._common import rms, run_results
-from ..analysis.correction import CorrectionSystem, limit_step
+from ..analysis.correction import CorrectionSystem, correction_floor, judge_step, limit_step, noise_sv_cut
 from ..analysis.dispersion import Dispersion, dispersion_from_orbits
 from ..analysis.orm import OrbitResponse, momentum_compaction, response_from_orbits
 from ..analysis.orm import model_orm as _model_response
@@ -348,7 +348,8 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
         orm: the response: a run of ``measure_orm``/``model_orm`` (uid, ``RE(...)`` result, Tiled run), an
             :class:`OrbitResponse`, ``"model"`` (the design lattice's), or ``None`` (measured now, its own run).
         n_sv: number of singular values. Default (with ``tikhonov=None``): those above 1e-3 of the largest
-            (profile ``tools.orbit_correction.rcond`` overrides 1e-3).
+            (profile ``tools.orbit_correction.rcond`` overrides 1e-3), less the trailing modes whose signal is
+            below 3x the projected BPM noise (profile ``errors.bpm.noise``), re-cut at every iteration.
         tikhonov: Tikhonov regularisation alpha (in units of the weighted singular values) instead of a cut.
         bpm_weights: per BPM (n) or per reading (2n) weight, larger = corrected harder; 0 excludes.
         corrector_weights: per corrector of the ORM, larger = used more freely; 0 excludes.
@@ -358,10 +359,11 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
         gain: fraction of the computed correction applied per iteration (0 < gain <= 1).
         max_step: largest corrector move per iteration [A] (the whole step is scaled to respect it).
         max_iter: iterations at most.
-        tol: stop when the rms of (reading - target) in both planes is below this [m].
-        min_improvement: stop when an iteration reduced the larger rms by less than this fraction of what the gain
-            allows. ``converged`` is 1 when ``tol`` was reached or the correction stalled so (it cannot do better
-            with these settings), 0 when ``max_iter`` ended it while it still improved.
+        tol: stop when the rms of (reading - target) over the corrected readings is below this [m].
+        min_improvement: stop when an iteration reduced that rms by less than this fraction (times the gain).
+            ``converged`` is 1 only when the rms reached its floor (what a perfect step with these singular values
+            leaves, plus the BPM noise: :func:`~acc_bluesky.analysis.correction.judge_step`) or ``tol``; a
+            correction that stalled above its floor, or that ``max_iter`` ended, is not converged.
         target: golden orbit: ``(x, y)`` arrays [m], a (2n,) vector, or a run holding an orbit (``save_config``,
             ``apply_bba``).
         n_avg: orbit acquisitions averaged per reading.
@@ -395,6 +397,7 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
                              corrector_names=resp.corrector_names, num_points=int(max_iter),
                              **({"target_x": tx.tolist(), "target_y": ty.tolist()} if target is not None else {}))
     out = yield from _iterate(machine, c, tx, ty, nsv=nsv, tikhonov=tikhonov, gain=gain, max_iter=max_iter,
+                              auto_cut=n_sv is None and tikhonov is None,
                               tol=tol, n_avg=n_avg, min_improvement=min_improvement, exclude_bpms=exclude_bpms)
     good = np.asarray(machine.bpm.good, dtype=bool)
     (x0, y0), (x1, y1) = out["first"], out["last"]
@@ -419,69 +422,79 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
 _CORRECTION_DESCRIPTIONS = {
     "singular_values": "all weighted singular values (the first n_sv were used)",
     "n_sv": "number of singular values used", "iterations": "iterations applied",
-    "converged": "1: tol reached or the last iteration no longer improved (min_improvement); 0: max_iter ended it "
-                 "while it still improved", "undone": "1 if the last step made the orbit worse and was taken back",
+    "converged": "1: the rms reached its floor (or tol); 0: stalled above its floor, undone or ended by max_iter",
+    "undone": "1 if the last step made the orbit worse and was taken back",
     "rf_correction": "total RF frequency change", "x_after": "horizontal orbit at the end",
     "y_after": "vertical orbit at the end"}
 
 
 def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, max_iter, tol, n_avg,
-             min_improvement, exclude_bpms) -> MsgGenerator[dict[str, Any]]:
-    """The correction iterations: read, step, read; one event each."""
+             min_improvement, exclude_bpms, auto_cut: bool = False) -> MsgGenerator[dict[str, Any]]:
+    """The correction iterations: read, step, read; one event each.
+
+    Every step is judged (:func:`~acc_bluesky.analysis.correction.judge_step`) on the rms of the readings the
+    correction uses (weight > 0, not excluded, finite): undone when worse beyond the BPM noise, ``converged`` only
+    when the rms reached its floor (what a perfect step with these singular values leaves, and the noise), stopped
+    when it stalled. With ``auto_cut`` (no ``n_sv``/``tikhonov`` given) the singular values are cut per iteration
+    above the BPM noise (:func:`~acc_bluesky.analysis.correction.noise_sv_cut`), at most ``nsv``."""
     n = len(machine.bpm)
-    good = np.asarray(machine.bpm.good, dtype=bool)
     excluded = [c.resp.bpm_index(b) for b in exclude_bpms]
     rec = _correction_record(machine, c.groups)
-    # the planes this correction acts on (its correctors' planes; the RF acts on x): a step is judged there only,
-    # so a one-plane correction is never undone because the other plane's orbit dominates
-    acts_x = bool(c.fit_rf) or any(f in machine.hcors for f in c.groups)
-    acts_y = any(f in machine.vcors for f in c.groups)
+    solver = c.system.solver
+    bpm_noise = float(machine.profile.spec.errors.bpm.noise)
+    noise = bpm_noise / np.sqrt(max(int(n_avg), 1))
+    rcond = float(machine.profile.tool_defaults("orbit_correction").get("rcond", 1e-3))
 
-    # ... and over the readings it corrects (weight > 0, not excluded, not NaN)
-    obs = np.asarray(c.system.solver.obs_mask, dtype=bool)
-    judged_x, judged_y = good & obs[:n], good & obs[n:]
-
-    def size(rx: float, ry: float) -> float:
-        return float(np.hypot(rx if acts_x else 0.0, ry if acts_y else 0.0))
+    def used_rms(dev: np.ndarray) -> float:
+        ok = np.asarray(solver.obs_mask, dtype=bool) & np.isfinite(dev)
+        return float(np.sqrt(np.mean(dev[ok] ** 2))) if ok.any() else float("nan")
 
     x, y = yield from read_orbit(machine, n_avg, ignore=excluded, where="reading the orbit to correct")
-    out: dict[str, Any] = {"first": (x, y), "last": (x, y), "iterations": 0, "converged": False, "undone": False}
+    out: dict[str, Any] = {"first": (x, y), "last": (x, y), "iterations": 0, "converged": False, "undone": False,
+                           "messages": []}
     for it in range(1, int(max_iter) + 1):
         dev = np.concatenate([x - tx, y - ty])
-        rx, ry = rms(dev[:n], judged_x), rms(dev[n:], judged_y)
-        if tol is not None and max(rx if acts_x else 0.0, ry if acts_y else 0.0) <= tol:
+        before = used_rms(dev)
+        if tol is not None and before <= tol:
             out["converged"] = True
             break
-        dk, drf = c.system.step(dev, n_sv=nsv, tikhonov=tikhonov, gain=gain)
+        n_use = nsv
+        if auto_cut:
+            cut = noise_sv_cut(solver, dev, bpm_noise=bpm_noise, n_avg=n_avg, rel_error=rcond)
+            n_use = min(cut.n_sv, nsv) if nsv is not None else cut.n_sv
+        dk, drf = c.system.step(dev, n_sv=n_use, tikhonov=tikhonov, gain=gain)
         steps, drf, rep = c.safe_step(dk, drf)
         for msg in rep.messages:
             warnings.warn(f"correct_orbit iteration {it}: {msg}", stacklevel=2)
         yield from c.apply(steps, drf)
         xa, ya = yield from read_orbit(machine, n_avg, ignore=excluded,
                                        where=f"reading the orbit after correction step {it}")
-        rxa, rya = rms(xa - tx, judged_x), rms(ya - ty, judged_y)
-        worse = size(rxa, rya) > size(rx, ry)
-        rec.update(iteration=it, rms_x_before=rx, rms_y_before=ry, rms_x_after=rxa, rms_y_after=rya, x_before=x,
+        after = used_rms(np.concatenate([xa - tx, ya - ty]))
+        n_floor = n_use if n_use is not None else len(solver.used_singular_values())
+        floor = correction_floor(solver, dev, n_floor, bpm_noise=bpm_noise, n_avg=n_avg)
+        v = judge_step(before, after, floor, noise=noise, min_improvement=min_improvement * gain)
+        out["messages"].append(f"iteration {it}: {v.message}")
+        good = np.asarray(machine.bpm.good, dtype=bool)
+        rec.update(iteration=it, rms_x_before=rms(x - tx, good), rms_y_before=rms(y - ty, good),
+                   rms_x_after=rms(xa - tx, good), rms_y_after=rms(ya - ty, good), x_before=x,
                    y_before=y, x_after=xa, y_after=ya, rf_step=drf, rf_frequency=c.f, scale=rep.scale,
-                   n_clipped=len(rep.clipped), undone=int(worse),
+                   n_clipped=len(rep.clipped), undone=int(v.undo),
                    **{f"{f}_step": st for f, st in steps.items()}, **{f"{f}_setpoint": c.sp[f] for f in c.groups})
         yield from emit(rec)
         out["iterations"] = it
-        if worse:  # never leave the orbit worse than it was: take the step back and stop
-            warnings.warn(f"correct_orbit iteration {it}: the step made the orbit worse ({size(rx, ry) * 1e6:.1f} -> "
-                          f"{size(rxa, rya) * 1e6:.1f} um rms over the corrected planes); it was taken back",
+        if v.undo:  # never leave the orbit worse than it was: take the step back and stop
+            warnings.warn(f"correct_orbit iteration {it}: {v.message} (rms over the corrected readings)",
                           stacklevel=2)
             yield from c.apply(steps, drf, sign=-1.0)
             x, y = yield from read_orbit(machine, n_avg, ignore=excluded, where="taking back a step")
-            out.update(undone=True, converged=True, last=(x, y))
+            out.update(undone=True, last=(x, y))
             break
         x, y = xa, ya
         out["last"] = (x, y)
-        if tol is not None and max(rxa if acts_x else 0.0, rya if acts_y else 0.0) <= tol:
-            out["converged"] = True
-            break
-        if size(rxa, rya) > size(rx, ry) * (1.0 - min_improvement * gain):
-            out["converged"] = True  # stalled: more iterations would not help
+        out["converged"] = v.converged or (tol is not None and after <= tol)
+        if out["converged"] or v.stalled:
+            if v.stalled and not out["converged"]:
+                warnings.warn(f"correct_orbit iteration {it}: {v.message}", stacklevel=2)
             break
     return out
 
