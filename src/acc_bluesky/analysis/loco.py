@@ -894,6 +894,63 @@ class LocoResult:
         return cls.from_results(run_results(run), start)
 
     # ------------------------------------------------------------------------------------------------
+    def plot_gradients(self, path: str | Path, truth: npt.ArrayLike | None = None) -> Path:
+        """PNG: fitted gradient errors against s [m] with their 1-sigma uncertainties (``dK/K`` of normal
+        quadrupoles, ``dK`` [m^-2] of skew gradients); ``truth``: the true ``dK`` per fitted magnet to overlay."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        normal = np.array([k == "normal" for k in self.element_kinds], dtype=bool)
+        skew = ~normal
+        fig, axes = plt.subplots(1 + int(skew.any()), 1, figsize=(10, 3.6 * (1 + int(skew.any()))), dpi=100,
+                                 squeeze=False)
+        ax = axes[0, 0]
+        k0 = np.where(self.element_k0 != 0, self.element_k0, np.nan)
+        if normal.any():
+            ax.errorbar(self.element_s[normal], 1e3 * self.dk[normal] / k0[normal],
+                        yerr=1e3 * np.abs(self.dk_sigma[normal] / k0[normal]), fmt="o", ms=3, lw=0.6,
+                        label=f"fitted ({int(normal.sum())} magnets)")
+            if truth is not None:
+                t = np.asarray(truth, dtype=float)
+                ax.plot(self.element_s[normal], 1e3 * t[normal] / k0[normal], "x", ms=4, label="true")
+            ax.legend(fontsize=8)
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_ylabel("dK/K [1e-3]")
+        ax.set_title(f"fitted gradient errors ({self.n_sv} singular values kept, chi2/dof {self.chi2_dof:.3g})")
+        if skew.any():
+            ax = axes[1, 0]
+            ax.errorbar(self.element_s[skew], self.dk[skew], yerr=self.dk_sigma[skew], fmt="s", ms=3, lw=0.6)
+            ax.set_ylabel("skew dK [m^-2]")
+        axes[-1, 0].set_xlabel("s [m]")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def plot_chi2(self, path: str | Path) -> Path:
+        """PNG: chi-square per iteration (first point: the start model)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.semilogy(np.arange(len(self.chi2)), self.chi2, "o-")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("chi-square")
+        ax.set_title(f"LOCO chi-square per iteration (final chi2/dof {self.chi2_dof:.3g})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
     def plot(self, path: str | Path, source: Any = None, *, corrected=None, truth: npt.ArrayLike | None = None,
              title: str | None = None) -> Path:
         """PNG of the fit: fitted gradient errors against s, beta-beat of the model (and after a correction)
