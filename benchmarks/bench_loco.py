@@ -16,6 +16,8 @@ Sections:
    optics is printed beside the uncoupled one. 3b: the same with skew windings in the sextupoles (a profile variant
    written here), the skew gradients fitted and corrected too.
 4. The same on a second real lattice (ALS, /work/shared/lattices), through a profile written here.
+5. The ``loco`` plan (RunEngine + Tiled) against ``fit_loco`` called directly, side by side, on the gradient-only
+   EBS case with the ORM and dispersion measured by the plans: the plan's time outside the fit (target <= 5 %).
 
 The "measured" ORM is what ``measure_orm`` does, done straight on the twin (setpoints +-0.2 A, BPM readings with
 their gains, rolls, offsets and noise); the truth is the twin's error model and pyAT on its lattice. Times are
@@ -330,15 +332,52 @@ def second_lattice(seeds=(1, 4)) -> None:
     whole_table(p, seeds, label="ALS, EBS-like error table", section="4")
 
 
+def plan_overhead(p, seed: int = 1) -> None:
+    """``RE(loco(...))`` (until the run is written in the catalogue) against the fit alone."""
+    import acc_bluesky as ab
+    from acc_bluesky import plans as ap
+    from acc_bluesky.analysis import LocoResult
+
+    print("\n== 5. The loco plan against fit_loco, side by side (EBS, gradient errors only, seed 1)")
+    m = ab.connect(p, mode="sim", twin=Twin(p, seed=seed, errors=gradient_only_errors(p, seed)))
+    RE = ab.make_run_engine(catalog_dir=Path(tempfile.mkdtemp(prefix="loco_bench_")) / "catalog", progress=False)
+    with Clock() as cm:
+        orm = RE(ap.measure_orm(m, figure_dir=False)).plan_result
+        disp = RE(ap.measure_dispersion(m, figure_dir=False)).plan_result
+    print(f"  measure_orm + measure_dispersion (plans): {cm}")
+    noise = p.spec.errors.bpm.noise
+    resp, dsp = OrbitResponse.from_run(RE.catalog[orm]), Dispersion.from_run(RE.catalog[disp])
+    sp = quad_setpoints(m.twin) | {f: m.twin.get_setpoint(f) for f in p.families
+                                   if p.families[f].spec.type in ("sextupole", "octupole", "dipole", "magnet")}
+    with Clock() as cd:
+        res = fit_loco(p, resp, dsp, fit=FIT, setpoints=sp, bpm_noise=noise, rcond=3e-4)
+        res.beta_beat(p)
+    print(f"  fit_loco + model beta-beat, direct:       {cd}")
+    for label, fig in (("figures off", False), ("with its 2 figures", None)):
+        with Clock() as cp:
+            uid = RE(ap.loco(m, orm=orm, dispersion=disp, bpm_noise=noise, rcond=3e-4, figure_dir=fig)).plan_result
+        from acc_bluesky.plan_stubs.tool import remembered
+
+        fit_t = remembered(uid)[1].timing["plan_fit"]
+        with Clock() as cr:
+            back = LocoResult.from_run(RE.catalog[uid])
+        out = cp.wall - fit_t
+        print(f"  RE(loco(...)) until written, {label}: {cp}; fit inside the plan {fit_t:.1f} s; outside the fit "
+              f"{out:.2f} s = {100 * out / cp.wall:.1f} % of the wall time (target <= 5 %); plan / direct "
+              f"{cp.wall / cd.wall:.3f}")
+        print(f"    LocoResult.from_run(catalog[uid]) {cr}; same values as the plan's: "
+              f"{np.array_equal(back.values, remembered(uid)[1].values)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Jacobian costs and the gradient-only case only")
-    ap.add_argument("--only", choices=["jacobian", "gradient", "whole", "skew", "als"], nargs="+",
+    ap.add_argument("--only", choices=["jacobian", "gradient", "whole", "skew", "als", "plan"], nargs="+",
                     help="run only these sections")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="error seeds of the whole-table cases")
     args = ap.parse_args()
     p = load_profile("ebs")
-    only = set(args.only or ["jacobian", "gradient"] + ([] if args.quick else ["whole", "skew", "als"]))
+    only = set(args.only or ["jacobian", "gradient", "plan"] + ([] if args.quick else ["whole", "skew", "als"]))
     seeds = tuple(args.seeds)
     if "jacobian" in only:
         jacobian_costs(p)
@@ -350,6 +389,8 @@ def main() -> None:
         with_skew_correctors(seeds=seeds)
     if "als" in only:
         second_lattice(seeds=seeds)
+    if "plan" in only:
+        plan_overhead(p)
 
 
 if __name__ == "__main__":

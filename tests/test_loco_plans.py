@@ -106,8 +106,8 @@ def test_loco_run_matches_the_twin_truth(prof, em, fitted, catalog):
                      "rf": "1"}
     assert np.all(np.diff(res.chi2) < 0) and res.chi2[-1] < 1e-3 * res.chi2[0]
     assert np.all(np.isfinite(res.sigmas)) and np.all(res.sigmas > 0)
-    sp = run["setpoints"].read()
-    assert "QF1-setpoints" in sp and np.allclose(np.asarray(sp["QF1-setpoints"])[0], start["loco_setpoints"]["QF1"])
+    assert np.allclose(start["loco_setpoints"]["QF1"], prof.families["QF1"].spec.calibration.physics2hw(
+        res.element_k0[[res.element_names.index(d) for d in prof.families["QF1"].device_names]], 6e9, 6e9))
     for key in ("gradients", "chi2"):
         assert Path(start["figures"][key]).stat().st_size > 5_000
 
@@ -139,10 +139,15 @@ def test_correct_optics_removes_the_true_beta_beat_and_iterates(prof, em, fitted
     for f, sp in expect.setpoints.items():  # hardware units through the calibration, exactly what the analysis says
         assert np.array_equal(machine.twin.get_setpoint(f), sp), f
     run = catalog[c]
-    r = run["results"].read()
-    rb = np.asarray(r["beta_beat_rms_before"])[0]
+    from acc_bluesky.analysis._common import run_results
+
+    r = {k: v[None] for k, v in run_results(run).items()}  # (one event first, as the Tiled table)
+    rb, ra = np.asarray(r["beta_beat_rms"])[0]
     assert np.allclose(rb, before, rtol=0.05)  # the model fitted to the machine agrees with the truth
-    assert np.all(np.asarray(r["beta_beat_rms_after"])[0] < 1e-6)  # every fitted magnet moved: design predicted
+    assert np.all(ra < 1e-6)  # every fitted magnet moved: the design is predicted
+    start = run.metadata["start"]
+    after_sp = dict(zip(start["magnets"], np.asarray(r["setpoints_after"])[0]))
+    assert after_sp[prof.families["QF1"].device_names[0]] == expect.setpoints["QF1"][0]
     assert run.metadata["start"]["loco_uid"] == uid
     assert Path(run.metadata["start"]["figures"]["beta_beat"]).stat().st_size > 5_000
     # second pass from the corrected machine: measured again, fitted from the corrected setpoints, corrected again
@@ -198,7 +203,7 @@ def test_bad_input_is_refused(fitted, RE, machine):  # noqa: N803
 
 @pytest.mark.parametrize("mode", ["exception", "abort", "stop"])
 def test_interrupted_correction_restores_every_setpoint(mode, fitted, RE, machine, docs):  # noqa: N803
-    """Interrupted between its moves (7 families, one set each, then the event), every setpoint is put back."""
+    """Interrupted between its moves (7 families, one set each), every setpoint is put back."""
     machine.twin.reset()
     before = machine.twin.snapshot()
     k = draw_step("correct_optics", mode, 2, 7)

@@ -138,9 +138,6 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     noise = bpm_noise if bpm_noise is not None else defaults.get("bpm_noise")
     rc = float(rcond if rcond is not None else defaults.get("rcond", 3e-4))
     resp = yield from resolve(orm, OrbitResponse, tools=("orbit_response",), what="orm")
-    if getattr(resp, "kind", "measured") not in (None, "measured"):
-        raise ToolError(f"loco: the orm run {str(resp.uid)[:8]} is a {resp.kind!r} response, not a measured one: "
-                        "LOCO fits the model to a measurement (plans.measure_orm). Nothing was recorded.")
     disp = None
     if dispersion is not None:
         disp = yield from resolve(dispersion, Dispersion, tools=("dispersion",), what="dispersion")
@@ -153,17 +150,14 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     t_fit = time.perf_counter() - t_fit
     result.timing["plan_fit"] = t_fit
     md_fit = result.start_metadata()
+    # the start model's setpoints (loco_setpoints) are in the start document: no event stream (the writer's cost
+    # is per data key, and one key per family would cost more than the rest of the run)
     yield from open_tool_run(**md_fit, loco_fit=list(fit), num_points=0,
-                             loco_n_parameters=len(result.values), loco_chi2_dof=float(result.chi2_dof),
+                             loco_n_parameters=len(result.values),
                              loco_iterations=len(result.chi2) - 1, loco_fit_seconds=round(t_fit, 3))
-    # the start model: the optics setpoints the fit used, as one event (units and families in the descriptor)
-    yield from bps.trigger_and_read([machine.families[n].setpoints for n in setpoints], name="setpoints")
     res = result.to_results(beta)
-    res["beta_beat_rms"] = np.array([rms(beta[0]), rms(beta[1])])
     units = {k: u for k, (u, _) in LocoResult.RESULT_KEYS.items()}
     desc = {k: d for k, (_, d) in LocoResult.RESULT_KEYS.items()}
-    units["beta_beat_rms"] = ""
-    desc["beta_beat_rms"] = "rms beta-beat (x, y) of the fitted model against the design at the BPMs"
     result.timing["plan_before_store"] = time.perf_counter() - t0
     return ToolResult(res, units, desc, value=result)
 
@@ -218,10 +212,10 @@ def correct_optics(machine: Machine, loco: Any, families: Sequence[str] | None =
     of its family before anything moves: one outside refuses the whole correction (``LimitError`` naming the magnet,
     its value and the limits) and nothing moves. Magnets out of service are left alone.
 
-    Recorded: the setpoints before/after per family [A] and the strength changes (``<family>_before``,
-    ``<family>_after``, ``<family>_dk``), the beta-beat at the BPMs of the model fitted to the machine before and
-    after (predicted: the LOCO model at the present and the new setpoints, against the design), their rms; the
-    moved setpoints as one event of the ``corrections`` stream. Figure: beta-beat before/after
+    Recorded: the setpoints before/after of every magnet of the moved families [A] (``setpoints_before``,
+    ``setpoints_after``, names in the start document's ``magnets``) and the strength changes (``dk``), the beta-beat at the BPMs of the model fitted to the machine before and
+    after (predicted: the LOCO model at the present and the new setpoints, against the design), their rms.
+    Figure: beta-beat before/after
     (``figures.beta_beat``). When aborted, stopped or failing, every quadrupole and skew setpoint is put back.
 
     Args:
@@ -265,28 +259,34 @@ def correct_optics(machine: Machine, loco: Any, families: Sequence[str] | None =
     yield from open_tool_run(loco_uid=result.uid, orm_uid=result.orm_uid, families=fams, fraction=float(fraction),
                              hardware_units={f: corr.units.get(f, "") for f in fams},
                              physics_units={f: str(machine.families[f].physics_units) for f in fams},
-                             skipped=dict(corr.skipped), num_points=1)
+                             magnets=[d for f in fams for d in corr.devices[f]], skipped=dict(corr.skipped),
+                             num_points=0)
     moved = {f: np.asarray(corr.setpoints[f], dtype=float) for f in fams if np.any(corr.delta_hw[f])}
     yield from move_families(machine, moved)
-    yield from bps.trigger_and_read([machine.families[f].setpoints for f in fams], name="corrections")
-    res: dict[str, Any] = dict(corr.to_results())
-    units, desc = {}, {}
-    for f in fams:
-        hu, pu = corr.units.get(f, ""), str(machine.families[f].physics_units)
-        units |= {f"{f}_before": hu, f"{f}_after": hu, f"{f}_dk": pu}
-        desc |= {f"{f}_before": f"setpoints of {f} before the correction", f"{f}_after": f"setpoints of {f} after",
-                 f"{f}_dk": f"change of the nominal strength of each magnet of {f}"}
+    # packed results (the writer's cost is per key, not per byte): the magnets of every moved family in the order
+    # of the start document's ``magnets``; no event stream (it would repeat setpoints_after, one key per family)
     s = np.asarray(machine.bpm.s, dtype=float) if len(bpms) == len(machine.bpm) else np.arange(len(bpms), dtype=float)
-    beta = {"beta_beat_x_before": before[0], "beta_beat_y_before": before[1], "beta_beat_x_after": after[0],
-            "beta_beat_y_after": after[1],
-            "beta_beat_rms_before": np.array([rms(before[0]), rms(before[1])]),
-            "beta_beat_rms_after": np.array([rms(after[0]), rms(after[1])])}
-    for k in beta:
-        units[k] = ""
-        when = "before" if k.endswith("before") else "after (predicted)"
-        what = "rms (x, y)" if "rms" in k else f"{k.split('_')[2]} at the BPMs"
-        desc[k] = f"beta-beat {what} of the LOCO model {when} the correction, against the design"
-    res |= beta
-    value = {**res, "s": s, "loco_uid": result.uid, "fraction": float(fraction), "families": fams,
+    res: dict[str, Any] = {
+        "setpoints_before": np.concatenate([corr.current[f] for f in fams]),
+        "setpoints_after": np.concatenate([corr.setpoints[f] for f in fams]),
+        "dk": np.concatenate([corr.delta_k[f] for f in fams]),
+        "beta_beat_before": np.vstack(before), "beta_beat_after": np.vstack(after),
+        "beta_beat_rms": np.array([[rms(before[0]), rms(before[1])], [rms(after[0]), rms(after[1])]]),
+    }
+    hu = "/".join(sorted({corr.units.get(f, "") for f in fams}))
+    pu = "/".join(sorted({str(machine.families[f].physics_units) for f in fams}))
+    units = {"setpoints_before": hu, "setpoints_after": hu, "dk": pu, "beta_beat_before": "", "beta_beat_after": "",
+             "beta_beat_rms": ""}
+    desc = {"setpoints_before": "setpoint of every magnet of the moved families before the correction (start "
+                                "document: magnets)",
+            "setpoints_after": "setpoint of every magnet of the moved families after the correction",
+            "dk": "change of the nominal strength of every magnet (0: not moved)",
+            "beta_beat_before": "beta-beat (x: row 0, y: row 1) at the BPMs of the LOCO model at the setpoints "
+                                "before the correction, against the design",
+            "beta_beat_after": "the same, predicted after the correction",
+            "beta_beat_rms": "rms beta-beat: rows before / after (predicted), columns x / y"}
+    value = {"s": s, **{f"beta_beat_{p}_{w}": res[f"beta_beat_{w}"][k] for k, p in enumerate("xy")
+                        for w in ("before", "after")}}
+    value |= {**res, "loco_uid": result.uid, "fraction": float(fraction), "families": fams,
              "correction": corr, "skipped": dict(corr.skipped)}
     return ToolResult(res, units, desc, value=value)
