@@ -327,7 +327,7 @@ def test_families_and_dispersion(prof):
     assert names == fams
     assert np.max(np.abs(vals - np.array([per_fam[f] for f in fams]))) < 3e-4  # 10 % of the 3e-3 rms injected
     # measured eta = true eta x alpha_design / alpha_true (the tool converts df with the design alpha) x 1.01, as
-    # BPMs of gains 1 + g read it; the fit's BPM gains are (1 + g) s - 1 (s: the gauge of the gain scale, gains_in_gauge)
+    # BPMs of gains 1 + g read it; the fit's BPM gains are (1 + g) s - 1 (s: the gain-scale gauge, gains_in_gauge)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scale = 1.01 * twin.momentum_compaction() / at.get_mcf(twin.ring)

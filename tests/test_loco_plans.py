@@ -25,16 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from acc_bluesky.analysis import Dispersion, OrbitResponse
-from acc_bluesky.analysis.loco import LocoResult, optics_correction
-from acc_bluesky.machine import connect
-from acc_bluesky.plan_stubs.checks import ParameterError
-from acc_bluesky.plan_stubs.runs import WrongRun
-from acc_bluesky.plan_stubs.tool import ToolError
-from acc_bluesky.plans import correct_optics, loco, measure_dispersion, measure_orm
-from acc_bluesky.profile import LimitError, load_profile
-from acc_bluesky.twin import Twin
 from helpers import (  # noqa: F401 - fixtures
     Interrupt,
     draw_step,
@@ -45,6 +35,16 @@ from helpers import (  # noqa: F401 - fixtures
     same,
 )
 from test_loco import errors, gains_in_gauge, rel_rms, true_beta_beat, true_relative_errors
+
+from acc_bluesky.analysis import Dispersion, OrbitResponse
+from acc_bluesky.analysis.loco import LocoResult, optics_correction
+from acc_bluesky.machine import connect
+from acc_bluesky.plan_stubs.checks import ParameterError
+from acc_bluesky.plan_stubs.runs import WrongRun
+from acc_bluesky.plan_stubs.tool import ToolError
+from acc_bluesky.plans import correct_optics, loco, measure_dispersion, measure_orm
+from acc_bluesky.profile import LimitError, load_profile
+from acc_bluesky.twin import Twin
 
 PROFILE = Path(__file__).parent / "profiles" / "loco_hmba" / "profile.yaml"
 NOISE = 1e-8

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.utils import MsgGenerator
 
@@ -213,9 +212,9 @@ def correct_optics(machine: Machine, loco: Any, families: Sequence[str] | None =
     its value and the limits) and nothing moves. Magnets out of service are left alone.
 
     Recorded: the setpoints before/after of every magnet of the moved families [A] (``setpoints_before``,
-    ``setpoints_after``, names in the start document's ``magnets``) and the strength changes (``dk``), the beta-beat at the BPMs of the model fitted to the machine before and
-    after (predicted: the LOCO model at the present and the new setpoints, against the design), their rms.
-    Figure: beta-beat before/after
+    ``setpoints_after``, names in the start document's ``magnets``) and the strength changes (``dk``), the
+    beta-beat at the BPMs of the model fitted to the machine before and after (predicted: the LOCO model at the
+    present and the new setpoints, against the design), their rms. Figure: beta-beat before/after
     (``figures.beta_beat``). When aborted, stopped or failing, every quadrupole and skew setpoint is put back.
 
     Args:
