@@ -20,11 +20,14 @@ design optics, not at "minus the last fit": a second pass refines the first inst
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.utils import MsgGenerator
 
@@ -58,6 +61,24 @@ _CORRECTION_TYPES = ("quadrupole", "skew")
 
 def _model_families(machine: Machine) -> list[str]:
     return [n for n, f in machine.families.items() if f.type in _OPTICS_TYPES]
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> MsgGenerator[Any]:
+    """``fn(*args, **kwargs)`` in a worker thread while the RunEngine's loop stays responsive (Ctrl-C, pause,
+    abort, the queue server's status): a fit of tens of seconds must not freeze the RunEngine."""
+
+    async def run() -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+    futures = yield from bps.wait_for([run])
+    if futures is None:  # iterated without a RunEngine (list(plan))
+        return fn(*args, **kwargs)
+    return futures[0].result()
+
+
+def _fit(machine: Machine, resp: OrbitResponse, disp: Dispersion | None, **kwargs: Any):
+    result = fit_loco(machine.profile, resp, disp, **kwargs)
+    return result, result.beta_beat(machine.profile)
 
 
 # ======================================================================================================
@@ -100,7 +121,8 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     Nothing moves: the plan reads the present setpoints of the optics families (the model the fit starts from is
     the design lattice with them: measure and fit without moving the magnets in between), fits
     (:func:`~acc_bluesky.analysis.loco.fit_loco`: analytic Jacobian, Gauss-Newton/Levenberg-Marquardt with an SVD
-    cut, outliers, dead BPMs and stuck correctors excluded automatically) and records the fit as a run: the input
+    cut, outliers, dead BPMs and stuck correctors excluded automatically; in a worker thread, so that the RunEngine
+    stays responsive) and records the fit as a run: the input
     runs by uid (``orm_uid``, ``dispersion_uid``), every parameter's name, kind and units (``loco_names``,
     ``loco_kinds``, ``loco_units``), the exclusions with their reasons and the setpoints in the start document;
     values, uncertainties, the chi-square per iteration, the residual ORM, ``dk`` per magnet and the beta-beat of
@@ -142,10 +164,10 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
         disp = yield from resolve(dispersion, Dispersion, tools=("dispersion",), what="dispersion")
     setpoints = yield from family_setpoints(machine, _model_families(machine))
     t_fit = time.perf_counter()
-    result = fit_loco(machine.profile, resp, disp, fit=fit, quads=quads, skews=skews, group=group,
-                      setpoints=setpoints, bpm_noise=noise, rcond=rc, n_sv=n_sv, max_iter=max_iter,
-                      exclude_bpms=exclude_bpms, exclude_correctors=exclude_correctors)
-    beta = result.beta_beat(machine.profile)
+    result, beta = yield from _in_thread(
+        _fit, machine, resp, disp, fit=fit, quads=quads, skews=skews, group=group, setpoints=setpoints,
+        bpm_noise=noise, rcond=rc, n_sv=n_sv, max_iter=max_iter, exclude_bpms=exclude_bpms,
+        exclude_correctors=exclude_correctors)
     t_fit = time.perf_counter() - t_fit
     result.timing["plan_fit"] = t_fit
     md_fit = result.start_metadata()
