@@ -102,7 +102,11 @@ def rel_rms(fit: np.ndarray, truth: np.ndarray) -> float:
 
 def gains_in_gauge(prof, em: ErrorModel, res: LocoResult):
     """True (BPM x, BPM y, corrector) gains moved along the unobservable common scale to the fit's convention
-    (``gain_reference="both"``: per plane, sum of BPM gains = sum of corrector gains)."""
+    (``gain_reference="both"``: per plane, sum of BPM gains = sum of corrector gains).
+
+    The degeneracy is multiplicative: ``(1 + g_bpm) s`` and ``(1 + g_cor) / s`` give the same ORM for any ``s``;
+    per plane, ``s`` solves ``sum((1 + g_bpm) s - 1) = sum((1 + g_cor) / s - 1)`` (a quadratic). An additive shift
+    is only its first order: off by ``(s - 1) g`` (~1e-4 for 2 % gains and a 0.5 % scale)."""
     cal = np.concatenate([em.corrector_calibration[f] for f in prof.families
                           if prof.families[f].spec.type in ("hcor", "vcor")])
     planes = np.array(res.corrector_planes)
@@ -110,9 +114,11 @@ def gains_in_gauge(prof, em: ErrorModel, res: LocoResult):
     gc = cal.copy()
     for k, pl in enumerate("xy"):
         c = planes == pl
-        a = (gc[c].sum() - gb[k].sum()) / (gb[k].size + c.sum())
-        gb[k] += a
-        gc[c] -= a
+        b_sum, nb = float(np.sum(1 + gb[k])), gb[k].size
+        c_sum, nc = float(np.sum(1 + gc[c])), int(c.sum())
+        s = (-(nc - nb) + np.sqrt((nc - nb) ** 2 + 4 * b_sum * c_sum)) / (2 * b_sum)
+        gb[k] = (1 + gb[k]) * s - 1
+        gc[c] = (1 + gc[c]) / s - 1
     return gb[0], gb[1], gc
 
 
@@ -321,12 +327,12 @@ def test_families_and_dispersion(prof):
     assert names == fams
     assert np.max(np.abs(vals - np.array([per_fam[f] for f in fams]))) < 3e-4  # 10 % of the 3e-3 rms injected
     # measured eta = true eta x alpha_design / alpha_true (the tool converts df with the design alpha) x 1.01, as
-    # BPMs of gains 1 + g read it; the fit's BPM gains are g + a (a: the gauge of the gain scale, see gains_in_gauge)
+    # BPMs of gains 1 + g read it; the fit's BPM gains are (1 + g) s - 1 (s: the gain-scale gauge, gains_in_gauge)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scale = 1.01 * twin.momentum_compaction() / at.get_mcf(twin.ring)
-    a = float(np.mean(gains_in_gauge(prof, em, res)[0] - em.bpm_gain[:, 0]))
-    assert abs(res.value("dispersion_scale") - (scale / (1 + a) - 1)) < 1e-3
+    gauge = float(np.mean((1 + gains_in_gauge(prof, em, res)[0]) / (1 + em.bpm_gain[:, 0])))  # s, one per plane
+    assert abs(res.value("dispersion_scale") - (scale / gauge - 1)) < 1e-3
     assert res.residual_dispersion is not None and np.all(np.isfinite(res.residual_dispersion))
     assert res.units[res.names.index("QF1")] == "1"
 

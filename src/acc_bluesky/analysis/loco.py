@@ -533,7 +533,7 @@ def _cross(cm: np.ndarray, ka: _CalKind, kb: _CalKind, ng: int, same: bool) -> N
 
 
 def _solve(blocks: tuple[np.ndarray, ...], h_con: np.ndarray, ng: int, lam: float, rcond: float,
-           n_sv: int | None, want_var: bool):
+           n_sv: int | None, want_var: bool, basis: dict | None = None):
     """Damped Gauss-Newton step with an SVD cut on the gradient block (after eliminating the calibrations).
 
     Returns (step, variance or None, singular values of the normalised gradient Schur complement, kept)."""
@@ -587,6 +587,10 @@ def _solve(blocks: tuple[np.ndarray, ...], h_con: np.ndarray, ng: int, lam: floa
         if ic.size:
             cs_step = c0 - y @ qs
             step[ng + ic] = cs_step * sc[ic]
+        if basis is not None:  # the kept subspace, in parameter units: resolution matrix S V V^T S^-1
+            full = np.zeros((ng, ng))
+            full[np.ix_(iq, iq)] = (sq[iq][:, None] * vk) @ (vk.T / np.where(sq[iq] > 0, sq[iq], 1.0)[None, :])
+            basis["resolution"] = full
         if want_var:
             var[iq] = np.sum(vk * vk / evk[None, :], axis=1) * sq[iq] ** 2
             if ic.size:
@@ -655,6 +659,11 @@ class LocoResult:
         n_sv: singular values kept at the last step; singular_values: all of them (normalised Jacobian).
         profile: the profile name; orm_uid, dispersion_uid: the input runs; options: the fit options.
         tunes_model: fractional tunes of the fitted model.
+        resolution: (ng, ng) model resolution matrix of the gradient parameters at the solution (in memory only,
+            not stored in runs): ``R = S V_k V_k^T S^-1`` with ``V_k`` the kept singular vectors of the normalised
+            gradient block (calibrations eliminated) and ``S`` the column scaling. Without noise the fit finds
+            ``R p_true``: ``R`` projects the true errors onto what this data set can determine, so
+            ``(I - R) p_true`` is what no fit of it can see (see docs/tools/loco.md, "Degeneracies").
     """
 
     names: list[str]
@@ -691,6 +700,7 @@ class LocoResult:
     corrector_refpts: np.ndarray | None = None
     timing: dict[str, float] = field(default_factory=dict)
     uid: str | None = None
+    resolution: FloatArray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=float)
@@ -782,43 +792,37 @@ class LocoResult:
 
     # ------------------------------------------------------------------------------------------------
     # storage
+    #: Keys of the results stream. Few, packed arrays: the Tiled writer's cost grows with the number of keys (~0.1 s
+    #: each), not with their size; scalars (chi2/dof, kept singular values, model tunes) are in the start document.
     RESULT_KEYS = {
-        "values": ("", "fitted parameters, units per parameter in the start document's loco_units"),
-        "sigmas": ("", "one-sigma uncertainties of the fitted parameters (same units)"),
+        "parameters": ("", "fitted parameters (row 0) and their one-sigma uncertainties (row 1); units per "
+                           "parameter in the start document's loco_units"),
         "chi2": ("", "chi-square after each accepted iteration (first: start model)"),
-        "chi2_dof": ("", "final chi-square per degree of freedom"),
-        "residual": ("m/rad", "measured minus fitted orbit response (2n x m), NaN where excluded"),
-        "data_mask": ("", "1 where an ORM element was used in the fit"),
-        "dk": ("m^-2", "fitted gradient change per fitted magnet (m^-1 for thin elements)"),
-        "dk_sigma": ("m^-2", "uncertainty of dk"),
+        "residual": ("m/rad", "measured minus fitted orbit response (2n x m); NaN where not used in the fit"),
+        "gradients": ("m^-2", "fitted gradient change dk per fitted magnet (row 0) and its uncertainty (row 1); "
+                              "m^-1 for thin elements"),
         "residual_dispersion": ("m", "measured minus fitted dispersion (x then y)"),
         "singular_values": ("", "singular values of the normalised weighted Jacobian"),
-        "n_sv": ("", "singular values kept"),
-        "tunes_model": ("", "fractional tunes of the fitted model"),
-        "beta_beat_x": ("", "horizontal beta-beat of the fitted model against the design at the BPMs"),
-        "beta_beat_y": ("", "vertical beta-beat of the fitted model against the design at the BPMs"),
+        "beta_beat": ("", "beta-beat (x: row 0, y: row 1) of the fitted model against the design at the BPMs"),
     }
 
     def to_results(self, beta: tuple[FloatArray, FloatArray] | None = None) -> dict[str, np.ndarray]:
         """Arrays for the run's ``results`` stream (units and meaning: :attr:`RESULT_KEYS`); the names, kinds and
-        units of the parameters and the fitted magnets go to the start document (:meth:`start_metadata`).
+        units of the parameters, the fitted magnets and the scalars go to the start document
+        (:meth:`start_metadata`).
 
         ``beta``: the model beta-beat at the BPMs (:meth:`beta_beat`) to store with it."""
         out: dict[str, np.ndarray] = {
-            "values": self.values, "sigmas": self.sigmas, "chi2": np.asarray(self.chi2, dtype=float),
-            "chi2_dof": np.asarray(float(self.chi2_dof)), "residual": self.residual,
-            "data_mask": self.data_mask.astype(np.uint8), "dk": self.dk, "dk_sigma": self.dk_sigma,
-            "n_sv": np.asarray(int(self.n_sv)),
+            "parameters": np.vstack([self.values, self.sigmas]), "chi2": np.asarray(self.chi2, dtype=float),
+            "residual": np.where(self.data_mask, self.residual, np.nan),
+            "gradients": np.vstack([self.dk, self.dk_sigma]),
         }
         if self.residual_dispersion is not None:
             out["residual_dispersion"] = np.asarray(self.residual_dispersion, dtype=float)
         if self.singular_values is not None:
             out["singular_values"] = np.asarray(self.singular_values, dtype=float)
-        if self.tunes_model is not None:
-            out["tunes_model"] = np.asarray(self.tunes_model, dtype=float)
         if beta is not None:
-            out["beta_beat_x"] = np.asarray(beta[0], dtype=float)
-            out["beta_beat_y"] = np.asarray(beta[1], dtype=float)
+            out["beta_beat"] = np.vstack([np.asarray(beta[0], dtype=float), np.asarray(beta[1], dtype=float)])
         return out
 
     def start_metadata(self) -> dict[str, Any]:
@@ -835,6 +839,8 @@ class LocoResult:
             "loco_setpoints": None if self.setpoints is None else {k: list(map(float, v))
                                                                     for k, v in self.setpoints.items()},
             "loco_options": dict(self.options), "orm_uid": self.orm_uid, "dispersion_uid": self.dispersion_uid,
+            "loco_chi2_dof": float(self.chi2_dof), "loco_n_sv": int(self.n_sv),
+            "loco_tunes_model": None if self.tunes_model is None else np.asarray(self.tunes_model, float).tolist(),
         }
         if self.bpm_refpts is not None:
             md["bpm_refpts"] = np.asarray(self.bpm_refpts).astype(int).tolist()
@@ -848,23 +854,32 @@ class LocoResult:
     def from_results(cls, results: Mapping[str, Any], start: Mapping[str, Any] | None = None) -> LocoResult:
         """Rebuild from stored results (:meth:`to_results`) and the run's start document (:meth:`start_metadata`)."""
         start = dict(start or {})
-        for k in ("values", "residual"):
-            if k not in results:
-                raise KeyError(f"no {k!r} in the results {sorted(results)}: is this a loco run?")
+        if "parameters" in results:
+            pv = np.asarray(results["parameters"], dtype=float)
+            values, sigmas = pv[0], pv[1]
+        elif "values" in results:  # the first layout: one key per array
+            values = np.asarray(results["values"], dtype=float)
+            sigmas = np.asarray(results["sigmas"], dtype=float)
+        else:
+            raise KeyError(f"no 'parameters' in the results {sorted(results)}: is this a loco run?")
+        if "residual" not in results:
+            raise KeyError(f"no 'residual' in the results {sorted(results)}: is this a loco run?")
         if "loco_names" not in start:
             raise KeyError("the start document has no 'loco_names': is this a loco run?")
         prof = start.get("loco_profile", start.get("profile"))
         if isinstance(prof, Mapping):
             prof = prof.get("name")
+        resid = np.asarray(results["residual"], dtype=float)
+        mask = np.asarray(results["data_mask"]).astype(bool) if "data_mask" in results else np.isfinite(resid)
         rd = results.get("residual_dispersion")
         sv = results.get("singular_values")
-        tq = results.get("tunes_model")
+        tq = results.get("tunes_model", start.get("loco_tunes_model"))
+        chi2_dof = results.get("chi2_dof", start.get("loco_chi2_dof", np.nan))
+        n_sv = results.get("n_sv", start.get("loco_n_sv", 0))
         return cls(
             names=list(start["loco_names"]), kinds=list(start["loco_kinds"]), units=list(start["loco_units"]),
-            values=np.asarray(results["values"], dtype=float), sigmas=np.asarray(results["sigmas"], dtype=float),
-            chi2=np.asarray(results["chi2"], dtype=float).reshape(-1).tolist(),
-            chi2_dof=float(np.asarray(results["chi2_dof"])), residual=np.asarray(results["residual"], dtype=float),
-            data_mask=np.asarray(results["data_mask"]).astype(bool), bpm_names=list(start["bpm_names"]),
+            values=values, sigmas=sigmas, chi2=np.asarray(results["chi2"], dtype=float).reshape(-1).tolist(),
+            chi2_dof=float(np.asarray(chi2_dof)), residual=resid, data_mask=mask, bpm_names=list(start["bpm_names"]),
             corrector_names=list(start["corrector_names"]), corrector_planes=list(start["corrector_planes"]),
             element_refpts=np.asarray(start["element_refpts"], dtype=np.int64),
             element_kinds=list(start["element_kinds"]), element_names=list(start["element_names"]),
@@ -875,7 +890,7 @@ class LocoResult:
             excluded_bpms=dict(start.get("excluded_bpms") or {}),
             excluded_correctors=dict(start.get("excluded_correctors") or {}),
             residual_dispersion=None if rd is None else np.asarray(rd, dtype=float),
-            setpoints=start.get("loco_setpoints"), n_sv=int(np.asarray(results.get("n_sv", 0))),
+            setpoints=start.get("loco_setpoints"), n_sv=int(np.asarray(n_sv)),
             singular_values=None if sv is None else np.asarray(sv, dtype=float), profile=prof,
             orm_uid=start.get("orm_uid"), dispersion_uid=start.get("dispersion_uid"),
             options=dict(start.get("loco_options") or {}),
@@ -894,6 +909,63 @@ class LocoResult:
         return cls.from_results(run_results(run), start)
 
     # ------------------------------------------------------------------------------------------------
+    def plot_gradients(self, path: str | Path, truth: npt.ArrayLike | None = None) -> Path:
+        """PNG: fitted gradient errors against s [m] with their 1-sigma uncertainties (``dK/K`` of normal
+        quadrupoles, ``dK`` [m^-2] of skew gradients); ``truth``: the true ``dK`` per fitted magnet to overlay."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        normal = np.array([k == "normal" for k in self.element_kinds], dtype=bool)
+        skew = ~normal
+        fig, axes = plt.subplots(1 + int(skew.any()), 1, figsize=(10, 3.6 * (1 + int(skew.any()))), dpi=100,
+                                 squeeze=False)
+        ax = axes[0, 0]
+        k0 = np.where(self.element_k0 != 0, self.element_k0, np.nan)
+        if normal.any():
+            ax.errorbar(self.element_s[normal], 1e3 * self.dk[normal] / k0[normal],
+                        yerr=1e3 * np.abs(self.dk_sigma[normal] / k0[normal]), fmt="o", ms=3, lw=0.6,
+                        label=f"fitted ({int(normal.sum())} magnets)")
+            if truth is not None:
+                t = np.asarray(truth, dtype=float)
+                ax.plot(self.element_s[normal], 1e3 * t[normal] / k0[normal], "x", ms=4, label="true")
+            ax.legend(fontsize=8)
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_ylabel("dK/K [1e-3]")
+        ax.set_title(f"fitted gradient errors ({self.n_sv} singular values kept, chi2/dof {self.chi2_dof:.3g})")
+        if skew.any():
+            ax = axes[1, 0]
+            ax.errorbar(self.element_s[skew], self.dk[skew], yerr=self.dk_sigma[skew], fmt="s", ms=3, lw=0.6)
+            ax.set_ylabel("skew dK [m^-2]")
+        axes[-1, 0].set_xlabel("s [m]")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def plot_chi2(self, path: str | Path) -> Path:
+        """PNG: chi-square per iteration (first point: the start model)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.semilogy(np.arange(len(self.chi2)), self.chi2, "o-")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("chi-square")
+        ax.set_title(f"LOCO chi-square per iteration (final chi2/dof {self.chi2_dof:.3g})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
     def plot(self, path: str | Path, source: Any = None, *, corrected=None, truth: npt.ArrayLike | None = None,
              title: str | None = None) -> Path:
         """PNG of the fit: fitted gradient errors against s, beta-beat of the model (and after a correction)
@@ -1298,8 +1370,8 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
         mod.d_orm = mod.d_eta = None  # weighted in place: never reused
         return blocks
 
-    def solve(blocks, lam, want_var=False):
-        return _solve(blocks, h_con, par.n_grad, lam, rcond, n_sv, want_var)
+    def solve(blocks, lam, want_var=False, basis=None):
+        return _solve(blocks, h_con, par.n_grad, lam, rcond, n_sv, want_var, basis)
 
     converged = False
     t1 = time.perf_counter()
@@ -1381,7 +1453,8 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
             break
     # final covariance at the solution
     t1 = time.perf_counter()
-    _, var, sv_all, kept = solve(blocks, 0.0, want_var=True)
+    basis: dict[str, np.ndarray] = {}
+    _, var, sv_all, kept = solve(blocks, 0.0, want_var=True, basis=basis)
     t_solve += time.perf_counter() - t1
     nused = int(np.count_nonzero(w_orm)) + (0 if w_disp is None else int(np.count_nonzero(w_disp)))
     dof = max(1, nused - kept)
@@ -1412,7 +1485,8 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
         excluded_correctors=excluded_c, residual_dispersion=resid_d, setpoints=start_sp, n_sv=kept,
         singular_values=sv_all, profile=profile.name, orm_uid=orm.uid,
         dispersion_uid=None if dispersion is None else dispersion.uid, options=options,
-        tunes_model=mod.tunes, bpm_refpts=bpms, corrector_refpts=cors, timing=timing)
+        tunes_model=mod.tunes, bpm_refpts=bpms, corrector_refpts=cors, timing=timing,
+        resolution=basis.get("resolution"))
 
 
 # ======================================================================================================

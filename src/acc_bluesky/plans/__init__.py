@@ -2,7 +2,7 @@
 
 Orbit: :func:`measure_orm`, :func:`correct_orbit`, :func:`orbit_bump`, :func:`measure_dispersion`;
 configurations: :func:`save_config`, :func:`restore_config` (and :func:`compare_config`);
-optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`).
+optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`); LOCO: :func:`loco`, :func:`correct_optics`.
 """
 
 from . import config as _config, orbit as _orbit
@@ -17,4 +17,8 @@ from .optics import *  # noqa: E402,F403
 from . import bba as _bba  # noqa: E402
 from .bba import *  # noqa: E402,F403
 
-__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__]
+# --- LOCO: optics fit and correction (loco engineer) --------------------------------------------------------
+from . import loco as _loco  # noqa: E402
+from .loco import *  # noqa: E402,F403
+
+__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__]
