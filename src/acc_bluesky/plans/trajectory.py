@@ -162,7 +162,7 @@ def measure_trajectory_response(machine: Machine, correctors: Any = None, turns:
 
     def body() -> MsgGenerator[TrajectoryResponse]:
         yield from set_acquisition(machine, "trajectory", t)
-        yield from open_tool_run(**base.start_metadata(), trm_kind="measured", delta_hw=d_hw.tolist(),
+        yield from open_tool_run(**{**base.start_metadata(), "trm_kind": "measured"}, delta_hw=d_hw.tolist(),
                                  num_points=len(devs) + (4 if injection else 0))
         rec = Record("trm", {
             "index": ("", (), "column: corrector index in corrector_names, then the injection trims x, px, y, py"),
