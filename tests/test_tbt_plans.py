@@ -16,14 +16,14 @@ from pathlib import Path
 import at
 import numpy as np
 import pytest
+from helpers import Interrupt, module_catalog, module_run_engine, run_interrupted  # noqa: F401 - fixtures
 
 import acc_bluesky as ab
 from acc_bluesky import plans as ap
 from acc_bluesky.analysis._common import rms
 from acc_bluesky.analysis.tbt import TbtResult, analyse_tbt, model_optics
-from acc_bluesky.plan_stubs.machine import BeamLostError
 from acc_bluesky.plan_stubs.checks import ParameterError
-from helpers import Interrupt, module_catalog, module_run_engine, run_interrupted  # noqa: F401 - fixtures
+from acc_bluesky.plan_stubs.machine import BeamLostError
 
 HMBA = Path(__file__).parent / "profiles" / "tbt_hmba" / "profile.yaml"
 
@@ -75,7 +75,7 @@ def _check(res: TbtResult, machine, kick, turns, tune_tol, phase_tol, beat_tol):
     return beat
 
 
-def test_measure_tbt_small_ring_matches_the_truth(hmba_machine, RE, tmp_path):  # noqa: N803
+def test_measure_tbt_small_ring_matches_the_truth(hmba_machine, RE, tmp_path):
     m = hmba_machine
     # the default kick (~0.1 mm), 4 shots: the phase noise of one BPM (10 um / (0.1 mm sqrt(512)) ~ 7e-4 x 2pi per
     # shot) halved
@@ -97,7 +97,7 @@ def test_measure_tbt_small_ring_matches_the_truth(hmba_machine, RE, tmp_path):  
     assert m.twin.beam.mode == "orbit" and np.array_equal(m.twin.beam.kick, [0.0, 0.0])
 
 
-def test_measure_tbt_averages_shots_and_refuses_without_beam(hmba_machine, RE):  # noqa: N803
+def test_measure_tbt_averages_shots_and_refuses_without_beam(hmba_machine, RE):
     m = hmba_machine
     one = TbtResult.from_run(RE.catalog[RE(ap.measure_tbt(m, kick=(2e-5, 2e-5), turns=256,
                                                          figure_dir=False)).plan_result])
@@ -112,7 +112,7 @@ def test_measure_tbt_averages_shots_and_refuses_without_beam(hmba_machine, RE): 
 
 
 @pytest.mark.parametrize("mode", ["exception", "abort", "stop"])
-def test_interrupted_tbt_puts_the_bpm_mode_and_pinger_back(hmba_machine, RE, mode):  # noqa: N803
+def test_interrupted_tbt_puts_the_bpm_mode_and_pinger_back(hmba_machine, RE, mode):
     m = hmba_machine
     stops = []
     RE.subscribe(lambda n, d: stops.append(d) if n == "stop" else None)
@@ -124,7 +124,7 @@ def test_interrupted_tbt_puts_the_bpm_mode_and_pinger_back(hmba_machine, RE, mod
     assert m.twin.beam.mode == "orbit" and np.array_equal(m.twin.beam.kick, [0.0, 0.0])
 
 
-def test_measure_tbt_on_ebs_acceptance(machine, RE):  # noqa: N803
+def test_measure_tbt_on_ebs_acceptance(machine, RE):
     """EBS, profile errors, 10 um TbT noise, 1024 turns, ~0.1 mm kick (the default): the issue's figures. The
     orbit is corrected first, as before any optics measurement (uncorrected, the feed-down of the sextupoles makes a
     20 % beta-beat whose N-BPM estimate errs by ~4 %)."""
@@ -134,3 +134,40 @@ def test_measure_tbt_on_ebs_acceptance(machine, RE):  # noqa: N803
     assert np.all(np.abs(res.kick) > 0) and res.turns == 1024 and res.nbpm == 224
     assert 0.7e-4 < float(np.nanmedian(res.amplitude)) < 1.5e-4  # ~0.1 mm
     _check(res, machine, res.kick, 1024, 1e-5, 1e-3, 0.01)
+
+
+def test_beam_devices_on_epics_from_the_profile_templates():
+    """EPICS: no beam devices without ``controls.beam_pvs`` (the IOC serves none yet); with it, PVs from the
+    templates, and the devices work on mock signals (the trigger is a put of 1 to the FIRE PV)."""
+    import copy
+
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    from acc_bluesky.devices.backends.epics import EpicsBackend
+    from acc_bluesky.machine import Machine, bluesky_loop
+    from acc_bluesky.profile.schema import BeamPvSpec
+
+    prof = ab.load_profile(HMBA)
+    m0 = Machine(prof, "epics", EpicsBackend(prof), None)
+    assert m0.tbt is None and m0.pinger is None and "tbt" not in dict(m0._top_level())
+    prof = copy.deepcopy(prof)
+    prof.spec.controls.beam_pvs = BeamPvSpec()
+    m = Machine(prof, "epics", EpicsBackend(prof), None)
+    p = prof.spec.controls.prefix
+    assert m.tbt.x.source == f"ca://{p}TBT:X" and m.pinger.fire.source == f"ca://{p}PINGER:FIRE"
+    assert m.injection.energy.source == f"ca://{p}INJ:DP-SP" and m.losses.lost_s.source == f"ca://{p}LOSS:S"
+    assert [n for n, _ in m._top_level()][-4:] == ["tbt", "pinger", "injection", "losses"]
+    bluesky_loop()
+
+    async def go():
+        for dev in (m.tbt, m.pinger, m.injection, m.losses):
+            await dev.connect(mock=True)
+        await m.tbt.mode.set("tbt")
+        await m.pinger.trigger()
+        return (await m.tbt.mode.get_value(), await m.pinger.fire.get_value(), list(await m.tbt.describe()),
+                list(await m.losses.describe()))
+
+    mode, fired, keys, loss_keys = call_in_bluesky_event_loop(go())
+    assert mode == "tbt" and fired == 1 and keys == ["tbt-x", "tbt-y"]
+    assert loss_keys == ["losses-turns_reached", "losses-bpms_reached", "losses-lost_turn", "losses-lost_element",
+                         "losses-lost_element_name", "losses-lost_s", "losses-transmission"]

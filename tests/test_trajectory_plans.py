@@ -12,14 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (  # noqa: F401
+    Interrupt,
+    draw_step,
+    module_catalog,
+    module_run_engine,
+    run_interrupted,
+    same,
+)
 
 import acc_bluesky as ab
 from acc_bluesky import plans as ap
 from acc_bluesky.analysis._common import rms
-from acc_bluesky.analysis.trajectory import ThreadingResult, TrajectoryResponse, model_trajectory_response
+from acc_bluesky.analysis.trajectory import (
+    ThreadingResult,
+    TrajectoryResponse,
+    model_trajectory_response,
+)
 from acc_bluesky.cli import main
 from acc_bluesky.plan_stubs.tool import ToolError
-from helpers import Interrupt, draw_step, module_catalog, module_run_engine, run_interrupted, same  # noqa: F401
 
 HMBA = Path(__file__).parent / "profiles" / "tbt_hmba" / "profile.yaml"
 LATTICES = Path(__file__).parent / "lattices"
@@ -37,7 +48,7 @@ def _beam_state(m):
     return b.mode, b.injection_trim.copy(), b.injection_energy
 
 
-def test_threading_a_ring_with_no_closed_orbit_then_correct_orbit(RE):  # noqa: N803
+def test_threading_a_ring_with_no_closed_orbit_then_correct_orbit(RE):
     """Six HMBA cells at the full alignment table (seed 0): no closed orbit, the beam lost in the first turn;
     threaded to two turns through the devices, then the closed orbit exists and correct_orbit takes over."""
     m = _no_orbit_machine()
@@ -68,7 +79,7 @@ def ideal_hmba():
     return ab.connect(ab.load_profile(HMBA), seed=None)
 
 
-def test_measured_trajectory_response_matches_the_model(ideal_hmba, RE):  # noqa: N803
+def test_measured_trajectory_response_matches_the_model(ideal_hmba, RE):
     m = ideal_hmba
     cors = ["HST_001", "HST_013", "VST_002", "VST_020"]
     uid = RE(ap.measure_trajectory_response(m, correctors=cors, turns=2, figure_dir=False)).plan_result
@@ -96,7 +107,7 @@ def bts(tmp_path_factory):
     return ab.load_profile(root / "bts" / "profile.yaml")
 
 
-def test_transfer_line_steered_to_its_bpm_offset_floor(bts, RE):  # noqa: N803
+def test_transfer_line_steered_to_its_bpm_offset_floor(bts, RE):
     assert bts.kind == "line"
     m = ab.connect(bts, seed=1)
     tw = m.twin
@@ -124,7 +135,7 @@ PLANS = {
 
 
 @pytest.mark.parametrize("name", list(PLANS))
-def test_interrupted_trajectory_plans_put_everything_back(name, RE):  # noqa: N803
+def test_interrupted_trajectory_plans_put_everything_back(name, RE):
     """Exception, abort, stop at a seeded step: correctors (every family: the twin's snapshot), injection trims and
     the BPM mode exactly as found."""
     m = _no_orbit_machine()

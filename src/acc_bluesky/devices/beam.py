@@ -23,7 +23,7 @@ from ophyd_async.core import AsyncStatus, StandardReadableFormat
 
 from .described import Described, formats
 
-__all__ = ["BpmAcquisition", "Pinger", "Injection", "BeamLosses", "BPM_MODES"]
+__all__ = ["BPM_MODES", "BeamLosses", "BpmAcquisition", "Injection", "Pinger"]
 
 #: acquisition modes of the BPM system
 BPM_MODES = ("orbit", "trajectory", "tbt")

@@ -16,8 +16,16 @@ from bluesky.utils import Msg, MsgGenerator
 from ..analysis._common import corrector_table
 from .machine import move
 
-__all__ = ["BeamDevicesMissing", "CorrectorVector", "beam_settings", "need_beam_devices", "restore_beam_settings",
-           "set_acquisition", "shot", "read_shots"]
+__all__ = [
+    "BeamDevicesMissing",
+    "CorrectorVector",
+    "beam_settings",
+    "need_beam_devices",
+    "read_shots",
+    "restore_beam_settings",
+    "set_acquisition",
+    "shot",
+]
 
 _GROUP = iter(range(1 << 62))
 
@@ -97,7 +105,7 @@ def shot(machine, trigger) -> MsgGenerator[tuple[np.ndarray, np.ndarray, dict[st
     y = np.asarray(ret[machine.tbt.y.name]["value"], dtype=float).reshape(n, -1)
     loss = yield Msg("read", machine.losses)
     prefix = f"{machine.losses.name}-"
-    losses = {k[len(prefix):] if k.startswith(prefix) else k: v["value"] for k, v in (loss or {}).items()}
+    losses = {k.removeprefix(prefix): v["value"] for k, v in (loss or {}).items()}
     return x, y, losses
 
 

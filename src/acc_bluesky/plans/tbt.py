@@ -21,7 +21,13 @@ from ..analysis.tbt import TbtResult, analyse_tbt, kick_for_amplitude, model_opt
 from ..machine import Machine
 from ..plan_stubs.machine import BeamLostError, Record, emit, move
 from ..plan_stubs.tool import open_tool_run, tool
-from ..plan_stubs.trajectory import beam_settings, need_beam_devices, restore_beam_settings, set_acquisition, shot
+from ..plan_stubs.trajectory import (
+    beam_settings,
+    need_beam_devices,
+    restore_beam_settings,
+    set_acquisition,
+    shot,
+)
 
 __all__ = ["measure_tbt"]
 

@@ -47,7 +47,7 @@ from ..plan_stubs.trajectory import (
     set_acquisition,
 )
 
-__all__ = ["measure_trajectory_response", "correct_trajectory", "thread_first_turns"]
+__all__ = ["correct_trajectory", "measure_trajectory_response", "thread_first_turns"]
 
 #: stage codes of the threading events (``stage`` field)
 STAGES = {"first_turn": 0, "wiggle": 1, "stitch": 2, "balance": 3}
