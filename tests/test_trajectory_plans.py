@@ -74,6 +74,23 @@ def test_threading_a_ring_with_no_closed_orbit_then_correct_orbit(RE):
     assert not m.twin.beam_lost and np.hypot(rms(x1), rms(y1)) < np.hypot(rms(x0), rms(y0))
 
 
+def test_correct_trajectory_grows_the_window_to_the_first_turn(RE):  # noqa: N803
+    """Lost after 11 BPMs (seed 0, no closed orbit): each step uses the BPMs reached and the correctors upstream;
+    the beam goes round the first turn (60 BPMs) and the trajectory there is flatter."""
+    from acc_bluesky.data import read_results, read_stream
+
+    m = _no_orbit_machine()
+    uid = RE(ap.correct_trajectory(m, turns=1, max_iter=10, figure_dir=False)).plan_result
+    r = read_results(RE.catalog[uid])
+    assert r["reached_before"] < 20 and r["reached_after"] == 60, r["message"]
+    assert r["rms_after"] < 0.5 * r["rms_before"]
+    steps = read_stream(RE.catalog[uid])
+    kept = steps["trajectory_correction-undone"] == 0
+    reach = steps["trajectory_correction-reached_after"][kept]
+    assert np.all(np.diff(reach) >= 0) and reach[0] > r["reached_before"]  # the window grows with the beam
+    assert m.twin.beam.mode == "orbit" and np.array_equal(m.twin.beam.injection_trim, r["injection"])
+
+
 @pytest.fixture(scope="module")
 def ideal_hmba():
     return ab.connect(ab.load_profile(HMBA), seed=None)
