@@ -164,7 +164,11 @@ def test_reached_counts_past_a_dead_bpm():
 
 
 def test_threading_a_ring_with_no_closed_orbit(hmba, resp2):
-    twin = Twin(hmba, seed=2, error_scale=1.0)
+    # seed 0: no closed orbit at the start. (Seed 2 threads two turns too, but the closed orbit it then has passes
+    # the offset sextupoles so far off-centre that their feed-down puts the one-turn map on a resonance, |eigenvalue|
+    # 1.79: two turns survive, a stored beam would not; seed 4 threads two turns around a trajectory that has no
+    # closed orbit nearby. Two turns are necessary for a closed orbit, not sufficient.)
+    twin = Twin(hmba, seed=0, error_scale=1.0)
     assert twin.observables().lost  # no closed orbit with the full alignment table
     assert twin.beam.inject(turns=2).bpms_reached < 60  # lost in the first turn
     drv = Driver(twin)
@@ -270,10 +274,8 @@ def test_transfer_line_steered_to_its_bpm_offset_floor(tmp_path):
 
 
 def test_threading_ebs_at_full_errors_then_the_orbit_is_corrected():
-    assert Twin("ebs", seed=1, error_scale=1.0).observables().lost  # the same machine, asked before threading
-    # (a separate twin: the twin caches its one-turn stability per quadrupole setting, and threading moves
-    # only correctors, so asking first would keep the unstable verdict of the start)
     twin = Twin("ebs", seed=1, error_scale=1.0)
+    assert twin.observables().lost  # no closed orbit before threading (the verdict is renewed as the orbit moves)
     resp = model_trajectory_response(twin.profile, turns=2)
     drv = Driver(twin)
     sp, lo, hi = drv.setpoints()

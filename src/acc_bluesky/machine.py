@@ -11,7 +11,8 @@ import numpy as np
 from bluesky.run_engine import call_in_bluesky_event_loop, get_bluesky_event_loop
 from ophyd_async.core import Device, DeviceMap
 
-from .devices import BeamCurrent, MagnetFamily, Orbit, RfCavity, SimBackend, TuneMonitor
+from .devices import (BeamCurrent, BeamLosses, BpmAcquisition, Injection, MagnetFamily, Orbit, Pinger, RfCavity,
+                      SimBackend, TuneMonitor)
 from .devices.magnet import Magnet
 from .profile import Profile, load_profile
 from .twin import Twin
@@ -67,6 +68,10 @@ class Machine(Device):
         quad, sext: quadrupole / sextupole families by profile name (``m.quad["QF2"]``).
         families: every magnet family by profile name (a ``DeviceMap``).
         rf, tune, beam: RF (Hz, V), tune monitor, beam current (A) and lifetime (s).
+        tbt, pinger, injection, losses: the BPM system's acquisition mode and turn-by-turn readout
+            (:class:`BpmAcquisition`), the pinger (kicks [rad]), the injection steering (x, px, y, py, energy) and
+            the beam-loss monitor (turns reached, where lost); ``None`` when the control system does not serve them
+            (an EPICS profile without ``controls.beam_pvs``, Tango).
         twin: the :class:`~acc_bluesky.twin.Twin` in sim mode, ``None`` otherwise.
         profile, mode, seed: what this machine is.
 
@@ -91,6 +96,17 @@ class Machine(Device):
         self.rf = RfCavity(backend, rf.frequency_limits, rf.voltage_limits)
         self.tune = TuneMonitor(backend)
         self.beam = BeamCurrent(backend)
+        # --- tbt: beam devices (devices/beam.py) ---
+        self.tbt: BpmAcquisition | None = None
+        self.pinger: Pinger | None = None
+        self.injection: Injection | None = None
+        self.losses: BeamLosses | None = None
+        if getattr(backend, "beam_devices", False):
+            self.tbt = BpmAcquisition(backend, len(profile.bpm_refpts))
+            self.pinger = Pinger(backend)
+            self.injection = Injection(backend)
+            self.losses = BeamLosses(backend)
+        # --- end tbt ---
         by = lambda *t: {n: f for n, f in fams.items() if f.type in t}  # noqa: E731
         self._views = {
             "quad": _Families("quadrupole", by("quadrupole")),
@@ -122,6 +138,10 @@ class Machine(Device):
         yield "rf", self.rf
         yield "tune", self.tune
         yield "beam", self.beam
+        for dev_name in ("tbt", "pinger", "injection", "losses"):
+            dev = getattr(self, dev_name, None)
+            if dev is not None:
+                yield dev_name, dev
 
     def __repr__(self) -> str:
         return (f"Machine({self.profile.name!r}, mode={self.mode!r}, seed={self.seed}, bpms={len(self.bpm)}, "

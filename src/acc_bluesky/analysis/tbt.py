@@ -27,6 +27,7 @@ Units: positions [m], phases in units of 2 pi (turns), beta [m], kicks [rad].
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -586,6 +587,7 @@ class TbtResult:
         out["kick"] = self.kick
         out["bad"] = self.bad.astype(np.int8)
         out["turns"] = np.asarray(int(self.turns))
+        out["bad_reasons"] = json.dumps({k: list(v) for k, v in self.bad_reasons.items()})
         if self.spectrum_freq is not None and self.spectrum_amp is not None:
             out["spectrum_freq"] = np.asarray(self.spectrum_freq, dtype=float)
             out["spectrum_amp"] = np.asarray(self.spectrum_amp, dtype=float)
@@ -596,7 +598,7 @@ class TbtResult:
         """Units of :meth:`to_results`' keys (for ``store_result(units=...)``)."""
         return {"tunes_bpm": "", "amplitude": "m", "phase": "2pi", "phase_model": "2pi", "phase_err": "2pi",
                 "beta": "m", "beta_err": "m", "beta_model": "m", "noise": "m", "tunes": "", "tunes_model": "",
-                "kick": "rad", "bad": "", "turns": "", "spectrum_freq": "1/turn", "spectrum_amp": "m"}
+                "kick": "rad", "bad": "", "turns": "", "bad_reasons": "", "spectrum_freq": "1/turn", "spectrum_amp": "m"}
 
     def start_metadata(self) -> dict[str, Any]:
         """What :meth:`from_results` needs from the start document."""
@@ -623,7 +625,8 @@ class TbtResult:
                        results["spectrum_freq"], dtype=float),
                    spectrum_amp=None if sa is None else np.asarray(sa, dtype=float),
                    method=str(start.get("tbt_method", "fft")), n_bpm=int(start.get("n_bpm", 21)),
-                   bad_reasons=dict(start.get("bad_reasons") or {}), uid=start.get("uid"),
+                   bad_reasons=_reasons(results.get("bad_reasons"), start.get("bad_reasons")),
+                   uid=start.get("uid"),
                    metadata={k: start[k] for k in ("profile", "seed", "mode", "facility", "accelerator", "time")
                              if k in start})
 
@@ -693,6 +696,18 @@ class TbtResult:
         ax.set_ylabel("beta-beat from phase [%]")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+
+
+def _reasons(stored: Any, start: Any) -> dict[str, list[str]]:
+    """Why BPMs were flagged: the results' JSON string (a plan knows them only after the analysis), or the start
+    document's mapping."""
+    if stored is not None:
+        v = np.asarray(stored).reshape(-1)[0] if not isinstance(stored, str) else stored
+        try:
+            return {str(k): list(x) for k, x in json.loads(str(v)).items()}
+        except (ValueError, AttributeError):
+            pass
+    return dict(start or {})
 
 
 def _advance(phase: FloatArray, tunes: FloatArray) -> FloatArray:

@@ -17,3 +17,9 @@ from .tool import *  # noqa: F403
 
 __all__ = [*_machine.__all__, "store_result", *_optics.__all__, *_orbit.__all__, *_runs.__all__, *_tool.__all__]
 __all__ += _bba.__all__  # beam-based alignment stubs (bba engineer)
+
+# --- tbt: beam devices, shots and corrector vectors (trajectory tools) ---
+from . import trajectory as _trajectory  # noqa: E402
+from .trajectory import *  # noqa: E402,F403
+
+__all__ += _trajectory.__all__

@@ -2,7 +2,9 @@
 
 Orbit: :func:`measure_orm`, :func:`correct_orbit`, :func:`orbit_bump`, :func:`measure_dispersion`;
 configurations: :func:`save_config`, :func:`restore_config` (and :func:`compare_config`);
-optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`); LOCO: :func:`loco`, :func:`correct_optics`.
+optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`); LOCO: :func:`loco`, :func:`correct_optics`;
+turn-by-turn optics (:func:`measure_tbt`); first turns: :func:`measure_trajectory_response`,
+:func:`correct_trajectory`, :func:`thread_first_turns`; beam-based alignment: :func:`measure_bba`, :func:`apply_bba`.
 """
 
 from . import config as _config, orbit as _orbit
@@ -21,4 +23,11 @@ from .bba import *  # noqa: E402,F403
 from . import loco as _loco  # noqa: E402
 from .loco import *  # noqa: E402,F403
 
-__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__]
+# --- turn-by-turn optics and first turns (tbt engineer) ------------------------------------------------------
+from . import tbt as _tbt  # noqa: E402
+from . import trajectory as _trajectory  # noqa: E402
+from .tbt import *  # noqa: E402,F403
+from .trajectory import *  # noqa: E402,F403
+
+__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__, *_tbt.__all__,
+           *_trajectory.__all__]

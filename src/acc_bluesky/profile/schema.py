@@ -37,6 +37,7 @@ __all__ = [
     "ToolsSpec",
     "DEVICE_NAME_FIELDS",
     "PV_FIELDS",
+    "BeamPvSpec",
     "check_pv_template",
     "format_device_name",
 ]
@@ -375,6 +376,43 @@ _CONTROLS_TEMPLATES = {
 }
 
 
+# --- tbt: PVs of the beam devices (BPM acquisition modes, TbT readout, pinger, injection, losses) ---------------
+class BeamPvSpec(_Strict):
+    """PV templates (placeholder ``{prefix}``) of the beam devices: the BPM system's acquisition mode and turns and
+    its turn-by-turn readout (waveforms of n_bpm x turns values, BPM after BPM), the pinger, the injection
+    steering and the beam-loss monitor. A control system that serves them sets ``controls.beam_pvs: {}`` (these
+    defaults) or its own names; without it, ``connect(..., mode="epics")`` builds no beam devices."""
+
+    @model_validator(mode="after")
+    def _templates(self):
+        for key in type(self).model_fields:
+            check_pv_template(getattr(self, key), "global", f"controls.beam_pvs.{key} template")
+        return self
+
+    bpm_mode: str = "{prefix}BPM:MODE"
+    bpm_turns: str = "{prefix}BPM:TURNS"
+    bpm_acquire: str = "{prefix}BPM:ACQUIRE"
+    tbt_x: str = "{prefix}TBT:X"
+    tbt_y: str = "{prefix}TBT:Y"
+    pinger_x: str = "{prefix}PINGER:X-SP"
+    pinger_y: str = "{prefix}PINGER:Y-SP"
+    pinger_fire: str = "{prefix}PINGER:FIRE"
+    injection_x: str = "{prefix}INJ:X-SP"
+    injection_px: str = "{prefix}INJ:PX-SP"
+    injection_y: str = "{prefix}INJ:Y-SP"
+    injection_py: str = "{prefix}INJ:PY-SP"
+    injection_energy: str = "{prefix}INJ:DP-SP"
+    injection_fire: str = "{prefix}INJ:FIRE"
+    loss_turn: str = "{prefix}LOSS:TURN"
+    loss_element: str = "{prefix}LOSS:ELEMENT"
+    loss_element_name: str = "{prefix}LOSS:ELEMENT-NAME"
+    loss_s: str = "{prefix}LOSS:S"
+    loss_bpms: str = "{prefix}LOSS:BPMS-REACHED"
+    loss_turns: str = "{prefix}LOSS:TURNS-REACHED"
+    loss_transmission: str = "{prefix}LOSS:TRANSMISSION"
+# --- end tbt ---------------------------------------------------------------------------------------------------
+
+
 class ControlsSpec(_Strict):
     """Control-system names. Per-device templates use {prefix}, {device} (the device name), {element} (lattice
     FamName), {family}, {index} (1-based); family templates {prefix}, {family}; the others {prefix}."""
@@ -404,6 +442,8 @@ class ControlsSpec(_Strict):
     tune_y: str = "{prefix}TUNE:Y"
     beam_current: str = "{prefix}BEAM:CURRENT"
     beam_lifetime: str = "{prefix}BEAM:LIFETIME"
+    beam_pvs: BeamPvSpec | None = Field(default=None, description="PVs of the beam devices (tbt, pinger, injection, "
+                                        "losses) when the control system serves them")
     alarms: AlarmsSpec = Field(default_factory=lambda: AlarmsSpec(),
                                description="alarm limits of the IOC's beam current, lifetime and orbit rms PVs")
     # --- tango: Tango attribute names (devices/backends/tango.py, the tango server) ------------------------------

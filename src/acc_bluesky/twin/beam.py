@@ -43,6 +43,8 @@ ALL_ELEMENT_PASSES = 64
 #: limits of the injection trims (x [m], px [rad], y [m], py [rad]) and of the pinger (x, y [rad])
 INJECTION_TRIM_LIMITS = np.array([5e-3, 2e-3, 5e-3, 2e-3])
 KICK_LIMIT = 5e-3
+#: limit of the injected beam's energy trim (dp/p)
+INJECTION_ENERGY_LIMIT = 1e-2
 
 
 def stream(seed: int | None, name: str) -> np.random.Generator:
@@ -63,6 +65,7 @@ class Acquisition:
         lost_element: lattice index of the first element at whose entrance the beam is outside the aperture or
             already lost in tracking (``None`` if it survives).
         lost_element_name: its FamName (``""`` if it survives).
+        lost_s: its position along the lattice [m] (NaN if it survives).
         reason: why the beam is lost (``""`` if it survives).
         kick: (2,) pinger kick (x, y) [rad] (zeros for an injected shot or an orbit).
         start: (6,) initial centroid coordinates (x, px, y, py, dp, ct) [m, rad, m, rad, 1, m].
@@ -80,6 +83,7 @@ class Acquisition:
     lost_element: int | None = None
     lost_element_name: str = ""
     reason: str = ""
+    lost_s: float = float("nan")
     kick: np.ndarray = field(default_factory=lambda: np.zeros(2))
     start: np.ndarray = field(default_factory=lambda: np.zeros(6))
     nparticles: int = 1
@@ -111,7 +115,7 @@ class Acquisition:
     def transmission(self) -> dict[str, Any]:
         """What a beam-loss / current monitor shows: where the beam was lost."""
         return {"lost": self.lost, "lost_turn": self.lost_turn, "lost_element": self.lost_element,
-                "lost_element_name": self.lost_element_name, "bpms_reached": self.bpms_reached,
+                "lost_element_name": self.lost_element_name, "lost_s": self.lost_s, "bpms_reached": self.bpms_reached,
                 "turns_reached": self.turns_reached, "reason": self.reason,
                 "final_intensity": float(np.nan_to_num(self.intensity[-1, -1]))}
 
@@ -149,6 +153,7 @@ class Beam:
         self._noise_rng = stream(seed, "tbt-noise")
         self._bunch_rng = stream(seed, "bunch")
         self.injection_trim = np.zeros(4)
+        self.injection_energy = 0.0
         self.mode = "orbit"
         self._turns = {"trajectory": 1, "tbt": 1024}
         self.kick = np.zeros(2)
@@ -201,6 +206,15 @@ class Beam:
         with self._twin._lock:
             self.injection_trim = t.copy()
 
+    def set_injection_energy(self, dp: float) -> None:
+        """Energy trim of the injected beam (dp/p, the injector's energy), added to its static error."""
+        v = float(dp)
+        if not math.isfinite(v) or abs(v) > INJECTION_ENERGY_LIMIT:
+            raise ValueError(f"injection energy trim must be finite and within +-{INJECTION_ENERGY_LIMIT} (dp/p), "
+                             f"got {dp!r}: nothing set")
+        with self._twin._lock:
+            self.injection_energy = v
+
     def set_kick(self, kick, kicker: int | None = None) -> None:
         """Pinger kick (x, y) [rad], fired by :meth:`trigger` in ``tbt`` mode; ``kicker``: its lattice index."""
         k = np.broadcast_to(np.asarray(kick, dtype=float), (2,)).copy()
@@ -216,12 +230,14 @@ class Beam:
         """(6,) coordinates of the injected beam without jitter (truth): design + static error + trims."""
         z = self._design_injection() + self.injection_error
         z[:4] += self.injection_trim
+        z[4] += self.injection_energy
         return z
 
     def reset(self) -> None:
         """Back to the defaults: orbit mode, no kick, no injection trims (the errors stay)."""
         with self._twin._lock:
             self.injection_trim = np.zeros(4)
+            self.injection_energy = 0.0
             self.mode = "orbit"
             self._turns = {"trajectory": 1, "tbt": 1024}
             self.kick = np.zeros(2)
@@ -475,6 +491,7 @@ class Beam:
             xm[:, dead_bpms] = np.nan
             ym[:, dead_bpms] = np.nan
         return Acquisition(mode, xm, ym, xc, yc, frac[:, bpm_cols].copy(), lost_turn, lost_el, name, reason,
+                           float("nan") if lost_el is None else self._spos(lost_el),
                            np.asarray(kick, dtype=float).copy(), np.asarray(start, dtype=float).copy(), npart,
                            tw._clock())
 

@@ -137,7 +137,8 @@ class Twin:
         self._lock = threading.RLock()
         self._optics_version = 0  # bumped by every change of a non-corrector magnet
         self._optics_checked = -1  # the optics version whose linear stability was last checked
-        self._unstable: str | None = None  # why the one-turn map is unstable, at that version
+        self._orbit_checked: np.ndarray | None = None  # the BPM orbit (x, y) where it was checked
+        self._unstable: str | None = None  # why the one-turn map is unstable, at that version and orbit
         self.design = self.profile.load_lattice()
         self.ring = self.profile.load_lattice()
         self.is_ring = self.profile.kind == "ring"
@@ -466,10 +467,12 @@ class Twin:
                 z, pos, it = res
                 self.stats["chord_passes"] += it
                 self._engine_gen = _engine.generation()
+                a = None
                 if it > 4:
-                    self._a_inv = np.linalg.inv(_engine.orbit_jacobian(self.ring, z, keep=True))
+                    a = _engine.orbit_jacobian(self.ring, z, keep=True)
+                    self._a_inv = np.linalg.inv(a)
                 self._guess = z
-                return self._check_stability(z) or self._check_aperture(z, pos)
+                return self._check_stability(z, a, pos) or self._check_aperture(z, pos)
         # cold: pyAT's own solver, then the Jacobian for the next time
         self.stats["cold"] += 1
         guess = self._guess if np.all(np.isfinite(self._guess)) else np.zeros(6)
@@ -481,14 +484,26 @@ class Twin:
         self._a_inv = np.linalg.inv(a)
         self._engine_gen = _engine.generation()
         self._guess = z
-        return self._check_stability(z, a) or self._check_aperture(z, pos)
+        return self._check_stability(z, a, pos) or self._check_aperture(z, pos)
 
-    def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None) -> Observables | None:
+    #: the stability verdict is renewed when the closed orbit at the BPMs has moved by more than this [m] since it
+    #: was made (sextupole feed-down: corrector moves change the optics too)
+    STABILITY_ORBIT_TOLERANCE = 0.2e-3
+
+    def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None,
+                         pos: np.ndarray | None = None) -> Observables | None:
         """Beam lost (an Observables) if the transverse one-turn map at the orbit ``z`` is unstable, else None.
 
-        Checked once per change of the optics (any non-corrector magnet): a closed orbit can exist on a lattice that
-        no beam survives (a tune pushed onto an integer or half-integer resonance by a quadrupole)."""
-        if self._optics_checked != self._optics_version:
+        A closed orbit can exist on a lattice that no beam survives (a tune pushed onto an integer or half-integer
+        resonance by a quadrupole, or by the feed-down of sextupoles the orbit passes off-centre). The verdict is
+        renewed whenever the one-turn Jacobian is at hand anyway (a cold solve, a refreshed chord), at every change
+        of the optics (any non-corrector magnet), and when the orbit at the BPMs (``pos``) has moved by more than
+        :attr:`STABILITY_ORBIT_TOLERANCE` since it was made (corrector moves); otherwise it is kept."""
+        here = None if pos is None else np.concatenate([pos[:, 0], pos[:, 2]])
+        moved = (self._orbit_checked is None or here is None or here.shape != self._orbit_checked.shape
+                 or not np.all(np.isfinite(here))
+                 or float(np.max(np.abs(here - self._orbit_checked))) > self.STABILITY_ORBIT_TOLERANCE)
+        if a is not None or moved or self._optics_checked != self._optics_version:
             if a is None:
                 a = _engine.orbit_jacobian(self.ring, z, keep=True)
             m44 = a[:4, :4] + np.eye(4)  # orbit_jacobian gives J - I' in (x, px, y, py, dp)
@@ -497,6 +512,7 @@ class Twin:
                               f"unstable optics: one-turn map eigenvalue of modulus {rho:.4g} > 1 (a tune on a "
                               "resonance?); restore the quadrupoles")
             self._optics_checked = self._optics_version
+            self._orbit_checked = None if here is None else here.copy()
         return self._lost(self._unstable) if self._unstable else None
 
     def _solve_6d(self) -> Observables:

@@ -219,3 +219,63 @@ class EpicsBackend:
 
     def beam_lifetime(self) -> SignalR[float]:
         return self._r(float, "beam:lifetime")
+
+    # --- tbt: the beam devices, on the PVs of ``controls.beam_pvs`` (none when the profile has no such PVs) ------
+    @property
+    def beam_devices(self) -> bool:
+        """The control system serves the beam devices' PVs (the profile says ``controls.beam_pvs``)."""
+        return self.profile.spec.controls.beam_pvs is not None
+
+    def _beam_key(self, key: str) -> str:
+        spec = self.profile.spec.controls.beam_pvs
+        if spec is None:
+            raise ValueError(f"{self.profile.name}: no controls.beam_pvs in the profile: the control system serves no "
+                             "BPM acquisition mode, pinger, injection or loss-monitor PVs")
+        name = f"beam:{key}"
+        if name not in self.pvs:
+            self.pvs[name] = getattr(spec, key).format(prefix=self.prefix)
+        return name
+
+    def bpm_mode(self) -> SignalRW[str]:
+        return self._rw(str, self._beam_key("bpm_mode"))
+
+    def bpm_turns(self) -> SignalRW[int]:
+        return self._rw(int, self._beam_key("bpm_turns"))
+
+    def tbt(self, plane: str) -> SignalR[Array1D[np.float64]]:
+        """Waveform of n_bpm x turns readings [m], BPM after BPM (reshaped by the reader)."""
+        return self._r(Array1D[np.float64], self._beam_key(f"tbt_{plane}"))
+
+    def _trigger(self, key: str) -> Callable[[], Any]:
+        sig = self._rw(int, self._beam_key(key))
+        self._triggers = getattr(self, "_triggers", {})
+        self._triggers[key] = sig
+
+        async def fire() -> None:
+            await sig.set(1, timeout=None)
+
+        fire.signal = sig  # type: ignore[attr-defined] - the device adds it as a child (connected with it)
+        return fire
+
+    def bpm_acquire(self) -> Callable[[], Any]:
+        return self._trigger("bpm_acquire")
+
+    def pinger_kick(self, plane: str) -> SignalRW[float]:
+        return self._rw(float, self._beam_key(f"pinger_{plane}"))
+
+    def pinger_fire(self) -> Callable[[], Any]:
+        return self._trigger("pinger_fire")
+
+    def injection_trim(self, knob: str) -> SignalRW[float]:
+        return self._rw(float, self._beam_key(f"injection_{knob}"))
+
+    def injection_fire(self) -> Callable[[], Any]:
+        return self._trigger("injection_fire")
+
+    def loss(self, what: str) -> SignalR:
+        kinds = {"turn": ("loss_turn", int), "element": ("loss_element", int), "element_name": ("loss_element_name", str),
+                 "s": ("loss_s", float), "bpms": ("loss_bpms", int), "turns": ("loss_turns", float),
+                 "transmission": ("loss_transmission", float)}
+        key, dtype = kinds[what]
+        return self._r(dtype, self._beam_key(key))
+    # --- end tbt ---

@@ -171,3 +171,110 @@ class SimBackend:
 
     def beam_lifetime(self) -> SignalR[float]:
         return self._r(float, self.twin.beam_lifetime, "s", 0)
+
+    # --- tbt: the beam devices (BPM acquisition modes, TbT readout, pinger, injection, losses; twin/beam.py) ----
+    #: the twin has an injected beam and a pinger: the machine builds its beam devices
+    beam_devices = True
+    INJECTION_KNOBS = ("x", "px", "y", "py", "energy")
+
+    def bpm_mode(self) -> SignalRW[str]:
+        b = self.twin.beam
+        return self._rw(str, lambda: b.mode, lambda v: b.set_mode(str(v)), "", initial="orbit")
+
+    def bpm_turns(self) -> SignalRW[int]:
+        b = self.twin.beam
+
+        def set_turns(v) -> None:
+            if b.mode == "orbit":
+                raise ValueError("the BPMs are in orbit mode (one closed orbit): set the mode to 'trajectory' or "
+                                 "'tbt' before the number of turns")
+            b.set_mode(b.mode, turns=int(v))
+
+        return self._rw(int, lambda: int(b.turns), set_turns, "turns", initial=1)
+
+    def tbt(self, plane: str) -> SignalR[np.ndarray]:
+        """(nbpm, turns) readings [m] of the last acquisition (BPM after BPM)."""
+        t = self.twin
+        k = "xy".index(plane)
+
+        def get() -> np.ndarray:
+            acq = t.beam.last
+            if acq is None:
+                return np.full((t.nbpm, 1), np.nan)
+            return np.ascontiguousarray((acq.x if k == 0 else acq.y).T)
+
+        return self._r(np.ndarray, get, "m", initial=np.full((t.nbpm, 1), np.nan))
+
+    def bpm_acquire(self) -> Callable[[], Any]:
+        b = self.twin.beam
+
+        async def acquire() -> None:
+            b.trigger()
+
+        return acquire
+
+    def pinger_kick(self, plane: str) -> SignalRW[float]:
+        b = self.twin.beam
+        k = "xy".index(plane)
+
+        def set_kick(v) -> None:
+            kick = b.kick.copy()
+            kick[k] = float(v)
+            b.set_kick(kick, b.kicker)
+
+        return self._rw(float, lambda: float(b.kick[k]), set_kick, "rad", 9)
+
+    def pinger_fire(self) -> Callable[[], Any]:
+        b = self.twin.beam
+
+        async def fire() -> None:
+            b.kick_stored()
+
+        return fire
+
+    def injection_trim(self, knob: str) -> SignalRW[float]:
+        b = self.twin.beam
+        if knob == "energy":
+            return self._rw(float, lambda: float(b.injection_energy), b.set_injection_energy, "", 9)
+        k = ("x", "px", "y", "py").index(knob)
+
+        def set_trim(v) -> None:
+            trim = b.injection_trim.copy()
+            trim[k] = float(v)
+            b.set_injection(trim)
+
+        return self._rw(float, lambda: float(b.injection_trim[k]), set_trim, "m" if knob in ("x", "y") else "rad", 9)
+
+    def injection_fire(self) -> Callable[[], Any]:
+        b = self.twin.beam
+
+        async def fire() -> None:
+            b.inject()
+
+        return fire
+
+    def loss(self, what: str) -> SignalR:
+        """What the beam-loss monitor says of the last acquisition (see :class:`~acc_bluesky.devices.BeamLosses`)."""
+        b = self.twin.beam
+
+        def info() -> dict[str, Any]:
+            return {} if b.last is None else b.last.transmission()
+
+        if what == "turn":
+            return self._r(int, lambda: int(-1 if info().get("lost_turn") is None else info()["lost_turn"]), "turn",
+                           initial=-1)
+        if what == "element":
+            return self._r(int, lambda: int(-1 if info().get("lost_element") is None else info()["lost_element"]),
+                           "", initial=-1)
+        if what == "element_name":
+            return self._r(str, lambda: str(info().get("lost_element_name", "")), "", initial="")
+        if what == "s":
+            return self._r(float, lambda: float(info().get("lost_s", float("nan"))), "m", 3)
+        if what == "bpms":
+            return self._r(int, lambda: int(info().get("bpms_reached", 0)), "BPM passages", initial=0)
+        if what == "turns":
+            return self._r(float, lambda: float(info().get("turns_reached", 0.0)), "turns", 3)
+        if what == "transmission":
+            return self._r(float, lambda: float(info().get("final_intensity", 0.0)), "", 3)
+        raise ValueError(f"unknown loss-monitor quantity {what!r}")
+    # --- end tbt ---

@@ -1,0 +1,473 @@
+"""First turns as Bluesky plans: ``measure_trajectory_response``, ``correct_trajectory`` and
+``thread_first_turns`` (pySC's first_turn / stitch / balance with injection steering, MML's trajectory tools).
+
+Each is a :func:`~acc_bluesky.plan_stubs.tool.tool` that needs no stored beam (a ring with no closed orbit yet, a
+transfer line): the BPMs acquire in ``trajectory`` mode, the injection fires one shot per reading, and the
+correctors move by real plan moves (one per family and step). Whatever they moved is put back when they are
+aborted, stopped or fail: correctors, injection trims and the BPM acquisition mode. ``correct_trajectory`` and
+``thread_first_turns`` keep their result when they complete; the BPM mode is always put back.
+
+On a transfer line the trajectory tools work the same with one pass (``turns=1``); threading needs a ring.
+Units: positions [m], correctors [A] (kicks [rad]), injection trims m / rad.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import MsgGenerator
+
+from ..analysis._common import rms
+from ..analysis.correction import limit_step
+from ..analysis.trajectory import (
+    ThreadingResult,
+    TrajectoryReading,
+    TrajectoryResponse,
+    model_trajectory_response,
+    reached,
+    trajectory_step,
+)
+from ..analysis.trajectory import thread_first_turns as _threading
+from ..machine import Machine
+from ..plan_stubs.machine import Record, emit, move
+from ..plan_stubs.orbit import step_sizes
+from ..plan_stubs.runs import resolve
+from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, tool
+from ..plan_stubs.trajectory import (
+    CorrectorVector,
+    beam_settings,
+    need_beam_devices,
+    read_shots,
+    restore_beam_settings,
+    set_acquisition,
+)
+
+__all__ = ["correct_trajectory", "measure_trajectory_response", "thread_first_turns"]
+
+#: stage codes of the threading events (``stage`` field)
+STAGES = {"first_turn": 0, "wiggle": 1, "stitch": 2, "balance": 3}
+
+
+def _corrector_names(machine: Machine, correctors: Any) -> list[str] | None:
+    if correctors is None:
+        return None
+    if isinstance(correctors, str):
+        return [correctors]
+    return [c if isinstance(c, str) else c.name for c in correctors]
+
+
+def _corrector_restore(machine: Machine, args: dict[str, Any]) -> Restore:
+    cv = CorrectorVector(machine, _corrector_names(machine, args.get("correctors")))
+    return Restore(tuple(cv.families))
+
+
+def _all_correctors(machine: Machine, args: dict[str, Any]) -> Restore:
+    return Restore(tuple(sorted([*machine.hcors, *machine.vcors])))
+
+
+def _vector(x: np.ndarray, y: np.ndarray, turns: int) -> np.ndarray:
+    """(n, T) readings -> the response's row order ``[x turn 0 .. T-1, y turn 0 .. T-1]``."""
+    return np.concatenate([np.asarray(x)[:, :turns].T.reshape(-1), np.asarray(y)[:, :turns].T.reshape(-1)])
+
+
+def _check_turns(machine: Machine, turns: int, tool_name: str) -> None:
+    if machine.profile.kind != "ring" and turns != 1:
+        raise ValueError(f"{tool_name}: {machine.profile.name} is a transfer line: one pass (turns=1), got {turns}")
+
+
+def _response_of(machine: Machine, response: Any, turns: int, names: list[str] | None
+                 ) -> MsgGenerator[TrajectoryResponse]:
+    if response is None or (isinstance(response, str) and response == "model"):
+        return model_trajectory_response(machine, names, turns=turns)
+    resp = yield from resolve(response, TrajectoryResponse, ("trajectory_response",), "trajectory response")
+    if resp.turns < turns:
+        raise ValueError(f"the trajectory response has {resp.turns} turn(s): {turns} are needed (measure it with "
+                         f"turns={turns}, or response='model')")
+    return resp.truncated(turns) if resp.turns > turns else resp
+
+
+def _restoring(machine: Machine, body, snap: dict[str, Any], state: dict[str, Any], keep: bool
+               ) -> MsgGenerator[Any]:
+    """Run ``body`` and put back the BPM mode always, the injection trims unless ``keep`` and it completed."""
+    def cleanup() -> MsgGenerator[None]:
+        yield from restore_beam_settings(machine, snap, injection=not (keep and state.get("done")), kick=False)
+
+    return (yield from bpp.finalize_wrapper(body, cleanup()))
+
+
+def _set_injection(machine: Machine, trims: np.ndarray) -> MsgGenerator[None]:
+    sigs = machine.injection.knobs()[:4]
+    pairs: list[Any] = []
+    for s, v in zip(sigs, np.asarray(trims, dtype=float)):
+        pairs += [s, float(v)]
+    yield from move(*pairs)
+
+
+# ======================================================================================================
+# measure_trajectory_response
+def _trm_figure(result: TrajectoryResponse, path: Path) -> None:
+    result.plot(path, hw=True)
+
+
+@tool("trajectory_response", restore=_corrector_restore, needs_beam=False, figures={"trm": _trm_figure})
+def measure_trajectory_response(machine: Machine, correctors: Any = None, turns: int = 1,
+                                delta: float | None = None, delta_physics: float | None = None,
+                                injection: bool = True, injection_delta: Sequence[float] = (1e-5, 1e-6, 1e-5, 1e-6),
+                                n_avg: int = 1, model: bool = False, figure_dir: str | Path | bool | None = None,
+                                md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Measure the response of the first ``turns`` turns of the injected beam to the correctors and the injection.
+
+    Each corrector in turn is stepped by ``+delta`` and ``-delta``, one injected shot (``n_avg`` averaged) is read
+    by the BPMs in ``trajectory`` mode at each step, and the corrector is put back; then the four injection trims
+    (x, px, y, py) likewise. BPMs the beam does not reach give NaN rows. With ``model=True`` nothing moves: the
+    run records pyAT's analytical trajectory response of the design lattice (``TrajectoryResponseMatrix``).
+
+    Args:
+        machine: the connected machine (a ring, or a transfer line with ``turns=1``).
+        correctors: corrector device or family names (default: every in-service corrector, h then v).
+        turns: turns of the response (1 for a line).
+        delta: half step [A] (default: the profile's ``tools.orbit_response`` step, else 10 urad).
+        delta_physics: half step [rad] instead of ``delta``.
+        injection: also measure the columns of the injection trims.
+        injection_delta: half steps of the injection trims (x [m], px [rad], y [m], py [rad]).
+        n_avg: shots averaged per step.
+        model: record the model response instead of measuring.
+        figure_dir: folder of the figure (``trm``); ``False``: none.
+        md: metadata merged into the run's start document.
+
+    Returns:
+        the run uid; ``TrajectoryResponse.from_run(cat[uid])`` gives ``matrix`` [m/rad], ``matrix_hw`` [m/A] and
+        ``injection``, rows ``[x turn 0.., y turn 0..]``.
+    """
+    _check_turns(machine, turns, "measure_trajectory_response")
+    names = _corrector_names(machine, correctors)
+    base = model_trajectory_response(machine, names, turns=turns)
+    if model:
+        yield from open_tool_run(**base.start_metadata(), num_points=0)
+        return base
+    need_beam_devices(machine, "measure_trajectory_response")
+    cv = CorrectorVector(machine, base.corrector_names)
+    devs = [machine.device(c) for c in cv.names]
+    sp0 = yield from cv.read()
+    d_hw, d_ph = step_sizes(machine, devs, sp0, delta, delta_physics)
+    inj_d = np.asarray(injection_delta, dtype=float).reshape(4)
+    snap = yield from beam_settings(machine)
+    n, t = len(machine.bpm), int(turns)
+    rows = 2 * t * n
+
+    def body() -> MsgGenerator[TrajectoryResponse]:
+        yield from set_acquisition(machine, "trajectory", t)
+        yield from open_tool_run(**{**base.start_metadata(), "trm_kind": "measured"}, delta_hw=d_hw.tolist(),
+                                 num_points=len(devs) + (4 if injection else 0))
+        rec = Record("trm", {
+            "index": ("", (), "column: corrector index in corrector_names, then the injection trims x, px, y, py"),
+            "delta": ("A | m | rad", (), "half step of this column (A for a corrector)"),
+            "plus": ("m", (rows,), "trajectory [x turns; y turns] at +delta"),
+            "minus": ("m", (rows,), "trajectory [x turns; y turns] at -delta"),
+            "reached": ("BPM passages", (), "passages the beam made at +delta (the fewer of the two steps)")},
+            hinted=("index", "reached"), dtypes={"index": "integer"})
+        m_hw = np.full((rows, len(devs)), np.nan)
+        inj = np.full((rows, 4), np.nan)
+        for j in range(len(devs)):
+            v = sp0.copy()
+            traj = []
+            reach = []
+            for sign in (1.0, -1.0):
+                v[j] = sp0[j] + sign * d_hw[j]
+                yield from cv.set(v)
+                x, y, _ = yield from read_shots(machine, machine.injection, n_avg)
+                traj.append(_vector(x, y, t))
+                reach.append(reached((x.T, y.T)))
+            m_hw[:, j] = (traj[0] - traj[1]) / (2 * d_hw[j])
+            rec.update(index=j, delta=d_hw[j], plus=traj[0], minus=traj[1], reached=min(reach))
+            yield from emit(rec)
+        yield from cv.set(sp0)
+        if injection:
+            trim0 = np.asarray(snap["injection"][:4], dtype=float)
+            for k in range(4):
+                traj = []
+                for sign in (1.0, -1.0):
+                    tr = trim0.copy()
+                    tr[k] += sign * inj_d[k]
+                    yield from _set_injection(machine, tr)
+                    x, y, _ = yield from read_shots(machine, machine.injection, n_avg)
+                    traj.append(_vector(x, y, t))
+                inj[:, k] = (traj[0] - traj[1]) / (2 * inj_d[k])
+                rec.update(index=len(devs) + k, delta=inj_d[k], plus=traj[0], minus=traj[1], reached=0)
+                yield from emit(rec)
+            yield from _set_injection(machine, trim0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m_rad = m_hw * (d_hw / d_ph)[None, :]
+        return TrajectoryResponse(m_rad, m_hw, inj if injection else base.injection * np.nan, base.bpm_names,
+                                  base.corrector_names, base.planes, t, base.bpm_refpts, base.corrector_refpts,
+                                  kind="measured", metadata={"profile": machine.profile.name, "seed": machine.seed})
+
+    return (yield from _restoring(machine, body(), snap, {}, keep=False))
+
+
+# ======================================================================================================
+# correct_trajectory
+def _trajectory_figure(result: ToolResult, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    r = result.value
+    fig = Figure(figsize=(10.0, 6.0), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, p in zip(axes, ("x", "y")):
+        ax.plot(r[f"{p}_before"] * 1e3, ".-", lw=0.7, ms=3, label=f"before ({r['reached_before']} passages)")
+        ax.plot(r[f"{p}_after"] * 1e3, ".-", lw=0.7, ms=3, label=f"after ({r['reached_after']} passages)")
+        ax.set_ylabel(f"{p} [mm]")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("BPM passage")
+    fig.suptitle(r["title"])
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+@tool("trajectory_correction", restore=_all_correctors, keep=True, needs_beam=False,
+      figures={"trajectory": _trajectory_figure})
+def correct_trajectory(machine: Machine, response: Any = None, turns: int = 1, max_iter: int = 10, n_avg: int = 1,
+                       injection: bool = True, tikhonov: float = 0.02, gain: float = 1.0,
+                       max_step: float | None = None, tol: float | None = None, min_improvement: float = 0.02,
+                       figure_dir: str | Path | bool | None = None, md: dict[str, Any] | None = None
+                       ) -> MsgGenerator[str]:
+    """Steer the injected beam's trajectory towards zero by SVD on the BPMs it reaches (MML / pySC trajectory
+    correction), growing the window as the beam goes further.
+
+    Each iteration injects (``n_avg`` shots averaged), finds the BPM passages the beam makes, computes the step of
+    the correctors upstream of the last one reached (and of the injection trims) that flattens the trajectory there
+    (:func:`~acc_bluesky.analysis.trajectory.trajectory_step`, Tikhonov-regularised SVD), makes it safe (limits,
+    ``max_step``) and applies it. A step that shortens the beam's reach, or makes the trajectory worse at the same
+    reach, is taken back and the correction stops. One event per iteration.
+
+    Args:
+        machine: the connected machine (a ring: the first ``turns`` turns; a transfer line: one pass).
+        response: the trajectory response: ``None`` / ``"model"`` (the design lattice's), a
+            :class:`TrajectoryResponse` or a run of ``measure_trajectory_response``.
+        turns: turns corrected (1 for a line).
+        max_iter: iterations at most.
+        n_avg: shots averaged per reading (injection jitter).
+        injection: also steer with the injection trims (x, px, y, py).
+        tikhonov: Tikhonov regularisation (relative to the largest weighted singular value).
+        gain: fraction of each step applied (0 < gain <= 1).
+        max_step: largest corrector move per iteration [A].
+        tol: stop when the beam goes all the way and the rms trajectory (both planes) is below this [m].
+        min_improvement: stop when the rms fell by less than this fraction at full reach.
+        figure_dir: folder of the figure (``trajectory``: before / after); ``False``: none.
+        md: metadata merged into the run's start document.
+
+    Returns:
+        the run uid; results: trajectories before/after [m], passages reached, rms, corrector changes [A],
+        injection trims.
+    """
+    need_beam_devices(machine, "correct_trajectory")
+    _check_turns(machine, turns, "correct_trajectory")
+    if not 0 < gain <= 1:
+        raise ValueError(f"gain must be in (0, 1], got {gain}")
+    t = int(turns)
+    resp = yield from _response_of(machine, response, t, None)
+    cv = CorrectorVector(machine, resp.corrector_names)
+    sp0 = yield from cv.read()
+    snap = yield from beam_settings(machine)
+    n = len(machine.bpm)
+    bad = ~np.asarray(machine.bpm.good, dtype=bool)
+    total = t * n
+    state: dict[str, Any] = {}
+
+    def read() -> MsgGenerator[tuple[np.ndarray, int]]:
+        x, y, _ = yield from read_shots(machine, machine.injection, n_avg)
+        return _vector(x, y, t), reached((x[:, :t].T, y[:, :t].T), bad)
+
+    def size(v: np.ndarray, k: int) -> float:
+        """rms (both planes) over the first ``k`` passages (the response's row order is passage order)."""
+        return float(np.hypot(rms(v[:k]), rms(v[total:total + k]))) if k else float("nan")
+
+    def body() -> MsgGenerator[ToolResult]:
+        yield from set_acquisition(machine, "trajectory", t)
+        yield from open_tool_run(bpm_names=machine.bpm.names, corrector_names=resp.corrector_names,
+                                 trm_uid=resp.uid or resp.kind, turns=t, num_points=int(max_iter))
+        rec = Record("trajectory_correction", {
+            "iteration": ("", (), "iteration (1-based)"),
+            "reached_before": ("BPM passages", (), "passages the beam made before the step"),
+            "reached_after": ("BPM passages", (), "passages the beam made after the step"),
+            "rms_before": ("m", (), "rms trajectory (both planes) over the passages reached, before"),
+            "rms_after": ("m", (), "rms trajectory (both planes) over the passages reached, after"),
+            "trajectory": ("m", (2 * total,), "trajectory [x turns; y turns] after the step"),
+            "undone": ("", (), "1 if the step was taken back")},
+            hinted=("iteration", "reached_after", "rms_after"), dtypes={"iteration": "integer", "undone": "integer",
+                                                                        "reached_before": "integer",
+                                                                        "reached_after": "integer"})
+        sp = sp0.copy()
+        inj = np.asarray(snap["injection"][:4], dtype=float)
+        v, k = yield from read()
+        first = (v.copy(), k)
+        it = 0
+        stop = ""
+        for it in range(1, int(max_iter) + 1):
+            if k == 0:
+                stop = "no BPM sees the beam: check the injection"
+                break
+            dev = np.where(np.concatenate([np.arange(total), np.arange(total)]) < k, v, np.nan)
+            st = trajectory_step(resp, dev, n_passages=k, turns=t, injection=injection, tikhonov=tikhonov, bad=bad)
+            step, rep = limit_step(gain * st.dk, sp, cv.low, cv.high, max_step=max_step, names=cv.names)
+            for msg in rep.messages:
+                warnings.warn(f"correct_trajectory iteration {it}: {msg}", stacklevel=2)
+            new_inj = np.clip(inj + gain * st.dinj, -np.array([5e-3, 2e-3, 5e-3, 2e-3]),
+                              np.array([5e-3, 2e-3, 5e-3, 2e-3])) if injection else inj
+            yield from cv.set(sp + step)
+            if injection:
+                yield from _set_injection(machine, new_inj)
+            va, ka = yield from read()
+            before, after = size(v, k), size(va, ka)
+            worse = ka < k or (ka == k and after > before)
+            rec.update(iteration=it, reached_before=k, reached_after=ka, rms_before=before, rms_after=after,
+                       trajectory=va, undone=int(worse))
+            yield from emit(rec)
+            if worse:
+                yield from cv.set(sp)
+                if injection:
+                    yield from _set_injection(machine, inj)
+                v, k = yield from read()
+                stop = "a step made the trajectory worse: taken back"
+                break
+            sp, inj, v, k = sp + step, new_inj, va, ka
+            if k >= total and tol is not None and after <= tol:
+                stop = f"rms {after * 1e6:.1f} um <= tol"
+                break
+            if k >= total and after > before * (1.0 - min_improvement * gain):
+                stop = "converged (the rms no longer falls)"
+                break
+        state["done"] = True
+        res = {"x_before": first[0][:total], "y_before": first[0][total:], "x_after": v[:total], "y_after": v[total:],
+               "reached_before": int(first[1]), "reached_after": int(k), "rms_before": size(*first),
+               "rms_after": size(v, k), "iterations": int(it), "corrector_correction": sp - sp0,
+               "injection": inj, "message": stop or f"{it} iterations"}
+        units = {"x_before": "m", "y_before": "m", "x_after": "m", "y_after": "m", "reached_before": "BPM passages",
+                 "reached_after": "BPM passages", "rms_before": "m", "rms_after": "m", "iterations": "",
+                 "corrector_correction": "A", "injection": "m | rad", "message": ""}
+        title = (f"{machine.profile.facility} {machine.profile.accelerator}: trajectory correction, {it} "
+                 f"iteration(s), {first[1]} -> {k} of {total} passages")
+        return ToolResult(res, units, {"corrector_correction": "total change of each corrector (corrector_names)",
+                                       "injection": "injection trims x, px, y, py at the end"},
+                          value={**res, "title": title})
+
+    return (yield from _restoring(machine, body(), snap, state, keep=True))
+
+
+# ======================================================================================================
+# thread_first_turns
+def _threading_figure(result: ThreadingResult, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 6.0), dpi=110)
+    FigureCanvasAgg(fig)
+    a1, a2 = fig.subplots(2, 1, sharex=True)
+    a1.plot(result.reached, ".-")
+    a1.set_ylabel("BPM passages reached")
+    a1.grid(alpha=0.3)
+    r = np.asarray(result.rms).reshape(-1, 2)
+    a2.semilogy(r[:, 0] * 1e3, ".-", label="x")
+    a2.semilogy(r[:, 1] * 1e3, ".-", label="y")
+    a2.set_ylabel("rms reading [mm]")
+    a2.set_xlabel("reading")
+    a2.legend(fontsize=8)
+    a2.grid(alpha=0.3)
+    fig.suptitle(f"threading: {'success' if result.success else 'FAILED'} ({result.stage}), {result.steps} readings")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+@tool("first_turns", restore=_all_correctors, keep=True, needs_beam=False,
+      ring_only="threading closes the trajectory on itself turn after turn: a transfer line is steered with "
+                "correct_trajectory", figures={"threading": _threading_figure})
+def thread_first_turns(machine: Machine, turns: int = 2, response: Any = None, n_avg: int = 1,
+                       injection: bool = True, tikhonov: float = 0.02, max_step: float | None = None,
+                       max_readings: int = 600, figure_dir: str | Path | bool | None = False,
+                       md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Thread the injected beam from "lost after a few BPMs" to ``turns`` full turns (pySC's first_turn, stitch,
+    balance, with injection steering); then the closed orbit exists and ``correct_orbit`` takes over.
+
+    Drives :func:`acc_bluesky.analysis.trajectory.thread_first_turns` (the decisions) through the devices: every
+    request of the algorithm is a real plan move (the correctors family by family, the injection trims), every
+    reading an injected shot read by the BPMs in ``trajectory`` mode for ``turns`` turns. One event per reading
+    (``stage``: 0 first turn, 1 wiggle, 2 stitch, 3 balance; ``reached``; ``turns_reached``; rms): a live table
+    shows the progress. Aborted, stopped or failed: correctors and injection trims are put back; completed: the
+    machine keeps the threaded state (even when it did not reach ``turns``: the result says how far it got).
+
+    Args:
+        machine: the connected machine (a ring).
+        turns: turns to thread (>= 2).
+        response: the trajectory response of at least ``turns`` turns: ``None`` / ``"model"`` (the design
+            lattice's), a :class:`TrajectoryResponse` or a run of ``measure_trajectory_response``.
+        n_avg: shots averaged per reading.
+        injection: also steer with the injection trims.
+        tikhonov: Tikhonov regularisation of each SVD step.
+        max_step: largest corrector move per step [A].
+        max_readings: readings at most.
+        figure_dir: folder of the figure (``threading``: reach and rms per reading); default ``False`` (none).
+        md: metadata merged into the run's start document.
+
+    Returns:
+        the run uid; ``ThreadingResult.from_run(cat[uid])``: ``success``, ``stage``, ``reached`` per reading,
+        final ``setpoints`` [A] (``corrector_names`` in the start document) and ``injection`` trims.
+    """
+    need_beam_devices(machine, "thread_first_turns")
+    if turns < 2:
+        raise ValueError(f"threading needs turns >= 2 (the first turn, then its closure), got {turns}")
+    t = int(turns)
+    resp = yield from _response_of(machine, response, t, None)
+    cv = CorrectorVector(machine, resp.corrector_names)
+    sp0 = yield from cv.read()
+    snap = yield from beam_settings(machine)
+    n = len(machine.bpm)
+    bad = ~np.asarray(machine.bpm.good, dtype=bool)
+    state: dict[str, Any] = {}
+
+    def body() -> MsgGenerator[ThreadingResult]:
+        yield from set_acquisition(machine, "trajectory", t)
+        yield from open_tool_run(bpm_names=machine.bpm.names, corrector_names=resp.corrector_names,
+                                 trm_uid=resp.uid or resp.kind, turns=t, num_points=int(max_readings))
+        rec = Record("threading", {
+            "reading": ("", (), "reading number (1-based)"),
+            "stage": ("", (), "0 first turn, 1 wiggle, 2 stitch, 3 balance"),
+            "reached": ("BPM passages", (), "BPM passages the beam made"),
+            "turns_reached": ("turns", (), "turns the beam made (passages / BPMs)"),
+            "rms_x": ("m", (), "rms horizontal reading over the passages reached"),
+            "rms_y": ("m", (), "rms vertical reading over the passages reached")},
+            hinted=("reading", "stage", "turns_reached", "rms_x", "rms_y"),
+            dtypes={"reading": "integer", "stage": "integer", "reached": "integer"})
+        inj0 = np.asarray(snap["injection"][:4], dtype=float)
+        gen = _threading(resp, sp0, cv.low, cv.high, turns=t, injection=inj0 if injection else None, bad=bad,
+                         tikhonov=tikhonov, max_step=max_step, max_readings=int(max_readings))
+        req = next(gen)
+        count = 0
+        while True:
+            if req.correctors is not None:
+                yield from cv.set(req.correctors)
+            if req.injection is not None:
+                yield from _set_injection(machine, req.injection)
+            x, y, _ = yield from read_shots(machine, machine.injection, n_avg)
+            reading = TrajectoryReading(x.T, y.T)
+            count += 1
+            k = reached(reading, bad)
+            rec.update(reading=count, stage=STAGES.get(req.stage, -1), reached=k, turns_reached=k / n,
+                       rms_x=rms(reading.x), rms_y=rms(reading.y))
+            yield from emit(rec)
+            try:
+                req = gen.send(reading)
+            except StopIteration as stop:
+                result = stop.value
+                break
+        state["done"] = True
+        return result
+
+    return (yield from _restoring(machine, body(), snap, state, keep=True))

@@ -1,0 +1,171 @@
+"""First-turn tools through the devices (m.tbt in trajectory mode, m.injection, m.losses, corrector families):
+threading a ring with no closed orbit, the trajectory response against the model, steering a transfer line to its
+BPM-offset floor, and every corrector / injection trim / BPM mode put back when a plan is interrupted.
+
+Truth: the twin (closed orbit or not, the true trajectory of the injected beam, the BPM offsets it drew).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import (  # noqa: F401
+    Interrupt,
+    draw_step,
+    module_catalog,
+    module_run_engine,
+    run_interrupted,
+    same,
+)
+
+import acc_bluesky as ab
+from acc_bluesky import plans as ap
+from acc_bluesky.analysis._common import rms
+from acc_bluesky.analysis.trajectory import (
+    ThreadingResult,
+    TrajectoryResponse,
+    model_trajectory_response,
+)
+from acc_bluesky.cli import main
+from acc_bluesky.plan_stubs.tool import ToolError
+
+HMBA = Path(__file__).parent / "profiles" / "tbt_hmba" / "profile.yaml"
+LATTICES = Path(__file__).parent / "lattices"
+BTS_TWISS = ["beta=0.63,9.6", "alpha=-0.32,2.42", "dispersion=0.074,0.018,0,0"]  # as tests/test_lattices.py
+
+
+def _no_orbit_machine(seed: int = 0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NoClosedOrbitWarning: that is the point
+        return ab.connect(ab.load_profile(HMBA), seed=seed, error_scale=1.0)
+
+
+def _beam_state(m):
+    b = m.twin.beam
+    return b.mode, b.injection_trim.copy(), b.injection_energy
+
+
+def test_threading_a_ring_with_no_closed_orbit_then_correct_orbit(RE):
+    """Six HMBA cells at the full alignment table (seed 0): no closed orbit, the beam lost in the first turn;
+    threaded to two turns through the devices, then the closed orbit exists and correct_orbit takes over."""
+    m = _no_orbit_machine()
+    assert m.twin.beam_lost and m.twin.beam.inject(turns=2).bpms_reached < 60
+    events = []
+    RE.subscribe(lambda n, d: events.append(d) if n == "event" else None)
+    uid = RE(ap.thread_first_turns(m, turns=2)).plan_result
+    run = RE.catalog[uid]
+    res = ThreadingResult.from_run(run)
+    assert res.success and res.reached[-1] == 120, res.message
+    assert m.twin.beam.inject(turns=2, jitter=False).bpms_reached == 120
+    assert not m.twin.beam_lost  # the closed orbit exists
+    # the machine keeps the threaded correctors (within their limits), the BPMs are back in orbit mode
+    names = run.metadata["start"]["corrector_names"]
+    now = np.array([m.twin.get_setpoint(*m.profile.locate(n)) for n in names])
+    assert np.array_equal(now, res.setpoints) and np.all(np.abs(now) <= 8.0)
+    assert np.array_equal(m.twin.beam.injection_trim, res.injection) and m.twin.beam.mode == "orbit"
+    reached = [e["data"]["threading-reached"] for e in events if "threading-reached" in e["data"]]
+    assert reached == res.reached and len(reached) == res.steps  # one event per reading: the progress
+    x0, y0 = m.twin.orbit()
+    RE(ap.correct_orbit(m, orm="model", fit_rf=True, n_sv=20, max_iter=6, figure_dir=False))
+    x1, y1 = m.twin.orbit()
+    assert not m.twin.beam_lost and np.hypot(rms(x1), rms(y1)) < np.hypot(rms(x0), rms(y0))
+
+
+def test_correct_trajectory_grows_the_window_to_the_first_turn(RE):  # noqa: N803
+    """Lost after 11 BPMs (seed 0, no closed orbit): each step uses the BPMs reached and the correctors upstream;
+    the beam goes round the first turn (60 BPMs) and the trajectory there is flatter."""
+    from acc_bluesky.data import read_results, read_stream
+
+    m = _no_orbit_machine()
+    uid = RE(ap.correct_trajectory(m, turns=1, max_iter=10, figure_dir=False)).plan_result
+    r = read_results(RE.catalog[uid])
+    assert r["reached_before"] < 20 and r["reached_after"] == 60, r["message"]
+    assert r["rms_after"] < 0.5 * r["rms_before"]
+    steps = read_stream(RE.catalog[uid])
+    kept = steps["trajectory_correction-undone"] == 0
+    reach = steps["trajectory_correction-reached_after"][kept]
+    assert np.all(np.diff(reach) >= 0) and reach[0] > r["reached_before"]  # the window grows with the beam
+    assert m.twin.beam.mode == "orbit" and np.array_equal(m.twin.beam.injection_trim, r["injection"])
+
+
+@pytest.fixture(scope="module")
+def ideal_hmba():
+    return ab.connect(ab.load_profile(HMBA), seed=None)
+
+
+def test_measured_trajectory_response_matches_the_model(ideal_hmba, RE):
+    m = ideal_hmba
+    cors = ["HST_001", "HST_013", "VST_002", "VST_020"]
+    uid = RE(ap.measure_trajectory_response(m, correctors=cors, turns=2, figure_dir=False)).plan_result
+    meas = TrajectoryResponse.from_run(RE.catalog[uid])
+    model = model_trajectory_response(m, cors, turns=2)
+    assert meas.kind == "measured" and meas.corrector_names == cors and meas.turns == 2
+    for j in range(len(cors)):  # central differences on the ideal machine: linear to 1e-4
+        col = model.matrix_hw[:, j]
+        assert np.abs(meas.matrix_hw[:, j] - col).max() < 1e-4 * np.abs(col).max(), cors[j]
+    for k in range(4):
+        col = model.injection[:, k]
+        assert np.abs(meas.injection[:, k] - col).max() < 1e-3 * np.abs(col).max(), k
+    assert np.allclose(meas.matrix, model.matrix, rtol=1e-3, atol=1e-4 * np.abs(model.matrix).max())
+    assert m.twin.beam.mode == "orbit" and not m.twin.beam.injection_trim.any()
+    uid = RE(ap.measure_trajectory_response(m, correctors=cors, turns=2, model=True, figure_dir=False)).plan_result
+    assert np.array_equal(TrajectoryResponse.from_run(RE.catalog[uid]).matrix, model.matrix)
+
+
+@pytest.fixture(scope="module")
+def bts(tmp_path_factory):
+    """The ALS booster-to-storage-ring line from its generated profile (tests/lattices, as test_lattices.py)."""
+    root = tmp_path_factory.mktemp("bts")
+    assert main(["profile", "new", str(LATTICES / "als_bts.json"), "-o", str(root / "bts"), "--seeds", "3",
+                 "--twiss-in", *BTS_TWISS]) == 0
+    return ab.load_profile(root / "bts" / "profile.yaml")
+
+
+def test_transfer_line_steered_to_its_bpm_offset_floor(bts, RE):
+    assert bts.kind == "line"
+    m = ab.connect(bts, seed=1)
+    tw = m.twin
+    before = tw.beam.inject(jitter=False)
+    floor = np.hypot(rms(tw.errors.bpm_offset[:, 0]), rms(tw.errors.bpm_offset[:, 1]))
+    uid = RE(ap.correct_trajectory(m, n_avg=8, max_iter=6, figure_dir=False)).plan_result
+    after = tw.beam.inject(jitter=False)
+    rms_before = np.hypot(rms(before.x_true), rms(before.y_true))
+    rms_after = np.hypot(rms(after.x_true), rms(after.y_true))
+    assert after.bpms_reached == len(m.bpm)
+    assert rms_after <= 1.5 * floor, (rms_after, floor, rms_before)
+    assert rms_after < rms_before
+    res = RE.catalog[uid]
+    assert res.metadata["start"]["tool"] == "trajectory_correction"
+    with pytest.raises(ToolError, match="transfer line"):
+        RE(ap.thread_first_turns(m))
+
+
+PLANS = {
+    "thread_first_turns": (lambda m: ap.thread_first_turns(m, turns=2), (6, 14)),
+    "correct_trajectory": (lambda m: ap.correct_trajectory(m, turns=2, max_iter=5, figure_dir=False), (6, 10)),
+    "measure_trajectory_response": (lambda m: ap.measure_trajectory_response(
+        m, correctors=["HST_002", "VST_003"], turns=2, figure_dir=False), (4, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_interrupted_trajectory_plans_put_everything_back(name, RE):
+    """Exception, abort, stop at a seeded step: correctors (every family: the twin's snapshot), injection trims and
+    the BPM mode exactly as found."""
+    m = _no_orbit_machine()
+    make, (lo, hi) = PLANS[name]
+    before, beam = m.twin.snapshot(), _beam_state(m)
+    stops = []
+    RE.subscribe(lambda n, d: stops.append(d) if n == "stop" else None)
+    for mode in ("exception", "abort", "stop"):
+        k = draw_step(name, mode, lo, hi)
+        hook = Interrupt(m, k, RuntimeError("injected fault") if mode == "exception" else "pause")
+        run_interrupted(RE, hook, make(m), mode, lambda: stops)
+        assert hook.fired, f"{name} ended before step {k}"
+        assert hook.changed, f"{name}: nothing had moved before step {k}: the test would prove nothing"
+        assert same(m.twin.snapshot(), before), f"{name}: not restored exactly after {mode} at step {k}"
+        now = _beam_state(m)
+        assert now[0] == beam[0] and np.array_equal(now[1], beam[1]) and now[2] == beam[2], (name, mode, now)
