@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="virtual commissioning of the default ring (twin with errors, embedded Tiled)")
     p.add_argument("--profile", default="ebs", help="profile name or path (default: ebs)")
     p.add_argument("--seed", type=int, default=1, help="error seed (default: 1)")
+    p.add_argument("--error-scale", type=float, default=None,
+                   help="multiply the profile's alignment error table (1.0: all of it; the demo threads the first "
+                        "turns where no closed orbit exists). Default: the profile's errors.scale")
     p.add_argument("--catalog-dir", help="embedded Tiled catalogue folder (default: your user data folder)")
     p.add_argument("--out", default="acc_bluesky_demo", help="folder for the PNG figures (default: ./acc_bluesky_demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -23,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         res = run_demo(args.profile, args.seed, catalog_dir=args.catalog_dir, out_dir=args.out,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, error_scale=args.error_scale)
     except Exception as err:  # noqa: BLE001 - the demo reports, it does not dump a traceback on users
         print(f"demo failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise

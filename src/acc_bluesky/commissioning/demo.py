@@ -8,6 +8,7 @@ the run uids, and PNG figures.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,22 @@ class DemoResult:
 
     def table(self) -> str:
         b, a = self.before, self.after
+
+        def num(v: float, fmt: str, unit: str = "") -> str:
+            return "no closed orbit" if not np.isfinite(v) else f"{v:{fmt}}{unit}"
+
         rows = [
-            ("rms orbit x (truth)", f"{b['orbit_x_rms'] * 1e6:9.1f} um", f"{a['orbit_x_rms'] * 1e6:9.1f} um"),
-            ("rms orbit y (truth)", f"{b['orbit_y_rms'] * 1e6:9.1f} um", f"{a['orbit_y_rms'] * 1e6:9.1f} um"),
-            ("tune x", f"{b['tunes'][0]:12.4f}", f"{a['tunes'][0]:12.4f}"),
-            ("tune y", f"{b['tunes'][1]:12.4f}", f"{a['tunes'][1]:12.4f}"),
-            ("chromaticity x", f"{b['chrom'][0]:12.2f}", f"{a['chrom'][0]:12.2f}"),
-            ("chromaticity y", f"{b['chrom'][1]:12.2f}", f"{a['chrom'][1]:12.2f}"),
+            ("rms orbit x (truth)", num(b["orbit_x_rms"] * 1e6, "9.1f", " um"), num(a["orbit_x_rms"] * 1e6, "9.1f", " um")),
+            ("rms orbit y (truth)", num(b["orbit_y_rms"] * 1e6, "9.1f", " um"), num(a["orbit_y_rms"] * 1e6, "9.1f", " um")),
+            ("tune x", num(b["tunes"][0], "12.4f"), num(a["tunes"][0], "12.4f")),
+            ("tune y", num(b["tunes"][1], "12.4f"), num(a["tunes"][1], "12.4f")),
+            ("chromaticity x", num(b["chrom"][0], "12.2f"), num(a["chrom"][0], "12.2f")),
+            ("chromaticity y", num(b["chrom"][1], "12.2f"), num(a["chrom"][1], "12.2f")),
         ]
         w = max(len(r[0]) for r in rows)
-        lines = [f"{'':{w}s}  {'before':>13s}  {'after':>13s}   (targets: tunes {self.after['tune_target']}, "
+        lines = [f"{'':{w}s}  {'before':>15s}  {'after':>15s}   (targets: tunes {self.after['tune_target']}, "
                  f"chromaticity {self.after['chrom_target']})"]
-        lines += [f"{r[0]:{w}s}  {r[1]:>13s}  {r[2]:>13s}" for r in rows]
+        lines += [f"{r[0]:{w}s}  {r[1]:>15s}  {r[2]:>15s}" for r in rows]
         return "\n".join(lines)
 
 
@@ -85,19 +90,27 @@ def _orbit_figure(before: dict, after: dict, m, path: Path) -> str:
 
 
 def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | None = None,
-             out_dir: str | Path = "acc_bluesky_demo", progress: bool = True, echo=print) -> DemoResult:
-    """Run the virtual commissioning of ``profile`` with error ``seed``; see the module docstring."""
+             out_dir: str | Path = "acc_bluesky_demo", progress: bool = True, echo=print,
+             error_scale: float | None = None) -> DemoResult:
+    """Run the virtual commissioning of ``profile`` with error ``seed``; see the module docstring.
+
+    ``error_scale`` multiplies the profile's alignment error table (``None``: the profile's own ``errors.scale``;
+    ``1.0``: the whole table). Where the errors leave no closed orbit, the demo first threads the injected beam
+    through the first turns (``thread_first_turns``), as commissioning does, then goes on."""
     from .. import plans as ap
     from ..analysis import OrbitResponse
     from ..analysis.plots import tune_diagram
     from ..data import make_run_engine, open_catalog
-    from ..machine import connect
+    from ..machine import NoClosedOrbitWarning, connect
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    echo(f"[1/7] twin of {profile!r} with error seed {seed} ...")
-    m = connect(profile, mode="sim", seed=seed)
+    echo(f"[1/7] twin of {profile!r} with error seed {seed}"
+         + (f", alignment errors x{error_scale:g}" if error_scale is not None else "") + " ...")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoClosedOrbitWarning)  # said below, and handled: threading
+        m = connect(profile, mode="sim", seed=seed, **({} if error_scale is None else {"error_scale": error_scale}))
     RE = make_run_engine(catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
     cat = open_catalog(catalog_dir=catalog_dir)
     before = _truth(m)
@@ -113,6 +126,12 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
         return uid
 
     step("save_config", "[2/7] saving the machine configuration ...", ap.save_config(m, name="before demo"))
+    if m.twin.observables().lost:  # no closed orbit: thread the first turns, then the ring tools can start
+        step("thread_first_turns", "[2b/7] no closed orbit with these errors: threading the first turns "
+             "(injection steering, first turn, stitch, balance) ...", ap.thread_first_turns(m, turns=2))
+        if m.twin.observables().lost:
+            raise RuntimeError(f"the beam of {profile!r} seed {seed} makes 2 turns but still has no stable closed "
+                               "orbit: try another seed or a smaller error_scale")
     orm_uid = step("orbit_response", "[3/7] measuring the orbit response matrix (all correctors, both planes, RF column) ...",
                    ap.measure_orm(m, rf=True))
     step("correct_orbit", "[4/7] correcting the orbit (SVD, RF frequency fit) ...",
