@@ -163,6 +163,12 @@ def _enum_param(machine: Machine, plan: Callable, name: str) -> tuple[str, dict[
     if name in ("quads",):
         quads = [n for f in machine.quad.values() for n in f.names] + list(machine.quad)
         return "Quadrupoles", {"Quadrupoles": quads}, True
+    if name == "skews":  # skew quadrupoles, or the skew windings of sextupoles (LOCO's skew fit)
+        pool = [f for f in machine.families.values() if f.type in ("skew", "sextupole")]
+        skews = [n for f in pool for n in f.names] + [f.name for f in pool]
+        return "SkewMagnets", {"SkewMagnets": skews}, True
+    if name == "group":  # LOCO's grouping (a {group: [magnets]} dict is for Python sessions)
+        return "Grouping", {"Grouping": ["element", "family"]}, False
     if name == "families":
         kind = getattr(plan, "family_kind", None)
         pool = machine.quad if kind == "quadrupole" else machine.sext if kind == "sextupole" else machine.families
