@@ -258,6 +258,7 @@ class NoClosedOrbitWarning(UserWarning):
 def _warn_without_beam(twin: Twin) -> None:
     if twin.is_ring and twin.beam_lost:
         warnings.warn(NoClosedOrbitWarning(
-            f"{twin.profile.name} seed {twin.seed}: no stored beam at connection ({twin.loss_reason}). Tools that "
-            "need a closed orbit will refuse to start; lower the alignment errors (connect(..., error_scale=0.3)) "
-            "or thread the first turns (plans.thread_first_turns) first."), stacklevel=3)
+            f"{twin.profile.name} seed {twin.seed}: no stored beam at connection ({twin.loss_reason})"
+            + ("" if "What to do" in str(twin.loss_reason) else
+               ". Tools that need a closed orbit will refuse to start; lower the alignment errors (connect(..., "
+               "error_scale=0.3)) or thread the first turns (plans.thread_first_turns) first.")), stacklevel=3)
