@@ -3,7 +3,8 @@
 ``CatalogWriter(name, doc)`` runs in the RunEngine's thread and only (1) appends the document to the run's
 write-ahead log (:mod:`.wal`, one ``write`` per document) and (2) puts it in a queue: the RunEngine never waits on
 HTTP. A writer thread takes the documents in order and hands each run to its own ``TiledWriter`` (the public class,
-one per run), which writes the events in groups of ``batch_size`` and the rest at the stop document. The Tiled
+one per run), which writes the events in groups of ``batch_size`` (by default fitted to the run's ``num_points``:
+:func:`run_batch_size`) and the rest at the stop document. The Tiled
 server is another process (the folder's local server, or a team server), so the writing costs this process little.
 
 When a write fails (the server was killed, restarted, or refused a request) the writer connects again (a local
@@ -46,6 +47,7 @@ __all__ = [
     "LocalTarget",
     "RemoteTarget",
     "plain_document",
+    "run_batch_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,10 +102,11 @@ class RemoteTarget:
 
 
 class _Run:
-    __slots__ = ("backup", "docs", "uid", "writer")
+    __slots__ = ("backup", "docs", "num_points", "uid", "writer")
 
-    def __init__(self, uid: str) -> None:
+    def __init__(self, uid: str, num_points: Any = None) -> None:
         self.uid = uid
+        self.num_points = num_points  # the start document's (the batch size of its writer)
         self.docs: list[tuple[str, dict[str, Any]]] = []
         self.writer: Callable[[str, dict[str, Any]], None] | None = None
         self.backup: BackupWriter | None = None
@@ -144,6 +147,7 @@ class CatalogWriter:
         self.backup_dir = pathlib.Path(backup_dir).expanduser()
         self.wal = WriteAheadLog(target.wal_dir)
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+        self._align = batch_size is None  # the default: groups fitted to each run's num_points (run_batch_size)
         self.max_array_size = max_array_size
         self._index = _RunIndex()
         self._runs: dict[str, _Run] = {}
@@ -210,7 +214,7 @@ class CatalogWriter:
             return
         run = self._runs.get(uid)
         if run is None:
-            run = self._runs[uid] = _Run(uid)
+            run = self._runs[uid] = _Run(uid, doc.get("num_points") if name == "start" else None)
             self._open(run)
         run.docs.append((name, doc))
         if run.writer is not None:
@@ -224,10 +228,11 @@ class CatalogWriter:
             del self._runs[uid]
             self.wal.close(uid, delete=True)
 
-    def _tiled_writer(self, client: Any) -> Callable[[str, dict[str, Any]], None]:
+    def _tiled_writer(self, client: Any, run: _Run) -> Callable[[str, dict[str, Any]], None]:
         from bluesky_tiled_plugins import TiledWriter
 
-        return TiledWriter(client, normalizer=_normalizer_class(), batch_size=self.batch_size,
+        size = run_batch_size(run.num_points, self.batch_size) if self._align else self.batch_size
+        return TiledWriter(client, normalizer=_normalizer_class(), batch_size=size,
                            max_array_size=self.max_array_size)
 
     def _connect(self) -> Any:
@@ -245,7 +250,7 @@ class CatalogWriter:
             self.client = None
             self._to_backup(run, f"{self.target} is unreachable ({err})")
             return
-        run.writer = self._tiled_writer(client)
+        run.writer = self._tiled_writer(client, run)
 
     def _rewrite(self, run: _Run, err: BaseException) -> None:
         last: BaseException = err
@@ -257,7 +262,7 @@ class CatalogWriter:
                 existing = lookup_run(client, run.uid)
                 if existing is not None:
                     existing.delete(recursive=True, external_only=False)
-                writer = self._tiled_writer(client)
+                writer = self._tiled_writer(client, run)
                 for name, doc in run.docs:
                     writer(name, doc)
             except Exception as again:  # noqa: BLE001
@@ -279,6 +284,23 @@ class CatalogWriter:
         logger.warning("%s", message)
         with self._cond:
             self._warnings.append(message)
+
+
+def run_batch_size(num_points: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """The batch size of a run announcing ``num_points`` events: a divisor of ``num_points`` within a factor 2 of
+    ``batch_size`` (the closest), so the last group is written when the last point arrives -- while the plan
+    stores its results and draws its figures -- instead of at the stop document, when ``RE(plan)`` waits for it.
+    ``num_points`` up to ``batch_size``: the whole stream at its last point. Otherwise ``batch_size``."""
+    try:
+        n = int(num_points)
+    except (TypeError, ValueError):
+        return batch_size
+    if n < 1:
+        return batch_size
+    if n <= batch_size:
+        return n
+    fits = [s for s in range(max(1, batch_size // 2), 2 * batch_size + 1) if n % s == 0]
+    return min(fits, key=lambda s: (abs(s - batch_size), s)) if fits else batch_size
 
 
 _NORMALIZER: type | None = None

@@ -230,8 +230,10 @@ def make_run_engine(
         offline_ok: if the server cannot be reached now, still return a RunEngine: runs go to ``backup_dir``
             until the server answers again (tried at each new run). If False (default), raise
             :class:`~acc_bluesky.data.catalog.CatalogUnavailableError` naming the URI.
-        batch_size: events a run's TiledWriter collects per stream before writing them (default 100; the rest
-            at the run's end); 1 for live readers in other processes.
+        batch_size: events a run's TiledWriter collects per stream before writing them (default: about 100, a
+            divisor of the run's ``num_points`` when it has one near 100, so the last group is written with the last
+            point, see :func:`~acc_bluesky.data.recorder.run_batch_size`; the rest at the run's end); 1 for live
+            readers in other processes.
         max_array_size: arrays with more values than this are written as zarr arrays, smaller ones in the
             event table. Default 0 (every array as zarr).
         context_managers, during_task: passed to bluesky's RunEngine (defaults: bluesky's SIGINT handling and

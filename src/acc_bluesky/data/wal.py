@@ -53,8 +53,11 @@ def encode_document(name: str, doc: dict[str, Any]) -> bytes:
     natively, floats in their shortest exact form: ~20x faster than the json module) unless a value is not finite
     (orjson writes NaN as null): those, and every other document, through the json module."""
     if name == "event" and all(_finite(v) for v in doc["data"].values()):
+        # numpy subclasses (EventArray) as plain ndarray views: orjson serialises only exact ndarrays natively
+        data = {k: v.view(np.ndarray) if isinstance(v, np.ndarray) and type(v) is not np.ndarray else v
+                for k, v in doc["data"].items()}
         try:
-            return orjson.dumps({"name": name, "doc": doc}, default=_orjson_default,
+            return orjson.dumps({"name": name, "doc": {**doc, "data": data}}, default=_orjson_default,
                                 option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
         except (TypeError, orjson.JSONEncodeError):
             pass

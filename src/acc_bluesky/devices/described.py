@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from ophyd_async.core import StandardReadable, StandardReadableFormat
 
-__all__ = ["Described", "formats"]
+__all__ = ["Described", "formats", "read_cached"]
 
 
 def formats(backend) -> tuple[StandardReadableFormat, StandardReadableFormat]:
@@ -18,6 +18,13 @@ def formats(backend) -> tuple[StandardReadableFormat, StandardReadableFormat]:
     if getattr(backend, "stage_signals", True):
         return StandardReadableFormat.HINTED_SIGNAL, StandardReadableFormat.CHILD
     return StandardReadableFormat.HINTED_UNCACHED_SIGNAL, StandardReadableFormat.UNCACHED_SIGNAL
+
+
+def read_cached(backend) -> bool | None:
+    """The ``cached`` argument of ``signal.read(cached=...)`` that reads a signal of a device on ``backend`` as the
+    device itself does (:func:`formats`): ``False`` on the twin (every read an acquisition), else ``None`` (the
+    monitor's cache when staged)."""
+    return None if getattr(backend, "stage_signals", True) else False
 
 
 class Described(StandardReadable):
