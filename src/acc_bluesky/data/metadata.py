@@ -291,7 +291,8 @@ class FairFiller:
         if not regs:
             return None
         candidates = [r for r in regs if r.ids & self._seen] if self._seen else []
-        if not candidates:
+        if not candidates and not self._seen:  # (names only when no device object was seen: a device of no
+            # connected machine may well be called "bpm" too)
             names = {str(n) for key in ("detectors", "motors") for n in (md.get(key) or ())}
             candidates = [r for r in regs if r.names & names] if names else []
         if not candidates:
@@ -322,7 +323,13 @@ class FairFiller:
                     raise
                 machine = None
             if machine is not None:
-                for key, value in machine_metadata(machine).items():
+                known = machine_metadata(machine)
+                given = [k for k in self.MACHINE_KEYS if out.get(k) not in (None, "", {})]
+                if any(out[k] != known.get(k) for k in given):
+                    machine = None  # the keys given are another machine's: fill nothing (the validator says what
+                    # is missing)
+            if machine is not None:
+                for key, value in known.items():
                     if key == "seed":
                         out.setdefault("seed", value)  # (None is a value: the ideal machine)
                     elif out.get(key) in (None, "", {}):
