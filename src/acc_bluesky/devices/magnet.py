@@ -138,6 +138,7 @@ class Magnet(Described, StandardMovable[float]):
         with self.add_children_as_readables(plain):
             self.setpoint = backend.magnet_setpoint(family.name, index)
         self._put = backend.magnet_put(family.name, index, self.setpoint)
+        self.local_puts = bool(getattr(backend, "local_puts", False))  # the twin: no network between put and done
 
         async def set_strength(value: float) -> None:
             await self.set(self.to_hw(value))

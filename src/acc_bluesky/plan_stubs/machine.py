@@ -181,7 +181,8 @@ _DIRECT: weakref.WeakKeyDictionary[Any, _DirectPut] = weakref.WeakKeyDictionary(
 
 def _movable(obj: Any) -> Any:
     """What a move sets: a magnet without ramp through :class:`_DirectPut`, anything else itself."""
-    if isinstance(obj, Magnet) and not obj.ramp_rate:
+    if isinstance(obj, Magnet) and not obj.ramp_rate and obj.local_puts:  # (a live supply goes through its set:
+        # the readback read first is what names an unreachable control system)
         direct = _DIRECT.get(obj)
         if direct is None:
             direct = _DIRECT[obj] = _DirectPut(obj)
@@ -192,7 +193,8 @@ def _movable(obj: Any) -> Any:
 def move(*args: Any) -> MsgGenerator[None]:
     """Move ``obj1, value1, obj2, value2, ...`` in parallel and wait (``bps.mv`` without the overhead).
 
-    Magnets without ramp are put directly (:class:`_DirectPut`: the same limits and put as their ``set``)."""
+    Magnets of the twin without ramp are put directly (:class:`_DirectPut`: the same limits and put as their
+    ``set``); live ones (EPICS, Tango) through their ``set``."""
     if len(args) % 2:
         raise ValueError("move takes pairs: device, value, device, value, ...")
     group = f"acc-move-{next(_GROUPS)}"

@@ -78,6 +78,8 @@ class SimBackend:
     synchronous call, so it goes straight to the twin (no per-put timeout and retry context to guard it).
     """
 
+    local_puts = True  # a put completes in this process (no network): plan_stubs.move may put directly
+
     mode = "sim"
     #: Reads are acquisitions: devices do not stage their signals into a cache (see the module docstring).
     stage_signals = False
