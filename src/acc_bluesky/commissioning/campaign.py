@@ -237,8 +237,8 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
 
     send = emit or _emit
     with _SEED_LOCK:
-        seq = load_sequence(task["sequence"], None)
         seed, uid = int(task["seed"]), str(task["campaign"])
+        seq = load_sequence(task["sequence"], None)
         attempt = uuid.uuid4().hex[:12]
         topic = f"acc-campaign-{uid}"
         base = {"seed": seed, "attempt": attempt, "worker": _worker_name(), "pid": os.getpid()}
@@ -576,21 +576,17 @@ def run_campaign(profile: str | None = None, seeds: Iterable[int] | None = None,
 
 def _run_on_dask(tasks: dict[int, dict], uid: str, bar: _Progress, address, client, n_workers,
                  stop: threading.Event | None) -> dict[int, str]:
-    """Submit one task per seed and collect them. A set ``stop`` (or Ctrl-C) is a graceful interruption: seeds
-    not started yet are cancelled (a resume runs them), seeds running are waited for."""
+    """One task per seed, as many in flight as the cluster has worker threads (the next seed is submitted when one
+    ends). A set ``stop`` (or Ctrl-C) is a graceful interruption: no seed is submitted any more (a resume runs them),
+    the seeds running finish and are recorded; a second Ctrl-C leaves them."""
     from distributed import wait
 
     client, cluster, own = _client(address, client, n_workers)
     topic = f"acc-campaign-{uid}"
     errors: dict[int, str] = {}
     futures: dict[Any, int] = {}
-    started: set[int] = set()
-
-    def on_event(event) -> None:
-        msg = event[1]
-        if msg.get("event") == "start":
-            started.add(int(msg["seed"]))
-        bar.event(msg)
+    queue = list(tasks)
+    token = uuid.uuid4().hex[:6]
 
     def collect(fut) -> None:
         s = futures[fut]
@@ -599,33 +595,44 @@ def _run_on_dask(tasks: dict[int, dict], uid: str, bar: _Progress, address, clie
             errors[s] = (f"{type(err).__name__}: {err}" + (
                 " (the worker running this seed died each time it was tried)"
                 if type(err).__name__ == "KilledWorker" else ""))
-        if fut.status in ("finished", "error"):
-            bar.seed_done(s)
+        bar.seed_done(s)
+
+    def submit(pending: set) -> None:
+        slots = max(1, sum(client.nthreads().values()))
+        while queue and len(pending) < slots:
+            s = queue.pop(0)
+            fut = client.submit(run_seed, tasks[s], key=f"acc-campaign-{uid[:8]}-{token}-seed-{s}", pure=False)
+            futures[fut] = s
+            pending.add(fut)
 
     try:
-        client.subscribe_topic(topic, on_event)
-        token = uuid.uuid4().hex[:6]
-        futures = {client.submit(run_seed, t, key=f"acc-campaign-{uid[:8]}-{token}-seed-{s}", pure=False): s
-                   for s, t in tasks.items()}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED")
+        client.subscribe_topic(topic, lambda event: bar.event(event[1]))
+        pending: set = set()
+        submit(pending)
+        interrupted = False
+        while pending:
+            try:
+                try:
+                    done, rest = wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED")
+                    pending = set(rest)
+                except TimeoutError:  # nothing finished within the timeout: look at stop again
+                    done = set()
                 for fut in done:
                     collect(fut)
-                if stop is not None and stop.is_set():
+                if stop is not None and stop.is_set() and not interrupted:
                     raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            waiting = {f for f in pending if futures[f] in started}
-            for f in pending - waiting:
-                f.cancel()
-            if waiting:
-                wait(list(waiting))
-                for f in waiting:
-                    collect(f)
+                if not interrupted:
+                    submit(pending)
+            except KeyboardInterrupt:
+                if interrupted:  # a second Ctrl-C: leave the running seeds (their records come when they end)
+                    raise
+                interrupted = True
+                queue.clear()
     finally:
         with contextlib.suppress(Exception):
             client.unsubscribe_topic(topic)
+        for fut in futures:  # nothing kept on the cluster: a lost worker recomputes nothing of a finished campaign
+            fut.release()
         if own:
             client.close()
         if cluster is not None:
