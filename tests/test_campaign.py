@@ -33,7 +33,7 @@ ORBIT_TARGET = 100e-6  # m: BPM offsets are 50 um rms, the corrected orbit sits 
 SEQ = f"""
 name: test
 steps:
-  - thread_first_turns: {{turns: 2}}     # not installed here: skipped with a note
+  - measure_lifetime: {{}}     # a tool this installation does not have: skipped with a note
   - measure_orm: {{rf: true}}
     id: orm
     success: {{beam: true}}
@@ -45,7 +45,7 @@ steps:
 # --------------------------------------------------------------------------------------------------- sequences
 def test_sequence_is_validated_before_anything_starts():
     seq = load_sequence(SEQ, HMBA)
-    assert [s.id for s in seq.steps] == ["thread_first_turns", "orm", "correct_orbit"]
+    assert [s.id for s in seq.steps] == ["measure_lifetime", "orm", "correct_orbit"]
     assert "not registered" in seq.steps[0].skip and [s.id for s in seq.runnable] == ["orm", "correct_orbit"]
     assert seq.steps[2].success == {"orbit_rms": ORBIT_TARGET}  # target_rms: a criterion, not a parameter
     # YAML 1.1 reads 50e-6 as a string: taken as the number the plan wants
@@ -70,7 +70,7 @@ def test_sequence_is_validated_before_anything_starts():
         with pytest.raises(SequenceError, match=message):
             load_sequence(text, HMBA)
     # a step that needs the run of a skipped step is skipped too
-    s = load_sequence("steps: [{loco: {}}, {correct_optics: {loco: $loco}}]", HMBA)
+    s = load_sequence("steps: [{measure_lifetime: {}}, {correct_optics: {loco: $measure_lifetime}}]", HMBA)
     assert "not registered" in s.steps[0].skip and "skipped" in s.steps[1].skip
 
 
@@ -149,7 +149,7 @@ def test_campaign_runs_the_plans_per_seed_and_records_the_truth(first, folder):
         x, y = Twin(HMBA, seed=s).orbit()
         assert r.initial["orbit_rms_x"] == pytest.approx(_rms(x), rel=1e-9)
         assert r.initial["orbit_rms_y"] == pytest.approx(_rms(y), rel=1e-9)
-        assert r.step("thread_first_turns").status == "skipped"
+        assert r.step("measure_lifetime").status == "skipped"
         co = r.step("correct_orbit")
         # the verdict is the truth against the target: orbit reduced at least 2x and below 100 um in both planes
         after = max(co.truth["orbit_rms_x"], co.truth["orbit_rms_y"])
@@ -163,8 +163,8 @@ def test_campaign_runs_the_plans_per_seed_and_records_the_truth(first, folder):
     truth_rate = np.mean(np.fmax(res.figure("orbit_rms_x", "correct_orbit"),
                                  res.figure("orbit_rms_y", "correct_orbit")) <= ORBIT_TARGET)
     assert res.success_rate("correct_orbit") == truth_rate == 1.0  # measured here: 46-59 um x, 30-33 um y
-    assert res.success_rate("orm") == 1.0 and math.isnan(res.success_rate("thread_first_turns"))
-    assert "skipped: tool 'thread_first_turns' is not registered" in res.table()
+    assert res.success_rate("orm") == 1.0 and math.isnan(res.success_rate("measure_lifetime"))
+    assert "skipped: tool 'measure_lifetime' is not registered" in res.table()
     # every step's run is in the catalogue, its metadata naming the campaign, the seed and the step
     cat = open_catalog(catalog_dir=folder)
     runs = find_runs(cat, campaign=res.uid)
