@@ -15,12 +15,14 @@ warnings.filterwarnings("ignore", module="at")
 
 
 def pytest_configure(config):
-    """The default catalogue and the figures of the test session go to a temporary folder, never the user's."""
+    """The default catalogue, the backups and the figures of the test session go to a temporary folder, never the
+    user's."""
     import tempfile
 
     root = tempfile.mkdtemp(prefix="acc-bluesky-tests-")
     os.environ.setdefault("ACC_BLUESKY_CATALOG", os.path.join(root, "default-catalog"))
     os.environ.setdefault("ACC_BLUESKY_FIGURE_DIR", os.path.join(root, "figures"))
+    os.environ.setdefault("ACC_BLUESKY_BACKUP", os.path.join(root, "backup"))  # runs Tiled refused: not in ~
 
 
 @pytest.fixture(scope="session")
