@@ -12,8 +12,8 @@ from acc_bluesky.data import open_catalog
 
 @pytest.mark.parametrize("scale", [None, 1.0], ids=["profile-errors", "full-errors"])
 def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
-    """The demo on the profile's errors, and on the whole alignment table (no closed orbit: it threads the first
-    turns first, then the ring tools take over)."""
+    """The demo on the profile's errors with BBA (``--full``), and on the whole alignment table (no closed orbit: it
+    threads the first turns first, then the ring tools take over)."""
     results = []
     real = commissioning.run_demo
 
@@ -23,7 +23,7 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
 
     monkeypatch.setattr(commissioning, "run_demo", capture)
     cat_dir, out = tmp_path / "cat", tmp_path / "fig"
-    extra = [] if scale is None else ["--error-scale", str(scale)]
+    extra = ["--full"] if scale is None else ["--error-scale", str(scale)]  # --full: with BBA
     assert main(["demo", "--catalog-dir", str(cat_dir), "--out", str(out), "--no-progress", *extra]) == 0
     text = capsys.readouterr().out
     assert "rms orbit x (truth)" in text and "OrbitResponse.from_run" in text
@@ -47,7 +47,7 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
 
     # every step is a FAIR run in the catalogue, findable by the uid printed
     cat = open_catalog(catalog_dir=cat_dir)
-    assert len(res.uids) == (6 if scale is None else 7)
+    assert len(res.uids) == (9 if scale is None else 7)
     tools = set()
     for uid in res.uids.values():
         assert uid in text
@@ -55,4 +55,4 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
         assert md["start"]["facility"] == "ESRF" and md["start"]["mode"] == "sim" and md["start"]["seed"] == 1
         assert md["stop"]["exit_status"] == "success"
         tools.add(md["start"]["tool"])
-    assert len(tools) == len(res.uids)
+    assert len(tools) == len(res.uids) - (1 if scale is None else 0)  # (correct_orbit twice with --full)

@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--error-scale", type=float, default=None,
                    help="multiply the profile's alignment error table (1.0: all of it; the demo threads the first "
                         "turns where no closed orbit exists). Default: the profile's errors.scale")
+    p.add_argument("--full", action="store_true",
+                   help="also beam-based alignment of every BPM and an orbit correction to the golden orbit")
     p.add_argument("--catalog-dir", help="embedded Tiled catalogue folder (default: your user data folder)")
     p.add_argument("--out", default="acc_bluesky_demo", help="folder for the PNG figures (default: ./acc_bluesky_demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -26,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         res = run_demo(args.profile, args.seed, catalog_dir=args.catalog_dir, out_dir=args.out,
-                       progress=not args.no_progress, error_scale=args.error_scale)
+                       progress=not args.no_progress, error_scale=args.error_scale, full=args.full)
     except Exception as err:  # noqa: BLE001 - the demo reports, it does not dump a traceback on users
         print(f"demo failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise

@@ -91,12 +91,13 @@ def _orbit_figure(before: dict, after: dict, m, path: Path) -> str:
 
 def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | None = None,
              out_dir: str | Path = "acc_bluesky_demo", progress: bool = True, echo=print,
-             error_scale: float | None = None) -> DemoResult:
+             error_scale: float | None = None, full: bool = False) -> DemoResult:
     """Run the virtual commissioning of ``profile`` with error ``seed``; see the module docstring.
 
     ``error_scale`` multiplies the profile's alignment error table (``None``: the profile's own ``errors.scale``;
     ``1.0``: the whole table). Where the errors leave no closed orbit, the demo first threads the injected beam
-    through the first turns (``thread_first_turns``), as commissioning does, then goes on."""
+    through the first turns (``thread_first_turns``), as commissioning does, then goes on. ``full`` adds beam-based
+    alignment (parallel ``measure_bba`` of every BPM, ``apply_bba``) and an orbit correction to the golden orbit."""
     from .. import plans as ap
     from ..analysis import OrbitResponse
     from ..analysis.plots import tune_diagram
@@ -137,6 +138,13 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
     step("correct_orbit", "[4/7] correcting the orbit (SVD, RF frequency fit) ...",
          ap.correct_orbit(m, orm=orm_uid, fit_rf=True))
     step("dispersion", "[5/7] measuring the dispersion (RF frequency step) ...", ap.measure_dispersion(m))
+    if full:
+        bba = step("bba", "[5b/7] beam-based alignment of every BPM (parallel method) ...",
+                   ap.measure_bba(m, method="parallel"))
+        golden = step("golden_orbit", "[5c/7] the BBA offsets as the golden orbit, and the orbit corrected to it ...",
+                      ap.apply_bba(m, bba))
+        step("correct_orbit_bba", "      correcting the orbit to the golden orbit ...",
+             ap.correct_orbit(m, orm=orm_uid, fit_rf=True, target=golden))
     q_before = m.twin.tunes()
     step("correct_tune", f"[6/7] correcting the tunes to {qt} ...", ap.correct_tune(m, target=qt))
     step("correct_chromaticity", f"[7/7] correcting the chromaticity to {xit} ...",
