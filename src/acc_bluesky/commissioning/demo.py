@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis._common import rms
+
 __all__ = ["DemoResult", "run_demo"]
 
 
@@ -54,7 +56,7 @@ class DemoResult:
 
 def _truth(m) -> dict[str, Any]:
     x, y = m.twin.orbit()
-    return {"orbit_x_rms": float(np.sqrt(np.nanmean(x**2))), "orbit_y_rms": float(np.sqrt(np.nanmean(y**2))),
+    return {"orbit_x_rms": rms(x), "orbit_y_rms": rms(y),  # NaN: no closed orbit
             "orbit_x": x, "orbit_y": y, "tunes": m.twin.tunes(), "chrom": m.twin.chromaticity()}
 
 

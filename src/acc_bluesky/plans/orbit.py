@@ -437,24 +437,19 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
     when the rms reached its floor (what a perfect step with these singular values leaves, and the noise), stopped
     when it stalled. With ``auto_cut`` (no ``n_sv``/``tikhonov`` given) the singular values are cut per iteration
     above the BPM noise (:func:`~acc_bluesky.analysis.correction.noise_sv_cut`), at most ``nsv``."""
-    n = len(machine.bpm)
     excluded = [c.resp.bpm_index(b) for b in exclude_bpms]
     rec = _correction_record(machine, c.groups)
+    good = np.asarray(machine.bpm.good, dtype=bool)
     solver = c.system.solver
     bpm_noise = float(machine.profile.spec.errors.bpm.noise)
     noise = bpm_noise / np.sqrt(max(int(n_avg), 1))
     rcond = float(machine.profile.tool_defaults("orbit_correction").get("rcond", 1e-3))
 
-    def used_rms(dev: np.ndarray) -> float:
-        ok = np.asarray(solver.obs_mask, dtype=bool) & np.isfinite(dev)
-        return float(np.sqrt(np.mean(dev[ok] ** 2))) if ok.any() else float("nan")
-
     x, y = yield from read_orbit(machine, n_avg, ignore=excluded, where="reading the orbit to correct")
-    out: dict[str, Any] = {"first": (x, y), "last": (x, y), "iterations": 0, "converged": False, "undone": False,
-                           "messages": []}
+    out: dict[str, Any] = {"first": (x, y), "last": (x, y), "iterations": 0, "converged": False, "undone": False}
     for it in range(1, int(max_iter) + 1):
         dev = np.concatenate([x - tx, y - ty])
-        before = used_rms(dev)
+        before = rms(dev, solver.obs_mask)  # over the readings the correction uses
         if tol is not None and before <= tol:
             out["converged"] = True
             break
@@ -469,12 +464,10 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
         yield from c.apply(steps, drf)
         xa, ya = yield from read_orbit(machine, n_avg, ignore=excluded,
                                        where=f"reading the orbit after correction step {it}")
-        after = used_rms(np.concatenate([xa - tx, ya - ty]))
+        after = rms(np.concatenate([xa - tx, ya - ty]), solver.obs_mask)
         n_floor = n_use if n_use is not None else len(solver.used_singular_values())
         floor = correction_floor(solver, dev, n_floor, bpm_noise=bpm_noise, n_avg=n_avg)
         v = judge_step(before, after, floor, noise=noise, min_improvement=min_improvement * gain)
-        out["messages"].append(f"iteration {it}: {v.message}")
-        good = np.asarray(machine.bpm.good, dtype=bool)
         rec.update(iteration=it, rms_x_before=rms(x - tx, good), rms_y_before=rms(y - ty, good),
                    rms_x_after=rms(xa - tx, good), rms_y_after=rms(ya - ty, good), x_before=x,
                    y_before=y, x_after=xa, y_after=ya, rf_step=drf, rf_frequency=c.f, scale=rep.scale,

@@ -91,6 +91,24 @@ def _response_of(machine: Machine, response: Any, turns: int, names: list[str] |
     return resp.truncated(turns) if resp.turns > turns else resp
 
 
+def _steering_setup(machine: Machine, response: Any, turns: int
+                    ) -> MsgGenerator[tuple[TrajectoryResponse, CorrectorVector, np.ndarray, dict[str, Any]]]:
+    """What the steering plans start from: the response, its correctors, their setpoints [A], the beam settings."""
+    resp = yield from _response_of(machine, response, turns, None)
+    cv = CorrectorVector(machine, resp.corrector_names)
+    sp0 = yield from cv.read()
+    snap = yield from beam_settings(machine)
+    return resp, cv, sp0, snap
+
+
+def _open_steering_run(machine: Machine, resp: TrajectoryResponse, turns: int, num_points: int
+                       ) -> MsgGenerator[None]:
+    """BPMs in trajectory mode for ``turns`` turns, then the steering plan's run."""
+    yield from set_acquisition(machine, "trajectory", turns)
+    yield from open_tool_run(bpm_names=machine.bpm.names, corrector_names=resp.corrector_names,
+                             trm_uid=resp.uid or resp.kind, turns=turns, num_points=num_points)
+
+
 def _restoring(machine: Machine, body, snap: dict[str, Any], state: dict[str, Any], keep: bool
                ) -> MsgGenerator[Any]:
     """Run ``body`` and put back the BPM mode always, the injection trims unless ``keep`` and it completed."""
@@ -273,10 +291,7 @@ def correct_trajectory(machine: Machine, response: Any = None, turns: int = 1, m
     if not 0 < gain <= 1:
         raise ValueError(f"gain must be in (0, 1], got {gain}")
     t = int(turns)
-    resp = yield from _response_of(machine, response, t, None)
-    cv = CorrectorVector(machine, resp.corrector_names)
-    sp0 = yield from cv.read()
-    snap = yield from beam_settings(machine)
+    resp, cv, sp0, snap = yield from _steering_setup(machine, response, t)
     n = len(machine.bpm)
     bad = ~np.asarray(machine.bpm.good, dtype=bool)
     total = t * n
@@ -291,9 +306,7 @@ def correct_trajectory(machine: Machine, response: Any = None, turns: int = 1, m
         return float(np.hypot(rms(v[:k]), rms(v[total:total + k]))) if k else float("nan")
 
     def body() -> MsgGenerator[ToolResult]:
-        yield from set_acquisition(machine, "trajectory", t)
-        yield from open_tool_run(bpm_names=machine.bpm.names, corrector_names=resp.corrector_names,
-                                 trm_uid=resp.uid or resp.kind, turns=t, num_points=int(max_iter))
+        yield from _open_steering_run(machine, resp, t, int(max_iter))
         rec = Record("trajectory_correction", {
             "iteration": ("", (), "iteration (1-based)"),
             "reached_before": ("BPM passages", (), "passages the beam made before the step"),
@@ -424,18 +437,13 @@ def thread_first_turns(machine: Machine, turns: int = 2, response: Any = None, n
     if turns < 2:
         raise ValueError(f"threading needs turns >= 2 (the first turn, then its closure), got {turns}")
     t = int(turns)
-    resp = yield from _response_of(machine, response, t, None)
-    cv = CorrectorVector(machine, resp.corrector_names)
-    sp0 = yield from cv.read()
-    snap = yield from beam_settings(machine)
+    resp, cv, sp0, snap = yield from _steering_setup(machine, response, t)
     n = len(machine.bpm)
     bad = ~np.asarray(machine.bpm.good, dtype=bool)
     state: dict[str, Any] = {}
 
     def body() -> MsgGenerator[ThreadingResult]:
-        yield from set_acquisition(machine, "trajectory", t)
-        yield from open_tool_run(bpm_names=machine.bpm.names, corrector_names=resp.corrector_names,
-                                 trm_uid=resp.uid or resp.kind, turns=t, num_points=int(max_readings))
+        yield from _open_steering_run(machine, resp, t, int(max_readings))
         rec = Record("threading", {
             "reading": ("", (), "reading number (1-based)"),
             "stage": ("", (), "0 first turn, 1 wiggle, 2 stitch, 3 balance"),
