@@ -34,6 +34,7 @@ SEQ = f"""
 name: test
 steps:
   - measure_lifetime: {{}}     # a tool this installation does not have: skipped with a note
+    optional: true
   - measure_orm: {{rf: true}}
     id: orm
     success: {{beam: true}}
@@ -59,6 +60,9 @@ def test_sequence_is_validated_before_anything_starts():
         "steps: [{correct_orbit: {orm: $nope}}]": r"\$nope names no earlier step",
         "steps: [{correct_orbit: {md: {}}}]": "set by the campaign",
         "steps: [{measure_bba: {method: sideways}}]": "method must be one of quadcenter, parallel",
+        "steps: [{corect_orbit: {}}]": "'corect_orbit' is not a registered tool plan; did you mean 'correct_orbit'",
+        "steps: [{measure_lifetime: {}}]": "not a registered tool plan.*optional: true",
+        "steps: [{measure_orm: {}, optional: 1}]": "optional must be true or false",
         "steps: [{correct_tune: {target: [0.2, 1.3]}}]": r"target must be fractional tunes, each in \(0, 1\)",
         "steps: [{correct_tune: {}}]": "correct_tune needs target",
         "steps: [{correct_orbit: {}, success: {orbit: 1e-4}}]": "unknown success criterion 'orbit'",
@@ -70,7 +74,8 @@ def test_sequence_is_validated_before_anything_starts():
         with pytest.raises(SequenceError, match=message):
             load_sequence(text, HMBA)
     # a step that needs the run of a skipped step is skipped too
-    s = load_sequence("steps: [{measure_lifetime: {}}, {correct_optics: {loco: $measure_lifetime}}]", HMBA)
+    s = load_sequence("steps: [{measure_lifetime: {}, optional: true}, {correct_optics: {loco: $measure_lifetime}}]",
+                      HMBA)
     assert "not registered" in s.steps[0].skip and "skipped" in s.steps[1].skip
 
 
@@ -135,7 +140,7 @@ def _rms(v):
     return float(np.sqrt(np.mean(np.asarray(v) ** 2)))
 
 
-def test_campaign_runs_the_plans_per_seed_and_records_the_truth(first, folder):
+def test_campaign_runs_the_plans_per_seed_and_records_the_truth(first, client, folder):
     from acc_bluesky.data import find_runs, open_catalog
     from acc_bluesky.twin import Twin
 
@@ -160,6 +165,12 @@ def test_campaign_runs_the_plans_per_seed_and_records_the_truth(first, folder):
         assert co.truth["tune_error"] == pytest.approx(np.max(np.abs(
             np.array([co.truth["tune_x"], co.truth["tune_y"]]) - d["tunes"])), abs=1e-12)
         assert all(st.recorded for st in r.steps if st.status == "ok")
+    # the workers' sampling profiler is off once they ran a seed (its stack sampling can deadlock a worker on
+    # CPython < 3.12, gh-106883: seen here as a seed hanging in pyAT's tracking for minutes)
+    running = client.run(lambda dask_worker: [dask_worker.periodic_callbacks[k].is_running()
+                                              for k in ("profile", "profile-cycle")
+                                              if k in dask_worker.periodic_callbacks])
+    assert running and not any(any(v) for v in running.values()), running
     truth_rate = np.mean(np.fmax(res.figure("orbit_rms_x", "correct_orbit"),
                                  res.figure("orbit_rms_y", "correct_orbit")) <= ORBIT_TARGET)
     assert res.success_rate("correct_orbit") == truth_rate == 1.0  # measured here: 46-59 um x, 30-33 um y
@@ -221,18 +232,23 @@ def test_resume_runs_only_the_missing_seeds(client, folder):
                         stop=stop)
     assert part.missing and set(part.missing) | set(part.ran) == {1, 2, 3}
     done_before = {s for s in (1, 2, 3) if s not in part.missing}
-    rest = run_campaign(resume=part.uid, client=client, catalog=folder, progress=False)
-    assert sorted(rest.ran) == sorted(part.missing) and rest.missing == []
     from acc_bluesky.data import find_runs, open_catalog
 
-    records = find_runs(open_catalog(catalog_dir=folder), tool="campaign_seed", campaign=part.uid)
-    seeds = sorted(records[u].metadata["start"]["seed"] for u in list(records))
-    assert seeds == [1, 2, 3]  # one record per seed: nothing done before was run again
-    assert done_before and all(rest.results[s].status == "done" for s in (1, 2, 3))
+    def records() -> list[tuple[int, str]]:
+        runs = find_runs(open_catalog(catalog_dir=folder), tool="campaign_seed", campaign=part.uid)
+        return sorted((runs[u].metadata["start"]["seed"], u) for u in list(runs))
+
+    before = records()
+    # a seed may hold two records of the first call (Dask ran it again after its worker stopped answering the
+    # scheduler's heartbeats: both attempts complete); each seed done before holds at least one
+    assert done_before and done_before <= {s for s, _ in before}
+    rest = run_campaign(resume=part.uid, client=client, catalog=folder, progress=False)
+    assert sorted(rest.ran) == sorted(part.missing) and rest.missing == []
+    new = [s for s, u in records() if (s, u) not in before]
+    assert new == sorted(part.missing)  # the resume recorded the missing seeds only: nothing done was run again
+    assert all(rest.results[s].status == "done" for s in (1, 2, 3))
 
 
-@pytest.mark.skip(reason="known defect (issue 16 left open): with `dask scheduler` + `dask worker` processes the "
-                         "campaign hangs after the worker starts its seed; to be found before this is resolved")
 def test_the_same_campaign_on_a_dask_scheduler_and_worker_processes(first, folder, tmp_path):
     """`dask scheduler` + `dask worker` started here on loopback: the same per-seed results as the LocalCluster."""
     from distributed import Client

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,45 @@ def test_chromaticity_scan_past_the_rf_limit_is_refused_before_anything_moves(ma
         RE(measure_chromaticity(machine, steps=4))
     with pytest.raises(ValueError, match="needs steps >= 4"):
         RE(measure_chromaticity(machine, steps=3, order=2))
+
+
+def test_a_periodic_lattice_has_its_tunes_and_chromaticities_per_period(RE, catalog):
+    """The HMBA ring is one cell with periodicity 32, simulated as that cell closed on itself: the tune monitor,
+    the twin's truth, the model responses and the measured chromaticity all speak per period (pyAT's get_tune and
+    get_chrom give whole-ring figures: a model response 32x too large once left correct_chromaticity stepping a
+    32nd of the way)."""
+    import at
+
+    from acc_bluesky import connect
+    from acc_bluesky.analysis import TuneCorrection
+    from acc_bluesky.analysis.tune import lattice_tunes
+    from acc_bluesky.plans import correct_tune
+
+    hmba = str(Path(__file__).parent / "profiles" / "hmba" / "profile.yaml")
+    m = connect(hmba, mode="sim", seed=3)
+    ring = m.twin.ring
+    assert ring.periodicity == 32
+    dp = float(m.twin.observables().orbit0[4])  # the closed orbit's momentum offset (RF vs path length)
+    with np.errstate(all="ignore"):
+        whole = np.asarray(at.get_chrom(ring, dp=dp)[:2])
+        whole0 = np.asarray(at.get_chrom(ring)[:2])
+    assert np.allclose(m.twin.chromaticity(), whole / 32, rtol=1e-9)
+    assert np.allclose(lattice_chromaticity(ring), whole0 / 32, rtol=1e-9)
+    # the model's tunes on axis at dp = 0, the twin's on its closed orbit: 2e-4 apart; pyAT's get_tune (whole ring)
+    # is another number altogether
+    assert np.allclose(lattice_tunes(ring), m.twin.tunes(), atol=1e-3)
+    assert not np.allclose(np.asarray(at.get_tune(ring)[:2]) % 1, m.twin.tunes(), atol=0.05)
+    # measured through the tune monitor against the RF: the truth per period
+    uid = RE(measure_chromaticity(m, figure_dir=False)).plan_result
+    xi = Chromaticity.from_run(catalog[uid]).xi
+    assert np.all(np.abs(xi - m.twin.chromaticity()) <= 0.02 * np.abs(m.twin.chromaticity()) + 0.02), xi
+    # model-response corrections land in one or two iterations
+    q = m.twin.tunes()
+    tgt = (round(float(q[0]) + 0.005, 4), round(float(q[1]) - 0.005, 4))
+    cuid = RE(correct_tune(m, tgt, response="model", figure_dir=False)).plan_result
+    corr = TuneCorrection.from_run(catalog[cuid])
+    assert corr.converged and corr.iterations <= 2 and np.all(np.abs(m.twin.tunes() - tgt) <= 2e-4)
+    target = tuple(np.round(m.twin.chromaticity() + [0.5, 0.5], 2))
+    cuid = RE(correct_chromaticity(m, target, figure_dir=False)).plan_result
+    chrom = ChromaticityCorrection.from_run(catalog[cuid])
+    assert chrom.converged and chrom.iterations <= 2 and np.all(np.abs(m.twin.chromaticity() - target) <= 0.05)

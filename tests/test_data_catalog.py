@@ -86,6 +86,7 @@ def test_orm_and_orbit_round_trip_exactly(run_engine, machine):
     assert np.array_equal(back["tunes"], [0.16, 0.34]) and np.array_equal(back["tune_response"], tune_response)
     assert back["bad_bpms"].dtype.kind == "i" and back["bad_bpms"].tolist() == [3, 17, 101]
 
+    assert "empty_arrays" not in back and "empty_arrays" not in stream_data_keys(run, "results")
     keys = stream_data_keys(run, "results")
     assert keys["orm"]["units"] == "m/rad" and keys["orm"]["description"].startswith("orbit response")
     assert keys["orm"]["shape"] == [224, 448]
@@ -330,3 +331,19 @@ def test_fair_metadata_by_default_for_bluesky_plans_on_a_registered_machine(run_
         unregister_machine(b)
     with pytest.raises(MetadataError, match="facility"):  # no machine: refused as before
         run_engine(bp.count([a_bpm], 1))
+
+
+def test_results_with_no_element_are_recorded_and_read_back(run_engine, machine):
+    """A correction that converged without a step stores a (0, 2) history: Tiled's tables hold no empty array,
+    so the run once was refused whole (ArrowInvalid) and went to the backup; its shapes are kept instead."""
+    bpm = make_bpm_device()
+    results = {"steps_hw": np.zeros((0, 2)), "bad": np.zeros(0, dtype=np.int64), "m": np.zeros((3, 0)),
+               "xi": np.array([0.2, 0.1])}
+    uid = run_engine(orbit_scan(machine, bpm, 2, results))
+    run = run_engine.catalog[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"  # in the catalogue, not only in the backup
+    back = read_results(run)
+    assert back["steps_hw"].shape == (0, 2) and back["steps_hw"].dtype == np.float64
+    assert back["bad"].shape == (0,) and back["bad"].dtype == np.int64
+    assert back["m"].shape == (3, 0) and np.array_equal(back["xi"], [0.2, 0.1])
+    assert "empty_arrays" not in back

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from ..profile import Profile, load_profile
 
-__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "rms", "corrector_table", "as_result"]
+__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "with_empty_results", "rms", "corrector_table", "as_result"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -79,6 +79,22 @@ def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
             warnings.warn(f"cannot read {stream}/{k}: {err}", stacklevel=2)
             continue
         out[k] = a[-1] if a.ndim >= 1 and a.shape[0] >= 1 else a
+    return with_empty_results(out)
+
+
+def with_empty_results(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Results stored with no element (``empty_arrays``: key -> [shape, dtype], see plan_stubs.results) back as
+    empty arrays of their shapes."""
+    raw = out.pop("empty_arrays", None)
+    if raw is None:
+        return out
+    import json
+
+    text = raw.item() if isinstance(raw, np.ndarray) else raw
+    if isinstance(text, bytes):
+        text = text.decode()
+    for k, (shape, dtype) in json.loads(str(text)).items():
+        out.setdefault(k, np.zeros(tuple(shape), dtype=np.dtype(dtype)))
     return out
 
 

@@ -131,12 +131,15 @@ def fit_chromaticity(dp: npt.ArrayLike, qx: npt.ArrayLike, qy: npt.ArrayLike,
 
 
 def lattice_chromaticity(ring) -> FloatArray:
-    """Linear chromaticities (xi_x, xi_y) = dQ/d(dp) of a pyAT ring (pyAT ``get_chrom``, 4D)."""
+    """Linear chromaticities (xi_x, xi_y) = dQ/d(dp) of a pyAT ring (pyAT ``get_chrom``, 4D), per lattice period
+    as the tunes of :func:`acc_bluesky.analysis.tune.lattice_tunes` (``get_chrom`` gives them for the whole
+    ring: divided by the lattice's ``periodicity``)."""
     import at
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return np.asarray(at.get_chrom(ring)[:2], dtype=float)
+        xi = np.asarray(at.get_chrom(ring)[:2], dtype=float)
+    return xi / float(getattr(ring, "periodicity", 1) or 1)
 
 
 @dataclass

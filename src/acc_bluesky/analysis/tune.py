@@ -135,13 +135,18 @@ def model_lattice(source: Any, setpoints: Mapping[str, npt.ArrayLike] | None = N
 
 
 def lattice_tunes(ring) -> FloatArray:
-    """Fractional tunes (qx, qy) of a pyAT ring (pyAT ``get_tune``: one-turn matrix at dp=0, coupling included)."""
+    """Fractional tunes (qx, qy) of a pyAT ring, per lattice period (pyAT ``get_optics``: the one-turn matrix of the
+    lattice as given at dp=0, coupling included), as the twin's tune monitor reads them.
+
+    A lattice of one cell with ``periodicity`` P > 1 is simulated as that cell closed on itself: its tunes are
+    the cell's (pyAT's ``get_tune`` would give the fractional part of P times them, a different number).
+    """
     import at
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = at.get_tune(ring)
-    return np.asarray(q[:2], dtype=float) % 1.0
+        _, ringdata, _ = at.get_optics(ring)
+    return np.asarray(ringdata.tune[:2], dtype=float) % 1.0
 
 
 def tune_difference(target: npt.ArrayLike, measured: npt.ArrayLike) -> FloatArray:

@@ -39,7 +39,8 @@ import numpy as np
 from .sequence import CRITERIA, CampaignSequence, Step, default_sequence_path, load_sequence
 from .truth import FIGURES, design_values, truth
 
-__all__ = ["CampaignResult", "SeedResult", "StepRecord", "run_campaign", "run_seed", "warm_worker"]
+__all__ = ["NO_PROFILER", "CampaignResult", "SeedResult", "StepRecord", "quiet_worker_profiler", "run_campaign",
+           "run_seed", "warm_worker"]
 
 HEADER_TOOL = "campaign"
 SEED_TOOL = "campaign_seed"
@@ -150,6 +151,47 @@ def _emit(topic: str, msg: dict[str, Any]) -> None:
         pass
 
 
+#: Dask's config that keeps a worker's sampling profiler off (see :func:`quiet_worker_profiler`).
+NO_PROFILER = {"distributed.worker.profile.enabled": False}
+
+
+def quiet_worker_profiler() -> bool:
+    """Stop the sampling profiler of the Dask worker this runs on (True when there was one to stop).
+
+    Dask's worker samples the stacks of its task threads every 10 ms with ``sys._current_frames()`` on its event
+    loop. On CPython before 3.12 a garbage collection inside that call, while it holds the interpreter's thread
+    list lock, can deadlock with a task thread in C code (CPython gh-106883): seen here as a seed hanging inside
+    pyAT's tracking engine, the worker then missing its heartbeats for minutes until the scheduler restarted it.
+    Campaign clusters started here have the profiler off (:data:`NO_PROFILER`); a cluster given by address (its
+    workers started by ``dask worker``) has it stopped by the first seed each worker runs, before any tracking.
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker
+        return False
+    pcs = [worker.periodic_callbacks.get(k) for k in ("profile", "profile-cycle")]
+    pcs = [pc for pc in pcs if pc is not None and pc.is_running()]
+    if not pcs:
+        return False
+    stopped = threading.Event()
+
+    def stop() -> None:
+        for pc in pcs:
+            pc.stop()
+        stopped.set()
+
+    if threading.get_ident() == getattr(worker, "thread_id", None):  # on the worker's event loop (client.run)
+        stop()
+        return True
+    worker.loop.add_callback(stop)
+    if not stopped.wait(30):
+        warnings.warn("the Dask worker's profiler could not be stopped within 30 s: its event loop is busy",
+                      RuntimeWarning, stacklevel=2)
+    return True
+
+
 def _worker_name() -> str:
     try:
         from distributed import get_worker
@@ -236,6 +278,7 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
     from ..data.metadata import unregister_machine
 
     send = emit or _emit
+    quiet_worker_profiler()
     with _SEED_LOCK:
         seed, uid = int(task["seed"]), str(task["campaign"])
         seq = load_sequence(task["sequence"], None)
@@ -346,6 +389,7 @@ def warm_worker(profile: str) -> str:
     from .. import plans  # noqa: F401 - the import is the warming
     from ..twin import Twin
 
+    quiet_worker_profiler()
     Twin(profile)
     design_values(profile)
     return profile
@@ -481,8 +525,11 @@ def _client(address: str | None, client, n_workers: int):
         return client, None, False
     if address is not None:
         return Client(address), None, True
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           host="127.0.0.1")
+    import dask
+
+    with dask.config.set(NO_PROFILER):  # the workers take the config they are started with
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               host="127.0.0.1")
     return Client(cluster), cluster, True
 
 

@@ -6,7 +6,8 @@ its parameters, and optionally its success criteria on the truth the twin knows:
     name: hmba-default
     error_scale: 1.0            # optional: multiplier on the profile's alignment errors
     steps:
-      - thread_first_turns: {}                      # skipped (with a note) while the tool is not installed
+      - measure_lifetime: {}                        # a tool of a later release: skipped (with a note) while
+        optional: true                              #   it is not installed
       - measure_orm: {rf: true}
         id: orm                                     # later steps refer to its run as "$orm"
       - correct_orbit: {orm: $orm, fit_rf: true, n_sv: 8}
@@ -17,7 +18,10 @@ its parameters, and optionally its success criteria on the truth the twin knows:
 
 Step keys: the tool name (its parameters as a mapping), ``id`` (default: the tool name, ``<tool>_<k>`` for its
 k-th use), ``success`` (criteria, below), ``required`` (stop the seed when the step misses its criteria; default
-False: a missed target is recorded and the chain goes on; an exception or a lost beam always ends the seed).
+False: a missed target is recorded and the chain goes on; an exception or a lost beam always ends the seed),
+``optional`` (the tool may be missing from an installation: then the step is skipped with a note; default False: a
+tool name that is not registered is refused, with the nearest registered names, so that a typo never passes as a
+skipped step), ``note``.
 
 Parameter values: plain YAML; ``"$<id>"`` is the run uid of an earlier step of the same seed (``orm: $orm``,
 ``bba: $measure_bba``, ``target: $apply_bba``); ``design`` as the ``target`` of ``correct_tune`` /
@@ -31,9 +35,10 @@ survives, at least). Without criteria a step succeeds when its plan completes an
 
 Validation (:func:`load_sequence`) refuses, naming the step: an unknown step key, a parameter the tool does not
 take, a value of the wrong type or out of its bounds (the tool's annotations and
-:mod:`acc_bluesky.plan_stubs.checks`), a reference to no earlier step, an unknown criterion. A step whose tool is not
-registered in this installation (a tool of a later release) is kept as *skipped*, with a note in the campaign
-results, so that a shipped sequence uses it as soon as it lands.
+:mod:`acc_bluesky.plan_stubs.checks`), a reference to no earlier step, an unknown criterion, a tool that is not
+registered. A step marked ``optional: true`` whose tool is not registered in this installation (a tool of a later
+release) is kept as *skipped*, with a note in the campaign results, so that a shipped sequence uses it as soon as it
+lands.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ CRITERIA: dict[str, tuple[tuple[str, ...], str, str, str]] = {
     "transmission": (("transmission",), ">=", "", "fraction of the turns the injected beam survives"),
 }
 _ALIASES = {"target_rms": "orbit_rms", **{f"target_{c}": c for c in CRITERIA}}
-_STEP_KEYS = ("id", "success", "required", "note")
+_STEP_KEYS = ("id", "success", "required", "optional", "note")
 _DESIGN_TARGETS = {("correct_tune", "target"), ("correct_chromaticity", "target")}
 #: Parameters a campaign sets itself.
 _RESERVED = ("machine", "md")
@@ -102,6 +107,7 @@ class Step:
     required: bool = False
     note: str = ""
     skip: str = ""
+    optional: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {self.tool: dict(self.params), "id": self.id}
@@ -109,6 +115,8 @@ class Step:
             out["success"] = dict(self.success)
         if self.required:
             out["required"] = True
+        if self.optional:
+            out["optional"] = True
         if self.note:
             out["note"] = self.note
         return out
@@ -228,6 +236,15 @@ def load_sequence(source: Any, profile: Any = None) -> CampaignSequence:
             raise SequenceError(f"{at}: id {step.id!r} is used by an earlier step; give each step its own id")
         plan = tools.get(step.tool)
         if plan is None:
+            if not step.optional:
+                import difflib
+
+                near = difflib.get_close_matches(step.tool, sorted(tools), n=3, cutoff=0.6)
+                raise SequenceError(
+                    f"{at}: {step.tool!r} is not a registered tool plan" + (
+                        f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else
+                        f" (registered: {', '.join(sorted(tools))})") +
+                    "; a tool of a later release is written with optional: true (skipped until installed)")
             step.skip = (f"tool {step.tool!r} is not registered in this installation: skipped (it runs once "
                          "the tool is installed)")
         else:
@@ -291,8 +308,11 @@ def _parse_step(raw: Any, k: int, where: str) -> Step:
     required = raw.get("required", False)
     if not isinstance(required, bool):
         raise SequenceError(f"{at}: required must be true or false, got {required!r}")
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise SequenceError(f"{at}: optional must be true or false, got {optional!r}")
     return Step(tool, params, id=str(raw.get("id") or ""), success=success, required=required,
-                note=str(raw.get("note") or ""))
+                note=str(raw.get("note") or ""), optional=optional)
 
 
 def _number(value: Any, what: str, kind: type) -> Any:

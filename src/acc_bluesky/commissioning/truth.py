@@ -3,9 +3,9 @@
 Figures (:data:`FIGURES`: name -> units, meaning): the beam stored or not, the rms orbit at the BPMs, the
 beta-beating against the design lattice (pyAT ``get_optics`` on the twin's errored lattice and on the design), the
 fractional tunes and chromaticities, and the transmission of the injected beam over ``turns`` turns. Tunes and
-chromaticities are per lattice period, as the tune monitor shows them (the twin's tunes come from pyAT's
-``get_optics``, per period; its ``chromaticity()`` from ``get_chrom``, of the whole ring: divided here by the
-periodicity).
+chromaticities are per lattice period, as the twin's tune monitor shows them and its ``tunes()`` and
+``chromaticity()`` give them (a lattice of one cell with ``periodicity`` P is simulated as that cell closed on
+itself).
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ _DESIGN: dict[tuple[str, str], dict[str, Any]] = {}
 _DESIGN_LOCK = threading.Lock()
 
 
-def _periodicity(twin) -> int:
-    return int(getattr(twin.ring, "periodicity", 1) or 1)
-
-
 def design_values(profile) -> dict[str, Any]:
     """Tunes, chromaticities (per period) and beta functions at the BPMs of the design lattice (cached)."""
     from ..profile import load_profile
@@ -57,7 +53,7 @@ def design_values(profile) -> dict[str, Any]:
             bx, by = ideal.beta()
             hit = _DESIGN[key] = {
                 "tunes": np.asarray(ideal.tunes(), dtype=float),
-                "chrom": np.asarray(ideal.chromaticity(), dtype=float) / _periodicity(ideal),
+                "chrom": np.asarray(ideal.chromaticity(), dtype=float),
                 "beta_x": bx, "beta_y": by, "ring": ideal.is_ring}
         return hit
 
@@ -109,7 +105,7 @@ def truth(twin, *, tune_target=None, chrom_target=None, turns: int = 100) -> dic
         out["beta_beat_y"] = _rms((by - design["beta_y"]) / design["beta_y"])
     if twin.is_ring:
         q = np.asarray(twin.tunes(), dtype=float)
-        xi = np.asarray(twin.chromaticity(), dtype=float) / _periodicity(twin)
+        xi = np.asarray(twin.chromaticity(), dtype=float)
         out["tune_x"], out["tune_y"] = float(q[0]), float(q[1])
         out["chrom_x"], out["chrom_y"] = float(xi[0]), float(xi[1])
         qt = design["tunes"] if tune_target is None else np.asarray(tune_target, dtype=float)

@@ -363,9 +363,11 @@ def read_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
     Returns the last event of the stream: per key an array of the stored shape (0-d for scalars), in the
     units of :func:`stream_data_keys`.
     """
+    from ..analysis._common import with_empty_results
+
     data = read_stream(run, stream)
     data.pop("time", None)
-    return {k: np.asarray(v[-1]) for k, v in data.items()}
+    return with_empty_results({k: np.asarray(v[-1]) for k, v in data.items()})
 
 
 def read_dataset(run: Any, stream: str = "primary") -> Any:

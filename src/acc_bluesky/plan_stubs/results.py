@@ -8,6 +8,8 @@ descriptions).
 
 from __future__ import annotations
 
+import json
+
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +45,28 @@ def _data_key(name: str, value: Any, units: str | None, description: str | None,
     return key
 
 
+#: The result key that holds the shapes of the results with no element (an ORM of a line with no corrector
+#: in one plane, a correction that converged without a step): ``{key: [shape, dtype]}`` as JSON.
+EMPTY_KEY = "empty_arrays"
+
+
+def _without_empty(results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list]]:
+    out: dict[str, Any] = {}
+    empty: dict[str, list] = {}
+    for k, v in results.items():
+        if isinstance(v, str):
+            out[k] = v
+            continue
+        arr = np.asarray(v)
+        if arr.ndim >= 1 and arr.size == 0 and arr.dtype.kind not in "OUS":
+            empty[k] = [list(arr.shape), arr.dtype.str]
+        else:
+            out[k] = v
+    if EMPTY_KEY in results:
+        raise ValueError(f"Result key {EMPTY_KEY!r} is reserved by acc_bluesky (shapes of empty results)")
+    return out, empty
+
+
 def _value(value: Any) -> Any:
     arr = np.asarray(value)
     if arr.ndim == 0:
@@ -73,6 +97,11 @@ class ResultsReadable:
         if unknown:
             raise KeyError(f"units/descriptions given for keys that are not results: {sorted(unknown)}")
         self._name = name
+        results, empty = _without_empty(results)
+        if empty:  # Tiled's event tables cannot hold an array with no element: their shapes are kept instead
+            results[EMPTY_KEY] = json.dumps(empty, sort_keys=True)
+            descriptions.setdefault(EMPTY_KEY, "arrays with no element (key -> [shape, dtype]); "
+                                               "acc_bluesky's readers give them back as empty arrays")
         self._values = {k: _value(v) for k, v in results.items()}
         self._keys = {
             k: _data_key(k, v, units.get(k), descriptions.get(k), f"acc_bluesky:{name}")

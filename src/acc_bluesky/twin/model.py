@@ -608,7 +608,8 @@ class Twin:
         return d[1].beta[:, 0].copy(), d[1].beta[:, 1].copy()
 
     def chromaticity(self) -> np.ndarray:
-        """True linear chromaticities (xi_x, xi_y) at the current RF frequency."""
+        """True linear chromaticities (xi_x, xi_y) at the current RF frequency, per lattice period (as the
+        tunes: a lattice of one cell with ``periodicity`` P is simulated as that cell closed on itself)."""
         import at
 
         def compute():
@@ -618,10 +619,11 @@ class Twin:
             with _engine.ENGINE_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._engine_gen = -1
+                period = float(getattr(self.ring, "periodicity", 1) or 1)
                 try:
                     if self.is_6d:
-                        return np.asarray(at.get_chrom(self.ring)[:2])
-                    return np.asarray(at.get_chrom(self.ring, dp=float(obs.orbit0[4]))[:2])
+                        return np.asarray(at.get_chrom(self.ring)[:2]) / period
+                    return np.asarray(at.get_chrom(self.ring, dp=float(obs.orbit0[4]))[:2]) / period
                 except Exception:  # noqa: BLE001
                     return np.full(2, np.nan)
 
