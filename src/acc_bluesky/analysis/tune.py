@@ -145,7 +145,10 @@ def lattice_tunes(ring) -> FloatArray:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, ringdata, _ = at.get_optics(ring)
+        try:
+            _, ringdata, _ = at.get_optics(ring)
+        except at.AtError:  # linearly unstable: no tunes (NaN, as get_tune gives)
+            return np.full(2, np.nan)
     return np.asarray(ringdata.tune[:2], dtype=float) % 1.0
 
 

@@ -298,6 +298,9 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
                                                "campaign_attempt": attempt})
             targets: dict[str, Any] = {"tune_target": None, "chrom_target": None}
             rec.initial = truth(machine.twin, turns=seq.truth_turns, **targets)
+            # at full errors a ring may store no beam before its first turns are threaded: only a beam once
+            # stored can be lost
+            stored = rec.initial["beam"] == 1.0
             uids: dict[str, str] = {}
             ended = ""
             for i, step in enumerate(seq.steps):
@@ -344,7 +347,7 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
                 sr.truth = truth(machine.twin, turns=seq.truth_turns, **targets)
                 if sr.status == "ok":
                     sr.criteria = _judge(step, sr.truth)
-                    if not step.success and sr.truth["beam"] != 1.0:
+                    if not step.success and stored and sr.truth["beam"] != 1.0:
                         sr.criteria = {"beam": False}
                     if not all(sr.criteria.values()):
                         sr.status = "missed"
@@ -353,8 +356,9 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
                             for c, ok in sr.criteria.items() if not ok)
                         if step.required:
                             ended = f"step {step.id} missed a required target ({sr.reason})"
-                if not ended and sr.truth["beam"] != 1.0:
+                if not ended and stored and sr.truth["beam"] != 1.0:
                     ended = f"beam lost after step {step.id}: {machine.twin.loss_reason or 'no stored beam'}"
+                stored = stored or sr.truth["beam"] == 1.0
                 send(topic, {**base, "event": "done", "step": step.id, "index": i, "status": sr.status})
             rec.reason = ended
             rec.seconds = time.perf_counter() - t0

@@ -31,7 +31,9 @@ reads as a string) are taken as numbers where the plan wants a number.
 Success criteria (:data:`CRITERIA`), judged on the truth after the step: ``beam`` (the beam is stored: a closed orbit
 and current), ``orbit_rms`` [m], ``beta_beat`` (rms of dbeta/beta, both planes) [1], ``tune_error`` [1],
 ``chrom_error`` [1] (each the larger plane, at most), ``transmission`` [1] (fraction of turns the injected beam
-survives, at least). Without criteria a step succeeds when its plan completes and the beam is stored.
+survives, at least). Without criteria a step succeeds when its plan completes and does not lose a stored beam (at
+full errors a ring may store none before its first turns are threaded: the steps before are judged by their
+criteria alone).
 
 Validation (:func:`load_sequence`) refuses, naming the step: an unknown step key, a parameter the tool does not
 take, a value of the wrong type or out of its bounds (the tool's annotations and
@@ -66,6 +68,8 @@ class SequenceError(ValueError):
 CRITERIA: dict[str, tuple[tuple[str, ...], str, str, str]] = {
     "beam": (("beam",), "==", "", "the beam is stored (closed orbit, current > 0)"),
     "orbit_rms": (("orbit_rms_x", "orbit_rms_y"), "<=", "m", "true rms orbit at the BPMs, larger plane"),
+    "centre_rms": (("centre_rms_x", "centre_rms_y"), "<=", "m",
+                   "rms distance of the orbit from the quadrupoles' magnetic centres, larger plane"),
     "beta_beat": (("beta_beat_x", "beta_beat_y"), "<=", "", "rms of (beta - beta_design)/beta_design at the BPMs"),
     "tune_error": (("tune_error",), "<=", "", "largest |tune - target| (target: the step's, else design)"),
     "chrom_error": (("chrom_error",), "<=", "", "largest |chromaticity - target| (the step's, else design)"),
