@@ -647,6 +647,7 @@ def ramp_sextupoles(machine: Machine, fractions: Sequence[float] = (0.25, 0.5, 0
         ok = yield from stored()
         its, rx, ry = 0, float("nan"), float("nan")
         if ok:
+            sp_before, f_before = {f: v.copy() for f, v in corr.sp.items()}, corr.f
             try:
                 out = yield from _iterate(machine, corr, np.zeros(len(good)), np.zeros(len(good)), nsv=nsv,
                                           tikhonov=None, gain=1.0, max_iter=max_iter, tol=None, n_avg=n_avg,
@@ -655,8 +656,18 @@ def ramp_sextupoles(machine: Machine, fractions: Sequence[float] = (0.25, 0.5, 0
                 its = int(out["iterations"])
                 x, y = out["last"]
                 rx, ry = rms(x, good), rms(y, good)
-            except BeamLostError:  # the correction itself lost the orbit (read back NaN): judged as not stored
-                ok = False
+            except BeamLostError:  # a correction step lost the closed orbit: taken back, the step is judged on that
+                pairs: list[Any] = []
+                for f, v in sp_before.items():
+                    pairs += [machine.families[f], v]
+                if fit_rf:
+                    pairs += [machine.rf, f_before]
+                yield from move(*pairs)
+                corr.sp, corr.f = sp_before, f_before
+                ok = yield from stored()
+                if ok:
+                    x, y = yield from read_orbit(machine, n_avg, check=False)
+                    rx, ry = rms(x, good), rms(y, good)
         hist["fraction"].append(a)
         hist["stored"].append(float(ok))
         hist["rms_x"].append(rx)
