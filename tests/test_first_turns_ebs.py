@@ -18,7 +18,7 @@ from acc_bluesky.analysis.trajectory import ThreadingResult
 from acc_bluesky.data import read_results
 
 
-def test_ebs_full_errors_seed_8_threaded_ramped_and_corrected_below_100um(RE):  # noqa: N803
+def test_ebs_full_errors_seed_8_threaded_ramped_and_corrected_below_100um(RE):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NoClosedOrbitWarning: that is the point
         m = ab.connect("ebs", seed=8, error_scale=1.0)

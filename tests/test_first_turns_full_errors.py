@@ -40,7 +40,7 @@ def _full_errors(seed: int):
         return ab.connect(ab.load_profile(HMBA), seed=seed, error_scale=1.0)
 
 
-def _threaded(RE, seed: int):  # noqa: N803 - the bluesky name
+def _threaded(RE, seed: int):
     m = _full_errors(seed)
     res = ThreadingResult.from_run(RE.catalog[RE(ap.thread_first_turns(m, turns=2)).plan_result])
     assert res.success, res.message
@@ -89,7 +89,7 @@ def _orbit_floor(m) -> float:
     return float(rms(r0 + a @ sol.x))
 
 
-def test_full_errors_chain_reaches_a_corrected_orbit_at_its_floor(RE):  # noqa: N803
+def test_full_errors_chain_reaches_a_corrected_orbit_at_its_floor(RE):
     """Seed 0 at the full table: threaded to two turns; ``ramp_sextupoles`` finds the closed orbit
     at full strength (one step: the correction); ``correct_orbit`` then leaves the readings within 1.15x of the
     floor of these correctors within their limits (truth: the true orbit response, bounded least squares; one cell's
@@ -110,7 +110,7 @@ def test_full_errors_chain_reaches_a_corrected_orbit_at_its_floor(RE):  # noqa: 
     assert now <= 1.15 * floor, (now, floor)  # measured 221 um against a floor of 196 um (1.13x)
 
 
-def test_ramp_lowers_the_sextupoles_until_the_threaded_beam_has_a_closed_orbit(RE):  # noqa: N803
+def test_ramp_lowers_the_sextupoles_until_the_threaded_beam_has_a_closed_orbit(RE):
     """Seed 13: two turns threaded, but the one-turn map at full sextupoles is unstable (truth: the twin's verdict,
     pyAT's eigenvalues). The ramp goes down until the beam has a closed orbit (0.75), corrects it, tries back up
     (a step that loses the orbit halved down to ``min_step``) and, as one cell's 12 correctors cannot bring this
@@ -134,7 +134,7 @@ def test_ramp_lowers_the_sextupoles_until_the_threaded_beam_has_a_closed_orbit(R
     assert not m.twin.beam_lost and _max_eigenvalue(m.twin) < 1.0 + 1e-6
 
 
-def test_ramp_sextupoles_refuses_bad_input_before_anything_moves(RE):  # noqa: N803
+def test_ramp_sextupoles_refuses_bad_input_before_anything_moves(RE):
     m = _full_errors(STABLE)
     before = m.twin.snapshot()
     for bad in [(0.5, 0.25), (0.5, 1.2), ()]:
@@ -145,7 +145,7 @@ def test_ramp_sextupoles_refuses_bad_input_before_anything_moves(RE):  # noqa: N
     assert same(m.twin.snapshot(), before)
 
 
-def test_ramp_sextupoles_without_any_closed_orbit_fails_and_puts_everything_back(RE):  # noqa: N803
+def test_ramp_sextupoles_without_any_closed_orbit_fails_and_puts_everything_back(RE):
     """No beam at any sextupole fraction down to 0 (the twin's beam-loss anomaly): the plan fails, saying to thread
     first, with sextupoles, correctors and RF exactly as found."""
     m = _threaded(RE, UNSTABLE)
@@ -156,7 +156,7 @@ def test_ramp_sextupoles_without_any_closed_orbit_fails_and_puts_everything_back
     assert same(m.twin.snapshot(), before)
 
 
-def test_interrupted_ramp_sextupoles_puts_everything_back(RE):  # noqa: N803
+def test_interrupted_ramp_sextupoles_puts_everything_back(RE):
     """Exception, abort, stop at a seeded step of the ramp (seed 13: down, correct, up): sextupoles, correctors and
     the RF frequency exactly as found."""
     m = _threaded(RE, UNSTABLE)

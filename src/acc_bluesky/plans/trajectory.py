@@ -1,5 +1,7 @@
-"""First turns as Bluesky plans: ``measure_trajectory_response``, ``correct_trajectory`` and
-``thread_first_turns`` (pySC's first_turn / stitch / balance with injection steering, MML's trajectory tools).
+"""First turns as Bluesky plans: ``measure_trajectory_response``, ``correct_trajectory``,
+``thread_first_turns`` (pySC's first_turn / stitch / balance with injection steering, MML's trajectory tools) and
+``ramp_sextupoles`` (pySC's sextupole ramp after threading: down until the beam has a closed orbit, then back up in
+steps with the orbit corrected at each).
 
 Each is a :func:`~acc_bluesky.plan_stubs.tool.tool` that needs no stored beam (a ring with no closed orbit yet, a
 transfer line): the BPMs acquire in ``trajectory`` mode, the injection fires one shot per reading, and the
@@ -34,7 +36,7 @@ from ..analysis.trajectory import (
 )
 from ..analysis.trajectory import thread_first_turns as _threading
 from ..machine import Machine
-from ..plan_stubs.machine import Record, check_limits, emit, move
+from ..plan_stubs.machine import BeamLostError, Record, check_limits, emit, move, read_orbit, snapshot_setpoints
 from ..plan_stubs.optics import family_setpoints, resolve_families
 from ..plan_stubs.orbit import step_sizes
 from ..plan_stubs.runs import resolve
@@ -47,6 +49,7 @@ from ..plan_stubs.trajectory import (
     restore_beam_settings,
     set_acquisition,
 )
+from .orbit import _Correction, _correction_record, _correction_system, _iterate, _orm_of
 
 __all__ = ["correct_trajectory", "design_sextupoles", "measure_trajectory_response", "ramp_sextupoles",
            "thread_first_turns"]
@@ -586,9 +589,6 @@ def ramp_sextupoles(machine: Machine, fractions: Sequence[float] = (0.25, 0.5, 0
         each step's correction [m], ``final_fraction``, ``success`` (1: the last of ``fractions`` reached with a
         closed orbit), the families' final setpoints ``<family>_setpoint`` [A], ``message``.
     """
-    from ..plan_stubs.machine import BeamLostError, read_orbit, snapshot_setpoints
-    from .orbit import _Correction, _correction_record, _correction_system, _iterate, _orm_of
-
     fams = resolve_families(machine, families, "sextupole")
     ladder = [float(v) for v in np.asarray(fractions, dtype=float).reshape(-1)]
     if isinstance(reference, str):
