@@ -110,7 +110,7 @@ def test_full_errors_chain_reaches_a_corrected_orbit_at_its_floor(RE):
     assert now <= 1.15 * floor, (now, floor)  # measured 221 um against a floor of 196 um (1.13x)
 
 
-def test_ramp_lowers_the_sextupoles_until_the_threaded_beam_has_a_closed_orbit(RE):
+def test_ramp_lowers_the_sextupoles_until_the_threaded_beam_has_a_closed_orbit(RE, tmp_path):
     """Seed 13: two turns threaded, but the one-turn map at full sextupoles is unstable (truth: the twin's verdict,
     pyAT's eigenvalues). The ramp goes down until the beam has a closed orbit (0.75), corrects it, tries back up
     (a step that loses the orbit halved down to ``min_step``) and, as one cell's 12 correctors cannot bring this
@@ -121,9 +121,11 @@ def test_ramp_lowers_the_sextupoles_until_the_threaded_beam_has_a_closed_orbit(R
     m = _threaded(RE, UNSTABLE)
     assert m.twin.beam_lost and "unstable" in m.twin.loss_reason  # two turns, but no stored beam
     design = ap.design_sextupoles(m, list(m.sext))
-    uid = RE(ap.ramp_sextupoles(m, n_sv=N_SV, figure_dir=False)).plan_result
+    uid = RE(ap.ramp_sextupoles(m, n_sv=N_SV, figure_dir=tmp_path)).plan_result
     run = RE.catalog[uid]
     r = read_results(run)
+    (png,) = tmp_path.glob("ramp_sextupoles_*_ramp.png")  # fraction and rms orbit [um] per step
+    assert png.stat().st_size > 10_000 and run.metadata["start"]["tool"] == "sextupole_ramp"
     frac, stored = np.asarray(r["fraction"]), np.asarray(r["stored"], dtype=bool)
     assert frac[0] == 1.0 and not stored[0] and frac[1] == 0.75 and stored[1]  # down one step: stored
     assert np.all(frac[~stored] > 0.75) and stored[-1]  # every trial above lost it; back where it stored
