@@ -17,7 +17,8 @@ its parameters, and optionally its success criteria on the truth the twin knows:
 
 Step keys: the tool name (its parameters as a mapping), ``id`` (default: the tool name, ``<tool>_<k>`` for its
 k-th use), ``success`` (criteria, below), ``required`` (stop the seed when the step misses its criteria; default
-False: a missed target is recorded and the chain goes on; an exception or a lost beam always ends the seed).
+False: a missed target is recorded and the chain goes on; an exception or a lost beam ends the seed, except no
+stored beam between two steps that need none, e.g. threading then the sextupole ramp).
 
 Parameter values: plain YAML; ``"$<id>"`` is the run uid of an earlier step of the same seed (``orm: $orm``,
 ``bba: $measure_bba``, ``target: $apply_bba``); ``design`` as the ``target`` of ``correct_tune`` /
