@@ -6,12 +6,15 @@
    accuracy figures of the analysis (tunes, phase, beta-beat against the twin's truth) for a few seeds.
 2. Threading two turns at the profile's full alignment table (``Twin(ebs, seed=s, error_scale=1.0)``), 10 seeds:
    turns reached, readings and time per seed (DESIGN <= 60 s), then an orbit correction (analysis.correction,
-   model ORM with the RF, straight on the twin): closed-orbit rms (target < 100 um on >= 9 of 10 seeds).
+   model ORM with the RF, straight on the twin): closed-orbit rms. No sextupole ramp here: seeds 6 and 8 have no
+   stable closed orbit after threading at full sextupoles (the acceptance is the chain of plans, 3.).
 
 3. The same through the plans (devices, RunEngine, Tiled): ``measure_tbt`` on EBS, then per seed 1-10 at the full
-   alignment table ``thread_first_turns`` and ``correct_orbit``.
+   alignment table the documented chain ``thread_first_turns``, ``ramp_sextupoles``, ``correct_orbit``: 2 turns
+   yes/no, closed orbit rms x/y, seconds per seed (a markdown table; target >= 9 of 10 below 100 um).
 
-``python benchmarks/bench_tbt.py`` or ``python benchmarks/run.py tbt``.
+``python benchmarks/bench_tbt.py`` or ``python benchmarks/run.py tbt``; the first-turn acceptance alone:
+``python benchmarks/bench_tbt.py --first-turns``.
 """
 
 from __future__ import annotations
@@ -213,26 +216,30 @@ def bench_threading(seeds=range(10)) -> dict:
             "threading_time_max_s": t_max, "threading_ratio": t_max / 60.0, "response_s": t_resp}
 
 
-def bench_plans(seeds=range(1, 11), tbt_seed: int = 1) -> dict:
+def bench_plans(seeds=range(1, 11), tbt_seed: int = 1, tbt: bool = True) -> dict:
     """The same through the plans (devices, RunEngine, Tiled): ``measure_tbt`` on EBS, and per seed at the full
-    alignment table ``thread_first_turns`` then ``correct_orbit`` (model ORM with the RF)."""
+    alignment table the documented chain ``thread_first_turns``, ``ramp_sextupoles`` (the sextupoles down until
+    the threaded beam has a closed orbit, if it has none at full strength; the orbit corrected; back up in steps,
+    corrected at each) then ``correct_orbit`` (model ORM with the RF): the acceptance figures per seed."""
     import tempfile
 
     import acc_bluesky as ab
     from acc_bluesky import plans as ap
     from acc_bluesky.analysis.tbt import TbtResult
     from acc_bluesky.analysis.trajectory import ThreadingResult
+    from acc_bluesky.data import read_results
 
     out: dict = {}
     re = ab.make_run_engine(catalog_dir=tempfile.mkdtemp(prefix="bench-tbt-"), progress=False)
-    m = ab.connect("ebs", seed=tbt_seed)
-    re(ap.measure_tbt(m, turns=64, figure_dir=False))  # warm: the model optics, error sources, the writer
-    t0 = time.perf_counter()
-    uid = re(ap.measure_tbt(m, turns=1024, figure_dir=False)).plan_result
-    out["plan_tbt_s"] = time.perf_counter() - t0
-    res = TbtResult.from_run(re.catalog[uid])
-    print(f"measure_tbt plan (1024 turns, 224 BPMs, RunEngine + Tiled, analysis included): {out['plan_tbt_s']:.2f} "
-          f"s; q = {res.tunes.round(6).tolist()}")
+    if tbt:
+        m = ab.connect("ebs", seed=tbt_seed)
+        re(ap.measure_tbt(m, turns=64, figure_dir=False))  # warm: the model optics, error sources, the writer
+        t0 = time.perf_counter()
+        uid = re(ap.measure_tbt(m, turns=1024, figure_dir=False)).plan_result
+        out["plan_tbt_s"] = time.perf_counter() - t0
+        res = TbtResult.from_run(re.catalog[uid])
+        print(f"measure_tbt plan (1024 turns, 224 BPMs, RunEngine + Tiled, analysis included): "
+              f"{out['plan_tbt_s']:.2f} s; q = {res.tunes.round(6).tolist()}")
     rows = []
     for s in seeds:
         with warnings.catch_warnings():
@@ -243,31 +250,47 @@ def bench_plans(seeds=range(1, 11), tbt_seed: int = 1) -> dict:
         uid = re(ap.thread_first_turns(m, turns=2)).plan_result
         dt = time.perf_counter() - t0
         r = ThreadingResult.from_run(re.catalog[uid])
-        exists = not m.twin.beam_lost
+        stored_threaded = not m.twin.beam_lost
         before = after = (float("nan"), float("nan"))
-        why = "" if exists else m.twin.loss_reason.split(". What")[0]
-        if exists:
+        why, ramp = "", ""
+        if stored_threaded:
             x, y = m.twin.orbit()
             before = (float(np.sqrt(np.mean(x**2))), float(np.sqrt(np.mean(y**2))))
-            try:
-                re(ap.correct_orbit(m, orm="model", fit_rf=True, max_iter=5, figure_dir=False))
-                x, y = m.twin.orbit()
-                after = (float(np.sqrt(np.mean(x**2))), float(np.sqrt(np.mean(y**2))))
-            except Exception as err:  # noqa: BLE001 - reported
-                why = f"correct_orbit: {err}"[:80]
+        t1 = time.perf_counter()
+        try:  # the sextupoles down until the beam stores (if need be), the orbit corrected, back up in steps
+            ru = re(ap.ramp_sextupoles(m, orm="model", fit_rf=True, figure_dir=False)).plan_result
+            rr = read_results(re.catalog[ru])
+            ramp = "->".join(f"{a:g}" + ("" if s_ else "x") for a, s_ in zip(rr["fraction"], rr["stored"]))
+            re(ap.correct_orbit(m, orm="model", fit_rf=True, max_iter=5, figure_dir=False))
+            x, y = m.twin.orbit()
+            after = (float(np.sqrt(np.mean(x**2))), float(np.sqrt(np.mean(y**2))))
+        except Exception as err:  # noqa: BLE001 - reported
+            why = f"{err}"[:100]
+        t_ramp = time.perf_counter() - t1
+        exists = not m.twin.beam_lost
         row = {"seed": s, "orbit_before": had_orbit, "success": r.success, "turns": r.passages / len(m.bpm),
-               "readings": r.steps, "time_s": dt, "closed_orbit": exists,
+               "readings": r.steps, "time_s": dt, "ramp_s": t_ramp, "closed_orbit_threaded": stored_threaded,
+               "closed_orbit": exists, "ramp": ramp,
                "orbit_rms_um_before": tuple(v * 1e6 for v in before), "orbit_rms_um": tuple(v * 1e6 for v in after)}
         rows.append(row)
-        print(f"  plans, seed {s}: closed orbit before {'yes' if had_orbit else 'no '}; {row['turns']:.2f} turns in "
-              f"{r.steps:3d} readings, {dt:5.1f} s; closed orbit after: {'yes' if exists else 'NO'}; orbit x/y rms "
-              f"{before[0] * 1e6:6.1f}/{before[1] * 1e6:6.1f} -> {after[0] * 1e6:6.1f}/{after[1] * 1e6:6.1f} um "
-              f"{why}", flush=True)
-    ok = sum(r["success"] and max(r["orbit_rms_um"]) < 100 for r in rows)
+        print(f"  plans, seed {s:2d}: 2 turns {'yes' if r.success else 'NO '} ({r.steps:3d} readings, {dt:5.1f} s); "
+              f"closed orbit after threading {'yes' if stored_threaded else 'no '} "
+              f"({before[0] * 1e6:6.1f}/{before[1] * 1e6:6.1f} um); sextupole ramp {ramp} + correct_orbit "
+              f"{t_ramp:5.1f} s: closed orbit {'yes' if exists else 'NO'}, x/y rms {after[0] * 1e6:6.1f}/"
+              f"{after[1] * 1e6:6.1f} um {why}", flush=True)
+    ok = sum(r["success"] and r["closed_orbit"] and max(r["orbit_rms_um"]) < 100 for r in rows)
     out.update({"plan_threading": rows, "plan_threaded": sum(r["success"] for r in rows), "plan_orbit_below_100um": ok,
                 "plan_threading_time_max_s": max(r["time_s"] for r in rows)})
     print(f"  plans: {out['plan_threaded']}/{len(rows)} seeds threaded to 2 turns, {ok}/{len(rows)} with a corrected "
-          f"orbit < 100 um; slowest seed {out['plan_threading_time_max_s']:.1f} s (DESIGN <= 60 s)")
+          f"orbit < 100 um (target >= 9/10); slowest threading {out['plan_threading_time_max_s']:.1f} s (DESIGN <= 60 "
+          "s)")
+    print("\n| seed | 2 turns | readings | threading [s] | closed orbit after threading | sextupole ramp | "
+          "orbit x / y rms after correct_orbit [um] | ramp + correct_orbit [s] |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {'yes' if r['success'] else 'no'} | {r['readings']} | {r['time_s']:.1f} | "
+              f"{'yes' if r['closed_orbit_threaded'] else 'no'} | {r['ramp']} | "
+              + (f"{r['orbit_rms_um'][0]:.1f} / {r['orbit_rms_um'][1]:.1f}" if r["closed_orbit"] else "no closed orbit")
+              + f" | {r['ramp_s']:.1f} |")
     return out
 
 
@@ -276,9 +299,19 @@ def run() -> dict:
     out = bench_tbt()
     out.update(bench_threading())
     out.update(bench_plans())
-    out["target"] = "tbt_ratio <= 1, threading_ratio <= 1, orbit_below_100um >= 9"
+    out["target"] = "tbt_ratio <= 1, threading_ratio <= 1, plan_orbit_below_100um >= 9"
+    return out
+
+
+def run_first_turns() -> dict:
+    """Only the acceptance of the first turns at full EBS errors through the plans (seeds 1-10)."""
+    warnings.simplefilter("ignore")
+    out = bench_plans(tbt=False)
+    out["target"] = "plan_orbit_below_100um >= 9 (of 10)"
     return out
 
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    run_first_turns() if "--first-turns" in sys.argv else run()

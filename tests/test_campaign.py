@@ -83,8 +83,8 @@ def test_default_sequences_of_the_profiles_are_valid():
     for prof in ("ebs", HMBA):
         seq = default_sequence(prof)
         tools = [s.tool for s in seq.steps]
-        for t in ("thread_first_turns", "correct_trajectory", "measure_orm", "correct_orbit", "measure_bba",
-                  "apply_bba", "loco", "correct_optics", "correct_tune", "correct_chromaticity"):
+        for t in ("thread_first_turns", "correct_trajectory", "ramp_sextupoles", "measure_orm", "correct_orbit",
+                  "measure_bba", "apply_bba", "loco", "correct_optics", "correct_tune", "correct_chromaticity"):
             assert t in tools, (prof, t)
         assert seq.runnable and all(s.skip == "" for s in seq.steps if s.tool in ("measure_orm", "correct_orbit"))
 

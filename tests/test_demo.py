@@ -34,8 +34,9 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
     if scale is None:
         assert a["orbit_x_rms"] < b["orbit_x_rms"] / 10 and a["orbit_y_rms"] < b["orbit_y_rms"] / 10
         assert "thread_first_turns" not in res.uids
-    else:  # seed 1 at full errors: no closed orbit before; threaded, then corrected to 47 / 38 um (measured)
-        assert not np.isfinite(b["orbit_x_rms"]) and "thread_first_turns" in res.uids
+    else:  # seed 1 at full errors: no closed orbit before; threaded, sextupole ramp (stored at full strength: one
+        # correction), then corrected to 47 / 38 um (measured)
+        assert not np.isfinite(b["orbit_x_rms"]) and "thread_first_turns" in res.uids and "ramp_sextupoles" in res.uids
         assert a["orbit_x_rms"] < 100e-6 and a["orbit_y_rms"] < 100e-6
     assert np.all(np.abs(a["tunes"] - np.asarray(a["tune_target"])) < 1e-3)
     assert np.all(np.abs(a["chrom"] - np.asarray(a["chrom_target"])) < 0.2)
@@ -47,7 +48,7 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
 
     # every step is a FAIR run in the catalogue, findable by the uid printed
     cat = open_catalog(catalog_dir=cat_dir)
-    assert len(res.uids) == (9 if scale is None else 7)
+    assert len(res.uids) == (9 if scale is None else 8)
     tools = set()
     for uid in res.uids.values():
         assert uid in text

@@ -11,8 +11,8 @@ units, the statuses and reasons in its start document). The client writes the ca
 ``campaign``: profile, sequence, seeds), so :meth:`CampaignResult.from_catalog` reads a campaign back from the
 catalogue alone, and :func:`run_campaign` with ``resume=uid`` runs only the seeds that have no record.
 
-Failures stay in their seed: an exception of a plan or a lost beam ends that seed's chain, with the reason; a
-worker that dies is replaced and its seed run again by the scheduler (``distributed.scheduler.allowed-failures``),
+Failures stay in their seed: an exception of a plan or a lost beam ends that seed's chain, with the reason (a
+ring that has stored no beam yet goes on while the next step needs none: threading, the sextupole ramp); a worker that dies is replaced and its seed run again by the scheduler (``distributed.scheduler.allowed-failures``),
 and a seed whose task cannot finish is recorded as ``error`` with the reason (a later resume runs it again).
 
 The catalogue is a served Tiled catalogue: a catalogue folder (default: the user's; its Tiled server on loopback
@@ -356,7 +356,7 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
                             for c, ok in sr.criteria.items() if not ok)
                         if step.required:
                             ended = f"step {step.id} missed a required target ({sr.reason})"
-                if not ended and stored and sr.truth["beam"] != 1.0:
+                if not ended and sr.truth["beam"] != 1.0 and (stored or not _next_beam_free(tools, seq.steps, i)):
                     ended = f"beam lost after step {step.id}: {machine.twin.loss_reason or 'no stored beam'}"
                 stored = stored or sr.truth["beam"] == 1.0
                 send(topic, {**base, "event": "done", "step": step.id, "index": i, "status": sr.status})
@@ -368,6 +368,15 @@ def run_seed(task: Mapping[str, Any], emit: Callable[[str, dict], None] | None =
             unregister_machine(machine)
         send(topic, {**base, "event": "end"})
         return _record_json(rec)
+
+
+def _next_beam_free(tools: dict[str, Any], steps: list[Any], i: int) -> bool:
+    """True if the next step to run after step ``i`` works without a stored beam (``needs_beam=False``: the
+    first-turn tools, ``ramp_sextupoles``): a ring that has stored no beam yet (no closed orbit at full errors) goes
+    on to that step (threading, then the sextupole ramp that makes it store) instead of ending the seed. A beam
+    once stored and then lost always ends it."""
+    nxt = next((s for s in steps[i + 1:] if not s.skip), None)
+    return nxt is not None and nxt.tool in tools and not getattr(tools[nxt.tool], "needs_beam", True)
 
 
 def _recorded(RE, uid: str) -> bool:  # noqa: N803 - bluesky's name

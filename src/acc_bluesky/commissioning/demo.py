@@ -103,7 +103,7 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
     from .. import plans as ap
     from ..analysis import OrbitResponse
     from ..analysis.plots import tune_diagram
-    from ..data import make_run_engine, open_catalog
+    from ..data import make_run_engine, open_catalog, read_results
     from ..machine import NoClosedOrbitWarning, connect
 
     out = Path(out_dir)
@@ -132,6 +132,14 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
     if m.twin.observables().lost:  # no closed orbit: thread the first turns, then the ring tools can start
         step("thread_first_turns", "[2b/7] no closed orbit with these errors: threading the first turns "
              "(injection steering, first turn, stitch, balance) ...", ap.thread_first_turns(m, turns=2))
+        if m.sext:  # the threaded orbit passes the sextupoles off-centre: their feed-down may leave no stored beam
+            uid = step("ramp_sextupoles", "[2c/7] sextupoles down until the threaded beam has a closed orbit, the "
+                       "orbit corrected, back up in steps ...", ap.ramp_sextupoles(m, orm="model", fit_rf=True))
+            ramp = read_results(cat[uid])
+            if not int(ramp["success"]):
+                raise RuntimeError(f"the beam of {profile!r} seed {seed} makes 2 turns but has no closed orbit with "
+                                   f"the sextupoles at full strength ({ramp['message']}): try another seed or a "
+                                   "smaller error_scale")
         if m.twin.observables().lost:
             raise RuntimeError(f"the beam of {profile!r} seed {seed} makes 2 turns but still has no stable closed "
                                "orbit: try another seed or a smaller error_scale")

@@ -18,10 +18,11 @@ its parameters, and optionally its success criteria on the truth the twin knows:
 
 Step keys: the tool name (its parameters as a mapping), ``id`` (default: the tool name, ``<tool>_<k>`` for its
 k-th use), ``success`` (criteria, below), ``required`` (stop the seed when the step misses its criteria; default
-False: a missed target is recorded and the chain goes on; an exception or a lost beam always ends the seed),
-``optional`` (the tool may be missing from an installation: then the step is skipped with a note; default False: a
-tool name that is not registered is refused, with the nearest registered names, so that a typo never passes as a
-skipped step), ``note``.
+False: a missed target is recorded and the chain goes on; an exception or a lost beam ends the seed, except no
+beam stored yet while the next step needs none, e.g. threading then the sextupole ramp), ``optional`` (the tool
+may be missing from an installation: then the step is skipped with a note; default False: a tool name that is not
+registered is refused, with the nearest registered names, so that a typo never passes as a skipped step),
+``note``.
 
 Parameter values: plain YAML; ``"$<id>"`` is the run uid of an earlier step of the same seed (``orm: $orm``,
 ``bba: $measure_bba``, ``target: $apply_bba``); ``design`` as the ``target`` of ``correct_tune`` /

@@ -366,6 +366,7 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
             return uid
 
         plan.tool_name = name  # type: ignore[attr-defined]
+        plan.needs_beam = needs_beam  # type: ignore[attr-defined]
         plan.family_kind = family_kind  # type: ignore[attr-defined]
         plan.__signature__ = sig  # type: ignore[attr-defined]
         return plan

@@ -4,7 +4,8 @@ Orbit: :func:`measure_orm`, :func:`correct_orbit`, :func:`orbit_bump`, :func:`me
 configurations: :func:`save_config`, :func:`restore_config` (and :func:`compare_config`);
 optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`); LOCO: :func:`loco`, :func:`correct_optics`;
 turn-by-turn optics (:func:`measure_tbt`); first turns: :func:`measure_trajectory_response`,
-:func:`correct_trajectory`, :func:`thread_first_turns`; beam-based alignment: :func:`measure_bba`, :func:`apply_bba`.
+:func:`correct_trajectory`, :func:`thread_first_turns`, :func:`ramp_sextupoles` (the sextupoles down until the
+threaded beam stores, back up with orbit corrections); beam-based alignment: :func:`measure_bba`, :func:`apply_bba`.
 """
 
 from . import config as _config, orbit as _orbit

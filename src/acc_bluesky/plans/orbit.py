@@ -429,16 +429,18 @@ _CORRECTION_DESCRIPTIONS = {
 
 
 def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, max_iter, tol, n_avg,
-             min_improvement, exclude_bpms, auto_cut: bool = False) -> MsgGenerator[dict[str, Any]]:
+             min_improvement, exclude_bpms, auto_cut: bool = False,
+             rec: Record | None = None) -> MsgGenerator[dict[str, Any]]:
     """The correction iterations: read, step, read; one event each.
 
     Every step is judged (:func:`~acc_bluesky.analysis.correction.judge_step`) on the rms of the readings the
     correction uses (weight > 0, not excluded, finite): undone when worse beyond the BPM noise, ``converged`` only
     when the rms reached its floor (what a perfect step with these singular values leaves, and the noise), stopped
     when it stalled. With ``auto_cut`` (no ``n_sv``/``tikhonov`` given) the singular values are cut per iteration
-    above the BPM noise (:func:`~acc_bluesky.analysis.correction.noise_sv_cut`), at most ``nsv``."""
+    above the BPM noise (:func:`~acc_bluesky.analysis.correction.noise_sv_cut`), at most ``nsv``. A plan that
+    corrects several times in one run passes its one ``rec`` (one Record per stream)."""
     excluded = [c.resp.bpm_index(b) for b in exclude_bpms]
-    rec = _correction_record(machine, c.groups)
+    rec = rec if rec is not None else _correction_record(machine, c.groups)
     good = np.asarray(machine.bpm.good, dtype=bool)
     solver = c.system.solver
     bpm_noise = float(machine.profile.spec.errors.bpm.noise)

@@ -1,5 +1,7 @@
-"""First turns as Bluesky plans: ``measure_trajectory_response``, ``correct_trajectory`` and
-``thread_first_turns`` (pySC's first_turn / stitch / balance with injection steering, MML's trajectory tools).
+"""First turns as Bluesky plans: ``measure_trajectory_response``, ``correct_trajectory``,
+``thread_first_turns`` (pySC's first_turn / stitch / balance with injection steering, MML's trajectory tools) and
+``ramp_sextupoles`` (pySC's sextupole ramp after threading: down until the beam has a closed orbit, then back up in
+steps with the orbit corrected at each).
 
 Each is a :func:`~acc_bluesky.plan_stubs.tool.tool` that needs no stored beam (a ring with no closed orbit yet, a
 transfer line): the BPMs acquire in ``trajectory`` mode, the injection fires one shot per reading, and the
@@ -34,7 +36,8 @@ from ..analysis.trajectory import (
 )
 from ..analysis.trajectory import thread_first_turns as _threading
 from ..machine import Machine
-from ..plan_stubs.machine import Record, emit, move
+from ..plan_stubs.machine import BeamLostError, Record, check_limits, emit, move, read_orbit, snapshot_setpoints
+from ..plan_stubs.optics import family_setpoints, resolve_families
 from ..plan_stubs.orbit import step_sizes
 from ..plan_stubs.runs import resolve
 from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, tool
@@ -46,8 +49,10 @@ from ..plan_stubs.trajectory import (
     restore_beam_settings,
     set_acquisition,
 )
+from .orbit import _Correction, _correction_record, _correction_system, _iterate, _orm_of
 
-__all__ = ["correct_trajectory", "measure_trajectory_response", "thread_first_turns"]
+__all__ = ["correct_trajectory", "design_sextupoles", "measure_trajectory_response", "ramp_sextupoles",
+           "thread_first_turns"]
 
 #: stage codes of the threading events (``stage`` field)
 STAGES = {"first_turn": 0, "wiggle": 1, "stitch": 2, "balance": 3}
@@ -479,3 +484,246 @@ def thread_first_turns(machine: Machine, turns: int = 2, response: Any = None, n
         return result
 
     return (yield from _restoring(machine, body(), snap, state, keep=True))
+
+
+# ======================================================================================================
+# ramp_sextupoles
+def _sextupole_restore(machine: Machine, args: dict[str, Any]) -> Restore:
+    fams = resolve_families(machine, args.get("families"), "sextupole")
+    return Restore(tuple(sorted({*fams, *machine.hcors, *machine.vcors})), rf=bool(args.get("fit_rf", True)))
+
+
+def _check_fractions(machine: Machine, args: dict[str, Any]) -> None:
+    f = np.asarray(args.get("fractions", ()), dtype=float).reshape(-1)
+    if f.size == 0 or not np.all(np.isfinite(f)) or np.any(f < 0) or np.any(f > 1) or np.any(np.diff(f) <= 0):
+        raise ValueError(f"ramp_sextupoles: fractions must rise strictly within [0, 1] (of the reference "
+                         f"strengths), got {args.get('fractions')!r}")
+    if not 0 < float(args.get("min_step", 0.05)) < 1:
+        raise ValueError(f"ramp_sextupoles: min_step must be in (0, 1), got {args.get('min_step')!r}")
+
+
+def design_sextupoles(machine: Machine, families: Sequence[str]) -> dict[str, np.ndarray]:
+    """The design setpoints [A] of the sextupole ``families``: the profile's lattice strengths through each
+    family's calibration (what the magnets are at in the model)."""
+    from ..analysis.tune import family_strengths
+
+    ring = machine.profile.load_lattice()
+    e = machine.profile.energy
+    out = {}
+    for f in families:
+        k = family_strengths(ring, machine.profile, f)
+        out[f] = np.asarray(machine.families[f].calibration.physics2hw(k, e, e), dtype=float).reshape(-1)
+    return out
+
+
+def _ramp_figure(result: ToolResult, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    r = result.value
+    fig = Figure(figsize=(9.0, 6.0), dpi=110)
+    FigureCanvasAgg(fig)
+    a1, a2 = fig.subplots(2, 1, sharex=True)
+    steps = np.arange(1, len(r["fraction"]) + 1)
+    stored = np.asarray(r["stored"], dtype=bool)
+    a1.plot(steps, r["fraction"], "-", color="0.6")
+    a1.plot(steps[stored], np.asarray(r["fraction"])[stored], "o", label="closed orbit")
+    a1.plot(steps[~stored], np.asarray(r["fraction"])[~stored], "x", color="r", label="no closed orbit")
+    a1.set_ylabel("sextupoles [fraction of reference]")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    a2.plot(steps, np.asarray(r["rms_x"]) * 1e6, ".-", label="x")
+    a2.plot(steps, np.asarray(r["rms_y"]) * 1e6, ".-", label="y")
+    a2.set_ylabel("rms orbit after correction [um]")
+    a2.set_xlabel("step")
+    a2.legend(fontsize=8)
+    a2.grid(alpha=0.3)
+    fig.suptitle(r["title"])
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+@tool("sextupole_ramp", restore=_sextupole_restore, keep=True, needs_beam=False, validate=_check_fractions,
+      ring_only="the sextupoles are ramped around a closed orbit, which only a ring has", family_kind="sextupole",
+      figures={"ramp": _ramp_figure})
+def ramp_sextupoles(machine: Machine, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+                    families: Sequence[str] | str | None = None, reference: Any = "design", orm: Any = "model",
+                    fit_rf: bool = True, n_sv: int | None = None, max_iter: int = 3, min_step: float = 0.05,
+                    n_avg: int = 1, figure_dir: str | Path | bool | None = None,
+                    md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+    """Bring the sextupoles to their reference strengths in steps, correcting the closed orbit at each step (pySC's
+    sextupole ramp after threading; what a control room does when the threaded beam does not store).
+
+    After threading, the closed orbit passes the sextupoles off-centre (hundreds of um) and their feed-down (a
+    quadrupole and skew quadrupole per sextupole) can leave no stable closed orbit: two turns survive, a stored beam
+    does not. Then, from the present strengths: (1) while no closed orbit is seen (in-service BPMs read NaN in
+    orbit mode), the sextupoles go down to the next lower of ``fractions`` (0 last) until one is; (2) the orbit is
+    corrected there (SVD with ``orm``, ``fit_rf``: the RF frequency brings the beam on energy); (3) the sextupoles
+    go up to each higher fraction in turn, the orbit corrected after each; a step that loses the closed orbit is
+    halved (down to ``min_step``), and if even that loses it the sextupoles go back to the last fraction with a
+    closed orbit and the ramp stops (``success`` 0). Each family moves as one vector (fraction x its reference
+    setpoints); every move is checked against the limits before anything moves. One ``sextupole_ramp`` event per
+    step in the stream ``sextupole_ramp`` (fraction, closed orbit or not, rms after its correction); the orbit
+    corrections' iterations are the ``primary`` events (as ``correct_orbit``'s).
+    Aborted, stopped or failed: sextupoles, correctors and the RF frequency are put back; completed: kept.
+
+    Args:
+        machine: the connected machine (a ring).
+        fractions: the rising fractions of the reference strengths to stop at (within [0, 1]; the last is where
+            the ramp ends, 1 = the reference).
+        families: sextupole families ramped (default every sextupole family).
+        reference: the strengths the fractions are of: ``"design"`` (the model lattice's, through the
+            calibration), or ``{family: setpoints [A]}``.
+        orm: the orbit response for the corrections: ``"model"``, an :class:`OrbitResponse` or a run of
+            ``measure_orm``.
+        fit_rf: correct with the RF frequency too [Hz].
+        n_sv: singular values of each correction (default: as ``correct_orbit``).
+        max_iter: correction iterations per step.
+        min_step: the smallest fraction step tried when a step loses the closed orbit.
+        n_avg: orbit acquisitions averaged per reading.
+        figure_dir: folder of the figure (``ramp``: fraction and rms orbit per step); ``False``: none.
+        md: metadata merged into the run's start document.
+
+    Returns:
+        the run uid; results: ``fraction`` per step, ``stored`` (1: closed orbit), ``rms_x``, ``rms_y`` after
+        each step's correction [m], ``final_fraction``, ``success`` (1: the last of ``fractions`` reached with a
+        closed orbit), the families' final setpoints ``<family>_setpoint`` [A], ``message``.
+    """
+    fams = resolve_families(machine, families, "sextupole")
+    ladder = [float(v) for v in np.asarray(fractions, dtype=float).reshape(-1)]
+    if isinstance(reference, str):
+        if reference != "design":
+            raise ValueError(f"ramp_sextupoles: reference must be 'design' or {{family: setpoints}}, got {reference!r}")
+        ref = design_sextupoles(machine, fams)
+    else:
+        missing = [f for f in fams if f not in reference]
+        if missing:
+            raise KeyError(f"ramp_sextupoles: reference has no setpoints for {missing}")
+        ref = {f: np.broadcast_to(np.asarray(reference[f], dtype=float), (len(machine.families[f]),)).copy()
+               for f in fams}
+    for f in fams:  # every setpoint the ramp may reach, within the limits, before anything moves
+        for a in (0.0, 1.0):
+            check_limits(machine.families[f], a * ref[f], f"ramp_sextupoles: {a:g} x the reference of {f}")
+    sext0 = yield from family_setpoints(machine, fams)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.concatenate([sext0[f][ref[f] != 0] / ref[f][ref[f] != 0] for f in fams])
+    now = float(np.median(ratios)) if ratios.size else 1.0
+    resp = yield from _orm_of(machine, orm, fit_rf)
+    system, nsv, _ = _correction_system(machine, resp, fit_rf, n_sv, None, None, None, (), ())
+    snap = yield from snapshot_setpoints(machine, sorted({machine.device(c).family_name
+                                                          for c in resp.corrector_names}), rf=fit_rf)
+    corr = _Correction(machine, resp, system, snap, float(snap["RF:frequency"]) if fit_rf else float("nan"),
+                       fit_rf, None)
+    good = np.asarray(machine.bpm.good, dtype=bool)
+    orbit_rec = _correction_record(machine, corr.groups)
+    yield from open_tool_run(families=fams, orm_uid=resp.uid or resp.kind, bpm_names=machine.bpm.names,
+                             start_fraction=now, reference={f: ref[f].tolist() for f in fams},
+                             num_points=2 * len(ladder) + 2)
+    rec = Record("sextupole_ramp", {
+        "step": ("", (), "step number (1-based)"),
+        "fraction": ("", (), "sextupole strengths as a fraction of the reference"),
+        "stored": ("", (), "1: a closed orbit (every in-service BPM reads a position)"),
+        "rms_x": ("m", (), "rms horizontal orbit after the step's correction (NaN: no closed orbit)"),
+        "rms_y": ("m", (), "rms vertical orbit after the step's correction (NaN: no closed orbit)"),
+        "iterations": ("", (), "orbit correction iterations of the step")},
+        hinted=("step", "fraction", "stored", "rms_x", "rms_y"),
+        dtypes={"step": "integer", "stored": "integer", "iterations": "integer"})
+    hist: dict[str, list[float]] = {"fraction": [], "stored": [], "rms_x": [], "rms_y": []}
+
+    def set_fraction(a: float) -> MsgGenerator[None]:
+        pairs: list[Any] = []
+        for f in fams:
+            pairs += [machine.families[f], a * ref[f]]
+        yield from move(*pairs)
+
+    def stored() -> MsgGenerator[bool]:
+        x, y = yield from read_orbit(machine, n_avg, check=False)
+        return bool(np.all(np.isfinite(x[good]) & np.isfinite(y[good])))
+
+    def step(a: float, move_first: bool = True) -> MsgGenerator[bool]:
+        """Sextupoles to ``a``; if a closed orbit exists, correct it. One event. True if stored."""
+        if move_first:
+            yield from set_fraction(a)
+        ok = yield from stored()
+        its, rx, ry = 0, float("nan"), float("nan")
+        if ok:
+            sp_before, f_before = {f: v.copy() for f, v in corr.sp.items()}, corr.f
+            try:
+                out = yield from _iterate(machine, corr, np.zeros(len(good)), np.zeros(len(good)), nsv=nsv,
+                                          tikhonov=None, gain=1.0, max_iter=max_iter, tol=None, n_avg=n_avg,
+                                          min_improvement=0.02, exclude_bpms=(), auto_cut=n_sv is None,
+                                          rec=orbit_rec)
+                its = int(out["iterations"])
+                x, y = out["last"]
+                rx, ry = rms(x, good), rms(y, good)
+            except BeamLostError:  # a correction step lost the closed orbit: taken back, the step is judged on that
+                pairs: list[Any] = []
+                for f, v in sp_before.items():
+                    pairs += [machine.families[f], v]
+                if fit_rf:
+                    pairs += [machine.rf, f_before]
+                yield from move(*pairs)
+                corr.sp, corr.f = sp_before, f_before
+                ok = yield from stored()
+                if ok:
+                    x, y = yield from read_orbit(machine, n_avg, check=False)
+                    rx, ry = rms(x, good), rms(y, good)
+        hist["fraction"].append(a)
+        hist["stored"].append(float(ok))
+        hist["rms_x"].append(rx)
+        hist["rms_y"].append(ry)
+        rec.update(step=len(hist["fraction"]), fraction=a, stored=int(ok), rms_x=rx, rms_y=ry, iterations=its)
+        yield from emit(rec, stream="sextupole_ramp")
+        return ok
+
+    message = ""
+    ok = yield from step(now, move_first=False)
+    last_good = now if ok else None
+    below = [a for a in reversed([0.0, *ladder]) if a < now - 1e-9]
+    below = list(dict.fromkeys(below))
+    while last_good is None and below:
+        a = below.pop(0)
+        if (yield from step(a)):
+            last_good = a
+    if last_good is None:
+        yield from set_fraction(now)
+        raise BeamLostError(f"ramp_sextupoles: no closed orbit with the sextupoles at any fraction from {now:.3g} "
+                            "down to 0 of the reference: thread the first turns (thread_first_turns, "
+                            "correct_trajectory) first. Everything it moved is put back.")
+    for target in [a for a in ladder if a > last_good + 1e-9]:
+        lo = last_good
+        while lo < target - 1e-9:
+            trial = target
+            while True:
+                if (yield from step(trial)):
+                    lo = last_good = trial
+                    break
+                if trial - lo <= min_step + 1e-9:
+                    trial = None
+                    break
+                trial = lo + max(0.5 * (trial - lo), min_step)
+            if trial is None:
+                break
+        if last_good < target - 1e-9:
+            yield from step(last_good)  # back where the closed orbit was, corrected again
+            message = (f"no closed orbit above {last_good:.3g} of the reference (a step of {min_step:g} lost it): "
+                       f"the sextupoles are left at {last_good:.3g}")
+            break
+    final = last_good
+    success = abs(final - ladder[-1]) < 1e-9 and bool(hist["stored"][-1])
+    sp = yield from family_setpoints(machine, fams)
+    res: dict[str, Any] = {k: np.asarray(v, dtype=float) for k, v in hist.items()}
+    res.update(final_fraction=np.asarray(final), success=np.asarray(int(success)), start_fraction=np.asarray(now),
+               message=message or f"sextupoles at {final:.3g} of the reference with a closed orbit")
+    units = {"fraction": "", "stored": "", "rms_x": "m", "rms_y": "m", "final_fraction": "", "success": "",
+             "start_fraction": "", "message": ""}
+    for f in fams:
+        res[f"{f}_setpoint"] = np.asarray(sp[f], dtype=float)
+        units[f"{f}_setpoint"] = "A"
+    title = (f"{machine.profile.facility} {machine.profile.accelerator}: sextupole ramp {now:.2f} -> {final:.2f}, "
+             f"{len(hist['fraction'])} steps" + ("" if success else " (stopped)"))
+    return ToolResult(res, units, {"fraction": "sextupole fraction of the reference at each step",
+                                   "stored": "1: closed orbit at that step", "final_fraction": "where the ramp ended",
+                                   "success": "1: the last fraction was reached with a closed orbit",
+                                   "start_fraction": "the sextupoles' fraction of the reference at the start"},
+                      value={**res, "title": title})
