@@ -64,7 +64,15 @@ class Clock:
 
 # ---------------------------------------------------------------------------------------------------------------
 # what the tools do, done on the twin
-def measure_orm(twin: Twin, delta_hw: float = 0.2, rf: bool = False, df: float = 20.0) -> OrbitResponse:
+def _read(twin: Twin, n_avg: int) -> np.ndarray:
+    """Mean of ``n_avg`` BPM acquisitions (x then y) [m], as ``measure_orm(n_avg=...)`` averages."""
+    if n_avg == 1:
+        return np.concatenate(twin.read_bpms())
+    return np.mean([np.concatenate(twin.read_bpms()) for _ in range(n_avg)], axis=0)
+
+
+def measure_orm(twin: Twin, delta_hw: float = 0.2, rf: bool = False, df: float = 20.0,
+                n_avg: int = 1) -> OrbitResponse:
     p = twin.profile
     table = corrector_table(p)
     e = p.energy
@@ -75,7 +83,7 @@ def measure_orm(twin: Twin, delta_hw: float = 0.2, rf: bool = False, df: float =
         orbits = []
         for s in (1, -1):
             twin.set_setpoint(fam, sp0 + s * delta_hw, i)
-            orbits.append(np.concatenate(twin.read_bpms()))
+            orbits.append(_read(twin, n_avg))
         twin.set_setpoint(fam, sp0, i)
         d = float(cal.hw2physics(sp0 + delta_hw, e, e) - cal.hw2physics(sp0, e, e))
         cols.append((orbits[0] - orbits[1]) / (2 * d))
@@ -86,7 +94,7 @@ def measure_orm(twin: Twin, delta_hw: float = 0.2, rf: bool = False, df: float =
         orbits = []
         for s in (1, -1):
             twin.set_rf_frequency(f0 + s * df)
-            orbits.append(np.concatenate(twin.read_bpms()))
+            orbits.append(_read(twin, n_avg))
         twin.set_rf_frequency(f0)
         rf_col = (orbits[0] - orbits[1]) / (2 * df)
     m = np.array(cols).T
@@ -98,12 +106,14 @@ def measure_orm(twin: Twin, delta_hw: float = 0.2, rf: bool = False, df: float =
                          corrector_refpts=np.array([int(p.families[f].refpts[i]) for (_, f, i, _) in table]))
 
 
-def measure_dispersion(twin: Twin, df: float = 20.0) -> Dispersion:
+def measure_dispersion(twin: Twin, df: float = 20.0, n_avg: int = 1) -> Dispersion:
     f0 = twin.rf_frequency
     xs, ys = [], []
+    nb = len(twin.profile.bpm_refpts)
     for s in (1, -1):
         twin.set_rf_frequency(f0 + s * df)
-        x, y = twin.read_bpms()
+        z = _read(twin, n_avg)
+        x, y = z[:nb], z[nb:]
         xs.append(x)
         ys.append(y)
     twin.set_rf_frequency(f0)
