@@ -257,7 +257,7 @@ def gradient_only(p, seeds=(1,), n_avg: int = N_AVG, prior: float | None = GRADI
         print(f"  seed {seed}: ORM + dispersion measured in {cm}; fit ({len(res.values)} parameters, "
               f"{len(res.chi2) - 1} iterations, chi2/dof {res.chi2_dof:.3f}) in {cl}")
         print(f"    gradient errors: injected {rms(truth):.2e} rms, fit - injected {rms(err):.2e} rms = "
-              f"{100 * rms(err) / rms(truth):.0f} % (target 10 %); median 1-sigma "
+              f"{100 * rms(err) / rms(truth):.1f} % (target 10 %); median 1-sigma "
               f"{np.median(res.dk_sigma / np.abs(res.element_k0)):.1e}; "
               f"{res.n_sv} of 256 singular values kept")
         dk_true = truth * res.element_k0
