@@ -797,14 +797,14 @@ class LocoResult:
     RESULT_KEYS = {
         "parameters": ("", "fitted parameters (row 0) and their one-sigma uncertainties (row 1); units per "
                            "parameter in the start document's loco_units"),
-        "chi2": ("", "chi-square after each accepted iteration (first: start model)"),
         "residual": ("m/rad", "measured minus fitted orbit response (2n x m); NaN where not used in the fit"),
-        "gradients": ("m^-2", "fitted gradient change dk per fitted magnet (row 0) and its uncertainty (row 1); "
-                              "m^-1 for thin elements"),
-        "residual_dispersion": ("m", "measured minus fitted dispersion (x then y)"),
-        "singular_values": ("", "singular values of the normalised weighted Jacobian"),
-        "beta_beat": ("", "beta-beat (x: row 0, y: row 1) of the fitted model against the design at the BPMs"),
+        "bpm_optics": ("1 | m", "per BPM reading (x at the n BPMs, then y): row 0 the beta-beat of the fitted model "
+                                "against the design [1], row 1 measured minus fitted dispersion [m]; NaN where "
+                                "not computed"),
     }
+    # Three keys: the writer's cost grows with the number of data keys, not with their size. The chi-square per
+    # iteration and the singular values are in the start document (loco_chi2, loco_singular_values); dK per
+    # magnet is LocoResult.dk (element_coeff * values[element_param]).
 
     def to_results(self, beta: tuple[FloatArray, FloatArray] | None = None) -> dict[str, np.ndarray]:
         """Arrays for the run's ``results`` stream (units and meaning: :attr:`RESULT_KEYS`); the names, kinds and
@@ -812,18 +812,14 @@ class LocoResult:
         (:meth:`start_metadata`).
 
         ``beta``: the model beta-beat at the BPMs (:meth:`beta_beat`) to store with it."""
-        out: dict[str, np.ndarray] = {
-            "parameters": np.vstack([self.values, self.sigmas]), "chi2": np.asarray(self.chi2, dtype=float),
-            "residual": np.where(self.data_mask, self.residual, np.nan),
-            "gradients": np.vstack([self.dk, self.dk_sigma]),
-        }
-        if self.residual_dispersion is not None:
-            out["residual_dispersion"] = np.asarray(self.residual_dispersion, dtype=float)
-        if self.singular_values is not None:
-            out["singular_values"] = np.asarray(self.singular_values, dtype=float)
+        n2 = 2 * len(self.bpm_names)
+        optics = np.full((2, n2), np.nan)
         if beta is not None:
-            out["beta_beat"] = np.vstack([np.asarray(beta[0], dtype=float), np.asarray(beta[1], dtype=float)])
-        return out
+            optics[0] = np.concatenate([np.asarray(beta[0], dtype=float), np.asarray(beta[1], dtype=float)])
+        if self.residual_dispersion is not None:
+            optics[1] = np.asarray(self.residual_dispersion, dtype=float)
+        return {"parameters": np.vstack([self.values, self.sigmas]),
+                "residual": np.where(self.data_mask, self.residual, np.nan), "bpm_optics": optics}
 
     def start_metadata(self) -> dict[str, Any]:
         """What :meth:`from_results` needs from the start document (JSON-able lists and scalars)."""
@@ -840,6 +836,9 @@ class LocoResult:
                                                                     for k, v in self.setpoints.items()},
             "loco_options": dict(self.options), "orm_uid": self.orm_uid, "dispersion_uid": self.dispersion_uid,
             "loco_chi2_dof": float(self.chi2_dof), "loco_n_sv": int(self.n_sv),
+            "loco_chi2": [float(c) for c in self.chi2],
+            "loco_singular_values": None if self.singular_values is None else
+            np.asarray(self.singular_values, dtype=float).tolist(),
             "loco_tunes_model": None if self.tunes_model is None else np.asarray(self.tunes_model, float).tolist(),
         }
         if self.bpm_refpts is not None:
@@ -872,13 +871,18 @@ class LocoResult:
         resid = np.asarray(results["residual"], dtype=float)
         mask = np.asarray(results["data_mask"]).astype(bool) if "data_mask" in results else np.isfinite(resid)
         rd = results.get("residual_dispersion")
-        sv = results.get("singular_values")
+        if rd is None and "bpm_optics" in results:
+            row = np.asarray(results["bpm_optics"], dtype=float)[1]
+            rd = None if np.all(np.isnan(row)) else row
+        sv = results.get("singular_values", start.get("loco_singular_values"))
+        chi2 = results.get("chi2", start.get("loco_chi2"))
         tq = results.get("tunes_model", start.get("loco_tunes_model"))
         chi2_dof = results.get("chi2_dof", start.get("loco_chi2_dof", np.nan))
         n_sv = results.get("n_sv", start.get("loco_n_sv", 0))
         return cls(
             names=list(start["loco_names"]), kinds=list(start["loco_kinds"]), units=list(start["loco_units"]),
-            values=values, sigmas=sigmas, chi2=np.asarray(results["chi2"], dtype=float).reshape(-1).tolist(),
+            values=values, sigmas=sigmas,
+            chi2=[] if chi2 is None else np.asarray(chi2, dtype=float).reshape(-1).tolist(),
             chi2_dof=float(np.asarray(chi2_dof)), residual=resid, data_mask=mask, bpm_names=list(start["bpm_names"]),
             corrector_names=list(start["corrector_names"]), corrector_planes=list(start["corrector_planes"]),
             element_refpts=np.asarray(start["element_refpts"], dtype=np.int64),
