@@ -21,7 +21,10 @@ Sections:
    EBS case with the ORM and dispersion measured by the plans: the plan's time outside the fit (target <= 5 %).
 
 The "measured" ORM is what ``measure_orm`` does, done straight on the twin (setpoints +-0.2 A, BPM readings with
-their gains, rolls, offsets and noise); the truth is the twin's error model and pyAT on its lattice. Times are
+their gains, rolls, offsets and noise, ``n_avg`` acquisitions averaged per step: 256 in section 2, one elsewhere);
+the truth is the twin's error model and pyAT on its lattice. Sections 2c (one acquisition: SVD cut against the
+prior) and 2d (no noise: every gradient separable, the kick's third-order bias) on request (``--only single
+noisefree``). Times are
 wall-clock and CPU seconds of this process (other processes share the 2 cores: CPU time is the steadier figure).
 """
 

@@ -357,6 +357,8 @@ def test_gradient_prior_is_the_minimum_mean_square_error_fit(prof, noisy):
     assert mmse.options["gradient_prior"] == 0.01 and mmse.n_sv == len(truth)
     with pytest.raises(ValueError, match="gradient_prior"):
         fit_loco(prof, orm, fit=FIT_ALL, bpm_noise=1e-7, gradient_prior=-1.0)
+    with pytest.raises(ValueError, match="bpm_noise"):  # a prior against unknown noise means nothing
+        fit_loco(prof, orm, fit=FIT_ALL, gradient_prior=0.01)
 
 
 def test_families_and_dispersion(prof):

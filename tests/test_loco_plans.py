@@ -227,3 +227,5 @@ def test_loco_plan_with_averaged_orm_and_prior_meets_the_10_percent_acceptance(p
     assert res.options["gradient_prior"] == 0.01 and res.n_sv == len(res.element_refpts)
     with pytest.raises(ToolError, match="gradient_prior"):
         RE(loco(m, orm=orm, gradient_prior=0.0, figure_dir=False))
+    with pytest.raises(ToolError, match="bpm_noise"):
+        RE(loco(m, orm=orm, gradient_prior=0.01, figure_dir=False))

@@ -1334,6 +1334,9 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     if gradient_prior is not None:
         if not (np.isfinite(gradient_prior) and gradient_prior > 0):
             raise ValueError(f"gradient_prior is an rms relative gradient error (> 0), got {gradient_prior!r}")
+        if not noise_known:
+            raise ValueError("gradient_prior is weighed against the measurement noise: give bpm_noise (the noise of "
+                             "what each step recorded, one acquisition's / sqrt(n_avg)) or orm_sigma")
         for ie in range(len(el.refpts)):
             g = int(el.param[ie])
             if el.group_kinds[g] != "quad":

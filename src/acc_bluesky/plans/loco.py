@@ -164,6 +164,9 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     prior = gradient_prior if gradient_prior is not None else defaults.get("gradient_prior")
     if prior is not None and not (np.isfinite(prior) and prior > 0):
         raise ToolError(f"loco: gradient_prior is an rms relative gradient error (> 0), got {prior!r}")
+    if prior is not None and noise is None:
+        raise ToolError("loco: gradient_prior needs bpm_noise [m] (the noise of what each ORM step recorded: one "
+                        "acquisition's / sqrt(n_avg)), or tools.loco.bpm_noise in the profile. Nothing was recorded.")
     rc = rcond if rcond is not None else (None if prior is not None else float(defaults.get("rcond", 3e-4)))
     resp = yield from resolve(orm, OrbitResponse, tools=("orbit_response",), what="orm")
     disp = None
