@@ -797,14 +797,14 @@ class LocoResult:
     RESULT_KEYS = {
         "parameters": ("", "fitted parameters (row 0) and their one-sigma uncertainties (row 1); units per "
                            "parameter in the start document's loco_units"),
-        "chi2": ("", "chi-square after each accepted iteration (first: start model)"),
         "residual": ("m/rad", "measured minus fitted orbit response (2n x m); NaN where not used in the fit"),
-        "gradients": ("m^-2", "fitted gradient change dk per fitted magnet (row 0) and its uncertainty (row 1); "
-                              "m^-1 for thin elements"),
-        "residual_dispersion": ("m", "measured minus fitted dispersion (x then y)"),
-        "singular_values": ("", "singular values of the normalised weighted Jacobian"),
-        "beta_beat": ("", "beta-beat (x: row 0, y: row 1) of the fitted model against the design at the BPMs"),
+        "bpm_optics": ("1 | m", "per BPM reading (x at the n BPMs, then y): row 0 the beta-beat of the fitted model "
+                                "against the design [1], row 1 measured minus fitted dispersion [m]; NaN where "
+                                "not computed"),
     }
+    # Three keys: the writer's cost grows with the number of data keys, not with their size. The chi-square per
+    # iteration and the singular values are in the start document (loco_chi2, loco_singular_values); dK per
+    # magnet is LocoResult.dk (element_coeff * values[element_param]).
 
     def to_results(self, beta: tuple[FloatArray, FloatArray] | None = None) -> dict[str, np.ndarray]:
         """Arrays for the run's ``results`` stream (units and meaning: :attr:`RESULT_KEYS`); the names, kinds and
@@ -812,18 +812,14 @@ class LocoResult:
         (:meth:`start_metadata`).
 
         ``beta``: the model beta-beat at the BPMs (:meth:`beta_beat`) to store with it."""
-        out: dict[str, np.ndarray] = {
-            "parameters": np.vstack([self.values, self.sigmas]), "chi2": np.asarray(self.chi2, dtype=float),
-            "residual": np.where(self.data_mask, self.residual, np.nan),
-            "gradients": np.vstack([self.dk, self.dk_sigma]),
-        }
-        if self.residual_dispersion is not None:
-            out["residual_dispersion"] = np.asarray(self.residual_dispersion, dtype=float)
-        if self.singular_values is not None:
-            out["singular_values"] = np.asarray(self.singular_values, dtype=float)
+        n2 = 2 * len(self.bpm_names)
+        optics = np.full((2, n2), np.nan)
         if beta is not None:
-            out["beta_beat"] = np.vstack([np.asarray(beta[0], dtype=float), np.asarray(beta[1], dtype=float)])
-        return out
+            optics[0] = np.concatenate([np.asarray(beta[0], dtype=float), np.asarray(beta[1], dtype=float)])
+        if self.residual_dispersion is not None:
+            optics[1] = np.asarray(self.residual_dispersion, dtype=float)
+        return {"parameters": np.vstack([self.values, self.sigmas]),
+                "residual": np.where(self.data_mask, self.residual, np.nan), "bpm_optics": optics}
 
     def start_metadata(self) -> dict[str, Any]:
         """What :meth:`from_results` needs from the start document (JSON-able lists and scalars)."""
@@ -840,6 +836,9 @@ class LocoResult:
                                                                     for k, v in self.setpoints.items()},
             "loco_options": dict(self.options), "orm_uid": self.orm_uid, "dispersion_uid": self.dispersion_uid,
             "loco_chi2_dof": float(self.chi2_dof), "loco_n_sv": int(self.n_sv),
+            "loco_chi2": [float(c) for c in self.chi2],
+            "loco_singular_values": None if self.singular_values is None else
+            np.asarray(self.singular_values, dtype=float).tolist(),
             "loco_tunes_model": None if self.tunes_model is None else np.asarray(self.tunes_model, float).tolist(),
         }
         if self.bpm_refpts is not None:
@@ -872,13 +871,18 @@ class LocoResult:
         resid = np.asarray(results["residual"], dtype=float)
         mask = np.asarray(results["data_mask"]).astype(bool) if "data_mask" in results else np.isfinite(resid)
         rd = results.get("residual_dispersion")
-        sv = results.get("singular_values")
+        if rd is None and "bpm_optics" in results:
+            row = np.asarray(results["bpm_optics"], dtype=float)[1]
+            rd = None if np.all(np.isnan(row)) else row
+        sv = results.get("singular_values", start.get("loco_singular_values"))
+        chi2 = results.get("chi2", start.get("loco_chi2"))
         tq = results.get("tunes_model", start.get("loco_tunes_model"))
         chi2_dof = results.get("chi2_dof", start.get("loco_chi2_dof", np.nan))
         n_sv = results.get("n_sv", start.get("loco_n_sv", 0))
         return cls(
             names=list(start["loco_names"]), kinds=list(start["loco_kinds"]), units=list(start["loco_units"]),
-            values=values, sigmas=sigmas, chi2=np.asarray(results["chi2"], dtype=float).reshape(-1).tolist(),
+            values=values, sigmas=sigmas,
+            chi2=[] if chi2 is None else np.asarray(chi2, dtype=float).reshape(-1).tolist(),
             chi2_dof=float(np.asarray(chi2_dof)), residual=resid, data_mask=mask, bpm_names=list(start["bpm_names"]),
             corrector_names=list(start["corrector_names"]), corrector_planes=list(start["corrector_planes"]),
             element_refpts=np.asarray(start["element_refpts"], dtype=np.int64),
@@ -1177,7 +1181,8 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
              setpoints: Mapping[str, npt.ArrayLike] | None = None, lattice=None,
              bpm_noise: float | npt.ArrayLike | None = None, orm_sigma: npt.ArrayLike | None = None,
              dispersion_sigma: float | npt.ArrayLike | None = None, use_rf_column: bool = True,
-             gain_reference: str = "both", rcond: float = 1e-3, n_sv: int | None = None, damping: float = 0.0,
+             gain_reference: str = "both", rcond: float | None = None, n_sv: int | None = None,
+             gradient_prior: float | None = None, damping: float = 0.0,
              max_iter: int = 12, tol: float = 1e-3, outlier_sigma: float | None = 8.0,
              outlier_factor: float = 5.0, gain_range: tuple[float, float] = (0.5, 2.0),
              exclude_bpms: Sequence[str | int] = (), exclude_correctors: Sequence[str | int] = (),
@@ -1201,8 +1206,14 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
             ``sigma = noise / (sqrt(2) delta)``. Without it the weights are uniform and the uncertainties scaled by
             the residual. ``orm_sigma``: the (2n, m) sigma [m/rad] directly. ``dispersion_sigma`` [m].
         gain_reference: how the BPM/corrector gain degeneracy is fixed (``"both"``, ``"bpm"``, ``"corrector"``).
-        rcond: singular values of the normalised weighted Jacobian below ``rcond`` x the largest are cut;
-            ``n_sv``: keep this many instead.
+        rcond: singular values of the normalised weighted Jacobian below ``rcond`` x the largest are cut
+            (default 1e-3, or none cut with a ``gradient_prior``); ``n_sv``: keep this many instead.
+        gradient_prior: expected rms of the relative gradient errors ``dK/K`` [1] (the magnets' field tolerance,
+            e.g. 5e-4): a Gaussian prior on every normal-gradient parameter (Tikhonov term ``sum (dK / (prior
+            K0))^2`` added to the chi-square; ``prior`` itself for a relative group parameter). With the BPM noise
+            known this is the minimum-mean-square-error estimate: combinations the data determine better than the
+            prior are fitted freely, the others are pulled to zero smoothly instead of being cut; the sigmas are
+            the posterior ones. ``None``: no prior (an SVD cut only).
         damping: initial Levenberg-Marquardt damping (0: Gauss-Newton; raised automatically when a step fails).
         max_iter: maximum iterations; ``tol``: stop when the chi-square improves by less than this fraction.
         outlier_sigma: ORM elements whose residual exceeds this many robust sigmas are excluded (None: never).
@@ -1318,6 +1329,23 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     if par.size == 0:
         raise ValueError("nothing to fit: choose at least one of " + ", ".join(FIT_CHOICES))
     h_con = _gain_constraints(par, planes, gain_reference)
+    # Gaussian prior on the normal gradients: 1 / sigma^2 per gradient parameter (0: none)
+    prior_w = np.zeros(par.n_grad)
+    if gradient_prior is not None:
+        if not (np.isfinite(gradient_prior) and gradient_prior > 0):
+            raise ValueError(f"gradient_prior is an rms relative gradient error (> 0), got {gradient_prior!r}")
+        if not noise_known:
+            raise ValueError("gradient_prior is weighed against the measurement noise: give bpm_noise (the noise of "
+                             "what each step recorded, one acquisition's / sqrt(n_avg)) or orm_sigma")
+        for ie in range(len(el.refpts)):
+            g = int(el.param[ie])
+            if el.group_kinds[g] != "quad":
+                continue
+            sig_g = gradient_prior if el.group_units[g] == "1" else gradient_prior * abs(float(el.k0[ie]))
+            if sig_g > 0:
+                prior_w[g] = 1.0 / sig_g**2
+    if rcond is None:
+        rcond = 0.0 if gradient_prior is not None else 1e-3
     other = "corrector_rolls" in fit_set
 
     # per-parameter sum of element derivatives (groups), done on the model's element axis
@@ -1348,6 +1376,7 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
         if disp_meas is not None:
             rd = (disp0 - pred.disp) * w_disp
             c2 += float(np.sum(rd * rd))
+        c2 += float(np.sum(prior_w * p[: par.n_grad] ** 2))
         return mod, pred, r, rd, c2
 
     timing = {"setup": time.perf_counter() - t_start}
@@ -1367,6 +1396,9 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
         jq, jd = _gradient_block(p, par, mod, w_orm, w_disp, pred) if par.n_grad else (None, None)
         kinds = _calibration_kinds(p, par, mod, pred, planes_sign, w_orm, w_disp)
         blocks = _normal_equations(jq, jd, kinds, r, rd, par.n_grad, par.size)
+        if gradient_prior is not None:  # the prior's terms: A + W, g_q - W p
+            blocks[0][np.diag_indices(par.n_grad)] += prior_w
+            blocks[3][:] -= prior_w * p[: par.n_grad]
         mod.d_orm = mod.d_eta = None  # weighted in place: never reused
         return blocks
 
@@ -1444,6 +1476,7 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
                 if rd is not None:
                     rd = (disp0 - pred.disp) * w_disp
                     chi2 += float(np.sum(rd * rd))
+                chi2 += float(np.sum(prior_w * p[: par.n_grad] ** 2))
                 history[-1] = chi2
         t1 = time.perf_counter()
         blocks = normal_eq(p, mod, pred, r, rd)
@@ -1458,7 +1491,7 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     t_solve += time.perf_counter() - t1
     nused = int(np.count_nonzero(w_orm)) + (0 if w_disp is None else int(np.count_nonzero(w_disp)))
     dof = max(1, nused - kept)
-    chi2_dof = chi2 / dof
+    chi2_dof = (chi2 - float(np.sum(prior_w * p[: par.n_grad] ** 2))) / dof  # the data's part
     sig_p = np.sqrt(np.clip(var, 0, None))
     if not noise_known:
         sig_p = sig_p * np.sqrt(chi2_dof)
@@ -1472,7 +1505,8 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
             excluded_b.setdefault(orm.bpm_names[i], "excluded")
     start_kind = "custom" if lattice is not None else ("setpoints" if setpoints is not None else "design")
     options = {"fit": sorted(fit_set), "group": group if isinstance(group, str) else "custom",
-               "gain_reference": gain_reference, "rcond": rcond, "n_sv": n_sv, "max_iter": max_iter, "tol": tol,
+               "gain_reference": gain_reference, "rcond": rcond, "n_sv": n_sv, "gradient_prior": gradient_prior,
+               "max_iter": max_iter, "tol": tol,
                "outlier_sigma": outlier_sigma, "outlier_factor": outlier_factor, "n_slices": n_slices,
                "bpm_noise": None if bpm_noise is None else np.asarray(bpm_noise, dtype=float).reshape(-1)[:1].tolist(),
                "converged": converged, "profile_path": str(profile.path), "start_lattice": start_kind}

@@ -113,7 +113,8 @@ def _check_fit(machine: Machine, args: dict[str, Any]) -> None:
 def loco(machine: Machine, orm: Any, dispersion: Any = None,
          fit: Sequence[str] = ("quads", "bpm_gains", "bpm_rolls", "corrector_gains"), quads: Any = None,
          skews: Any = None, group: Any = "element", bpm_noise: float | None = None, rcond: float | None = None,
-         n_sv: int | None = None, max_iter: int = 12, exclude_bpms: Sequence[str] = (),
+         n_sv: int | None = None, gradient_prior: float | None = None, max_iter: int = 12,
+         exclude_bpms: Sequence[str] = (),
          exclude_correctors: Sequence[str] = (), figure_dir: str | Path | bool | None = None,
          md: dict | None = None) -> MsgGenerator[str]:
     """Fit the linear optics model to a measured orbit response matrix (and dispersion): MML's LOCO.
@@ -144,7 +145,10 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
             Default: the profile's ``tools.loco.bpm_noise``; without one the weights are uniform and the
             uncertainties are scaled by the fit residual.
         rcond: relative singular-value cut of the normalised gradient Jacobian (default ``tools.loco.rcond``,
-            else 3e-4); ``n_sv``: keep this many singular values instead.
+            else 3e-4; none with a ``gradient_prior``); ``n_sv``: keep this many singular values instead.
+        gradient_prior: expected rms relative gradient error ``dK/K`` [1] (the magnets' field tolerance): a
+            Gaussian prior instead of the cut, the minimum-mean-square-error fit of the individual gradients (default
+            ``tools.loco.gradient_prior``, else none).
         max_iter: maximum Gauss-Newton iterations.
         exclude_bpms, exclude_correctors: names left out by request (besides those excluded automatically).
         figure_dir: folder of the figures; ``False``: none.
@@ -157,7 +161,13 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     defaults = machine.profile.tool_defaults("loco")
     fit = (fit,) if isinstance(fit, str) else tuple(fit)
     noise = bpm_noise if bpm_noise is not None else defaults.get("bpm_noise")
-    rc = float(rcond if rcond is not None else defaults.get("rcond", 3e-4))
+    prior = gradient_prior if gradient_prior is not None else defaults.get("gradient_prior")
+    if prior is not None and not (np.isfinite(prior) and prior > 0):
+        raise ToolError(f"loco: gradient_prior is an rms relative gradient error (> 0), got {prior!r}")
+    if prior is not None and noise is None:
+        raise ToolError("loco: gradient_prior needs bpm_noise [m] (the noise of what each ORM step recorded: one "
+                        "acquisition's / sqrt(n_avg)), or tools.loco.bpm_noise in the profile. Nothing was recorded.")
+    rc = rcond if rcond is not None else (None if prior is not None else float(defaults.get("rcond", 3e-4)))
     resp = yield from resolve(orm, OrbitResponse, tools=("orbit_response",), what="orm")
     disp = None
     if dispersion is not None:
@@ -166,7 +176,7 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     t_fit = time.perf_counter()
     result, beta = yield from _in_thread(
         _fit, machine, resp, disp, fit=fit, quads=quads, skews=skews, group=group, setpoints=setpoints,
-        bpm_noise=noise, rcond=rc, n_sv=n_sv, max_iter=max_iter, exclude_bpms=exclude_bpms,
+        bpm_noise=noise, rcond=rc, n_sv=n_sv, gradient_prior=prior, max_iter=max_iter, exclude_bpms=exclude_bpms,
         exclude_correctors=exclude_correctors)
     t_fit = time.perf_counter() - t_fit
     result.timing["plan_fit"] = t_fit
