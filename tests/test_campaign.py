@@ -282,3 +282,22 @@ def test_the_same_campaign_on_a_dask_scheduler_and_worker_processes(first, folde
         assert [st.status for st in r.steps] == [st.status for st in ref.steps]
         for a, b in zip(r.steps, ref.steps):
             assert _same(a.truth, b.truth), (s, a.id)  # bit-identical: seeded twin, same plans
+
+
+def test_truth_measures_the_orbit_from_the_quadrupole_centres():
+    """centre_rms: the closed orbit's distance from the quadrupoles' magnetic centres (BBA's figure of merit),
+    zero on the ideal ring, the misaligned quadrupoles' rms on an errored one (not the BPM-frame orbit)."""
+    from acc_bluesky.analysis.bba import bba_model, true_orbit_at_quads
+    from acc_bluesky.commissioning.truth import truth
+    from acc_bluesky.twin import Twin
+
+    ideal = truth(Twin(HMBA, seed=None))
+    assert ideal["centre_rms_x"] < 1e-12 and ideal["centre_rms_y"] < 1e-12
+    tw = Twin(HMBA, seed=2)
+    t = truth(tw)
+    c = true_orbit_at_quads(tw, [q.name for q in bba_model(tw.profile).quads if q.in_service])
+    assert t["centre_rms_x"] == pytest.approx(_rms(c[:, 0]), rel=1e-5)  # the orbit solved again: 5e-7 apart
+    assert t["centre_rms_y"] == pytest.approx(_rms(c[:, 1]), rel=1e-5)
+    assert t["centre_rms_x"] > 1e-6 and t["centre_rms_x"] != pytest.approx(t["orbit_rms_x"], rel=1e-3)
+    seq = load_sequence("steps: [{correct_orbit: {}, success: {centre_rms: 50e-6}}]", HMBA)
+    assert seq.steps[0].success == {"centre_rms": 50e-6}
