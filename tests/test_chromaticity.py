@@ -216,3 +216,27 @@ def test_a_periodic_lattice_has_its_tunes_and_chromaticities_per_period(RE, cata
     cuid = RE(correct_chromaticity(m, target, figure_dir=False)).plan_result
     chrom = ChromaticityCorrection.from_run(catalog[cuid])
     assert chrom.converged and chrom.iterations <= 2 and np.all(np.abs(m.twin.chromaticity() - target) <= 0.05)
+
+
+def test_model_response_falls_back_to_the_design_optics_when_the_model_at_the_setpoints_is_unstable(
+        RE, catalog, monkeypatch):
+    """After LOCO the quadrupole setpoints compensate errors the design model does not have: the design lattice
+    at those setpoints can be unstable (no chromaticity: once "SVD did not converge" on EBS seed 1 at full errors).
+    The correction then uses the design optics' response, says so, and still converges."""
+    from acc_bluesky import connect
+    from acc_bluesky.plans import optics
+
+    hmba = str(Path(__file__).parent / "profiles" / "hmba" / "profile.yaml")
+    m = connect(hmba, mode="sim", seed=3)
+    real = optics._model_setpoints
+
+    def unstable(machine):  # the setpoints as a model would see them if they compensated large errors
+        sp = yield from real(machine)
+        return {n: (v * 1.6 if machine.families[n].type == "quadrupole" else v) for n, v in sp.items()}
+
+    monkeypatch.setattr(optics, "_model_setpoints", unstable)
+    target = tuple(np.round(m.twin.chromaticity() + [0.4, 0.4], 2))
+    with pytest.warns(RuntimeWarning, match="design lattice at the present setpoints has no chromaticity"):
+        uid = RE(correct_chromaticity(m, target, figure_dir=False)).plan_result
+    corr = ChromaticityCorrection.from_run(catalog[uid])
+    assert corr.converged and np.all(np.abs(m.twin.chromaticity() - target) <= 0.05)

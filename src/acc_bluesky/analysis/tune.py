@@ -325,6 +325,8 @@ def select_families(matrix_hw: npt.ArrayLike, families: Sequence[str],
         raise ValueError(f"need at least two families to control two planes, got {[names[i] for i in cand]}")
     best = None
     for i, j in itertools.combinations(cand, 2):
+        if not np.all(np.isfinite(m[:, [i, j]])):  # a family whose response could not be measured
+            continue
         s = np.linalg.svd(m[:, [i, j]], compute_uv=False)
         if not np.all(np.isfinite(s)):
             continue

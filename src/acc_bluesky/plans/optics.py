@@ -10,6 +10,7 @@ or fails; measurements also put everything back when they succeed, corrections k
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,15 @@ def _response(machine: Machine, response: Any, cls: type[FamilyResponse], famili
         response = uid
     if isinstance(response, str) and response == "model":
         sp = yield from _model_setpoints(machine)
-        return model(machine.profile, families, setpoints=sp)
+        resp = model(machine.profile, families, setpoints=sp)
+        if not np.all(np.isfinite(resp.matrix_hw)):
+            # the design lattice at setpoints that compensate errors it does not have (after LOCO, say) may be
+            # unstable: the machine's optics is then close to the design's, whose response is used
+            warnings.warn(f"the design lattice at the present setpoints has no {resp.observable} (linearly "
+                          "unstable: the setpoints compensate errors the model does not have); the response of "
+                          "the design optics at the design setpoints is used", RuntimeWarning, stacklevel=2)
+            resp = model(machine.profile, families, setpoints=None)
+        return resp
     if isinstance(response, FamilyResponse) and not isinstance(response, cls):
         raise TypeError(f"expected a {cls.__name__}, got a {type(response).__name__}")
     tools = ("tune_response",) if cls is TuneResponse else ("chromaticity_response",)
@@ -434,7 +443,17 @@ def _alphas(machine: Machine, setpoints: dict[str, np.ndarray], dp_max: float) -
     if hit is None:
         if len(_ALPHA_CACHE) > 32:
             _ALPHA_CACHE.clear()
-        hit = _ALPHA_CACHE[key] = model_momentum_compaction(machine.profile, setpoints, dp_range=dp_max)
+        try:
+            hit = np.asarray(model_momentum_compaction(machine.profile, setpoints, dp_range=dp_max), dtype=float)
+            ok = hit.size > 0 and bool(np.all(np.isfinite(hit)))
+        except Exception:  # noqa: BLE001 - pyAT on an unstable model lattice
+            ok = False
+        if not ok:  # as for the responses: the design optics when the model at the setpoints has none
+            warnings.warn("the design lattice at the present setpoints has no momentum compaction (linearly "
+                          "unstable: the setpoints compensate errors the model does not have); the design "
+                          "optics' is used for the RF scan", RuntimeWarning, stacklevel=2)
+            hit = np.asarray(model_momentum_compaction(machine.profile, None, dp_range=dp_max), dtype=float)
+        _ALPHA_CACHE[key] = hit
     return hit.copy()
 
 
