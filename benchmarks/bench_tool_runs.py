@@ -24,12 +24,12 @@ OLD_WRITE, OLD_READ = 157, 34  # before the small result arrays were packed (sam
 
 
 def run() -> dict:
-    from acc_bluesky import plans as P  # noqa: N812
+    from acc_bluesky import plans as P
     from acc_bluesky.data import make_run_engine, read_results
     from acc_bluesky.machine import connect
 
     m = connect(str(ROOT / "tests" / "profiles" / "hmba"), mode="sim", seed=1)
-    RE = make_run_engine(catalog_dir=tempfile.mkdtemp(prefix="bench_tool_runs_"), progress=False)  # noqa: N806
+    RE = make_run_engine(catalog_dir=tempfile.mkdtemp(prefix="bench_tool_runs_"), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         orm = RE(P.measure_orm(m, figure_dir=False))

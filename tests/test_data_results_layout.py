@@ -20,7 +20,13 @@ from data_fixtures import (  # noqa: F401 - fixtures
 from acc_bluesky._packed import PACK_MAX_SIZE, PACKED_KEY, pack_arrays, unpack_arrays
 from acc_bluesky.analysis import OrbitResponse
 from acc_bluesky.analysis._common import run_results
-from acc_bluesky.data import read_dataset, read_results, read_stream, stream_data_keys, tool_metadata
+from acc_bluesky.data import (
+    read_dataset,
+    read_results,
+    read_stream,
+    stream_data_keys,
+    tool_metadata,
+)
 from acc_bluesky.plan_stubs.results import store_result
 
 RNG = np.random.default_rng(7)
@@ -43,8 +49,8 @@ UNITS = {"big": "m/rad", "x_after": "m", "with_nan": "m", "rms": "m"}
 DESCRIPTIONS = {"x_after": "horizontal orbit after the correction", "rms": "rms orbit"}
 
 
-def _store_plan(machine, results, pack=True, tool="orbit_correction", iterations=1, md=None):
-    @bpp.run_decorator(md=tool_metadata(tool, machine) | (md or {}))
+def _store_plan(mach, results, pack=True, tool="orbit_correction", iterations=1, md=None):
+    @bpp.run_decorator(md=tool_metadata(tool, mach) | (md or {}))
     def inner():
         for _ in range(iterations):
             yield from store_result(results, units={k: u for k, u in UNITS.items() if k in results},

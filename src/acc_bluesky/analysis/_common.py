@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._packed import PACK_MAX_SIZE, PACKED_KEY, pack_arrays, packable, unpack_arrays, unpack_results
+from .._packed import (
+    PACK_MAX_SIZE,
+    PACKED_KEY,
+    pack_arrays,
+    packable,
+    unpack_arrays,
+    unpack_results,
+)
 from ..profile import Profile, load_profile
 
 __all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "rms", "corrector_table", "as_result",
@@ -114,7 +121,7 @@ def _stream_parts(base: Any) -> list[tuple[str, Any]] | None:
     parts = []
     for k, client in items:
         family = str(getattr(client, "structure_family", ""))
-        if family.endswith("table") or family.endswith("array"):
+        if family.endswith(("table", "array")):
             parts.append((k, client))
     return parts
 
