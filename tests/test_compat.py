@@ -242,6 +242,38 @@ def test_tiled_writer_normalizer_emits_through_its_dispatcher():
     assert got.count("event") == 2 and got[0] == "start" and got[-1] == "stop"
 
 
+def test_tiled_writer_normalizer_does_not_validate_events_again(monkeypatch):
+    """The recorder's normalizer validates start, descriptor and stop (through ``schema_validators``, which the
+    plugin's ``emit`` uses) but not each event again: it names documents by ``DocumentNames`` (an Enum)."""
+    import bluesky.plans as bp
+    from bluesky import RunEngine
+    from bluesky_tiled_plugins.writing import tiled_writer
+    from event_model import DocumentNames
+    from ophyd.sim import det
+
+    from acc_bluesky.data.recorder import _normalizer_class
+
+    checked = []
+
+    class Counting:
+        def __init__(self, name, inner):
+            self.name, self.inner = name, inner
+
+        def validate(self, doc):
+            checked.append(self.name)
+            self.inner.validate(doc)
+
+    validators = {k: Counting(k.value, v) for k, v in tiled_writer.schema_validators.items()}
+    monkeypatch.setattr(tiled_writer, "schema_validators", validators)
+    norm = _normalizer_class()()
+    got = []
+    norm.subscribe(lambda name, doc: got.append(getattr(name, "value", name)))
+    RunEngine(context_managers=[])(bp.count([det], 3), norm)
+    assert got.count("event") == 3
+    assert "event" not in checked and {"start", "descriptor", "stop"} <= set(checked), checked
+    assert DocumentNames.event.value == "event"
+
+
 def test_tiled_client_api_key_introspection_and_catalog_factory():
     from tiled.catalog import from_uri
     from tiled.client.context import Context

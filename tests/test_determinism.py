@@ -85,8 +85,9 @@ RE_SESSION = textwrap.dedent("""
     def on_doc(name, doc):
         if name == "event":
             for key in sorted(doc["data"]):
-                a = np.ascontiguousarray(np.asarray(doc["data"][key], dtype=float))
-                parts.append(f"{key}:{hashlib.sha256(a.tobytes()).hexdigest()[:16]}")
+                v = doc["data"][key]  # (a results event packs its small arrays in a JSON string)
+                b = v.encode() if isinstance(v, str) else np.ascontiguousarray(np.asarray(v, dtype=float)).tobytes()
+                parts.append(f"{key}:{hashlib.sha256(b).hexdigest()[:16]}")
 
     RE.subscribe(on_doc)
     m = ab.connect(ab.load_profile(path), mode="sim", seed=7)

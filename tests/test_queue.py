@@ -29,8 +29,11 @@ def _catalog(queue_dirs):
 
 
 def _results(run, *keys):
-    """Only the named results of a run (reading a whole configuration run costs ~20 array reads)."""
-    return {k: np.asarray(run["results"][k].read())[-1] for k in keys}
+    """The named results of a run (its small arrays are packed in one data key: read them all)."""
+    from acc_bluesky.data import read_results
+
+    res = read_results(run)
+    return {k: res[k] for k in keys}
 
 
 def _run_items(api, items, timeout=240.0):  # noqa: F811

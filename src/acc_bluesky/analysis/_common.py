@@ -13,9 +13,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._packed import (
+    PACK_MAX_SIZE,
+    PACKED_KEY,
+    pack_arrays,
+    packable,
+    unpack_arrays,
+    unpack_results,
+)
 from ..profile import Profile, load_profile
 
-__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "with_empty_results", "rms", "corrector_table", "as_result"]
+__all__ = ["FloatArray", "resolve_profile", "run_start", "run_results", "rms", "corrector_table", "as_result",
+           "PACKED_KEY", "PACK_MAX_SIZE", "packable", "pack_arrays", "unpack_arrays", "unpack_results"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -56,11 +65,12 @@ def _read_node(node: Any) -> np.ndarray:
 def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
     """The results a plan stored in ``run`` (the last event of its ``results`` stream) as ``{key: array}``.
 
-    Accepts a Tiled ``BlueskyRun`` (reads ``run[stream]``, one array node per data key, first axis = event), or
-    a mapping that already holds the results (returned with values as arrays).
+    Accepts a Tiled ``BlueskyRun`` (reads ``run[stream]``: its event table in one request, each large array in
+    one more; the small arrays packed in :data:`PACKED_KEY` are unpacked; runs recorded with one data key per
+    array read the same), or a mapping that already holds the results (returned with values as arrays).
     """
     if isinstance(run, Mapping) and not hasattr(run, "metadata") and stream not in run:
-        return {k: np.asarray(v) for k, v in run.items() if k != "start"}
+        return {k: np.asarray(v) for k, v in unpack_results(dict(run)).items() if k != "start"}
     try:
         node = run[stream]
     except (KeyError, TypeError) as err:
@@ -69,33 +79,51 @@ def run_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
                        "or it failed before storing its results") from err
     if not hasattr(node, "base") and hasattr(run, "v3"):
         node = run.v3[stream]  # a databroker v2 view of the run (databroker's v1 API switches runs to it)
-    out: dict[str, np.ndarray] = {}
-    for k in list(node):
-        if k in ("time", "seq_num") or k.startswith("ts_"):
-            continue
-        try:
-            a = np.asarray(_read_node(node[k]))
-        except Exception as err:  # noqa: BLE001 - a key that cannot be read is reported, the rest returned
-            warnings.warn(f"cannot read {stream}/{k}: {err}", stacklevel=2)
-            continue
-        out[k] = a[-1] if a.ndim >= 1 and a.shape[0] >= 1 else a
-    return with_empty_results(out)
+    out: dict[str, Any] = {}
+    base = getattr(node, "base", None)
+    parts = _stream_parts(base) if base is not None else None
+    if parts is not None:
+        for k, node_k in parts:
+            try:
+                values = node_k.read()
+            except Exception as err:  # noqa: BLE001 - a part that cannot be read is reported, the rest returned
+                warnings.warn(f"cannot read {stream}/{k}: {err}", stacklevel=2)
+                continue
+            if hasattr(values, "columns"):  # the event table: one column per scalar (and the packed arrays)
+                for column in values.columns:
+                    if column in ("time", "seq_num") or column.startswith("ts_"):
+                        continue
+                    col = np.asarray(values[column].to_numpy())
+                    out[column] = col[-1] if col.ndim >= 1 and col.shape[0] >= 1 else col
+            else:
+                a = np.asarray(values)
+                out[k] = a[-1] if a.ndim >= 1 and a.shape[0] >= 1 else a
+    else:
+        for k in list(node):
+            if k in ("time", "seq_num") or k.startswith("ts_"):
+                continue
+            try:
+                a = np.asarray(_read_node(node[k]))
+            except Exception as err:  # noqa: BLE001 - a key that cannot be read is reported, the rest returned
+                warnings.warn(f"cannot read {stream}/{k}: {err}", stacklevel=2)
+                continue
+            out[k] = a[-1] if a.ndim >= 1 and a.shape[0] >= 1 else a
+    out = unpack_results(out)
+    return {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in out.items()}
 
 
-def with_empty_results(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Results stored with no element (``empty_arrays``: key -> [shape, dtype], see plan_stubs.results) back as
-    empty arrays of their shapes."""
-    raw = out.pop("empty_arrays", None)
-    if raw is None:
-        return out
-    import json
-
-    text = raw.item() if isinstance(raw, np.ndarray) else raw
-    if isinstance(text, bytes):
-        text = text.decode()
-    for k, (shape, dtype) in json.loads(str(text)).items():
-        out.setdefault(k, np.zeros(tuple(shape), dtype=np.dtype(dtype)))
-    return out
+def _stream_parts(base: Any) -> list[tuple[str, Any]] | None:
+    """The parts of a stream's plain Tiled container (its event table, its arrays), or None if it is not one."""
+    try:
+        items = list(base.items())
+    except Exception:  # noqa: BLE001 - not a Tiled container: read key by key
+        return None
+    parts = []
+    for k, client in items:
+        family = str(getattr(client, "structure_family", ""))
+        if family.endswith(("table", "array")):
+            parts.append((k, client))
+    return parts
 
 
 def rms(v: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> float:

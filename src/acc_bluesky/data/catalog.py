@@ -3,14 +3,15 @@
 Layout of a catalogue folder (the same for the on-demand local server and for ``acc-bluesky catalog serve``)::
 
     catalog.db      SQLite: the tree of runs, streams and their metadata (start/stop documents, data keys)
-    tables.sqlite   SQLite: the event tables (scalars and strings, one row per event)
-    data/           zarr arrays (every array-valued data key, e.g. orbits, tunes, response matrices)
+    tables.sqlite   SQLite: the event tables (scalars and strings, one row per event; a results event's small
+                    arrays packed in one JSON string, see acc_bluesky.plan_stubs.results)
+    data/           zarr arrays (every array-valued data key, e.g. orbits, response matrices)
     wal/            write-ahead logs of the runs being written (one JSON Lines file per open run)
     server.*        the local server: lock, address, API key (mode 0600), log (see acc_bluesky.data.local)
 
 A catalogue folder is served by one Tiled server process on loopback (:mod:`acc_bluesky.data.local`), shared by
 every session of the machine; this module knows the folder's layout, builds the server-side adapter and reads runs.
-It imports no other module of this package.
+It imports no other module of this package but :mod:`acc_bluesky._packed` (json and numpy).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from .._packed import PACKED_KEY, expand_data_keys, unpack_arrays
 
 __all__ = [
     "ENV_CATALOG",
@@ -328,16 +331,18 @@ def _column(values: Any) -> np.ndarray:
 
 
 def stream_data_keys(run: Any, stream: str = "primary") -> dict[str, dict[str, Any]]:
-    """The descriptor's data keys of a stream: per key ``units``, ``description``, ``shape``, ``dtype``, ..."""
+    """The descriptor's data keys of a stream: per key ``units``, ``description``, ``shape``, ``dtype``, ...; the
+    small result arrays packed in ``packed_arrays`` (:mod:`acc_bluesky.plan_stubs.results`) have theirs too."""
     node = _stream_node(run, stream)
-    return _plain(dict(node.metadata.get("data_keys", {})))
+    return _plain(expand_data_keys(dict(node.metadata.get("data_keys", {}))))
 
 
 def read_stream(run: Any, stream: str = "primary") -> dict[str, np.ndarray]:
     """The data of a stream as arrays stacked over events (first axis: event), plus ``time`` [s, epoch].
 
-    Scalars give shape ``(n_events,)``, arrays of shape S give ``(n_events, *S)``. Units are in
-    :func:`stream_data_keys`. One request per part of the stream (its event table, each large array).
+    Scalars give shape ``(n_events,)``, arrays of shape S give ``(n_events, *S)`` (the packed small result arrays
+    too). Units are in :func:`stream_data_keys`. One request per part of the stream (its event table, each large
+    array).
     """
     node = _stream_node(run, stream)
     base = getattr(node, "base", node)  # the plain container under the bluesky composite view
@@ -352,6 +357,10 @@ def read_stream(run: Any, stream: str = "primary") -> dict[str, np.ndarray]:
                 out[column] = _column(frame[column].to_numpy())
         elif family.endswith("array"):
             out[part] = np.asarray(client.read())
+    if PACKED_KEY in out:  # small result arrays packed in one JSON string per event: unpacked, stacked
+        events = [unpack_arrays(text) for text in out.pop(PACKED_KEY)]
+        for key in events[0] if events else ():
+            out[key] = np.stack([e[key] for e in events])
     if "time" in out:
         out["time"] = out.pop("time")  # last, after the data keys
     return out
@@ -363,11 +372,9 @@ def read_results(run: Any, stream: str = "results") -> dict[str, np.ndarray]:
     Returns the last event of the stream: per key an array of the stored shape (0-d for scalars), in the
     units of :func:`stream_data_keys`.
     """
-    from ..analysis._common import with_empty_results
-
     data = read_stream(run, stream)
     data.pop("time", None)
-    return with_empty_results({k: np.asarray(v[-1]) for k, v in data.items()})
+    return {k: np.asarray(v[-1]) for k, v in data.items()}
 
 
 def read_dataset(run: Any, stream: str = "primary") -> Any:

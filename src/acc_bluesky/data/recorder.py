@@ -315,8 +315,9 @@ def _normalizer_class() -> type:
         from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
 
         class EventTrustingNormalizer(RunNormalizer):
-            def emit(self, name: str, doc: dict[str, Any]) -> None:
-                if name == "event":
+            def emit(self, name: Any, doc: dict[str, Any]) -> None:
+                # (the normalizer names documents by event_model's DocumentNames, an Enum: not equal to "event")
+                if getattr(name, "value", name) == "event":
                     self.dispatcher.process(name, doc)
                 else:
                     super().emit(name, doc)
