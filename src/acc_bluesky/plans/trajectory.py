@@ -547,7 +547,8 @@ def _ramp_figure(result: ToolResult, path: Path) -> None:
       ring_only="the sextupoles are ramped around a closed orbit, which only a ring has", family_kind="sextupole",
       figures={"ramp": _ramp_figure})
 def ramp_sextupoles(machine: Machine, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                    families: Sequence[str] | str | None = None, reference: Any = "design", orm: Any = "model",
+                    families: Sequence[str] | str | None = None, reference: str | dict[str, Any] = "design",
+                    orm: Any = "model",
                     fit_rf: bool = True, n_sv: int | None = None, max_iter: int = 3, min_step: float = 0.05,
                     n_avg: int = 1, figure_dir: str | Path | bool | None = None,
                     md: dict[str, Any] | None = None) -> MsgGenerator[str]:
