@@ -16,6 +16,7 @@ ratio uses the first 4 seeds).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -24,6 +25,20 @@ import time
 import numpy as np
 
 __all__ = ["run"]
+
+
+@contextlib.contextmanager
+def _catalog():
+    """A temporary catalogue folder (its Tiled server stopped at the end); backups beside it, never the user's."""
+    from acc_bluesky.data import close_catalog
+
+    root = tempfile.mkdtemp(prefix="bench-campaign-")
+    os.environ.setdefault("ACC_BLUESKY_BACKUP", os.path.join(root, "backup"))
+    catalog = os.path.join(root, "catalog")
+    try:
+        yield catalog
+    finally:
+        close_catalog(catalog)
 
 
 def _campaign(profile, seeds, workers: int, catalog, sequence, error_scale):
@@ -92,15 +107,8 @@ def _rate(res, step_id: str, figure: str, limit: float) -> tuple[int, int]:
 
 def acceptance(profile: str = "ebs", seeds=tuple(range(1, 9)), error_scale: float | None = 1.0,
                sequence=None) -> dict:
-    from acc_bluesky.data import close_catalog
-
-    root = tempfile.mkdtemp(prefix="bench-campaign-")
-    os.environ.setdefault("ACC_BLUESKY_BACKUP", os.path.join(root, "backup"))
-    catalog = os.path.join(root, "catalog")
-    try:
+    with _catalog() as catalog:
         res, wall = _campaign(profile, seeds, 2, catalog, sequence, error_scale)
-    finally:
-        close_catalog(catalog)
     print(res.table())
     per_step = _per_step(res)
     _print_steps(per_step, len(seeds))
@@ -126,17 +134,10 @@ def acceptance(profile: str = "ebs", seeds=tuple(range(1, 9)), error_scale: floa
 
 def ratio(profile: str = "ebs", seeds=(1, 2, 3, 4), error_scale: float | None = 1.0,
           sequence=RATIO_SEQUENCE) -> dict:
-    from acc_bluesky.data import close_catalog
-
-    root = tempfile.mkdtemp(prefix="bench-campaign-")
-    os.environ.setdefault("ACC_BLUESKY_BACKUP", os.path.join(root, "backup"))
-    catalog = os.path.join(root, "catalog")
     wall, results = {}, {}
-    try:
+    with _catalog() as catalog:
         for workers in (1, 2):
             results[workers], wall[workers] = _campaign(profile, seeds, workers, catalog, sequence, error_scale)
-    finally:
-        close_catalog(catalog)
     speedup = wall[1] / wall[2]
     _print_steps(_per_step(results[2]), len(seeds))
     same = all(results[1].results[s].step("correct_orbit").truth == results[2].results[s].step("correct_orbit").truth
