@@ -157,6 +157,8 @@ class CatalogWriter:
         self._done = 0
         self._warnings: list[str] = []
         self._hurry = threading.Event()
+        self._sources: Any = None  # client.include_data_sources() of the client it was made from
+        self._sources_of: Any = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="acc-bluesky-catalog-writer")
         self._thread.start()
 
@@ -232,7 +234,11 @@ class CatalogWriter:
         from bluesky_tiled_plugins import TiledWriter
 
         size = run_batch_size(run.num_points, self.batch_size) if self._align else self.batch_size
-        return TiledWriter(client, normalizer=_normalizer_class(), batch_size=size,
+        # the writer's variation of the client (data sources included) fetched once per connection, not per run:
+        # TiledWriter asks for it at every run otherwise (one more request in every run's wait)
+        if self._sources_of is not client:
+            self._sources, self._sources_of = client.include_data_sources(), client
+        return TiledWriter(self._sources, normalizer=_normalizer_class(), batch_size=size,
                            max_array_size=self.max_array_size)
 
     def _connect(self) -> Any:

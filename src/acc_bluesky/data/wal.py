@@ -40,27 +40,61 @@ logger = logging.getLogger(__name__)
 RECOVERY_REASON = "session ended without closing the run (recovered from the write-ahead log)"
 
 
-def _finite(value: Any) -> bool:
+# Stand-ins for the non-finite values of float arrays on orjson's fast path (orjson writes NaN and inf as null): each
+# is written by orjson in its shortest exact form and then replaced in the text by the token the json module reads
+# back (NaN, Infinity, -Infinity; the negative one first: its text holds no other's). An array holding one of these
+# magnitudes itself goes the slow way.
+_STAND_INS = ((-1.7976931348623151e308, b"-Infinity"), (1.7976931348623155e308, b"NaN"),
+              (1.7976931348623153e308, b"Infinity"))
+_STAND_IN_TEXT = [(orjson.dumps(v), token) for v, token in _STAND_INS]
+
+
+def _fast_value(value: Any) -> tuple[Any, bool]:
+    """``(value for orjson, whether stand-ins were put in)``; ``(None, False)`` when it must go the slow way."""
     if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, np.ndarray) and value.dtype.kind in "fc":
-        return bool(np.isfinite(value).all())
-    return True
+        return (value, False) if math.isfinite(value) else (None, False)
+    if not isinstance(value, np.ndarray):
+        return value, False
+    arr = value.view(np.ndarray) if type(value) is not np.ndarray else value
+    if arr.dtype.kind != "f":
+        return (None, False) if arr.dtype.kind == "c" and not np.isfinite(arr).all() else (arr, False)
+    finite = np.isfinite(arr)
+    if finite.all():
+        return arr, False
+    if arr.dtype != np.float64 or np.isin(np.abs(arr[finite]), [abs(v) for v, _ in _STAND_INS]).any():
+        return None, False
+    out = arr.copy()
+    out[np.isneginf(arr)] = _STAND_INS[0][0]
+    out[np.isnan(arr)] = _STAND_INS[1][0]
+    out[np.isposinf(arr)] = _STAND_INS[2][0]
+    return out, True
 
 
 def encode_document(name: str, doc: dict[str, Any]) -> bytes:
     """One log line (the backup format, :func:`~.backup.dumps_document`). Events go through orjson (numpy arrays
-    natively, floats in their shortest exact form: ~20x faster than the json module) unless a value is not finite
-    (orjson writes NaN as null): those, and every other document, through the json module."""
-    if name == "event" and all(_finite(v) for v in doc["data"].values()):
-        # numpy subclasses (EventArray) as plain ndarray views: orjson serialises only exact ndarrays natively
-        data = {k: v.view(np.ndarray) if isinstance(v, np.ndarray) and type(v) is not np.ndarray else v
-                for k, v in doc["data"].items()}
-        try:
-            return orjson.dumps({"name": name, "doc": {**doc, "data": data}}, default=_orjson_default,
-                                option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
-        except (TypeError, orjson.JSONEncodeError):
-            pass
+    natively, floats in their shortest exact form: ~20x faster than the json module), their non-finite array values
+    as stand-ins replaced by the json module's tokens (NaN, Infinity) in the text; every other document, and events
+    with non-finite scalars, through the json module. The line reads back the same with ``json.loads``."""
+    if name == "event":
+        data: dict[str, Any] = {}
+        marked = False
+        for k, v in doc["data"].items():
+            fast, mark = _fast_value(v)
+            if fast is None:
+                break
+            data[k] = fast
+            marked |= mark
+        else:
+            try:
+                line = orjson.dumps({"name": name, "doc": {**doc, "data": data}}, default=_orjson_default,
+                                    option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+            except (TypeError, orjson.JSONEncodeError):
+                pass
+            else:
+                if marked:
+                    for text, token in _STAND_IN_TEXT:
+                        line = line.replace(text, token)
+                return line
     return (dumps_document(name, doc) + "\n").encode()
 
 
@@ -70,6 +104,8 @@ def _orjson_default(obj: Any) -> Any:
             raise TypeError("not finite")
         return obj.tolist()
     if isinstance(obj, np.generic):
+        if isinstance(obj, np.floating) and not np.isfinite(obj):
+            raise TypeError("not finite")
         return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
