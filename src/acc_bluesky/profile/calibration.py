@@ -65,6 +65,8 @@ class Limits(BaseModel):
 
         For an array of setpoints (a family), ``names`` (one per value) lets the message name the first offender;
         without them it gives its index in the family (1-based, as the device names)."""
+        if isinstance(value, float) and self.low <= value <= self.high:  # one setpoint within (NaN compares False)
+            return
         v = np.asarray(value, dtype=float)
         bad = ~np.isfinite(v) | (v < self.low) | (v > self.high)
         if not np.any(bad):
