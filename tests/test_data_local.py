@@ -5,10 +5,12 @@ a plain script. One catalogue folder (so one server) for the module where the te
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import stat
+import threading
 import zlib
 
 import bluesky.plans as bp
@@ -242,6 +244,29 @@ def test_server_stops_when_idle(tmp_path, monkeypatch):
     local.detach(folder)  # nobody uses it now: it stops by itself
     assert local._wait_dead(files, 30)  # noqa: SLF001 - (waits on the server's lock, no polling)
     assert not files["json"].exists() and not local.server_alive(folder)
+
+
+def test_server_stops_when_its_folder_is_deleted(tmp_path, monkeypatch):
+    """A temporary catalogue folder removed while its server lives (nobody can find that server any more): the
+    server stops once idle instead of living on."""
+    import shutil
+
+    monkeypatch.setenv("ACC_BLUESKY_SERVER_IDLE", "0.5")
+    folder = tmp_path / "gone"
+    assert list(open_catalog(folder)) == []
+    files = local.server_files(folder)
+    local.detach(folder)
+    alive = os.open(files["alive"], os.O_RDONLY)  # the server's own lock, kept open across the deletion
+    shutil.rmtree(folder)
+    ended = threading.Event()
+
+    def wait() -> None:
+        fcntl.flock(alive, fcntl.LOCK_SH)  # granted once the server process has ended
+        ended.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    assert ended.wait(30), "the server of a deleted catalogue folder did not stop"
+    os.close(alive)
 
 
 @pytest.fixture(autouse=True, scope="module")

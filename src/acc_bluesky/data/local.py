@@ -362,7 +362,12 @@ class ServerBookkeeping:
             while not self._stop.wait(period):
                 if self.active or time.monotonic() - self.last_request < self.idle:
                     continue
-                fd = os.open(self.files["lock"], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fd = os.open(self.files["lock"], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except FileNotFoundError:  # the folder was deleted under it: no session can find it any more
+                    logger.warning("the catalogue folder %s is gone: stopping its server", self.files["root"])
+                    server.should_exit = True
+                    return
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # a session is attaching or starting: not idle

@@ -283,8 +283,14 @@ def gen_lists(profile: str | os.PathLike = "ebs", *, out_dir: str | os.PathLike 
         code = ("import sys\nfrom bluesky_queueserver import gen_list_of_plans_and_devices\n"
                 "gen_list_of_plans_and_devices(startup_dir=sys.argv[1], file_dir=sys.argv[2], file_name=sys.argv[3],"
                 f" overwrite=True, device_max_depth={DEVICE_MAX_DEPTH})\n")
-        proc = subprocess.run([sys.executable, "-c", code, str(startup), str(out), PLANS_FILE], env=env,
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, str(startup), str(out), PLANS_FILE], env=env,
+                                  capture_output=True, text=True)
+        finally:
+            if catalog_dir is None:  # the temporary catalogue's server (the startup's RunEngine started it)
+                from ..data.local import stop_server
+
+                stop_server(Path(tmp) / "catalog", force=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
             raise QueueServerError(f"could not list the plans and devices of profile {prof.name!r} "
