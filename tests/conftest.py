@@ -132,6 +132,13 @@ def _session_catalog(tmp_path_factory):
     return _SESSION_CATALOG[0]
 
 
+@pytest.fixture(scope="session")
+def session_catalog_dir(tmp_path_factory):
+    """The session's catalogue folder (its Tiled server is started once per worker and shared by every test that
+    only reads its own runs back by uid: starting a server for a new folder costs ~5 s of CPU)."""
+    return _session_catalog(tmp_path_factory)
+
+
 @pytest.fixture
 def RE(tmp_path_factory):  # noqa: N802 - the bluesky name
     """A RunEngine writing to the session's catalogue folder (its Tiled server starts once, not per test);
