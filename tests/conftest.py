@@ -25,6 +25,40 @@ def pytest_configure(config):
     os.environ.setdefault("ACC_BLUESKY_BACKUP", os.path.join(root, "backup"))  # runs Tiled refused: not in ~
 
 
+#: Modules that share one expensive session resource run on the same xdist worker (``--dist loadgroup``): the EBS twin
+#: IOC of ``ioc_fixtures`` (one IOC and one connected epics machine per worker session, not one per worker).
+GROUPS = {m: "twin-ioc" for m in ("test_ioc", "test_epics_backend", "test_epics_backend_plans", "test_shadow",
+                                  "test_queue_epics")}
+
+#: Seconds each module (or group) takes in a full run (``--durations``, two workers), to hand the longest out first:
+#: the workers take the next group when they are nearly done, so longest-first keeps a long module from starting
+#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12).
+WEIGHTS = {"twin-ioc": 170, "test_lattices": 139, "test_data_local": 108, "test_campaign": 84, "test_queue": 82,
+           "test_demo": 70, "test_tango": 56, "test_chromaticity": 43, "test_restore_optics_plans": 40,
+           "test_correct_orbit": 37, "test_generate": 36, "test_data_shell": 35, "test_bba": 28, "test_tune": 26,
+           "test_data_server": 26, "test_data_catalog": 23, "test_orm": 22, "test_bump": 20,
+           "test_first_turns_campaign": 19, "test_ioc_clients": 17, "test_first_turns_full_errors": 17,
+           "test_loco_plans": 15}
+
+
+def _group(item) -> str:
+    stem = item.path.stem
+    return GROUPS.get(stem, stem)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook, which reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    """Every test goes with its module (or its module's group, :data:`GROUPS`) to one worker, and the groups are
+    queued longest first (:data:`WEIGHTS`; ``--dist loadgroup --no-loadscope-reorder``). The order of the tests
+    inside a module is kept."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(_group(item), i)
+    items.sort(key=lambda it: (-WEIGHTS.get(_group(it), 5), first[_group(it)]))
+
+
 @pytest.fixture(scope="session")
 def ebs():
     """The default profile."""
@@ -96,6 +130,13 @@ def _session_catalog(tmp_path_factory):
         _SESSION_CATALOG.append(folder)
         atexit.register(close_catalog, folder)  # stop its server when the test session ends
     return _SESSION_CATALOG[0]
+
+
+@pytest.fixture(scope="session")
+def session_catalog_dir(tmp_path_factory):
+    """The session's catalogue folder (its Tiled server is started once per worker and shared by every test that
+    only reads its own runs back by uid: starting a server for a new folder costs ~5 s of CPU)."""
+    return _session_catalog(tmp_path_factory)
 
 
 @pytest.fixture

@@ -40,18 +40,24 @@ def queue_server(queue_dirs):
 
     env = {"ACC_BLUESKY_BACKUP": str(queue_dirs["backup"]), "ACC_BLUESKY_FIGURE_DIR": str(queue_dirs["figures"]),
            "ACC_BLUESKY_OPERATOR": "queue-worker"}
+    from acc_bluesky.cli import main
+
     t0 = time.perf_counter()
-    proc = cli("queue", "start", "ebs", "--mode", "sim", "--seed", "1", "--run-dir", str(queue_dirs["run"]),
-               "--catalog-dir", str(queue_dirs["catalog"]), "--timeout", "200", env=env)
-    assert proc.returncode == 0, f"queue start failed:\n{proc.stdout}\n{proc.stderr}"
+    # the CLI's own entry point in this process (an interpreter less to start: the server's processes are its
+    # children, started with the environment below, as from a shell)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        code = main(["queue", "start", "ebs", "--mode", "sim", "--seed", "1", "--run-dir", str(queue_dirs["run"]),
+                     "--catalog-dir", str(queue_dirs["catalog"]), "--timeout", "200"])
+    assert code == 0, "queue start failed (its messages are in the captured output)"
     qs = load_queue_server(queue_dirs["run"])
     qs.start_seconds = time.perf_counter() - t0
     try:
         yield qs
     finally:
         if qs.is_running():
-            out = cli("queue", "stop", "--run-dir", str(queue_dirs["run"]), timeout=60)
-            if out.returncode != 0:  # make sure nothing outlives the tests
+            if main(["queue", "stop", "--run-dir", str(queue_dirs["run"])]) != 0:  # nothing outlives the tests
                 qs.stop()
 
 

@@ -1,8 +1,8 @@
 """Commissioning campaigns: a sequence of the real tool plans per seed on Dask workers, truth from each seed's twin.
 
-One LocalCluster (2 worker processes) and one catalogue folder (its Tiled server) serve the module; the Dask
-scheduler + worker started as separate processes serve the determinism test. Everything started here is stopped
-here.
+One LocalCluster (2 worker processes) and the session's catalogue folder (its Tiled server) serve the module; the
+Dask scheduler + worker started as separate processes serve the determinism test. Everything started here is
+stopped here.
 """
 
 from __future__ import annotations
@@ -99,16 +99,13 @@ def test_parse_seeds():
 
 # ---------------------------------------------------------------------------------------------- campaigns
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The module's catalogue folder (its Tiled server starts on demand, shared by the workers); backups of
-    runs Tiled could not take go to a temporary folder, never the user's."""
-    from acc_bluesky.data import close_catalog
-
+def folder(tmp_path_factory, session_catalog_dir):
+    """The session's catalogue folder (its Tiled server already up, shared by the workers; the campaigns' runs are
+    found by campaign uid); backups of runs Tiled could not take go to a temporary folder, never the user's."""
     root = tmp_path_factory.mktemp("campaign")
     old = os.environ.get("ACC_BLUESKY_BACKUP")
     os.environ["ACC_BLUESKY_BACKUP"] = str(root / "backup")  # before the workers start: they inherit it
-    yield root / "catalog"
-    close_catalog(root / "catalog")
+    yield session_catalog_dir
     if old is None:
         os.environ.pop("ACC_BLUESKY_BACKUP", None)
     else:

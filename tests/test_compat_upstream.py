@@ -47,15 +47,20 @@ def test_pyat_engine_reuses_a_kept_list_and_reconverts_after_another_lattice(hmb
     q.PolynomB[1] *= 1.02  # an in-place change is seen with reuse
     assert x(la, True) == x(la, False) != xa
     n = 50
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x(la, True)
-    reuse = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x(list(a), True)  # a new list each time: reconverted each time
-    fresh = time.perf_counter() - t0
-    assert reuse < fresh, "pyAT's engine no longer keeps a converted lattice: the twin's fast path is gone"
+
+    def timed(lst_of):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x(lst_of(), True)
+        return time.perf_counter() - t0
+
+    # the best of 5 interleaved repeats (as timeit advises): a busy machine (the suite's servers on the same 2 cores)
+    # only ever adds time to a repeat, so one preempted repeat cannot decide the comparison
+    reuse, fresh = [], []
+    for _ in range(5):
+        reuse.append(timed(lambda: la))
+        fresh.append(timed(lambda: list(a)))  # a new list each time: reconverted each time
+    assert min(reuse) < min(fresh), "pyAT's engine no longer keeps a converted lattice: the twin's fast path is gone"
 
 
 def test_queueserver_permission_rule():

@@ -11,7 +11,7 @@ from acc_bluesky.data import open_catalog
 
 
 @pytest.mark.parametrize("scale", [None, 1.0], ids=["profile-errors", "full-errors"])
-def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
+def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale, session_catalog_dir):
     """The demo on the profile's errors with BBA (``--full``), and on the whole alignment table (no closed orbit: it
     threads the first turns first, then the ring tools take over)."""
     results = []
@@ -22,7 +22,7 @@ def test_demo_commissions_the_ring(tmp_path, capsys, monkeypatch, scale):
         return results[-1]
 
     monkeypatch.setattr(commissioning, "run_demo", capture)
-    cat_dir, out = tmp_path / "cat", tmp_path / "fig"
+    cat_dir, out = session_catalog_dir, tmp_path / "fig"  # (runs found by uid: the session's catalogue)
     extra = ["--full"] if scale is None else ["--error-scale", str(scale)]  # --full: with BBA
     assert main(["demo", "--catalog-dir", str(cat_dir), "--out", str(out), "--no-progress", *extra]) == 0
     text = capsys.readouterr().out

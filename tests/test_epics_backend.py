@@ -32,11 +32,11 @@ def plain_RE():  # noqa: N802 - the bluesky name
 
 
 @pytest.fixture(scope="module")
-def tiled_RE(tmp_path_factory):  # noqa: N802
-    """The project's RunEngine on one embedded catalogue for the module, and the catalogue."""
+def tiled_RE(session_catalog_dir):  # noqa: N802
+    """The project's RunEngine on the session's catalogue for the module, and the catalogue."""
     from acc_bluesky.data import make_run_engine, open_catalog
 
-    d = tmp_path_factory.mktemp("epics_catalog")
+    d = session_catalog_dir
     return make_run_engine(catalog_dir=d, progress=False), open_catalog(catalog_dir=d)
 
 

@@ -22,11 +22,11 @@ from acc_bluesky.analysis import (
 
 
 @pytest.fixture(scope="module")
-def mcat(tmp_path_factory):
-    """One embedded catalogue and RunEngine for the module (opening a catalogue costs seconds)."""
+def mcat(session_catalog_dir):
+    """One RunEngine for the module on the session's catalogue (opening a catalogue costs seconds)."""
     from acc_bluesky.data import make_run_engine, open_catalog
 
-    d = tmp_path_factory.mktemp("plans_catalog")
+    d = session_catalog_dir
     re = make_run_engine(catalog_dir=d, progress=False)
     return re, open_catalog(catalog_dir=d)
 

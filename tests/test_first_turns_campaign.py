@@ -22,10 +22,10 @@ steps:
 """
 
 
-def test_campaign_goes_from_threading_to_the_sextupole_ramp_without_a_stored_beam(tmp_path):
+def test_campaign_goes_from_threading_to_the_sextupole_ramp_without_a_stored_beam(session_catalog_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = run_campaign(HMBA, [13], SEQ, error_scale=1.0, local=True, progress=False, catalog=tmp_path / "cat")
+        r = run_campaign(HMBA, [13], SEQ, error_scale=1.0, local=True, progress=False, catalog=session_catalog_dir)
     seed = r.results[13]
     assert seed.initial["beam"] == 0.0  # no closed orbit at the full table
     thread, ramp, disp = seed.steps
@@ -34,11 +34,11 @@ def test_campaign_goes_from_threading_to_the_sextupole_ramp_without_a_stored_bea
     assert disp.status == "ok" and seed.reason == ""  # the chain ran to the end
 
 
-def test_campaign_ends_the_seed_when_a_step_that_needs_beam_comes_without_one(tmp_path):
+def test_campaign_ends_the_seed_when_a_step_that_needs_beam_comes_without_one(session_catalog_dir):
     seq = SEQ.replace("  - ramp_sextupoles: {n_sv: 8}\n    success: {beam: true}\n", "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = run_campaign(HMBA, [13], seq, error_scale=1.0, local=True, progress=False, catalog=tmp_path / "cat")
+        r = run_campaign(HMBA, [13], seq, error_scale=1.0, local=True, progress=False, catalog=session_catalog_dir)
     seed = r.results[13]
     thread, disp = seed.steps
     assert thread.status == "missed" and disp.status == "not run"

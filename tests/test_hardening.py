@@ -28,10 +28,10 @@ def m(hm):
 
 
 @pytest.fixture(scope="module")
-def RE(tmp_path_factory):  # noqa: N802
+def RE(session_catalog_dir):  # noqa: N802
     from acc_bluesky.data import make_run_engine
 
-    return make_run_engine(catalog_dir=tmp_path_factory.mktemp("hardening") / "catalog", progress=False)
+    return make_run_engine(catalog_dir=session_catalog_dir, progress=False)
 
 
 def unmoved(m, before):

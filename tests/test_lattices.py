@@ -91,8 +91,8 @@ def machine_of(generated, lat: str):
 
 
 @pytest.fixture(scope="module")
-def catalog_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("catalog")
+def catalog_dir(session_catalog_dir):
+    return session_catalog_dir  # (runs read back by uid: the session's catalogue, its server already up)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ CORRECTORS = ["HST_010", "HST_011", "VST_010"]
 
 
 @needs_redis
-def test_queue_in_epics_mode_measures_on_the_ioc(reset_ioc, tmp_path):
+def test_queue_in_epics_mode_measures_on_the_ioc(reset_ioc, tmp_path, session_catalog_dir):
     from acc_bluesky.analysis import OrbitResponse
     from acc_bluesky.data import make_run_engine, open_catalog
     from acc_bluesky.machine import connect
     from acc_bluesky.plans import measure_orm
     from acc_bluesky.queue import run_queue, start_queue_server, submit
 
-    qs = start_queue_server("ebs", mode="epics", prefix=reset_ioc.prefix, catalog_dir=tmp_path / "catalog",
+    qs = start_queue_server("ebs", mode="epics", prefix=reset_ioc.prefix, catalog_dir=session_catalog_dir,
                             run_dir=tmp_path / "run", timeout=200.0)
     try:
         api = qs.api(timeout=10.0)
@@ -30,14 +30,14 @@ def test_queue_in_epics_mode_measures_on_the_ioc(reset_ioc, tmp_path):
     finally:
         qs.stop()
     assert item["result"]["exit_status"] == "completed", item["result"]["msg"]
-    run = open_catalog(catalog_dir=tmp_path / "catalog")[item["result"]["run_uids"][0]]
+    run = open_catalog(catalog_dir=session_catalog_dir)[item["result"]["run_uids"][0]]
     start = run.metadata["start"]
     assert start["mode"] == "epics" and "seed" not in start and start["tool"] == "orbit_response"
     live = OrbitResponse.from_run(run)
 
     sim = connect("ebs", mode="sim", seed=1)  # the IOC serves the seed-1 twin
-    RE = make_run_engine(catalog_dir=tmp_path / "sim", progress=False)  # noqa: N806 - bluesky's name
-    ref = OrbitResponse.from_run(open_catalog(catalog_dir=tmp_path / "sim")[RE(measure_orm(
+    RE = make_run_engine(catalog_dir=session_catalog_dir, progress=False)  # noqa: N806 - bluesky's name
+    ref = OrbitResponse.from_run(open_catalog(catalog_dir=session_catalog_dir)[RE(measure_orm(
         sim, correctors=CORRECTORS, delta=0.5))])
     # BPM noise 0.1 um on orbit changes of ~100 um per 1 A (bipolar): 1e-3 relative per reading at most
     diff = np.sqrt(np.mean((live.matrix_hw - ref.matrix_hw) ** 2)) / np.sqrt(np.mean(ref.matrix_hw ** 2))

@@ -138,11 +138,11 @@ def plain_RE():  # noqa: N802 - the bluesky name
 
 
 @pytest.fixture(scope="module")
-def mcat(tmp_path_factory):
-    """One embedded catalogue and RunEngine for the module (opening a catalogue costs seconds)."""
+def mcat(session_catalog_dir):
+    """One RunEngine for the module on the session's catalogue (opening a catalogue costs seconds)."""
     from acc_bluesky.data import make_run_engine, open_catalog
 
-    d = tmp_path_factory.mktemp("tango_catalog")
+    d = session_catalog_dir
     return make_run_engine(catalog_dir=d, progress=False), open_catalog(catalog_dir=d)
 
 
@@ -359,7 +359,7 @@ def test_correct_tune_reaches_the_sim_result(both, sim):
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-def test_queue_in_tango_mode_measures_on_the_server(server, tmachine, reset, tmp_path):
+def test_queue_in_tango_mode_measures_on_the_server(server, tmachine, reset, tmp_path, session_catalog_dir):
     """``start_queue_server(mode="tango", address=...)``: the worker drives the Tango server; its ORM is the twin's
     (seed 1, the server's errors: orbit differences of a local twin, noise-free BPM transform) within the noise."""
     from acc_bluesky.analysis import OrbitResponse
@@ -368,7 +368,7 @@ def test_queue_in_tango_mode_measures_on_the_server(server, tmachine, reset, tmp
     from acc_bluesky.twin import Twin
 
     cors = [tmachine.family("HST").names[9], tmachine.family("VST").names[9]]
-    qs = start_queue_server("ebs", mode="tango", address=server.address, catalog_dir=tmp_path / "catalog",
+    qs = start_queue_server("ebs", mode="tango", address=server.address, catalog_dir=session_catalog_dir,
                             run_dir=tmp_path / "run", timeout=200.0)
     try:
         api = qs.api(timeout=10.0)
@@ -379,7 +379,7 @@ def test_queue_in_tango_mode_measures_on_the_server(server, tmachine, reset, tmp
     finally:
         qs.stop()
     assert item["result"]["exit_status"] == "completed", item["result"]["msg"]
-    run = open_catalog(catalog_dir=tmp_path / "catalog")[item["result"]["run_uids"][0]]
+    run = open_catalog(catalog_dir=session_catalog_dir)[item["result"]["run_uids"][0]]
     assert run.metadata["start"]["mode"] == "tango" and run.metadata["start"]["tool"] == "orbit_response"
     live = OrbitResponse.from_run(run)
     t = Twin("ebs", seed=1)

@@ -85,6 +85,9 @@ def add_parser(sub) -> None:
     s.add_argument("--out", default=None, help="output folder (default: the profile folder)")
     s.add_argument("--mode", choices=("sim", "epics"), default="sim", help="mode used to list (default sim)")
     s.add_argument("--seed", type=int, default=1, help="sim error seed used to list (default 1)")
+    s.add_argument("--catalog-dir", default=None,
+                   help="catalogue folder the startup's RunEngine opens while listing (default: a temporary one; "
+                        "a folder whose server is running saves starting one)")
     s.set_defaults(func=_gen_lists)
 
 
@@ -240,7 +243,8 @@ def _gen_lists(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        path = gen_lists(args.profile, out_dir=args.out, mode=args.mode, seed=_seed(args.seed))
+        path = gen_lists(args.profile, out_dir=args.out, mode=args.mode, seed=_seed(args.seed),
+                         catalog_dir=args.catalog_dir)
     except QueueServerError as err:
         return _fail(err)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
