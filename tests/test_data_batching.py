@@ -42,6 +42,14 @@ def test_log_lines_of_non_finite_arrays_read_back_exactly():
         back, ref = json.loads(line), json.loads(dumps_document("event", doc))
         assert json.dumps(back) == json.dumps(ref)  # NaN and Infinity tokens included
         np.testing.assert_array_equal(np.asarray(back["doc"]["data"]["v"], dtype=float), value.astype(float))
-    nan_scalar = {"uid": "u", "time": 1.0, "descriptor": "d", "seq_num": 1, "filled": {}, "data": {"s": float("nan")},
-                  "timestamps": {"s": 1.0}}
-    assert json.loads(encode_document("event", nan_scalar))["doc"]["data"]["s"] != 0  # NaN, not null
+    for scalar in (float("nan"), np.float32("nan"), np.float64("inf")):  # NaN/Infinity, never null
+        doc = {"uid": "u", "time": 1.0, "descriptor": "d", "seq_num": 1, "filled": {}, "data": {"s": scalar},
+               "timestamps": {"s": 1.0}}
+        back = json.loads(encode_document("event", doc))["doc"]["data"]["s"]
+        assert back is not None and not np.isfinite(back)
+    # a stand-in's text elsewhere in the event (a packed JSON string) beside a NaN array: the slow way, same line
+    doc = {"uid": "u", "time": 1.0, "descriptor": "d", "seq_num": 1, "filled": {},
+           "data": {"v": residual, "packed": '{"x": [1.7976931348623155e308, -1.7976931348623151e308]}'},
+           "timestamps": {"v": 1.0, "packed": 1.0}}
+    assert json.loads(encode_document("event", doc)) == json.loads(dumps_document("event", doc))
+    assert json.loads(encode_document("event", doc))["doc"]["data"]["packed"] == doc["data"]["packed"]

@@ -40,50 +40,51 @@ logger = logging.getLogger(__name__)
 RECOVERY_REASON = "session ended without closing the run (recovered from the write-ahead log)"
 
 
-# Stand-ins for the non-finite values of float arrays on orjson's fast path (orjson writes NaN and inf as null): each
-# is written by orjson in its shortest exact form and then replaced in the text by the token the json module reads
-# back (NaN, Infinity, -Infinity; the negative one first: its text holds no other's). An array holding one of these
-# magnitudes itself goes the slow way.
+# Stand-ins for the non-finite values of float64 arrays on orjson's fast path (orjson writes NaN and inf as null):
+# orjson writes each in its shortest exact form, then the text is replaced by the token the json module reads back
+# (NaN, Infinity, -Infinity; the negative one first: its text holds no other's). The line is kept only if each text
+# occurs exactly as often as stand-ins were put in: a stand-in's own value anywhere else in the document (data,
+# strings, timestamps) sends it the slow way.
 _STAND_INS = ((-1.7976931348623151e308, b"-Infinity"), (1.7976931348623155e308, b"NaN"),
               (1.7976931348623153e308, b"Infinity"))
 _STAND_IN_TEXT = [(orjson.dumps(v), token) for v, token in _STAND_INS]
+_NO_STAND_INS = (0, 0, 0)
 
 
-def _fast_value(value: Any) -> tuple[Any, bool]:
-    """``(value for orjson, whether stand-ins were put in)``; ``(None, False)`` when it must go the slow way."""
-    if isinstance(value, float):
-        return (value, False) if math.isfinite(value) else (None, False)
+def _fast_value(value: Any) -> tuple[Any, tuple[int, int, int]] | None:
+    """``(value for orjson, stand-ins put in per kind: -inf, NaN, +inf)``, or None when it must go the slow way (a
+    non-finite scalar or non-float64 array)."""
+    if isinstance(value, (float, np.floating)):  # (orjson writes numpy scalars itself: NaN as null)
+        return (value, _NO_STAND_INS) if math.isfinite(value) else None
     if not isinstance(value, np.ndarray):
-        return value, False
-    arr = value.view(np.ndarray) if type(value) is not np.ndarray else value
-    if arr.dtype.kind != "f":
-        return (None, False) if arr.dtype.kind == "c" and not np.isfinite(arr).all() else (arr, False)
-    finite = np.isfinite(arr)
-    if finite.all():
-        return arr, False
-    if arr.dtype != np.float64 or np.isin(np.abs(arr[finite]), [abs(v) for v, _ in _STAND_INS]).any():
-        return None, False
+        return value, _NO_STAND_INS
+    arr = value.view(np.ndarray) if type(value) is not np.ndarray else value  # orjson takes exact ndarrays only
+    if arr.dtype.kind not in "fc" or np.isfinite(arr).all():
+        return arr, _NO_STAND_INS
+    if arr.dtype != np.float64:
+        return None
     out = arr.copy()
-    out[np.isneginf(arr)] = _STAND_INS[0][0]
-    out[np.isnan(arr)] = _STAND_INS[1][0]
-    out[np.isposinf(arr)] = _STAND_INS[2][0]
-    return out, True
+    masks = (np.isneginf(arr), np.isnan(arr), np.isposinf(arr))
+    for mask, (stand_in, _) in zip(masks, _STAND_INS):
+        out[mask] = stand_in
+    return out, tuple(int(np.count_nonzero(mask)) for mask in masks)
 
 
 def encode_document(name: str, doc: dict[str, Any]) -> bytes:
     """One log line (the backup format, :func:`~.backup.dumps_document`). Events go through orjson (numpy arrays
-    natively, floats in their shortest exact form: ~20x faster than the json module), their non-finite array values
-    as stand-ins replaced by the json module's tokens (NaN, Infinity) in the text; every other document, and events
-    with non-finite scalars, through the json module. The line reads back the same with ``json.loads``."""
+    natively, floats in their shortest exact form: ~20x faster than the json module), their non-finite float64
+    array values as stand-ins replaced by the json module's tokens (NaN, Infinity) in the text; every other
+    document, and events with non-finite scalars, through the json module. The line reads back the same with
+    ``json.loads``."""
     if name == "event":
         data: dict[str, Any] = {}
-        marked = False
+        counts = [0, 0, 0]
         for k, v in doc["data"].items():
-            fast, mark = _fast_value(v)
+            fast = _fast_value(v)
             if fast is None:
                 break
-            data[k] = fast
-            marked |= mark
+            data[k] = fast[0]
+            counts = [a + b for a, b in zip(counts, fast[1])]
         else:
             try:
                 line = orjson.dumps({"name": name, "doc": {**doc, "data": data}}, default=_orjson_default,
@@ -91,10 +92,12 @@ def encode_document(name: str, doc: dict[str, Any]) -> bytes:
             except (TypeError, orjson.JSONEncodeError):
                 pass
             else:
-                if marked:
+                if not any(counts):
+                    return line
+                if all(line.count(text) == n for (text, _), n in zip(_STAND_IN_TEXT, counts)):
                     for text, token in _STAND_IN_TEXT:
                         line = line.replace(text, token)
-                return line
+                    return line
     return (dumps_document(name, doc) + "\n").encode()
 
 
@@ -104,8 +107,6 @@ def _orjson_default(obj: Any) -> Any:
             raise TypeError("not finite")
         return obj.tolist()
     if isinstance(obj, np.generic):
-        if isinstance(obj, np.floating) and not np.isfinite(obj):
-            raise TypeError("not finite")
         return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
