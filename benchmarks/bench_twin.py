@@ -48,7 +48,32 @@ def run(n: int = 60, profile: str = "ebs") -> dict:
     }
     print(f"twin latency (set 1 corrector + read orbit, {profile}): median {1e3 * mt:.2f} ms; "
           f"cold pyAT find_orbit4 {1e3 * mc:.2f} ms; ratio {mt / mc:.2f} (DESIGN <= 0.5)")
+    out.update(_optics_blas(twin))
     return out
+
+
+def _optics_blas(twin, n: int = 6) -> dict:
+    """pyAT ``get_optics`` at the BPMs (what ``Twin.tunes``/``beta``/``dispersion`` compute after a change) with
+    OpenBLAS on one thread (``acc_bluesky._compat.scipy.single_thread_blas``, as the twin calls it) against the
+    process default, interleaved: scipy's ``solve`` of one 4x4 matrix per BPM threads otherwise."""
+    import at
+
+    from acc_bluesky._compat.scipy import single_thread_blas
+
+    ring, refs, orbit = twin.ring, twin.bpm_refpts, twin.observables().orbit0
+    one, default = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with single_thread_blas():
+            at.get_optics(ring, refpts=refs, orbit=orbit)
+        one.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        at.get_optics(ring, refpts=refs, orbit=orbit)
+        default.append(time.perf_counter() - t0)
+    m1, md = float(np.median(one)), float(np.median(default))
+    print(f"get_optics at {len(refs)} BPMs: one BLAS thread {1e3 * m1:.0f} ms, default threads {1e3 * md:.0f} ms "
+          f"(ratio {m1 / md:.2f}; the default's cost grows with the machine's load)")
+    return {"get_optics_one_thread_ms": 1e3 * m1, "get_optics_default_ms": 1e3 * md, "get_optics_ratio": m1 / md}
 
 
 if __name__ == "__main__":

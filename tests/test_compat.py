@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -298,3 +299,69 @@ def test_databroker_v1_and_v2_entry_points():
     from databroker.v2 import CatalogOfBlueskyRuns
 
     assert hasattr(Broker, "__call__") and hasattr(CatalogOfBlueskyRuns, "v1")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scipy/OpenBLAS (acc_bluesky._compat.scipy): pyAT's small solves on one BLAS thread, restored afterwards
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+
+def test_single_thread_blas_limits_inside_and_restores_after_nested_and_threaded_use():
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from acc_bluesky._compat.scipy import single_thread_blas
+
+    with threadpool_limits(limits=2, user_api="blas"):  # a known outside setting, whatever the machine's default
+        assert _blas_threads() and set(_blas_threads()) == {2}
+        inside: list[list[int]] = []
+        with single_thread_blas():
+            inside.append(_blas_threads())
+            with single_thread_blas():  # nested: the inner block ending keeps the limit
+                inside.append(_blas_threads())
+            inside.append(_blas_threads())
+        assert set(_blas_threads()) == {2}, threadpool_info()  # the outermost block restored the outside setting
+
+        assert len(inside) == 3 and all(set(v) == {1} for v in inside), inside
+
+        def worker():  # a Dask worker thread, the RunEngine's loop thread (their calls do not fan out anyway)
+            with single_thread_blas(), single_thread_blas():
+                pass
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(10)
+        assert set(_blas_threads()) == {2}, threadpool_info()  # another thread's blocks leave the main's setting
+
+
+def test_twin_optics_run_on_one_blas_thread(monkeypatch):
+    """The twin's linear optics (pyAT get_optics: one scipy solve per BPM) are computed inside the limit."""
+    import at
+
+    from acc_bluesky.twin import Twin
+
+    seen: list[list[int]] = []
+    real = at.get_optics
+
+    def spy(*args, **kwargs):
+        seen.append(_blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(at, "get_optics", spy)
+    twin = Twin(str(Path(__file__).parent / "profiles" / "hmba" / "profile.yaml"), seed=1)
+    with threadpool_limits_2():
+        q = twin.tunes()
+        beta_x, _ = twin.beta()
+        assert set(_blas_threads()) == {2}
+    assert seen and all(set(v) == {1} for v in seen), seen
+    assert np.all(np.isfinite(q)) and np.all(beta_x > 0)
+
+
+def threadpool_limits_2():
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=2, user_api="blas")

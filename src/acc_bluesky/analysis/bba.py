@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ..profile import Profile
 from ._common import FloatArray, resolve_profile, rms, run_results, run_start
 
@@ -147,7 +148,7 @@ class BbaModel:
             pts.append(("c", k, float(spos[r] + ring[r].Length / 2)))
         order = sorted(range(len(pts)), key=lambda j: (pts[j][2], j))
         markers = [at.Marker(f"BBA_{j:05d}") for j in order]
-        with warnings.catch_warnings():
+        with single_thread_blas(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             split = ring.sbreak(np.array([min(pts[j][2], self.circumference) for j in order]), markers)
             where = {e.FamName: i for i, e in enumerate(split) if e.FamName.startswith("BBA_")}

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ._common import FloatArray, resolve_profile, run_results, run_start
 from .tune import FamilyResponse, _Correction, _model_family_response, model_lattice
 
@@ -136,7 +137,7 @@ def lattice_chromaticity(ring) -> FloatArray:
     ring: divided by the lattice's ``periodicity``)."""
     import at
 
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         xi = np.asarray(at.get_chrom(ring)[:2], dtype=float)
     return xi / float(getattr(ring, "periodicity", 1) or 1)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ._common import FloatArray, resolve_profile, rms, run_results, run_start
 from .orm import momentum_compaction
 
@@ -69,7 +70,7 @@ def model_dispersion(source: Any, lattice=None) -> tuple[FloatArray, FloatArray]
 
     prof = resolve_profile(source)
     ring = prof.load_lattice() if lattice is None else lattice
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, _, ed = at.get_optics(ring, refpts=prof.bpm_refpts)
     return ed.dispersion[:, 0].copy(), ed.dispersion[:, 2].copy()

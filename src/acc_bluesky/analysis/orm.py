@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ..profile import Profile
 from ._common import FloatArray, as_result, corrector_table, resolve_profile, run_results, run_start
 
@@ -429,7 +430,7 @@ def _model_orm(profile: Profile, correctors, *, rf: bool, lattice, method: str, 
     refs = np.array([int(profile.families[f].refpts[i]) for (_, f, i, _) in table], dtype=np.uint32)
     mcf = momentum_compaction(ring)
     circ = ring.circumference
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, _, ed = at.get_optics(ring, refpts=at.All)
     eta = ed.dispersion  # (nelem+1, 4)
@@ -442,7 +443,7 @@ def _model_orm(profile: Profile, correctors, *, rf: bool, lattice, method: str, 
             if not cols:
                 continue
             cols = [cols[k] for k in np.argsort(refs[cols], kind="stable")]  # pyAT wants ascending refpts
-            with warnings.catch_warnings():
+            with single_thread_blas(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 orm = at.OrbitResponseMatrix(ring, pl, bpms, refs[cols])
                 r = orm.build_analytical()

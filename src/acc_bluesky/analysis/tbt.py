@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ._common import FloatArray, resolve_profile, rms, run_results, run_start
 
 __all__ = [
@@ -101,7 +102,7 @@ def model_optics(source: Any, lattice=None) -> ModelOptics:
     if getattr(ring, "is_6d", False):
         ring = ring.disable_6d(copy=True)
     bpms = profile.bpm_refpts
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pts = _phase_points(len(ring), bpms)
         if profile.kind == "ring":
@@ -148,7 +149,7 @@ def kick_for_amplitude(source: Any, amplitude: float | Sequence[float] = 1e-4, k
     ring = profile.load_lattice() if lattice is None else lattice
     if getattr(ring, "is_6d", False):
         ring = ring.disable_6d(copy=True)
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, _, ed = at.get_optics(ring, refpts=[0 if kicker is None else int(kicker)])
     bk = np.asarray(ed.beta[0][:2], dtype=float)
@@ -208,7 +209,7 @@ def error_sources(source: Any, *, scale: float | None = None, offset_rms: float 
         out = {"x": (z, z, z), "y": (z.copy(), z.copy(), z.copy())}
     else:
         pts = _phase_points(len(ring), np.union1d(refs, refs + 1))
-        with warnings.catch_warnings():
+        with single_thread_blas(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if profile.kind == "ring":
                 _, _, ed = at.get_optics(ring, refpts=pts)

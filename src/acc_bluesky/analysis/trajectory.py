@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ..profile import Profile
 from ._common import FloatArray, corrector_table, resolve_profile, rms, run_results, run_start
 from .correction import SvdCorrector, limit_step
@@ -277,7 +278,7 @@ def _model_response(profile: Profile, correctors, turns: int, lattice) -> Trajec
     long = at.Lattice([e.deepcopy() for _ in range(turns) for e in ring], energy=ring.energy,
                       periodicity=1) if turns > 1 else ring
     bpms_all = np.concatenate([bpms + k * nel for k in range(turns)]).astype(np.uint32)
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if profile.kind == "ring":
             _, _, e0 = at.get_optics(ring, refpts=[0])
@@ -294,7 +295,7 @@ def _model_response(profile: Profile, correctors, turns: int, lattice) -> Trajec
         cols = [cols[k] for k in np.argsort(refs[cols], kind="stable")]  # pyAT wants ascending refpts
         # a corrector is DC: it kicks the beam at every passage, so it is a steerer in every turn's copy
         steer = np.concatenate([refs[cols] + k * nel for k in range(turns)]).astype(np.uint32)
-        with warnings.catch_warnings():
+        with single_thread_blas(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trm = TrajectoryResponseMatrix(long, pl, bpms_all, steer)
             r = trm.build_analytical(twiss_in=tw)

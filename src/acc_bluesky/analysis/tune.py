@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ..profile import Profile
 from ._common import FloatArray, resolve_profile, run_results, run_start
 
@@ -143,7 +144,7 @@ def lattice_tunes(ring) -> FloatArray:
     """
     import at
 
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             _, ringdata, _ = at.get_optics(ring)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._compat.scipy import single_thread_blas
 from .loader import Profile
 
 __all__ = ["ProfileReport", "check_profile"]
@@ -121,7 +122,7 @@ def check_profile(profile: Profile, orbit: Any = None, orbit_seed: int | None = 
     if profile.kind == "ring" and len(profile.families_of_type("sextupole")) < 2:
         rep.warnings.append("fewer than two sextupole families: chromaticity correction needs two")
     ring = profile.load_lattice()
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             if profile.kind == "ring":

@@ -341,7 +341,7 @@ class Beam:
 
             tw = self._twin
             try:
-                with _engine.ENGINE_LOCK, warnings.catch_warnings():
+                with _engine.ENGINE_LOCK, single_thread_blas(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     rp = tw.design.radiation_parameters()
                     tw._engine_gen = -1
@@ -385,7 +385,7 @@ class Beam:
         import at
 
         tw = self._twin
-        with _engine.ENGINE_LOCK, warnings.catch_warnings():
+        with _engine.ENGINE_LOCK, single_thread_blas(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tw._engine_gen = -1
             try:

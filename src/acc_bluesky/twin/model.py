@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .._compat.scipy import single_thread_blas
 from ..profile import Family, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
@@ -423,7 +424,7 @@ class Twin:
         self.stats["solves"] += 1
         if self.anomalies.beam_lost:
             return self._lost("beam lost (anomaly); call twin.inject() to refill")
-        with _engine.ENGINE_LOCK, warnings.catch_warnings():
+        with _engine.ENGINE_LOCK, single_thread_blas(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 if not self.is_ring:
@@ -560,7 +561,7 @@ class Twin:
             obs = self.observables()
             if obs.lost:
                 return None
-            with _engine.ENGINE_LOCK, warnings.catch_warnings():
+            with _engine.ENGINE_LOCK, single_thread_blas(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._engine_gen = -1
                 try:
@@ -616,7 +617,7 @@ class Twin:
             obs = self.observables()
             if obs.lost or not self.is_ring:
                 return np.full(2, np.nan)
-            with _engine.ENGINE_LOCK, warnings.catch_warnings():
+            with _engine.ENGINE_LOCK, single_thread_blas(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._engine_gen = -1
                 period = float(getattr(self.ring, "periodicity", 1) or 1)
@@ -636,7 +637,7 @@ class Twin:
         import at
 
         def compute():
-            with _engine.ENGINE_LOCK, warnings.catch_warnings():
+            with _engine.ENGINE_LOCK, single_thread_blas(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._engine_gen = -1
                 r = self.design if not self.is_6d else self.design.disable_6d(copy=True)
