@@ -2,6 +2,7 @@
 
     python benchmarks/bench_loco.py            # everything (~10-20 min on 2 busy cores)
     python benchmarks/bench_loco.py --quick    # Jacobian costs and the gradient-only case only
+    python benchmarks/bench_loco.py --only plan --repeat 3    # section 5 alone, 3 runs of the plan per case
 
 Sections:
 1. Jacobian of the ORM with respect to the 256 quadrupole gradients (448 correctors x 224 BPMs x 2 planes): the
@@ -18,7 +19,11 @@ Sections:
    written here), the skew gradients fitted and corrected too.
 4. The same on a second real lattice (ALS, /work/shared/lattices), through a profile written here.
 5. The ``loco`` plan (RunEngine + Tiled) against ``fit_loco`` called directly, side by side, on the gradient-only
-   EBS case with the ORM and dispersion measured by the plans: the plan's time outside the fit (target <= 5 %).
+   EBS case with the ORM and dispersion measured by the plans: the plan's time outside the fit (target <= 5 %),
+   with figures off and with its two figures, ``--repeat N`` times each (interleaved), with the CPU time of this
+   process and the load average. The run opens while the fit iterates (its start document is written meanwhile),
+   so what is outside the fit is reading the inputs before it and, after it, the results event and the stop
+   document (the writer's ~10 requests to the Tiled server), and the figures when they are drawn.
 
 The "measured" ORM is what ``measure_orm`` does, done straight on the twin (setpoints +-0.2 A, BPM readings with
 their gains, rolls, offsets and noise, ``n_avg`` acquisitions averaged per step: 256 in section 2, one elsewhere);
