@@ -421,7 +421,7 @@ def test_results_round_trip_through_a_run(prof, noisy, tmp_path):
     results = res.to_results(beta)
     units = {k: u for k, (u, _) in LocoResult.RESULT_KEYS.items() if k in results}
     assert set(units) == set(results)  # every stored array has its units and meaning
-    ResultsReadable("results", results, units=units).describe()  # storable as one event (no strings, no objects)
+    ResultsReadable("results", results, units=units).describe()  # storable as one event (no object arrays)
     start = json.loads(json.dumps({"tool": "loco", "uid": "0123abcd", **res.start_metadata()}))
     back = LocoResult.from_run(_Run(start, results))
     assert back.names == res.names and back.kinds == res.kinds and back.units == res.units

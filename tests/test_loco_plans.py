@@ -229,3 +229,124 @@ def test_loco_plan_with_averaged_orm_and_prior_meets_the_10_percent_acceptance(p
         RE(loco(m, orm=orm, gradient_prior=0.0, figure_dir=False))
     with pytest.raises(ToolError, match="bpm_noise"):
         RE(loco(m, orm=orm, gradient_prior=0.01, figure_dir=False))
+
+
+#: What the fit found: in the results stream (the run opens while the fit iterates); before, in the start document.
+OUTCOME = ("chi2", "chi2_dof", "n_sv", "singular_values", "tunes_model", "iterations", "converged", "excluded_bpms",
+           "excluded_correctors", "fit_seconds")
+OLD_OUTCOME_START_KEYS = ("loco_chi2", "loco_chi2_dof", "loco_n_sv", "loco_singular_values", "loco_tunes_model",
+                          "excluded_bpms", "excluded_correctors", "loco_iterations", "loco_fit_seconds")
+
+
+def test_run_layout_request_in_start_outcome_in_results(fitted, catalog):
+    from acc_bluesky.data import stream_data_keys
+
+    orm, disp, uid = fitted
+    run = catalog[uid]
+    start = run.metadata["start"]
+    assert start["loco_run_layout"] == 2 and start["loco_fit"] == ["quads", "bpm_gains", "bpm_rolls",
+                                                                    "corrector_gains"]
+    assert not set(OLD_OUTCOME_START_KEYS) & set(start)  # the outcome is not in the start document ...
+    assert "converged" not in start["loco_options"]
+    keys = stream_data_keys(run, "results")
+    for k in OUTCOME:  # ... but in the results, each with units and meaning
+        assert k in keys and keys[k]["units"] == LocoResult.RESULT_KEYS[k][0], k
+        assert keys[k]["description"] == LocoResult.RESULT_KEYS[k][1], k
+    res = LocoResult.from_run(run)
+    assert res.n_sv > 0 and len(res.singular_values) >= res.n_sv and res.options["converged"] is True
+    assert len(res.chi2) >= 2 and res.timing["fit"] > 0 and res.tunes_model.shape == (2,)
+    assert run.metadata["stop"]["exit_status"] == "success"
+
+
+def _old_layout(res: LocoResult, beta) -> tuple[dict, dict]:
+    """The start keys and results of a loco run as recorded before the run opened ahead of the fit (commit 262f68e):
+    the outcome in the start document, three result keys."""
+    new = res.to_results(beta)
+    md = {k: v for k, v in res.start_metadata().items() if k != "loco_n_parameters"}
+    md["loco_options"] = dict(res.options)  # with "converged"
+    md |= {"excluded_bpms": dict(res.excluded_bpms), "excluded_correctors": dict(res.excluded_correctors),
+           "loco_chi2_dof": float(res.chi2_dof), "loco_n_sv": int(res.n_sv), "loco_chi2": list(res.chi2),
+           "loco_singular_values": np.asarray(res.singular_values).tolist(),
+           "loco_tunes_model": np.asarray(res.tunes_model).tolist(), "loco_fit": ["quads", "bpm_gains"],
+           "num_points": 0, "loco_n_parameters": len(res.values), "loco_iterations": len(res.chi2) - 1,
+           "loco_fit_seconds": 1.0}
+    return md, {k: new[k] for k in ("parameters", "residual", "bpm_optics")}
+
+
+def test_runs_of_the_earlier_layout_are_read_and_corrected_from(prof, fitted, RE, machine, catalog):  # noqa: N803
+    """A loco run of the earlier layout (outcome in the start document) reads the same, and correct_optics takes it."""
+    import bluesky.preprocessors as bpp
+
+    from acc_bluesky.data.metadata import tool_metadata
+    from acc_bluesky.plan_stubs.results import store_result
+
+    new = LocoResult.from_run(catalog[fitted[2]])
+    assert new.excluded_bpms == {} and new.excluded_correctors == {}
+    new.excluded_bpms = {prof.bpm_names[3]: "excluded by request"}  # exclusions with reasons round-trip
+    md, results = _old_layout(new, new.beta_beat(prof))
+
+    @bpp.run_decorator(md=tool_metadata("loco", machine, plan_name="loco") | md)
+    def old_run():
+        yield from store_result(results, units={k: LocoResult.RESULT_KEYS[k][0] for k in results})
+
+    uid = RE(old_run()).run_start_uids[0]
+    run = catalog[uid]
+    assert "loco_chi2" in run.metadata["start"] and "chi2" not in run["results"].metadata["data_keys"]
+    old = LocoResult.from_run(run)
+    for a in ("names", "kinds", "units", "chi2", "excluded_bpms", "excluded_correctors", "setpoints", "orm_uid",
+              "dispersion_uid", "n_sv", "bpm_names", "element_names"):
+        assert getattr(old, a) == getattr(new, a), a
+    for a in ("values", "sigmas", "residual", "singular_values", "tunes_model", "dk", "element_k0"):
+        assert np.array_equal(getattr(old, a), getattr(new, a), equal_nan=True), a
+    assert old.chi2_dof == new.chi2_dof and old.options == new.options and old.uid == uid
+    machine.twin.reset()
+    expect = optics_correction(new, prof, setpoints={f: machine.twin.get_setpoint(f) for f in prof.families})
+    c = RE(correct_optics(machine, loco=uid, figure_dir=False)).plan_result
+    assert catalog[c].metadata["start"]["loco_uid"] == uid
+    for f, sp in expect.setpoints.items():
+        assert np.array_equal(machine.twin.get_setpoint(f), sp), f
+    machine.twin.reset()
+
+
+def _fit_fails_after_layout(*args, on_layout=None, **kwargs):
+    import acc_bluesky.analysis.loco as analysis
+
+    def layout_then_fail(md):
+        on_layout(md)
+        raise FloatingPointError("injected: the fit diverged")
+
+    return analysis.fit_loco(*args, on_layout=layout_then_fail, **kwargs)
+
+
+@pytest.mark.parametrize("when", ["before the layout", "while iterating"])
+def test_a_failing_fit_leaves_its_run_closed_fail_with_the_reason(when, fitted, RE, machine, catalog,  # noqa: N803
+                                                                  monkeypatch):
+    """The run opens while the fit runs: a fit that raises leaves the run recorded, closed ``fail`` with the error
+    as its reason (the request in the start document), and nothing moved."""
+    import importlib
+
+    plan_module = importlib.import_module("acc_bluesky.plans.loco")  # the module (plans.loco is the plan)
+    orm, disp, _ = fitted
+    machine.twin.reset()
+    before = machine.twin.snapshot()
+    kw: dict = {}
+    if when == "before the layout":  # a real failure of fit_loco before it has its parameters
+        kw["exclude_correctors"] = list(OrbitResponse.from_run(catalog[orm]).corrector_names)
+        match, error = "every corrector is excluded", "ValueError"
+    else:
+        monkeypatch.setattr(plan_module, "fit_loco", _fit_fails_after_layout)
+        match, error = "injected: the fit diverged", "FloatingPointError"
+    with pytest.raises(Exception, match=match):
+        RE(loco(machine, orm=orm, dispersion=disp, bpm_noise=NOISE, figure_dir=False, md={"case": when}, **kw))
+    assert same(machine.twin.snapshot(), before)
+    runs = [catalog[u] for u in catalog if catalog[u].metadata["start"].get("case") == when]
+    assert len(runs) == 1
+    run = runs[0]
+    start, stop = run.metadata["start"], run.metadata["stop"]
+    assert stop["exit_status"] == "fail" and stop["reason"].startswith(error) and match in stop["reason"]
+    assert start["orm_uid"] == orm and start["dispersion_uid"] == disp and start["loco_fit"]
+    assert start["loco_setpoints"]["QF1"] == machine.twin.get_setpoint("QF1").tolist()
+    assert ("loco_names" in start) == (when == "while iterating")  # the layout, when the fit had it
+    assert "results" not in run
+    with pytest.raises(KeyError, match="results"):
+        LocoResult.from_run(run)

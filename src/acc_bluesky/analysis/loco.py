@@ -43,9 +43,10 @@ Degeneracies and how they are handled:
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -792,8 +793,10 @@ class LocoResult:
 
     # ------------------------------------------------------------------------------------------------
     # storage
-    #: Keys of the results stream. Few, packed arrays: the Tiled writer's cost grows with the number of keys (~0.1 s
-    #: each), not with their size; scalars (chi2/dof, kept singular values, model tunes) are in the start document.
+    #: Keys of the results stream: what the fit found (its layout, known before it iterates, is in the start document,
+    #: :meth:`start_metadata`). Few arrays: the Tiled writer's cost grows with the number of array keys (a node
+    #: each), not with their size; the small arrays are packed into one key by ``store_result`` (each with its
+    #: units and meaning), the scalars and strings are columns of the stream's one event.
     RESULT_KEYS = {
         "parameters": ("", "fitted parameters (row 0) and their one-sigma uncertainties (row 1); units per "
                            "parameter in the start document's loco_units"),
@@ -801,15 +804,27 @@ class LocoResult:
         "bpm_optics": ("1 | m", "per BPM reading (x at the n BPMs, then y): row 0 the beta-beat of the fitted model "
                                 "against the design [1], row 1 measured minus fitted dispersion [m]; NaN where "
                                 "not computed"),
+        "chi2": ("1", "chi-square after each accepted iteration (first: the start model), with the final data mask"),
+        "chi2_dof": ("1", "final chi-square per degree of freedom (the data's part, without the prior's terms)"),
+        "n_sv": ("1", "singular values of the normalised gradient Jacobian kept at the last step"),
+        "singular_values": ("1", "every singular value of the normalised gradient Jacobian (calibrations "
+                                 "eliminated) at the solution"),
+        "tunes_model": ("1", "fractional tunes (x, y) of the fitted model"),
+        "iterations": ("1", "accepted Gauss-Newton iterations"),
+        "converged": ("", "the chi-square improvement fell below tol (else: max_iter reached or steps rejected)"),
+        "excluded_bpms": ("", "BPMs excluded (automatically or by request), a JSON object {name: reason}"),
+        "excluded_correctors": ("", "correctors excluded (automatically or by request), a JSON object "
+                                    "{name: reason}"),
+        "fit_seconds": ("s", "wall time of the fit (the loco plan's worker thread, else fit_loco's)"),
     }
-    # Three keys: the writer's cost grows with the number of data keys, not with their size. The chi-square per
-    # iteration and the singular values are in the start document (loco_chi2, loco_singular_values); dK per
-    # magnet is LocoResult.dk (element_coeff * values[element_param]).
+    # dK per magnet is LocoResult.dk (element_coeff * values[element_param]). Runs recorded before this layout have
+    # chi2, chi2_dof, n_sv, singular values, tunes and the exclusions in the start document (loco_chi2, ...):
+    # from_results reads both.
 
-    def to_results(self, beta: tuple[FloatArray, FloatArray] | None = None) -> dict[str, np.ndarray]:
-        """Arrays for the run's ``results`` stream (units and meaning: :attr:`RESULT_KEYS`); the names, kinds and
-        units of the parameters, the fitted magnets and the scalars go to the start document
-        (:meth:`start_metadata`).
+    def to_results(self, beta: tuple[FloatArray, FloatArray] | None = None) -> dict[str, Any]:
+        """What the run's ``results`` stream holds (units and meaning: :attr:`RESULT_KEYS`): the fitted values, the
+        residuals and the fit's outcome; the names, kinds and units of the parameters, the fitted magnets and the
+        start model are in the start document (:meth:`start_metadata`).
 
         ``beta``: the model beta-beat at the BPMs (:meth:`beta_beat`) to store with it."""
         n2 = 2 * len(self.bpm_names)
@@ -818,40 +833,39 @@ class LocoResult:
             optics[0] = np.concatenate([np.asarray(beta[0], dtype=float), np.asarray(beta[1], dtype=float)])
         if self.residual_dispersion is not None:
             optics[1] = np.asarray(self.residual_dispersion, dtype=float)
+        fit_s = self.timing.get("plan_fit", self.timing.get("total", np.nan))
         return {"parameters": np.vstack([self.values, self.sigmas]),
-                "residual": np.where(self.data_mask, self.residual, np.nan), "bpm_optics": optics}
+                "residual": np.where(self.data_mask, self.residual, np.nan), "bpm_optics": optics,
+                "chi2": np.asarray(self.chi2, dtype=float), "chi2_dof": float(self.chi2_dof),
+                "n_sv": int(self.n_sv),
+                "singular_values": np.asarray(self.singular_values if self.singular_values is not None else [],
+                                              dtype=float),
+                "tunes_model": np.asarray(self.tunes_model if self.tunes_model is not None else [np.nan, np.nan],
+                                          dtype=float),
+                "iterations": max(0, len(self.chi2) - 1), "converged": bool(self.options.get("converged", False)),
+                "excluded_bpms": json.dumps(dict(self.excluded_bpms)),
+                "excluded_correctors": json.dumps(dict(self.excluded_correctors)),
+                "fit_seconds": round(float(fit_s), 3)}
 
     def start_metadata(self) -> dict[str, Any]:
-        """What :meth:`from_results` needs from the start document (JSON-able lists and scalars)."""
-        md: dict[str, Any] = {
-            "loco_names": list(self.names), "loco_kinds": list(self.kinds), "loco_units": list(self.units),
-            "bpm_names": list(self.bpm_names), "corrector_names": list(self.corrector_names),
-            "corrector_planes": list(self.corrector_planes),
-            "element_refpts": self.element_refpts.tolist(), "element_kinds": list(self.element_kinds),
-            "element_names": list(self.element_names), "element_s": self.element_s.tolist(),
-            "element_k0": self.element_k0.tolist(), "element_param": self.element_param.tolist(),
-            "element_coeff": self.element_coeff.tolist(),
-            "excluded_bpms": dict(self.excluded_bpms), "excluded_correctors": dict(self.excluded_correctors),
-            "loco_setpoints": None if self.setpoints is None else {k: list(map(float, v))
-                                                                    for k, v in self.setpoints.items()},
-            "loco_options": dict(self.options), "orm_uid": self.orm_uid, "dispersion_uid": self.dispersion_uid,
-            "loco_chi2_dof": float(self.chi2_dof), "loco_n_sv": int(self.n_sv),
-            "loco_chi2": [float(c) for c in self.chi2],
-            "loco_singular_values": None if self.singular_values is None else
-            np.asarray(self.singular_values, dtype=float).tolist(),
-            "loco_tunes_model": None if self.tunes_model is None else np.asarray(self.tunes_model, float).tolist(),
-        }
-        if self.bpm_refpts is not None:
-            md["bpm_refpts"] = np.asarray(self.bpm_refpts).astype(int).tolist()
-        if self.corrector_refpts is not None:
-            md["corrector_refpts"] = np.asarray(self.corrector_refpts).astype(int).tolist()
-        if self.profile is not None:
-            md.setdefault("loco_profile", self.profile)
-        return md
+        """What :meth:`from_results` needs from the start document (JSON-able lists and scalars): everything known
+        once the fit has its parameters, before it iterates (the ``loco`` plan opens its run then)."""
+        return _layout_metadata(
+            names=self.names, kinds=self.kinds, units=self.units, bpm_names=self.bpm_names,
+            corrector_names=self.corrector_names, corrector_planes=self.corrector_planes,
+            element_refpts=self.element_refpts, element_kinds=self.element_kinds, element_names=self.element_names,
+            element_s=self.element_s, element_k0=self.element_k0, element_param=self.element_param,
+            element_coeff=self.element_coeff, setpoints=self.setpoints,
+            options={k: v for k, v in self.options.items() if k != "converged"}, orm_uid=self.orm_uid,
+            dispersion_uid=self.dispersion_uid, bpm_refpts=self.bpm_refpts, corrector_refpts=self.corrector_refpts,
+            profile=self.profile)
 
     @classmethod
     def from_results(cls, results: Mapping[str, Any], start: Mapping[str, Any] | None = None) -> LocoResult:
-        """Rebuild from stored results (:meth:`to_results`) and the run's start document (:meth:`start_metadata`)."""
+        """Rebuild from stored results (:meth:`to_results`) and the run's start document (:meth:`start_metadata`).
+
+        Both layouts: the fit's outcome (chi-square, singular values, exclusions ...) in the results (runs since
+        the run opens before the fit) or in the start document (``loco_chi2``, ``excluded_bpms`` ..., earlier)."""
         start = dict(start or {})
         if "parameters" in results:
             pv = np.asarray(results["parameters"], dtype=float)
@@ -874,11 +888,19 @@ class LocoResult:
         if rd is None and "bpm_optics" in results:
             row = np.asarray(results["bpm_optics"], dtype=float)[1]
             rd = None if np.all(np.isnan(row)) else row
-        sv = results.get("singular_values", start.get("loco_singular_values"))
-        chi2 = results.get("chi2", start.get("loco_chi2"))
-        tq = results.get("tunes_model", start.get("loco_tunes_model"))
-        chi2_dof = results.get("chi2_dof", start.get("loco_chi2_dof", np.nan))
-        n_sv = results.get("n_sv", start.get("loco_n_sv", 0))
+
+        def outcome(key: str, old: str, default: Any = None) -> Any:
+            return results[key] if key in results else start.get(old, default)
+
+        sv = outcome("singular_values", "loco_singular_values")
+        chi2 = outcome("chi2", "loco_chi2")
+        tq = outcome("tunes_model", "loco_tunes_model")
+        chi2_dof = outcome("chi2_dof", "loco_chi2_dof", np.nan)
+        n_sv = outcome("n_sv", "loco_n_sv", 0)
+        tq = None if tq is None or np.all(np.isnan(np.asarray(tq, dtype=float))) else tq
+        options = dict(start.get("loco_options") or {})
+        if "converged" in results:
+            options["converged"] = bool(np.asarray(results["converged"]))
         return cls(
             names=list(start["loco_names"]), kinds=list(start["loco_kinds"]), units=list(start["loco_units"]),
             values=values, sigmas=sigmas,
@@ -891,16 +913,16 @@ class LocoResult:
             element_k0=np.asarray(start["element_k0"], dtype=float),
             element_param=np.asarray(start["element_param"], dtype=np.int64),
             element_coeff=np.asarray(start["element_coeff"], dtype=float),
-            excluded_bpms=dict(start.get("excluded_bpms") or {}),
-            excluded_correctors=dict(start.get("excluded_correctors") or {}),
+            excluded_bpms=_reasons(outcome("excluded_bpms", "excluded_bpms")),
+            excluded_correctors=_reasons(outcome("excluded_correctors", "excluded_correctors")),
             residual_dispersion=None if rd is None else np.asarray(rd, dtype=float),
             setpoints=start.get("loco_setpoints"), n_sv=int(np.asarray(n_sv)),
             singular_values=None if sv is None else np.asarray(sv, dtype=float), profile=prof,
-            orm_uid=start.get("orm_uid"), dispersion_uid=start.get("dispersion_uid"),
-            options=dict(start.get("loco_options") or {}),
+            orm_uid=start.get("orm_uid"), dispersion_uid=start.get("dispersion_uid"), options=options,
             tunes_model=None if tq is None else np.asarray(tq, dtype=float),
             bpm_refpts=None if start.get("bpm_refpts") is None else np.asarray(start["bpm_refpts"]),
             corrector_refpts=None if start.get("corrector_refpts") is None else np.asarray(start["corrector_refpts"]),
+            timing={} if "fit_seconds" not in results else {"fit": float(np.asarray(results["fit_seconds"]))},
             uid=start.get("uid"))
 
     @classmethod
@@ -916,17 +938,14 @@ class LocoResult:
     def plot_gradients(self, path: str | Path, truth: npt.ArrayLike | None = None) -> Path:
         """PNG: fitted gradient errors against s [m] with their 1-sigma uncertainties (``dK/K`` of normal
         quadrupoles, ``dK`` [m^-2] of skew gradients); ``truth``: the true ``dK`` per fitted magnet to overlay."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         normal = np.array([k == "normal" for k in self.element_kinds], dtype=bool)
         skew = ~normal
-        fig, axes = plt.subplots(1 + int(skew.any()), 1, figsize=(10, 3.6 * (1 + int(skew.any()))), dpi=100,
-                                 squeeze=False)
+        fig = Figure(figsize=(10, 3.6 * (1 + int(skew.any()))), dpi=100)
+        axes = fig.subplots(1 + int(skew.any()), 1, squeeze=False)
         ax = axes[0, 0]
         k0 = np.where(self.element_k0 != 0, self.element_k0, np.nan)
         if normal.any():
@@ -945,29 +964,29 @@ class LocoResult:
             ax.errorbar(self.element_s[skew], self.dk[skew], yerr=self.dk_sigma[skew], fmt="s", ms=3, lw=0.6)
             ax.set_ylabel("skew dK [m^-2]")
         axes[-1, 0].set_xlabel("s [m]")
-        fig.tight_layout()
+        height = fig.get_figheight()  # fixed margins [in]: tight_layout would cost as much as drawing the figure
+        fig.subplots_adjust(left=0.09 if skew.any() else 0.07, right=0.985, bottom=0.5 / height,
+                            top=1 - 0.35 / height, hspace=0.25)
         fig.savefig(path)
-        plt.close(fig)
         return path
 
     def plot_chi2(self, path: str | Path) -> Path:
         """PNG: chi-square per iteration (first point: the start model)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         ax.semilogy(np.arange(len(self.chi2)), self.chi2, "o-")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("iteration")
         ax.set_ylabel("chi-square")
         ax.set_title(f"LOCO chi-square per iteration (final chi2/dof {self.chi2_dof:.3g})")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)  # fixed: no tight_layout pass
         fig.savefig(path)
-        plt.close(fig)
         return path
 
     def plot(self, path: str | Path, source: Any = None, *, corrected=None, truth: npt.ArrayLike | None = None,
@@ -982,17 +1001,15 @@ class LocoResult:
             truth: the true ``dK`` per fitted magnet [same units as :attr:`dk`] to overlay (simulations).
         """
         import at
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         prof = _result_profile(self, source)
         design = prof.load_lattice()
         fitted = self.fitted_lattice(prof)
-        fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), dpi=100)
+        fig = Figure(figsize=(12, 7.5), dpi=100)
+        axes = fig.subplots(2, 2)
         ax = axes[0, 0]
         normal = np.array([k == "normal" for k in self.element_kinds])
         rel = self.relative_dk
@@ -1047,8 +1064,46 @@ class LocoResult:
         fig.suptitle(title or f"LOCO {self.profile or ''}: {len(self.values)} parameters")
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
         return path
+
+
+def _reasons(value: Any) -> dict[str, str]:
+    """Exclusions ``{name: reason}``: a mapping (start document, earlier runs) or its JSON string (results)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    arr = np.asarray(value)
+    text = arr.item() if arr.ndim == 0 else arr.reshape(-1)[-1]
+    if isinstance(text, bytes):
+        text = text.decode()
+    return {str(k): str(v) for k, v in json.loads(str(text) or "{}").items()}
+
+
+def _layout_metadata(*, names, kinds, units, bpm_names, corrector_names, corrector_planes, element_refpts,
+                     element_kinds, element_names, element_s, element_k0, element_param, element_coeff, setpoints,
+                     options, orm_uid, dispersion_uid, bpm_refpts, corrector_refpts, profile) -> dict[str, Any]:
+    """The start-document keys of a LOCO run: what is known once the fit has its parameters (JSON-able)."""
+    md: dict[str, Any] = {
+        "loco_names": list(names), "loco_kinds": list(kinds), "loco_units": list(units),
+        "loco_n_parameters": len(names),
+        "bpm_names": list(bpm_names), "corrector_names": list(corrector_names),
+        "corrector_planes": list(corrector_planes),
+        "element_refpts": np.asarray(element_refpts).astype(int).tolist(), "element_kinds": list(element_kinds),
+        "element_names": list(element_names), "element_s": np.asarray(element_s, dtype=float).tolist(),
+        "element_k0": np.asarray(element_k0, dtype=float).tolist(),
+        "element_param": np.asarray(element_param).astype(int).tolist(),
+        "element_coeff": np.asarray(element_coeff, dtype=float).tolist(),
+        "loco_setpoints": None if setpoints is None else {k: list(map(float, v)) for k, v in setpoints.items()},
+        "loco_options": dict(options), "orm_uid": orm_uid, "dispersion_uid": dispersion_uid,
+    }
+    if bpm_refpts is not None:
+        md["bpm_refpts"] = np.asarray(bpm_refpts).astype(int).tolist()
+    if corrector_refpts is not None:
+        md["corrector_refpts"] = np.asarray(corrector_refpts).astype(int).tolist()
+    if profile is not None:
+        md["loco_profile"] = profile
+    return md
 
 
 def _result_profile(result: LocoResult, source: Any) -> Profile:
@@ -1186,7 +1241,8 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
              max_iter: int = 12, tol: float = 1e-3, outlier_sigma: float | None = 8.0,
              outlier_factor: float = 5.0, gain_range: tuple[float, float] = (0.5, 2.0),
              exclude_bpms: Sequence[str | int] = (), exclude_correctors: Sequence[str | int] = (),
-             n_slices: int = 3, verbose: bool = False) -> LocoResult:
+             n_slices: int = 3, verbose: bool = False,
+             on_layout: Callable[[dict[str, Any]], Any] | None = None) -> LocoResult:
     """Fit the optics model to a measured orbit response matrix (and dispersion).
 
     Args:
@@ -1224,6 +1280,10 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
         exclude_bpms, exclude_correctors: names or indices excluded by request.
         n_slices: Gauss-Legendre points per thick magnet for the Jacobian.
         verbose: print one line per iteration.
+        on_layout: called once, before the first Jacobian, with what is known then (the start-document keys of
+            :meth:`LocoResult.start_metadata`: the parameters' names, kinds and units, the fitted magnets, the start
+            model, the options); the ``loco`` plan opens its run there, so that the run's start is written while the
+            fit iterates. Not called when the fit fails before (bad input, everything excluded).
 
     Returns:
         :class:`LocoResult`.
@@ -1347,6 +1407,21 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     if rcond is None:
         rcond = 0.0 if gradient_prior is not None else 1e-3
     other = "corrector_rolls" in fit_set
+    start_kind = "custom" if lattice is not None else ("setpoints" if setpoints is not None else "design")
+    options = {"fit": sorted(fit_set), "group": group if isinstance(group, str) else "custom",
+               "gain_reference": gain_reference, "rcond": rcond, "n_sv": n_sv, "gradient_prior": gradient_prior,
+               "max_iter": max_iter, "tol": tol,
+               "outlier_sigma": outlier_sigma, "outlier_factor": outlier_factor, "n_slices": n_slices,
+               "bpm_noise": None if bpm_noise is None else np.asarray(bpm_noise, dtype=float).reshape(-1)[:1].tolist(),
+               "profile_path": str(profile.path), "start_lattice": start_kind}
+    if on_layout is not None:
+        on_layout(_layout_metadata(
+            names=par.names, kinds=par.kinds, units=par.units, bpm_names=orm.bpm_names,
+            corrector_names=orm.corrector_names, corrector_planes=orm.planes, element_refpts=el.refpts,
+            element_kinds=el.kinds, element_names=el.names, element_s=el.s, element_k0=el.k0, element_param=el.param,
+            element_coeff=el.coeff, setpoints=start_sp, options=options, orm_uid=orm.uid,
+            dispersion_uid=None if dispersion is None else dispersion.uid, bpm_refpts=bpms, corrector_refpts=cors,
+            profile=profile.name))
 
     # per-parameter sum of element derivatives (groups), done on the model's element axis
     g_of_el = el.param
@@ -1503,13 +1578,7 @@ def fit_loco(source: Any, orm: OrbitResponse, dispersion: Dispersion | None = No
     for i in range(n):
         if not row_ok[i] and not row_ok[n + i]:
             excluded_b.setdefault(orm.bpm_names[i], "excluded")
-    start_kind = "custom" if lattice is not None else ("setpoints" if setpoints is not None else "design")
-    options = {"fit": sorted(fit_set), "group": group if isinstance(group, str) else "custom",
-               "gain_reference": gain_reference, "rcond": rcond, "n_sv": n_sv, "gradient_prior": gradient_prior,
-               "max_iter": max_iter, "tol": tol,
-               "outlier_sigma": outlier_sigma, "outlier_factor": outlier_factor, "n_slices": n_slices,
-               "bpm_noise": None if bpm_noise is None else np.asarray(bpm_noise, dtype=float).reshape(-1)[:1].tolist(),
-               "converged": converged, "profile_path": str(profile.path), "start_lattice": start_kind}
+    options = {**options, "converged": converged}
     return LocoResult(
         names=par.names, kinds=par.kinds, units=par.units, values=p, sigmas=sig_p, chi2=history,
         chi2_dof=chi2_dof, residual=resid, data_mask=elem_mask, bpm_names=list(orm.bpm_names),

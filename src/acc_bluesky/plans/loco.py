@@ -63,17 +63,44 @@ def _model_families(machine: Machine) -> list[str]:
     return [n for n, f in machine.families.items() if f.type in _OPTICS_TYPES]
 
 
-def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> MsgGenerator[Any]:
-    """``fn(*args, **kwargs)`` in a worker thread while the RunEngine's loop stays responsive (Ctrl-C, pause,
-    abort, the queue server's status): a fit of tens of seconds must not freeze the RunEngine."""
+def _start_fit(fn: Callable[..., Any], **kwargs: Any) -> MsgGenerator[tuple[dict[str, Any] | None, Any]]:
+    """Start ``fn(on_layout=..., **kwargs)`` in a worker thread (the RunEngine's loop stays responsive: Ctrl-C,
+    pause, abort, the queue server's status; a fit of tens of seconds must not freeze it) and wait until it reports
+    its layout (``on_layout(start keys)``) or ends. Returns ``(layout or None, handle)``; ``yield from
+    _finish(handle)`` waits for its result (and raises its exception)."""
+    handle: dict[str, Any] = {}
 
-    async def run() -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+    async def layout() -> Any:
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
 
-    futures = yield from bps.wait_for([run])
+        def report(md: Any) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(lambda: got.done() or got.set_result(md))
+
+        task = loop.run_in_executor(None, functools.partial(fn, on_layout=report, **kwargs))
+        task.add_done_callback(lambda _: got.done() or got.set_result(None))
+        handle["task"] = task
+        return await got
+
+    futures = yield from bps.wait_for([layout])
     if futures is None:  # iterated without a RunEngine (list(plan))
-        return fn(*args, **kwargs)
-    return futures[0].result()
+        seen: list[Any] = []
+        try:
+            handle["value"] = fn(on_layout=seen.append, **kwargs)
+        except Exception as err:  # noqa: BLE001 - raised by _finish, after the run is open
+            handle["error"] = err
+        return (seen[0] if seen else None), handle
+    return futures[0].result(), handle
+
+
+def _finish(handle: dict[str, Any]) -> MsgGenerator[Any]:
+    """The result of :func:`_start_fit`'s function (its exception raised here, in the plan)."""
+    if "task" in handle:
+        futures = yield from bps.wait_for([lambda: handle["task"]])
+        return futures[0].result()
+    if "error" in handle:
+        raise handle["error"]
+    return handle["value"]
 
 
 def _fit(machine: Machine, resp: OrbitResponse, disp: Dispersion | None, **kwargs: Any):
@@ -123,12 +150,17 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
     the design lattice with them: measure and fit without moving the magnets in between), fits
     (:func:`~acc_bluesky.analysis.loco.fit_loco`: analytic Jacobian, Gauss-Newton/Levenberg-Marquardt with an SVD
     cut, outliers, dead BPMs and stuck correctors excluded automatically; in a worker thread, so that the RunEngine
-    stays responsive) and records the fit as a run: the input
-    runs by uid (``orm_uid``, ``dispersion_uid``), every parameter's name, kind and units (``loco_names``,
-    ``loco_kinds``, ``loco_units``), the exclusions with their reasons and the setpoints in the start document;
-    values, uncertainties, the chi-square per iteration, the residual ORM, ``dk`` per magnet and the beta-beat of
-    the fitted model in the ``results`` stream. Read it back with ``LocoResult.from_run(catalog[uid])``. Figures:
-    fitted gradient errors against s (``figures.gradients``), chi-square per iteration (``figures.chi2``).
+    stays responsive) and records the fit as a run, opened while the fit iterates (once it
+    has its parameters): in the start document what is known then, the input runs by uid (``orm_uid``,
+    ``dispersion_uid``), the request (``loco_fit``, ``loco_options``), the setpoints (``loco_setpoints``), every
+    parameter's name, kind and units (``loco_names``, ``loco_kinds``, ``loco_units``) and the fitted magnets
+    (``element_*``); in the ``results`` stream what the fit found: values and uncertainties, the residual ORM and
+    dispersion, the beta-beat of the fitted model, the chi-square per iteration, the singular values and how many
+    were kept, the exclusions with their reasons, the iterations and the fit time. A fit that fails leaves its
+    run closed with ``exit_status`` fail and the error as the reason. Read it back with
+    ``LocoResult.from_run(catalog[uid])`` (runs recorded before, with the outcome in the start document, too).
+    Figures: fitted gradient errors against s (``figures.gradients``), chi-square per iteration
+    (``figures.chi2``).
 
     Args:
         machine: the connected machine.
@@ -174,18 +206,21 @@ def loco(machine: Machine, orm: Any, dispersion: Any = None,
         disp = yield from resolve(dispersion, Dispersion, tools=("dispersion",), what="dispersion")
     setpoints = yield from family_setpoints(machine, _model_families(machine))
     t_fit = time.perf_counter()
-    result, beta = yield from _in_thread(
-        _fit, machine, resp, disp, fit=fit, quads=quads, skews=skews, group=group, setpoints=setpoints,
-        bpm_noise=noise, rcond=rc, n_sv=n_sv, gradient_prior=prior, max_iter=max_iter, exclude_bpms=exclude_bpms,
-        exclude_correctors=exclude_correctors)
+    layout, handle = yield from _start_fit(
+        functools.partial(_fit, machine, resp, disp), fit=fit, quads=quads, skews=skews, group=group,
+        setpoints=setpoints, bpm_noise=noise, rcond=rc, n_sv=n_sv, gradient_prior=prior, max_iter=max_iter,
+        exclude_bpms=exclude_bpms, exclude_correctors=exclude_correctors)
+    # The run opens now, while the fit iterates in its thread: the writer stores the start document meanwhile, and
+    # after the fit only the results event and the stop document are left. The start document holds what is known
+    # once the fit has its parameters (names, kinds, units, fitted magnets, start model, options; ``layout``; the
+    # request alone when the fit failed before that); the outcome (chi-square, singular values, exclusions ...) is
+    # in the results. A fit that raises closes the run with exit_status fail and the error as its reason.
+    upfront = {"loco_fit": list(fit), "orm_uid": resp.uid, "dispersion_uid": None if disp is None else disp.uid,
+               "loco_setpoints": setpoints, "loco_run_layout": 2, "num_points": 0}
+    yield from open_tool_run(**(upfront | (layout or {})))
+    result, beta = yield from _finish(handle)
     t_fit = time.perf_counter() - t_fit
     result.timing["plan_fit"] = t_fit
-    md_fit = result.start_metadata()
-    # the start model's setpoints (loco_setpoints) are in the start document: no event stream (the writer's cost
-    # is per data key, and one key per family would cost more than the rest of the run)
-    yield from open_tool_run(**md_fit, loco_fit=list(fit), num_points=0,
-                             loco_n_parameters=len(result.values),
-                             loco_iterations=len(result.chi2) - 1, loco_fit_seconds=round(t_fit, 3))
     res = result.to_results(beta)
     units = {k: u for k, (u, _) in LocoResult.RESULT_KEYS.items()}
     desc = {k: d for k, (_, d) in LocoResult.RESULT_KEYS.items()}
@@ -200,14 +235,12 @@ def _correction_restore(machine: Machine, args: dict[str, Any]) -> Restore:
 
 
 def _beta_figure(result: ToolResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     v = result.value
     s = v["s"]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True, dpi=100)
+    fig = Figure(figsize=(10, 6), dpi=100)
+    axes = fig.subplots(2, 1, sharex=True)
     for ax, p in zip(axes, "xy"):
         b, a = v[f"beta_beat_{p}_before"], v[f"beta_beat_{p}_after"]
         ax.plot(s, 100 * b, ".-", lw=0.7, ms=3, label=f"before (model fitted to the machine), rms {100 * rms(b):.2f} %")
@@ -218,7 +251,6 @@ def _beta_figure(result: ToolResult, path: Path) -> None:
     fig.suptitle(f"correct_optics from LOCO {str(v['loco_uid'])[:8]} (fraction {v['fraction']:g})")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _model_at(result: LocoResult, machine: Machine, setpoints: dict[str, np.ndarray]):
