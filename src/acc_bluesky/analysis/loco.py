@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._compat.scipy import single_thread_blas
 from ..profile import Profile
 from ._common import FloatArray, corrector_table, resolve_profile, rms, run_results, run_start
 from ._loco_model import ModelResponse, linear_response
@@ -1600,7 +1601,7 @@ def beta_beat(lattice, reference, refpts=None) -> tuple[FloatArray, FloatArray]:
     import at
 
     refs = at.All if refpts is None else refpts
-    with warnings.catch_warnings():
+    with single_thread_blas(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = lattice.disable_6d(copy=True) if getattr(lattice, "is_6d", False) else lattice
         b = reference.disable_6d(copy=True) if getattr(reference, "is_6d", False) else reference
