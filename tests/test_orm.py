@@ -217,3 +217,95 @@ def test_bpms_with_an_acquisition_rate_never_give_a_stale_response(ebs, RE, cata
     names = ["HST_020", "VST_033"]
     resp = OrbitResponse.from_run(catalog[RE(measure_orm(m, correctors=names))])
     assert rel(resp.matrix_hw, truth_orm(m.twin, names, 0.2)) <= 0.01
+
+
+def test_orm_figure_is_drawn_off_the_plan_and_exists_when_re_returns(machine, RE, catalog, tmp_path, monkeypatch):
+    """The ORM's PNG is drawn in the figure worker thread once the results are stored (the run closes at once);
+    ``RE(plan)`` returns once it exists, and ``RE.wait_for_catalog()`` waits for it after ``wait_written = False``."""
+    import threading
+    from pathlib import Path
+
+    from acc_bluesky.data import figures
+
+    threads = []
+    plot = OrbitResponse.plot
+
+    def spy(self, path, **kw):
+        threads.append(threading.current_thread().name)
+        return plot(self, path, **kw)
+
+    monkeypatch.setattr(OrbitResponse, "plot", spy)
+    uid = RE(measure_orm(machine, correctors=["HST_010", "VST_010"], figure_dir=tmp_path))
+    png = Path(catalog[uid].metadata["start"]["figures"]["orm"])
+    assert png.parent == tmp_path and png.stat().st_size > 1000 and figures.pending() == 0
+    assert threads == ["acc-bluesky-figures"]
+    RE.wait_written = False
+    try:
+        uid = RE(measure_orm(machine, correctors=["HST_011"], figure_dir=tmp_path))
+        assert RE.wait_for_catalog(120)
+        assert Path(catalog[uid].metadata["start"]["figures"]["orm"]).stat().st_size > 1000
+    finally:
+        RE.wait_written = True
+
+
+def test_a_failing_figure_warns_and_the_run_is_complete(machine, RE, catalog, tmp_path, monkeypatch):
+    def no_ink(self, path, **kw):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setattr(OrbitResponse, "plot", no_ink)
+    with pytest.warns(UserWarning, match=r"measure_orm: figure 'orm' not written \(no ink\)"):
+        uid = RE(measure_orm(machine, correctors=["HST_012", "VST_012"], figure_dir=tmp_path))
+    run = catalog[uid]
+    assert run.metadata["stop"]["exit_status"] == "success" and run.metadata["stop"]["num_events"]["primary"] == 2
+    assert OrbitResponse.from_run(run).matrix.shape == (448, 2)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_orm_steps_are_bluesky_moves_that_read_the_orbit(machine, RE, catalog):
+    """Per corrector the RunEngine sees a move putting the previous corrector back and this one at +delta (one
+    wait), a move to -delta, and the corrector's event (both orbits): each move reads the orbit once arrived,
+    with the values the twin's BPMs show."""
+    from acc_bluesky.data import read_stream
+    from acc_bluesky.plan_stubs.orbit import OrmSteps
+
+    names = ["HST_030", "HST_031", "VST_030"]
+    msgs = []
+    RE.msg_hook = msgs.append
+    try:
+        uid = RE(measure_orm(machine, correctors=names, figure_dir=False))
+    finally:
+        RE.msg_hook = None
+    steps = [(m.command, m.args[0]) for m in msgs if m.command == "set" and isinstance(m.obj, OrmSteps)]
+    assert steps == [("set", ("plus", 0)), ("set", ("minus", 0)), ("set", ("back", 0)), ("set", ("plus", 1)),
+                     ("set", ("minus", 1)), ("set", ("back", 1)), ("set", ("plus", 2)), ("set", ("minus", 2)),
+                     ("set", ("back", 2))]
+    assert sum(m.command == "save" for m in msgs) == 3 + 1  # one event per corrector, then the results
+    prim = read_stream(catalog[uid])
+    resp = OrbitResponse.from_run(catalog[uid])
+    assert prim["orm-index"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose((prim["orm-orbit_plus"] - prim["orm-orbit_minus"]).T / 0.4, resp.matrix_hw,
+                               rtol=1e-12)
+
+
+def test_a_measured_orm_stores_one_matrix_and_old_runs_with_both_still_read(machine, RE, catalog):
+    """``orm`` [m/rad] is stored; ``orm_hw`` [m/A] is ``orm`` scaled per column by the steps of the start document
+    (``delta_physics_rad / delta_hw``), rebuilt by the readers. Runs recorded before, with both, read the same."""
+    from acc_bluesky.data import read_results
+    from acc_bluesky.plan_stubs.tool import remembered
+
+    uid = RE(measure_orm(machine, correctors=["HST_050", "VST_050", "HST_051"], figure_dir=False))
+    run = catalog[uid]
+    res = read_results(run)
+    assert "orm" in res and "orm_hw" not in res
+    back, measured = OrbitResponse.from_run(run), remembered(uid)[1]
+    np.testing.assert_array_equal(back.matrix, measured.matrix)
+    np.testing.assert_allclose(back.matrix_hw, measured.matrix_hw, rtol=1e-14, atol=0)
+    start = run.metadata["start"]
+    old = OrbitResponse.from_results({**res, "orm_hw": measured.matrix_hw}, start)  # the layout of older runs
+    np.testing.assert_array_equal(old.matrix_hw, measured.matrix_hw)
+    # a response whose m/A matrix is not orm scaled by its steps keeps both (e.g. no steps known)
+    both = OrbitResponse(measured.matrix, measured.matrix_hw * 1.01, measured.bpm_names, measured.corrector_names,
+                         measured.planes, delta=measured.delta, delta_physics=measured.delta_physics)
+    assert "orm_hw" in both.to_results()
+    assert "orm_hw" in OrbitResponse(measured.matrix, measured.matrix_hw, measured.bpm_names,
+                                     measured.corrector_names, measured.planes).to_results()

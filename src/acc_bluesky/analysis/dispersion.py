@@ -152,15 +152,16 @@ class Dispersion:
         return cls.from_results(run_results(run), start)
 
     def plot(self, path: str | Path, model: tuple[npt.ArrayLike, npt.ArrayLike] | None = None) -> Path:
-        """PNG of eta_x and eta_y [mm] per BPM (and a model curve if given)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        """PNG of eta_x and eta_y [mm] per BPM (and a model curve if given). Thread-safe: matplotlib's object API
+        on an Agg canvas, no pyplot state."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True, dpi=110)
+        fig = Figure(figsize=(9, 5), dpi=110)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(2, 1, sharex=True)
         pos = np.arange(len(self.bpm_names)) if self.s is None else np.asarray(self.s, dtype=float)
         for ax, eta, k, lab in ((axes[0], self.eta_x, 0, "eta_x"), (axes[1], self.eta_y, 1, "eta_y")):
             ax.plot(pos, eta * 1e3, ".-", lw=0.8, ms=3, label="measured")
@@ -173,5 +174,4 @@ class Dispersion:
         fig.suptitle(f"dispersion (df = {self.df.tolist()} Hz, alpha_c = {self.alpha_c:.3e})")
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
         return path

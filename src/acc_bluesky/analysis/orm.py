@@ -68,6 +68,22 @@ def response_from_orbits(x_plus: npt.ArrayLike, y_plus: npt.ArrayLike, x_minus: 
     return (p - m) / float(step)
 
 
+def _hw_from_steps(matrix: np.ndarray, delta: Any, delta_physics: Any) -> FloatArray | None:
+    """The response [m/A] from the response [m/rad] and the half steps per corrector [A] and [rad] (the kick a step
+    gives per A), or None when the steps are not known (or not one finite non-zero pair per column)."""
+    if delta is None or delta_physics is None:
+        return None
+    m = np.asarray(matrix, dtype=float)
+    try:
+        d_hw = np.broadcast_to(np.asarray(delta, dtype=float), (m.shape[1],))
+        d_ph = np.broadcast_to(np.asarray(delta_physics, dtype=float), (m.shape[1],))
+    except ValueError:
+        return None
+    if not (np.all(np.isfinite(d_hw)) and np.all(np.isfinite(d_ph)) and np.all(d_hw != 0)):
+        return None
+    return m * (d_ph / d_hw)
+
+
 @dataclass
 class OrbitResponse:
     """An orbit response matrix (measured or model) in physics and hardware units.
@@ -232,8 +248,15 @@ class OrbitResponse:
 
         Per-corrector lists (names, planes, steps) go to the start document (:meth:`start_metadata`): short
         arrays cannot be stored in Tiled's SQL event tables, and they are parameters of the measurement.
+
+        ``orm_hw`` [m/A] is stored only when it is not ``orm`` [m/rad] scaled per column by the steps of the start
+        document (``delta_physics_rad / delta_hw``, what :meth:`from_results` does): a measured ORM stores one
+        matrix (runs recorded before stored both; both read the same).
         """
-        out: dict[str, np.ndarray] = {"orm": self.matrix, "orm_hw": self.matrix_hw}
+        out: dict[str, np.ndarray] = {"orm": self.matrix}
+        hw = _hw_from_steps(self.matrix, self.delta, self.delta_physics)
+        if hw is None or not np.allclose(hw, self.matrix_hw, rtol=1e-12, atol=0.0, equal_nan=True):
+            out["orm_hw"] = self.matrix_hw
         if self.good is not None:
             out["column_ok"] = self.good.astype(np.int64)
         if self.rf is not None:
@@ -264,7 +287,6 @@ class OrbitResponse:
         if "orm" not in results:
             raise KeyError(f"no 'orm' in the results {sorted(results)}: is this an orbit_response run?")
         m = np.asarray(results["orm"], dtype=float)
-        mhw = np.asarray(results.get("orm_hw", m), dtype=float)
         nbpm = m.shape[0] // 2
         bpm_names = list(start.get("bpm_names") or [f"BPM_{i + 1:03d}" for i in range(nbpm)])
         cor_names = list(start.get("corrector_names") or [f"C{j}" for j in range(m.shape[1])])
@@ -272,6 +294,11 @@ class OrbitResponse:
         df = results.get("df")
         delta = results.get("delta", start.get("delta_hw"))
         delta_ph = results.get("delta_physics", start.get("delta_physics_rad"))
+        if "orm_hw" in results:  # (stored when it is not orm scaled by the steps; every run recorded before)
+            mhw = np.asarray(results["orm_hw"], dtype=float)
+        else:
+            hw = _hw_from_steps(m, delta, delta_ph)
+            mhw = m if hw is None else hw
         return cls(
             matrix=m, matrix_hw=mhw, bpm_names=bpm_names, corrector_names=cor_names, planes=planes,
             rf=results.get("orm_rf"), delta=None if delta is None else np.asarray(delta, dtype=float),
@@ -317,16 +344,16 @@ class OrbitResponse:
 
     def plot(self, path: str | Path, hw: bool = False, title: str | None = None) -> Path:
         """Save a PNG picture of the matrix (symmetric colour scale, mm/mrad = m/rad, or mm/A) and return its
-        path."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        path. Thread-safe: matplotlib's object API on an Agg canvas, no pyplot state."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         m, unit = self.plot_data(hw)
-        fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+        fig = Figure(figsize=(7, 6), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         v = float(np.nanmax(np.abs(m))) or 1.0
         im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
         ax.axhline(self.nbpm - 0.5, color="k", lw=0.5)
@@ -336,10 +363,11 @@ class OrbitResponse:
         ax.set_xlabel("corrector (horizontal | vertical)")
         ax.set_ylabel("BPM reading (x | y)")
         ax.set_title(title or f"{self.kind} orbit response {self.matrix.shape[0]}x{self.ncor}")
-        fig.colorbar(im, ax=ax, label=unit)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        fig.colorbar(im, ax=ax, label=unit, fraction=0.05, pad=0.02)
+        # fixed margins (tight_layout draws the whole figure once more to measure it) and fast PNG compression: the
+        # figure is drawn while the run is written, and holds Python's lock while it draws
+        fig.subplots_adjust(left=0.1, right=0.9, bottom=0.08, top=0.94)
+        fig.savefig(path, pil_kwargs={"compress_level": 1})
         return path
 
 

@@ -8,12 +8,15 @@ import gc
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import bluesky
 from bluesky.run_engine import RunEngineResult
 
+from .._compat.bluesky import TrustingRunBundler
+from . import figures
 from .backup import default_backup_dir
 from .catalog import (
     ENV_CATALOG,
@@ -119,6 +122,9 @@ class RunEngine(bluesky.RunEngine):
     ``cat = yield Msg("acc_catalog")``.
     """
 
+    #: The run bundlers compose events checking their keys against the descriptor, not the whole JSON schema
+    #: (:mod:`acc_bluesky._compat.bluesky`: a third of an event's cost); descriptors are validated as before.
+    RunBundler = TrustingRunBundler
     recorder: CatalogWriter | None = None
     backup_dir: pathlib.Path | None = None
     _catalog: Any = None
@@ -126,8 +132,9 @@ class RunEngine(bluesky.RunEngine):
     #: until it ends: a session holds a large heap (the lattice, the Tiled objects), which a full collection in
     #: the middle of a plan walks for ~0.3 s. Objects made during the plan are collected as usual.
     freeze_gc: bool = True
-    #: ``RE(plan)`` returns once its runs are written in the catalogue (readable from any process). False: as
-    #: soon as the plan ends (the runs are in the write-ahead log); then ``RE.wait_for_catalog()`` before reading.
+    #: ``RE(plan)`` returns once its runs are written in the catalogue (readable from any process) and their figures
+    #: drawn. False: as soon as the plan ends (the runs are in the write-ahead log); then ``RE.wait_for_catalog()``
+    #: before reading.
     wait_written: bool = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -162,9 +169,14 @@ class RunEngine(bluesky.RunEngine):
         return self.recorder
 
     def wait_for_catalog(self, timeout: float | None = None) -> bool:
-        """Wait until every run recorded so far is written in the catalogue (or backed up). ``RE(plan)`` does it
-        before returning (``wait_written``). Returns False on timeout."""
-        return True if self.recorder is None else self.recorder.wait(timeout)
+        """Wait until every run recorded so far is written in the catalogue (or backed up), and the figures of the
+        tools' runs are drawn (:mod:`acc_bluesky.data.figures`: they are drawn while the writer writes). ``RE(plan)``
+        does it before returning (``wait_written``). Returns False on timeout."""
+        t0 = time.monotonic()
+        drawn = figures.wait(timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+        written = True if self.recorder is None else self.recorder.wait(left)
+        return drawn and written
 
     async def _catalog_command(self, msg: Any) -> Any:
         """``yield Msg("acc_catalog")``: the catalogue, once every run recorded before is written."""

@@ -28,6 +28,7 @@ __all__ = [
     "Record",
     "emit",
     "read_orbit",
+    "check_orbit",
     "snapshot_setpoints",
     "restore_setpoints",
     "set_family",
@@ -301,26 +302,34 @@ def read_orbit(machine, n_avg: int = 1, check: bool = True, *, ignore: Iterable[
         sy = y.copy() if sy is None else sy + y
     x, y = sx / n_avg, sy / n_avg
     if check:
-        good = np.asarray(machine.bpm.good, dtype=bool).copy()
-        ign = list(ignore)
-        if ign:
-            good[ign] = False
-        bad = good & ~(np.isfinite(x) & np.isfinite(y))
-        if np.any(bad):
-            idx = np.nonzero(bad)[0]
-            names = _bpm_names(machine, idx)
-            shown = ", ".join(names[:10]) + (f" ... ({len(names)} BPMs)" if len(names) > 10 else "")
-            doing = f" while {where}" if where else ""
-            if idx.size == int(good.sum()):
-                msg = (f"beam lost{doing}: all {idx.size} in-service BPMs read NaN. The plan stops and restores "
-                       "every setpoint it changed; the data taken so far are in the run. Refill (on the twin: "
-                       "machine.twin.inject()) and retry.")
-            else:
-                msg = (f"{idx.size} in-service BPM(s) read NaN{doing}: {shown}. Beam partly lost or BPMs dead: "
-                       "mark dead BPMs out of service (profile bpm.status.bad) or exclude them, then retry. The "
-                       "plan stops and restores every setpoint it changed.")
-            raise BeamLostError(msg, names)
+        check_orbit(machine, x, y, ignore=ignore, where=where)
     return x, y
+
+
+def check_orbit(machine, x: np.ndarray, y: np.ndarray, *, ignore: Iterable[int] = (), where: str = "") -> None:
+    """Raise :class:`BeamLostError` if an in-service BPM (not in ``ignore``) reads NaN in ``x`` or ``y`` [m]: what
+    :func:`read_orbit` checks, for code that reads the orbit itself (the ORM steps)."""
+    if np.isfinite(x).all() and np.isfinite(y).all():
+        return
+    good = np.asarray(machine.bpm.good, dtype=bool).copy()
+    ign = list(ignore)
+    if ign:
+        good[ign] = False
+    bad = good & ~(np.isfinite(x) & np.isfinite(y))
+    if np.any(bad):
+        idx = np.nonzero(bad)[0]
+        names = _bpm_names(machine, idx)
+        shown = ", ".join(names[:10]) + (f" ... ({len(names)} BPMs)" if len(names) > 10 else "")
+        doing = f" while {where}" if where else ""
+        if idx.size == int(good.sum()):
+            msg = (f"beam lost{doing}: all {idx.size} in-service BPMs read NaN. The plan stops and restores "
+                   "every setpoint it changed; the data taken so far are in the run. Refill (on the twin: "
+                   "machine.twin.inject()) and retry.")
+        else:
+            msg = (f"{idx.size} in-service BPM(s) read NaN{doing}: {shown}. Beam partly lost or BPMs dead: "
+                   "mark dead BPMs out of service (profile bpm.status.bad) or exclude them, then retry. The "
+                   "plan stops and restores every setpoint it changed.")
+        raise BeamLostError(msg, names)
 
 
 def all_families(machine) -> list[str]:

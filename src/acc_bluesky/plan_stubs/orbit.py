@@ -5,22 +5,38 @@ Units: correctors [A] (kicks [rad]), orbit [m], RF [Hz].
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
-import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
 import numpy as np
-from bluesky.utils import MsgGenerator
+from bluesky.utils import FailedStatus, Msg, MsgGenerator
+from ophyd_async.core import AsyncStatus
 
 from ..analysis import bump as _bump
 from ..analysis._common import corrector_table, rms
-from ..analysis.orm import OrbitResponse, response_from_orbits
+from ..analysis.orm import OrbitResponse
 from ..analysis.orm import model_orm as _model_response
-from .machine import Record, emit, move, read_orbit, snapshot_setpoints
+from ..data.run_engine import EventArray
+from .machine import (
+    _GROUPS,
+    BeamLostError,
+    Record,
+    _DirectPut,
+    _movable,
+    _orbit_reader,
+    check_orbit,
+    emit,
+    move,
+    read_orbit,
+    snapshot_setpoints,
+)
 from .runs import resolve
 from .tool import ToolResult
 
-__all__ = ["corrector_devices", "step_sizes", "orbit_response", "load_orm", "bump_setups", "bump_iterations"]
+__all__ = ["OrmSteps", "bump_iterations", "bump_setups", "corrector_devices", "load_orm", "orbit_response", "step_sizes"]
 
 
 def corrector_devices(machine, correctors: Any = None) -> list[Any]:
@@ -73,46 +89,163 @@ def step_sizes(machine, devs: Sequence[Any], sp0: np.ndarray, delta: float | Seq
     return d_hw, d_ph
 
 
+class OrmSteps:
+    """The corrector steps of an ORM, each one bluesky move that also reads the orbit, and each corrector's event.
+
+    ``set(("plus", j))`` puts corrector ``j`` at ``setpoint0 + d`` and reads the orbit once it is there (``settle``
+    waited, then ``n_avg`` acquisitions with the BPM period, the beam checked, as :func:`read_orbit` does);
+    ``set(("minus", j))`` the same at ``setpoint0 - d`` (bipolar); ``set(("back", j))`` puts it back. The magnet
+    moves as :func:`move` moves it (the twin's supplies without ramp put directly, limits checked; a live supply
+    through its ``set``) and the orbit is read from the BPM device's signals: on EPICS or Tango nothing is
+    skipped. Each ``set`` waits for the one before it (a corrector is put back together with the next one's first
+    step, as two moves of one wait). What it saves is bluesky's two ``read`` messages per orbit.
+
+    ``read()`` is the last corrector's row (the ``record``'s fields: index, setpoint, steps, both orbits, rms): one
+    event per corrector in the ``primary`` stream, as before. ``stop()`` (bluesky calls it on a pause or an abort)
+    cancels a step in flight; the plan's restore puts everything back.
+    """
+
+    def __init__(self, machine, devs: Sequence[Any], sp0: np.ndarray, d_hw: np.ndarray, *, bipolar: bool,
+                 n_avg: int, settle: float, record: Record, reference: tuple[np.ndarray, np.ndarray] | None = None):
+        if int(n_avg) < 1:
+            raise ValueError(f"n_avg must be >= 1, got {n_avg!r}")
+        self.name = record.name
+        self.parent = None
+        self.hints = record.hints
+        self._machine, self._devs = machine, list(devs)
+        self._sp0, self._d = np.asarray(sp0, dtype=float), np.asarray(d_hw, dtype=float)
+        self._bipolar, self._n_avg, self._settle = bool(bipolar), int(n_avg), float(settle or 0.0)
+        self._ref = reference
+        self._describe = record.describe()
+        self._keys = [record.key(f) for f in ("index", "setpoint0", "delta_plus", "delta_minus", "orbit_plus",
+                                               "orbit_minus", "response_rms")]
+        n = len(machine.bpm)
+        self.response = np.full((2 * n, len(self._devs)), np.nan)
+        self._reader = _orbit_reader(machine)
+        self._plus: tuple[np.ndarray, np.ndarray] | None = None
+        self._row: dict[str, dict[str, Any]] = {}
+        self._last: AsyncStatus | None = None
+        rate = machine.profile.spec.bpm.rate
+        self._period = 1.0 / rate if rate else 0.0
+
+    # -- bluesky: Movable, Stoppable, Readable ------------------------------------------------------
+    def set(self, value: tuple[str, int]) -> AsyncStatus:
+        what, j = value
+        if what not in ("plus", "minus", "back"):
+            raise ValueError(f"OrmSteps.set takes ('plus' | 'minus' | 'back', index), got {value!r}")
+        before, self._last = self._last, None
+        st = AsyncStatus(self._step(what, int(j), before), name=self.name)
+        self._last = st
+        return st
+
+    def stop(self, success: bool = False) -> None:
+        st = self._last
+        if st is not None and not st.done:
+            st.task.cancel()
+
+    def describe(self) -> dict[str, Any]:
+        return {k: dict(v) for k, v in self._describe.items()}
+
+    def read(self) -> dict[str, Any]:
+        return self._row
+
+    # -- one step --------------------------------------------------------------------------------------
+    async def _step(self, what: str, j: int, before: AsyncStatus | None) -> None:
+        if before is not None and not before.done:
+            await before
+        dev, s0, d = self._devs[j], float(self._sp0[j]), float(self._d[j])
+        if what == "back":
+            await _put(dev, s0)
+            return
+        step = d if what == "plus" else (-d if self._bipolar else 0.0)
+        await _put(dev, s0 + step)
+        if self._settle:
+            await asyncio.sleep(self._settle)
+        x, y = await self._orbit(f"stepping {dev.name} by {step:+g} A")
+        if what == "plus" and self._bipolar:
+            self._plus = (x, y)
+            return
+        (xp, yp), (xm, ym) = (self._plus, (x, y)) if self._bipolar else ((x, y), self._ref)
+        plus, minus = np.concatenate([xp, yp]), np.concatenate([xm, ym])
+        dm = -d if self._bipolar else 0.0
+        col = (plus - minus) / (d - dm)
+        self.response[:, j] = col
+        t = time.time()
+        self._row = {k: {"value": v, "timestamp": t} for k, v in zip(
+            self._keys, (j, s0, d, dm, plus.view(EventArray), minus.view(EventArray), rms(col)))}
+
+    async def _orbit(self, where: str) -> tuple[np.ndarray, np.ndarray]:
+        reader = self._reader
+        kx, ky = reader.keys
+        sx = sy = None
+        for _ in range(self._n_avg):
+            if self._period:
+                await asyncio.sleep(self._period)
+            ret = await reader.read()
+            x = np.asarray(ret[kx]["value"], dtype=float)
+            y = np.asarray(ret[ky]["value"], dtype=float)
+            sx = x if sx is None else sx + x
+            sy = y if sy is None else sy + y
+        x, y = (sx, sy) if self._n_avg == 1 else (sx / self._n_avg, sy / self._n_avg)
+        check_orbit(self._machine, x, y, where=where)
+        return x, y
+
+
+async def _put(dev: Any, value: float) -> None:
+    mv = _movable(dev)
+    if isinstance(mv, _DirectPut):
+        await mv._move(float(value))
+    else:
+        await mv.set(float(value))
+
+
 def orbit_response(machine, devs: Sequence[Any], sp0: np.ndarray, d_hw: np.ndarray, *, bipolar: bool, n_avg: int,
                    settle: float, record: Record) -> MsgGenerator[tuple[np.ndarray, np.ndarray | None, Any]]:
     """Step each corrector by ``+d`` (and ``-d``), read the orbit, put it back: ``(response [m/A], x0, y0)``.
 
-    One event per corrector in ``record``. A corrector is put back together with the next one's first step (one
-    wait instead of two); the last one is put back at the end.
+    One event per corrector in ``record``'s stream layout (``primary``). Per corrector the RunEngine sees: a move
+    putting the previous corrector back and this one at ``+d`` (one wait), a move to ``-d``, the event; each move
+    of :class:`OrmSteps` reads the orbit once it arrived. The last corrector is put back at the end.
     """
-    n = len(machine.bpm)
-    resp = np.full((2 * n, len(devs)), np.nan)
     x0 = y0 = None
     if not bipolar:
         x0, y0 = yield from read_orbit(machine, n_avg, where="reading the reference orbit")
-    pending: tuple[Any, float] | None = None
-    for j, dev in enumerate(devs):
-        dp, dm = float(d_hw[j]), (-float(d_hw[j]) if bipolar else 0.0)
-        if pending is not None and pending[0] is not dev:
-            yield from move(pending[0], pending[1], dev, sp0[j] + dp)
-        else:
-            yield from move(dev, sp0[j] + dp)
-        pending = None
-        if settle:
-            yield from bps.sleep(settle)
-        xp, yp = yield from read_orbit(machine, n_avg, where=f"stepping {dev.name} by {dp:+g} A")
-        if bipolar:
-            yield from move(dev, sp0[j] + dm)
-            if settle:
-                yield from bps.sleep(settle)
-            xm, ym = yield from read_orbit(machine, n_avg, where=f"stepping {dev.name} by {dm:+g} A")
-        else:
-            xm, ym = x0, y0
-        pending = (dev, float(sp0[j]))
-        col = response_from_orbits(xp, yp, xm, ym, dp - dm)
-        resp[:, j] = col
-        record.update(index=j, setpoint0=sp0[j], delta_plus=dp, delta_minus=dm,
-                      orbit_plus=np.concatenate([xp, yp]), orbit_minus=np.concatenate([xm, ym]),
-                      response_rms=rms(col))
-        yield from emit(record)
-    if pending is not None:
-        yield from move(*pending)
-    return resp, x0, y0
+    steps = OrmSteps(machine, devs, sp0, d_hw, bipolar=bipolar, n_avg=n_avg, settle=settle, record=record,
+                     reference=None if bipolar else (x0, y0))
+
+    def measure() -> MsgGenerator[None]:
+        try:
+            yield from steps_and_events()
+        except FailedStatus as err:  # the beam lost at a step: raised as read_orbit raises it
+            if isinstance(err.__cause__, BeamLostError):
+                raise err.__cause__ from None
+            raise
+
+    def steps_and_events() -> MsgGenerator[None]:
+        for j in range(len(devs)):
+            group = f"acc-orm-{next(_GROUPS)}"
+            if j:
+                yield Msg("set", steps, ("back", j - 1), group=group)
+            yield Msg("set", steps, ("plus", j), group=group)
+            yield Msg("wait", None, group=group)
+            if bipolar:
+                group = f"acc-orm-{next(_GROUPS)}"
+                yield Msg("set", steps, ("minus", j), group=group)
+                yield Msg("wait", None, group=group)
+            yield Msg("create", name="primary")
+            yield Msg("read", steps)
+            yield Msg("save")
+        if devs:
+            group = f"acc-orm-{next(_GROUPS)}"
+            yield Msg("set", steps, ("back", len(devs) - 1), group=group)
+            yield Msg("wait", None, group=group)
+
+    def stop_steps() -> MsgGenerator[None]:  # a step in flight never moves after the plan's restore
+        if steps._last is not None and not steps._last.done:
+            yield Msg("stop", steps)
+
+    yield from bpp.finalize_wrapper(measure(), stop_steps())
+    return steps.response, x0, y0
 
 
 def load_orm(machine, orm: Any, rf_column: bool = False) -> MsgGenerator[OrbitResponse]:
@@ -211,7 +344,7 @@ def bump_iterations(machine, resp: OrbitResponse, b: int, setups: list[dict[str,
             out[devs[c].family_name][devs[c].index] = v
         return out
 
-    for it in range(0, int(max_iter) + 1):
+    for it in range(int(max_iter) + 1):
         dk, drf = dict.fromkeys(all_cors, 0.0), 0.0
         for s in setups:
             cur_angle = 0.0

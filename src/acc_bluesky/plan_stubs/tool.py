@@ -23,7 +23,9 @@ What :func:`tool` does around the body, in order:
    does), with ``tool_metadata`` (facility, profile, lattice, mode, seed, operator, licence, software), the
    plan's parameters (JSON-safe), the body's extra keys, the figure paths and the user's ``md``;
 5. stores the body's return value in the run's ``results`` stream (``to_results()`` with units and
-   descriptions), writes its figures, closes the run (``fail``/``abort`` with the reason if the body raised);
+   descriptions), writes its figures (those marked :func:`thread_safe_figure` in the figure worker thread, while
+   the run closes and is written: ``RE(plan)`` returns once they exist), closes the run (``fail``/``abort`` with
+   the reason if the body raised);
 6. remembers the result under the run uid for this session (:func:`remembered`) and returns the uid.
 """
 
@@ -46,24 +48,26 @@ import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import Msg, MsgGenerator, RunEngineControlException
 
+from ..data import figures as _figures
 from ..data.metadata import json_safe, tool_metadata
 from .checks import ParameterError, check_parameters
 from .machine import BeamLostError, restore_setpoints, snapshot_setpoints
 from .results import store_result
 
 __all__ = [
+    "NO_RESTORE",
+    "Restore",
     "ToolError",
     "ToolResult",
-    "Restore",
-    "tool",
-    "open_tool_run",
-    "remembered",
-    "remember",
-    "figure_directory",
-    "NO_RESTORE",
-    "rf_only",
-    "correctors_and_rf",
     "all_settings",
+    "correctors_and_rf",
+    "figure_directory",
+    "open_tool_run",
+    "remember",
+    "remembered",
+    "rf_only",
+    "thread_safe_figure",
+    "tool",
 ]
 
 OPEN = "acc_open_tool_run"
@@ -204,7 +208,7 @@ def _check_beam(machine, tool_name: str) -> MsgGenerator[None]:
             why = f" The twin says: {machine.twin.loss_reason}."
         what = (f"the beam current is {current:.3g} A and {int(np.count_nonzero(seen))} of "
                 f"{int(np.count_nonzero(good))} in-service BPMs read a position" if ring
-                else f"no in-service BPM of the line reads a position")
+                else "no in-service BPM of the line reads a position")
         raise BeamLostError(
             f"{tool_name} did not start: no beam ({what}).{why} Nothing was moved and no run was recorded. "
             "Inject (on the twin: machine.twin.inject()), or thread the first turns (plans.thread_first_turns) "
@@ -231,6 +235,24 @@ def _store(result: Any, units: Mapping[str, str], descriptions: Mapping[str, str
                                 descriptions={k: d.get(k, k.replace("_", " ")) for k in res})
 
 
+def thread_safe_figure(fn: Callable[[Any, Path], Any]) -> Callable[[Any, Path], Any]:
+    """Mark a figure function of :func:`tool` as safe to draw in the figure worker thread
+    (:mod:`acc_bluesky.data.figures`): it uses matplotlib's object API only (``matplotlib.figure.Figure``,
+    ``fig.savefig``), no pyplot. The run then closes without waiting for it; ``RE(plan)`` still returns once the
+    PNG exists. Unmarked figure functions are drawn in the plan, after the results are stored."""
+    fn.thread_safe = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_thread_safe_figure(fn: Any) -> bool:
+    return bool(getattr(fn, "thread_safe", False))
+
+
+def _draw(fn: Callable[[Any, Path], Any], result: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fn(result, path)
+
+
 def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Restore] = NO_RESTORE,
          keep: bool = False, ring_only: str | None = None, needs_beam: bool = True,
          figures: Mapping[str, Callable[[Any, Path], Any]] | None = None,
@@ -247,7 +269,9 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
         needs_beam: check the beam before anything moves.
         figures: ``{figure name: f(result, path)}``: figures written from the result after the measurement;
             their paths are in the start document (``figures``). A plan parameter ``figure_dir`` (``False``:
-            no figure) chooses the folder.
+            no figure) chooses the folder. Functions marked :func:`thread_safe_figure` are drawn in the figure
+            worker thread once the results are stored (the run closes at once; ``RE(plan)`` returns when they
+            exist), others in the plan.
         units, descriptions: of the result keys, when the result class does not say them.
         validate: ``f(machine, arguments)``, raising on bad input, before anything else.
         family_kind: the kind of magnet family its ``families`` parameter takes (``"quadrupole"`` ...).
@@ -323,11 +347,14 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
                     yield from open_run({})
                 yield from _store(result, units or {}, descriptions or {})
                 for key, path in fig_paths.items():
+                    label = f"{body.__name__}: figure {key!r}"
+                    if is_thread_safe_figure(figures[key]):  # drawn while the run closes and is written
+                        _figures.submit(_draw, figures[key], result, path, what=label)
+                        continue
                     try:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        figures[key](result, path)
+                        _draw(figures[key], result, path)
                     except Exception as err:  # noqa: BLE001 - a figure never loses a measurement
-                        warnings.warn(f"{body.__name__}: figure {key!r} not written ({err})", stacklevel=2)
+                        warnings.warn(f"{label} not written ({err})", stacklevel=2)
                 state["done"] = True
                 state["result"] = result
                 return state["uid"]

@@ -38,7 +38,14 @@ from ..plan_stubs.bba import (
 )
 from ..plan_stubs.machine import snapshot_setpoints
 from ..plan_stubs.runs import resolve
-from ..plan_stubs.tool import Restore, ToolError, ToolResult, open_tool_run, tool
+from ..plan_stubs.tool import (
+    Restore,
+    ToolError,
+    ToolResult,
+    open_tool_run,
+    thread_safe_figure,
+    tool,
+)
 from ..profile import LimitError
 
 __all__ = ["measure_bba", "apply_bba"]  # noqa: RUF022 - the order of the tools
@@ -51,6 +58,7 @@ def _bba_restore(machine: Machine, args: dict[str, Any]) -> Restore:
     return Restore(tuple(dict.fromkeys(fams)), rf=False)
 
 
+@thread_safe_figure
 def _bba_figure(result: BBAResult, path: Path) -> None:
     result.plot(path)
 

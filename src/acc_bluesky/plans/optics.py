@@ -41,7 +41,7 @@ from ..machine import Machine
 from ..plan_stubs.machine import Record, check_limits, snapshot_setpoints
 from ..plan_stubs.optics import family_setpoints, move_families, read_tunes, resolve_families
 from ..plan_stubs.runs import resolve
-from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, tool
+from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, thread_safe_figure, tool
 from ..profile import LimitError
 
 __all__ = [
@@ -340,6 +340,7 @@ def _check_resonances(machine: Machine, target: np.ndarray) -> None:
                          "Nothing was moved.")
 
 
+@thread_safe_figure
 def _tune_figure(result: ToolResult, path: Path) -> None:
     v = result.value
     qh = np.asarray(v["q_history"])
@@ -516,6 +517,7 @@ def _scan_info(extra: dict[str, tuple[str, tuple[int, ...], str]] | None = None,
     return Record("scan", fields | (extra or {}), dtypes={k: "integer" for k in ("point", *integers)})
 
 
+@thread_safe_figure
 def _chrom_figure(result: Any, path: Path) -> None:
     chrom, title = (result.value["chrom"], result.value["title"]) if isinstance(result, ToolResult) else (
         result, "chromaticity: RF scan")

@@ -30,7 +30,7 @@ from ..machine import Machine
 from ..plan_stubs.machine import Record, emit, move, read_orbit, snapshot_setpoints
 from ..plan_stubs.orbit import corrector_devices, orbit_response, step_sizes
 from ..plan_stubs.runs import find_run
-from ..plan_stubs.tool import Restore, ToolResult, correctors_and_rf, open_tool_run, rf_only, tool
+from ..plan_stubs.tool import Restore, ToolResult, correctors_and_rf, open_tool_run, rf_only, thread_safe_figure, tool
 
 __all__ = ["measure_orm", "model_orm", "correct_orbit", "orbit_bump", "measure_dispersion"]
 
@@ -42,6 +42,7 @@ def _orm_restore(machine: Machine, args: dict[str, Any]) -> Restore:
     return Restore(tuple(dict.fromkeys(d.family_name for d in devs)), rf=bool(args["rf"]))
 
 
+@thread_safe_figure
 def _orm_figure(result: OrbitResponse, path: Path) -> None:
     result.plot(path)
 
@@ -217,6 +218,7 @@ def _target_orbit(machine: Machine, target: Any) -> MsgGenerator[tuple[np.ndarra
     return tx, ty
 
 
+@thread_safe_figure
 def _orbit_figure(result: ToolResult, path: Path) -> None:
     r = result.value
     orbit_figure(path, r["s"], r["names"], r["before"], r["after"], r["title"])
@@ -584,6 +586,7 @@ def orbit_bump(machine: Machine, bpm: str | int, amplitude: float | tuple[float 
 
 # ======================================================================================================
 # measure_dispersion
+@thread_safe_figure
 def _dispersion_figure(result: Dispersion, path: Path) -> None:
     result.plot(path)
 

@@ -20,7 +20,7 @@ from bluesky.utils import MsgGenerator
 from ..analysis.tbt import TbtResult, analyse_tbt, kick_for_amplitude, model_optics
 from ..machine import Machine
 from ..plan_stubs.machine import BeamLostError, Record, emit, move
-from ..plan_stubs.tool import open_tool_run, tool
+from ..plan_stubs.tool import open_tool_run, thread_safe_figure, tool
 from ..plan_stubs.trajectory import (
     beam_settings,
     need_beam_devices,
@@ -36,6 +36,7 @@ TBT_AMPLITUDE = 1e-4
 
 
 def _figure(draw: str):
+    @thread_safe_figure
     def write(result: TbtResult, path: Path) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -40,7 +40,7 @@ from ..plan_stubs.machine import BeamLostError, Record, check_limits, emit, move
 from ..plan_stubs.optics import family_setpoints, resolve_families
 from ..plan_stubs.orbit import step_sizes
 from ..plan_stubs.runs import resolve
-from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, tool
+from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, thread_safe_figure, tool
 from ..plan_stubs.trajectory import (
     CorrectorVector,
     beam_settings,
@@ -133,6 +133,7 @@ def _set_injection(machine: Machine, trims: np.ndarray) -> MsgGenerator[None]:
 
 # ======================================================================================================
 # measure_trajectory_response
+@thread_safe_figure
 def _trm_figure(result: TrajectoryResponse, path: Path) -> None:
     result.plot(path, hw=True)
 
@@ -235,6 +236,7 @@ def measure_trajectory_response(machine: Machine, correctors: Any = None, turns:
 
 # ======================================================================================================
 # correct_trajectory
+@thread_safe_figure
 def _trajectory_figure(result: ToolResult, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -382,6 +384,7 @@ def correct_trajectory(machine: Machine, response: Any = None, turns: int = 1, m
 
 # ======================================================================================================
 # thread_first_turns
+@thread_safe_figure
 def _threading_figure(result: ThreadingResult, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -516,6 +519,7 @@ def design_sextupoles(machine: Machine, families: Sequence[str]) -> dict[str, np
     return out
 
 
+@thread_safe_figure
 def _ramp_figure(result: ToolResult, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
