@@ -48,7 +48,7 @@ from ..machine import Machine
 from ..plan_stubs.machine import check_limits
 from ..plan_stubs.optics import family_setpoints, move_families
 from ..plan_stubs.runs import resolve
-from ..plan_stubs.tool import Restore, ToolError, ToolResult, open_tool_run, tool
+from ..plan_stubs.tool import Restore, ToolError, ToolResult, open_tool_run, thread_safe_figure, tool
 
 __all__ = ["loco", "correct_optics"]  # noqa: RUF022 - the order of the tools
 
@@ -114,10 +114,12 @@ def _loco_value(result: ToolResult) -> LocoResult:
     return result.value
 
 
+@thread_safe_figure
 def _gradients_figure(result: ToolResult, path: Path) -> None:
     _loco_value(result).plot_gradients(path)
 
 
+@thread_safe_figure
 def _chi2_figure(result: ToolResult, path: Path) -> None:
     _loco_value(result).plot_chi2(path)
 
@@ -234,6 +236,7 @@ def _correction_restore(machine: Machine, args: dict[str, Any]) -> Restore:
     return Restore(tuple(n for n, f in machine.families.items() if f.type in _CORRECTION_TYPES), rf=False)
 
 
+@thread_safe_figure
 def _beta_figure(result: ToolResult, path: Path) -> None:
     from matplotlib.figure import Figure
 
