@@ -17,11 +17,13 @@ def qmachine():
 
 
 @pytest.fixture(scope="module")
-def qRE(tmp_path_factory):  # noqa: N802 - bluesky's name
+def qRE(tmp_path_factory, session_catalog_dir):  # noqa: N802 - bluesky's name
+    """A RunEngine on the session's catalogue (its server already up; "latest" finds the newest run of a tool, and
+    this worker's earlier modules only wrote older ones)."""
     from acc_bluesky.data import make_run_engine
 
     d = tmp_path_factory.mktemp("queue_startup")
-    return make_run_engine(catalog_dir=d / "catalog", backup_dir=d / "backup", progress=False)
+    return make_run_engine(catalog_dir=session_catalog_dir, backup_dir=d / "backup", progress=False)
 
 
 @pytest.fixture(scope="module")
