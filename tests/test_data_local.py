@@ -292,6 +292,11 @@ def test_server_stops_when_its_folder_is_deleted(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _stop_servers():
+def _stop_servers(session_catalog_dir):
+    """Every server this module started is stopped at its end; the session's catalogue server (other modules' on
+    this worker) is left running."""
     yield
-    close_catalog()
+    keep = local.server_files(session_catalog_dir)["root"]
+    for root in local.attached():
+        if root != keep:
+            close_catalog(root)
