@@ -9,11 +9,12 @@ COR4 = ["HST_001", "HST_100", "VST_050", "VST_150"]
 
 
 @pytest.fixture(scope="module")
-def qmachine():
-    """One sim machine (EBS, seed 1) for the module; tests leave no fault switched on."""
-    from acc_bluesky.machine import connect
-
-    return connect("ebs", mode="sim", seed=1)
+def qmachine(_ebs_machine):
+    """One sim machine (EBS, seed 1) for the module, the session's (connecting EBS again costs seconds), reset to its
+    design setpoints at the module's start and end; tests leave no fault switched on."""
+    _ebs_machine.twin.reset()
+    yield _ebs_machine
+    _ebs_machine.twin.reset()
 
 
 @pytest.fixture(scope="module")
