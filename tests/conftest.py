@@ -30,15 +30,14 @@ def pytest_configure(config):
 GROUPS = {m: "twin-ioc" for m in ("test_ioc", "test_epics_backend", "test_epics_backend_plans", "test_shadow",
                                   "test_queue_epics")}
 
-#: Seconds each module (or group) takes in a full run (``--durations``, two workers), to hand the longest out first:
+#: Seconds each module (or group) takes in a full run (``--durations``), to hand the longest out first:
 #: the workers take the next group when they are nearly done, so longest-first keeps a long module from starting
-#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12).
-WEIGHTS = {"twin-ioc": 170, "test_lattices": 139, "test_data_local": 108, "test_campaign": 84, "test_queue": 82,
-           "test_demo": 70, "test_tango": 56, "test_chromaticity": 43, "test_restore_optics_plans": 40,
-           "test_correct_orbit": 37, "test_generate": 36, "test_data_shell": 35, "test_bba": 28, "test_tune": 26,
-           "test_data_server": 26, "test_data_catalog": 23, "test_orm": 22, "test_bump": 20,
-           "test_first_turns_campaign": 19, "test_ioc_clients": 17, "test_first_turns_full_errors": 17,
-           "test_loco_plans": 15}
+#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12-02, three
+#: workers).
+WEIGHTS = {"twin-ioc": 253, "test_lattices": 213, "test_data_local": 182, "test_campaign": 99, "test_demo": 76,
+           "test_queue": 42, "test_data_shell": 38, "test_tango": 38, "test_correct_orbit": 36, "test_data_server": 33,
+           "test_chromaticity": 32, "test_orm": 29, "test_bba": 23, "test_tune": 22, "test_generate": 21,
+           "test_data_catalog": 16, "test_ioc_clients": 15, "test_tbt_plans": 15, "test_loco_plans": 15}
 
 
 def _group(item) -> str:
