@@ -30,14 +30,14 @@ def pytest_configure(config):
 GROUPS = {m: "twin-ioc" for m in ("test_ioc", "test_epics_backend", "test_epics_backend_plans", "test_shadow",
                                   "test_queue_epics")}
 
-#: Seconds each module (or group) takes in a full run (``--durations``), to hand the longest out first:
+#: Seconds each module (or group) takes in a full run (``--durations``, two workers), to hand the longest out first:
 #: the workers take the next group when they are nearly done, so longest-first keeps a long module from starting
-#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12-02, three
-#: workers).
-WEIGHTS = {"twin-ioc": 253, "test_lattices": 213, "test_data_local": 182, "test_campaign": 99, "test_demo": 76,
-           "test_queue": 42, "test_data_shell": 38, "test_tango": 38, "test_correct_orbit": 36, "test_data_server": 33,
-           "test_chromaticity": 32, "test_orm": 29, "test_bba": 23, "test_tune": 22, "test_generate": 21,
-           "test_data_catalog": 16, "test_ioc_clients": 15, "test_tbt_plans": 15, "test_loco_plans": 15}
+#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12-02, two
+#: workers; a third worker on the two cores was slower: 444 s against 363 s).
+WEIGHTS = {"twin-ioc": 103, "test_data_local": 73, "test_lattices": 61, "test_campaign": 50, "test_demo": 43,
+           "test_queue": 32, "test_tango": 30, "test_data_shell": 25, "test_correct_orbit": 25, "test_data_server": 19,
+           "test_bba": 19, "test_orm": 19, "test_chromaticity": 18, "test_tune": 15, "test_ioc_clients": 15,
+           "test_generate": 14}
 
 
 def _group(item) -> str:
