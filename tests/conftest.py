@@ -32,13 +32,12 @@ GROUPS = {m: "twin-ioc" for m in ("test_ioc", "test_epics_backend", "test_epics_
 
 #: Seconds each module (or group) takes in a full run (``--durations``, two workers), to hand the longest out first:
 #: the workers take the next group when they are nearly done, so longest-first keeps a long module from starting
-#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12).
-WEIGHTS = {"twin-ioc": 170, "test_lattices": 139, "test_data_local": 108, "test_campaign": 84, "test_queue": 82,
-           "test_demo": 70, "test_tango": 56, "test_chromaticity": 43, "test_restore_optics_plans": 40,
-           "test_correct_orbit": 37, "test_generate": 36, "test_data_shell": 35, "test_bba": 28, "test_tune": 26,
-           "test_data_server": 26, "test_data_catalog": 23, "test_orm": 22, "test_bump": 20,
-           "test_first_turns_campaign": 19, "test_ioc_clients": 17, "test_first_turns_full_errors": 17,
-           "test_loco_plans": 15}
+#: last and running alone. Modules not listed count as short. Rough figures are enough (measured 2026-12-02, two
+#: workers; a third worker on the two cores was slower: 444 s against 363 s).
+WEIGHTS = {"twin-ioc": 103, "test_data_local": 73, "test_lattices": 61, "test_campaign": 50, "test_demo": 43,
+           "test_queue": 32, "test_tango": 30, "test_data_shell": 25, "test_correct_orbit": 25, "test_data_server": 19,
+           "test_bba": 19, "test_orm": 19, "test_chromaticity": 18, "test_tune": 15, "test_ioc_clients": 15,
+           "test_generate": 14}
 
 
 def _group(item) -> str:

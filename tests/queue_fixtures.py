@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,11 +24,15 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240.0) -
 
 
 @pytest.fixture(scope="module")
-def queue_dirs(tmp_path_factory) -> dict[str, Path]:
+def queue_dirs(tmp_path_factory, session_catalog_dir) -> dict:
+    """The server's folders; its catalogue is the session's (its Tiled server already up: one server start fewer;
+    ``queue_dirs["since"]``, the time the module started, selects the module's runs in it)."""
     base = tmp_path_factory.mktemp("queue")
-    dirs = {k: base / k for k in ("run", "catalog", "backup", "figures")}
+    dirs = {k: base / k for k in ("run", "backup", "figures")}
     for d in dirs.values():
         d.mkdir()
+    dirs["catalog"] = session_catalog_dir
+    dirs["since"] = time.time()  # (the worker runs one module at a time: later runs in its catalogue are this one's)
     return dirs
 
 

@@ -13,7 +13,6 @@ from data_fixtures import (  # noqa: F401 - fixtures
     _isolated_data_env,
     fake_machine,
     machine,
-    module_catalog_dir,
     run_engine,
 )
 
@@ -28,6 +27,14 @@ from acc_bluesky.data import (
     tool_metadata,
 )
 from acc_bluesky.plan_stubs.results import store_result
+
+
+@pytest.fixture(scope="module")
+def module_catalog_dir(session_catalog_dir):
+    """The session's catalogue folder (its server already up: a server of the module's own costs a start); this
+    module reads its runs back by uid or by its tests' ``test_token``."""
+    return session_catalog_dir
+
 
 RNG = np.random.default_rng(7)
 

@@ -32,10 +32,9 @@ def mcat(session_catalog_dir):
 
 
 @pytest.fixture(scope="module")
-def sim():
-    from acc_bluesky.machine import connect
-
-    return connect("ebs", mode="sim", seed=1)
+def sim(_ebs_machine):
+    """The session's EBS sim machine, seed 1 (``both`` resets it: connecting EBS again costs seconds)."""
+    return _ebs_machine
 
 
 @pytest.fixture

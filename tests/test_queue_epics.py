@@ -11,10 +11,9 @@ CORRECTORS = ["HST_010", "HST_011", "VST_010"]
 
 
 @needs_redis
-def test_queue_in_epics_mode_measures_on_the_ioc(reset_ioc, tmp_path, session_catalog_dir):
+def test_queue_in_epics_mode_measures_on_the_ioc(reset_ioc, tmp_path, session_catalog_dir, machine):
     from acc_bluesky.analysis import OrbitResponse
     from acc_bluesky.data import make_run_engine, open_catalog
-    from acc_bluesky.machine import connect
     from acc_bluesky.plans import measure_orm
     from acc_bluesky.queue import run_queue, start_queue_server, submit
 
@@ -35,7 +34,7 @@ def test_queue_in_epics_mode_measures_on_the_ioc(reset_ioc, tmp_path, session_ca
     assert start["mode"] == "epics" and "seed" not in start and start["tool"] == "orbit_response"
     live = OrbitResponse.from_run(run)
 
-    sim = connect("ebs", mode="sim", seed=1)  # the IOC serves the seed-1 twin
+    sim = machine  # the IOC serves the seed-1 twin (the session's sim machine, reset: connecting again costs seconds)
     RE = make_run_engine(catalog_dir=session_catalog_dir, progress=False)  # noqa: N806 - bluesky's name
     ref = OrbitResponse.from_run(open_catalog(catalog_dir=session_catalog_dir)[RE(measure_orm(
         sim, correctors=CORRECTORS, delta=0.5))])

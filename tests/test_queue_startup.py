@@ -9,19 +9,22 @@ COR4 = ["HST_001", "HST_100", "VST_050", "VST_150"]
 
 
 @pytest.fixture(scope="module")
-def qmachine():
-    """One sim machine (EBS, seed 1) for the module; tests leave no fault switched on."""
-    from acc_bluesky.machine import connect
-
-    return connect("ebs", mode="sim", seed=1)
+def qmachine(_ebs_machine):
+    """One sim machine (EBS, seed 1) for the module, the session's (connecting EBS again costs seconds), reset to its
+    design setpoints at the module's start and end; tests leave no fault switched on."""
+    _ebs_machine.twin.reset()
+    yield _ebs_machine
+    _ebs_machine.twin.reset()
 
 
 @pytest.fixture(scope="module")
-def qRE(tmp_path_factory):  # noqa: N802 - bluesky's name
+def qRE(tmp_path_factory, session_catalog_dir):  # noqa: N802 - bluesky's name
+    """A RunEngine on the session's catalogue (its server already up; "latest" finds the newest run of a tool, and
+    this worker's earlier modules only wrote older ones)."""
     from acc_bluesky.data import make_run_engine
 
     d = tmp_path_factory.mktemp("queue_startup")
-    return make_run_engine(catalog_dir=d / "catalog", backup_dir=d / "backup", progress=False)
+    return make_run_engine(catalog_dir=session_catalog_dir, backup_dir=d / "backup", progress=False)
 
 
 @pytest.fixture(scope="module")

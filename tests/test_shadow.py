@@ -126,8 +126,8 @@ def test_disconnected_live_pvs_raise_the_flag(machine_twin, model_twin):
 # ---------------------------------------------------------------------------------------------------------
 # the shadow process following the twin IOC
 @pytest.fixture(scope="module")
-def shadow_proc(twin_ioc, tmp_path_factory):
-    cat = tmp_path_factory.mktemp("shadow_catalog")
+def shadow_proc(twin_ioc, session_catalog_dir):
+    cat = session_catalog_dir  # (its server already up; the snapshots are the only digital_shadow runs in it)
     sprefix = twin_ioc.prefix + "SH:"
     twin_ioc.command("reset")
     proc = IocProcess(["shadow", "ebs", "--prefix", twin_ioc.prefix, "--shadow-prefix", sprefix, "--catalog-dir",

@@ -8,17 +8,15 @@
   :func:`bpm_pv`: one device's PV in the table of :func:`acc_bluesky.devices.pv_names`; :mod:`.commands`: the
   anomaly commands; :mod:`.autosave`: setpoint autosave and the PV list.
 
-pythonSoftIOC is imported only by the processes that serve records, never by importing this package.
+pythonSoftIOC is imported only by the processes that serve records, never by importing this package; nothing is
+imported until a name is used (``acc-bluesky`` builds its parser from :mod:`.app`, which needs neither the twin nor
+pyAT: every command line would otherwise pay their import).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from .commands import COMMAND_HELP, Command, CommandError, apply_command, parse_command
-from .names import (FAULT_KEYS, bpm_pv, default_shadow_prefix, magnet_pv, orbit_rms_pv_names, shadow_pv_names,
-                    twin_pv_names)
-from .observe import Observation, Observer, one_turn_tunes
 
 __all__ = [
     "COMMAND_HELP",
@@ -42,12 +40,23 @@ __all__ = [
     "twin_pv_names",
 ]
 
-_LAZY = {"TwinIoc": "server", "READY_MESSAGE": "server", "Shadow": "shadow", "ShadowConfig": "shadow"}
+#: name -> the submodule that defines it
+_LAZY = {
+    **dict.fromkeys(("COMMAND_HELP", "Command", "CommandError", "apply_command", "parse_command"), "commands"),
+    **dict.fromkeys(("FAULT_KEYS", "bpm_pv", "default_shadow_prefix", "magnet_pv", "orbit_rms_pv_names",
+                     "shadow_pv_names", "twin_pv_names"), "names"),
+    **dict.fromkeys(("Observation", "Observer", "one_turn_tunes"), "observe"),
+    "TwinIoc": "server", "READY_MESSAGE": "server", "Shadow": "shadow", "ShadowConfig": "shadow",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
