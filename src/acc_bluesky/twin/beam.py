@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .._compat.scipy import single_thread_blas
 from . import _engine
 from .errors import truncated_normal
 
