@@ -17,7 +17,7 @@ from ophyd_async.core import AsyncStatus
 
 from ..analysis import bump as _bump
 from ..analysis._common import corrector_table, rms
-from ..analysis.orm import OrbitResponse
+from ..analysis.orm import OrbitResponse, response_from_orbits
 from ..analysis.orm import model_orm as _model_response
 from ..data.run_engine import EventArray
 from .machine import (
@@ -168,7 +168,7 @@ class OrmSteps:
         (xp, yp), (xm, ym) = (self._plus, (x, y)) if self._bipolar else ((x, y), self._ref)
         plus, minus = np.concatenate([xp, yp]), np.concatenate([xm, ym])
         dm = -d if self._bipolar else 0.0
-        col = (plus - minus) / (d - dm)
+        col = response_from_orbits(xp, yp, xm, ym, d - dm)
         self.response[:, j] = col
         t = time.time()
         self._row = {k: {"value": v, "timestamp": t} for k, v in zip(
