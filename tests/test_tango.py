@@ -264,6 +264,8 @@ def test_out_of_limit_write_fails_at_the_client(server, tmachine, reset, plain_R
     with pytest.raises(tango.DevFailed) as raw:  # any Tango client
         server.proxy(dev).write_attribute(attr, -8.5)
     assert raw.value.args[0].reason == "API_WAttrOutsideLimit"
+    # a refusal is told from a dead server by asking the server (it answers a ping)
+    assert call_in_bluesky_event_loop(m.backend.answers(m.backend.trl(name))) is True
     call_in_bluesky_event_loop(put(-8.0))  # the limit itself passes
     assert rd(plain_RE, m.hcor[3].readback) == [-8.0]
     with pytest.raises(tango.DevFailed) as raw:  # NaN too
@@ -518,6 +520,8 @@ def test_server_killed_mid_plan_fails_the_run_and_reports_what_was_not_restored(
         elapsed = time.monotonic() - t0
     finally:
         srv.kill()
+    # a write that fails on a dead server is called unreachable, whatever Tango's reason: the server is asked
+    assert call_in_bluesky_event_loop(m.backend.answers(m.backend.trl(hst0))) is False
     chain = _chain(info.value)
     top = info.value
     assert isinstance(top, (TangoUnreachable, FailedStatus, RestoreError)), repr(top)

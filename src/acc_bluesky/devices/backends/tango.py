@@ -190,10 +190,12 @@ def _dev_failed(err: BaseException) -> Any:
     """The ``DevFailed`` behind ``err`` (ophyd-async wraps a failed write in a RuntimeError), or None."""
     from tango import DevFailed
 
-    while err is not None:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         if isinstance(err, DevFailed):
             return err
-        err = err.__cause__
+        err = err.__cause__ if err.__cause__ is not None else err.__context__
     return None
 
 
@@ -325,8 +327,9 @@ class TangoAttributeBackend(SignalBackend):
                                    [trl]) from err
         except Exception as err:  # noqa: BLE001 - DevFailed of a dead server: say so, name the attribute
             df = _dev_failed(err)
-            if df is not None and _is_connection_error(df):
-                raise TangoUnreachable(f"{trl}: {what} failed ({_desc(df)}). {self.owner.hint()}", [trl]) from err
+            if (df is not None and _is_connection_error(df)) or not await self.owner.answers(trl):
+                why = _desc(df) if df is not None else f"{type(err).__name__}: {err}"
+                raise TangoUnreachable(f"{trl}: {what} failed ({why}). {self.owner.hint()}", [trl]) from err
             raise
 
     async def get_reading(self):
@@ -368,11 +371,14 @@ class TangoAttributeBackend(SignalBackend):
                                    [self.write_trl]) from err
         except Exception as err:  # noqa: BLE001 - classify the DevFailed behind it
             df = _dev_failed(err)
+            # a server killed during the write can fail it with any reason (or none): ask the server before
+            # calling it a refusal
+            if (df is not None and _is_connection_error(df)) or not await self.owner.answers(self.write_trl):
+                why = _desc(df) if df is not None else f"{type(err).__name__}: {err}"
+                raise TangoUnreachable(f"{self.write_trl}: {op} failed ({why}). {self.owner.hint()}",
+                                       [self.write_trl]) from err
             if df is None:
                 raise
-            if _is_connection_error(df):
-                raise TangoUnreachable(f"{self.write_trl}: {op} failed ({_desc(df)}). {self.owner.hint()}",
-                                       [self.write_trl]) from err
             reason = str(getattr(df.args[0], "reason", "")) if df.args else ""
             raise TangoWriteRefused(f"{self.write_name}: {op} refused by the Tango server ({reason}: {_desc(df)})"
                                     f"{self._limits_text()}", self.write_trl, reason) from err
@@ -489,6 +495,26 @@ class TangoBackend:
             return f"Is the device exported in the Tango database at {self.address} and its server running?"
         return (f"Is the Tango device server running and reachable at {self.address} (acc-bluesky tango-server "
                 "--port ...)?")
+
+    async def answers(self, trl: str) -> bool:
+        """Whether the device of attribute ``trl`` answers a ping now (a fresh proxy, ``timeout`` at most): tells
+        a server that refused an operation from one that died during it."""
+        from ophyd_async.tango.core import ensure_proper_executor
+        from tango.asyncio import DeviceProxy as AsyncDeviceProxy
+
+        device = trl.split("#", 1)[0].removeprefix("tango://").split("/", 1)[-1].rsplit("/", 1)[0]
+
+        @ensure_proper_executor
+        async def ping():
+            p = await AsyncDeviceProxy(self.trl(device), timeout=self.timeout)
+            p.set_timeout_millis(max(1, int(self.timeout * 1000)))
+            await p.ping()
+
+        try:
+            await asyncio.wait_for(ping(), self.timeout)
+        except Exception:  # noqa: BLE001 - any failure to answer is "not answering"
+            return False
+        return True
 
     async def device_proxy(self, device: str, timeout: float):
         """The asyncio DeviceProxy of ``device`` (one per device, shared by its signals)."""
