@@ -184,7 +184,7 @@ def test_a_ramped_supply_is_followed_and_can_be_stopped(tmp_path, RE):  # noqa: 
 
     spec = yaml.safe_load(HMBA.read_text())
     spec["lattice"] = {"package": "machine_data", "file": "hmba.mat"}
-    spec["families"]["QF4"]["ramp_rate"] = 2000.0  # A/s: a 20 A step takes 10 ms
+    spec["families"]["QF4"]["ramp_rate"] = 400.0  # A/s: a 20 A step takes 50 ms
     p = tmp_path / "ramped" / "profile.yaml"
     p.parent.mkdir()
     p.write_text(yaml.safe_dump(spec))
@@ -199,7 +199,7 @@ def test_a_ramped_supply_is_followed_and_can_be_stopped(tmp_path, RE):  # noqa: 
     async def stop_soon():
         import asyncio
 
-        status = q.set(sp0 - 100.0)  # 60 ms of ramp
+        status = q.set(sp0 - 100.0)  # 300 ms of ramp (a loaded machine still sees its middle)
         status.watch(lambda **kw: updates.append(kw["current"]))
         while rm.twin.get_readback("QF4", 0) > sp0 - 30.0:  # stopped in the middle of the ramp
             await asyncio.sleep(0.002)

@@ -221,7 +221,10 @@ def test_bpms_with_an_acquisition_rate_never_give_a_stale_response(ebs, RE, cata
 
 def test_orm_figure_is_drawn_off_the_plan_and_exists_when_re_returns(machine, RE, catalog, tmp_path, monkeypatch):
     """The ORM's PNG is drawn in the figure worker thread once the results are stored (the run closes at once);
-    ``RE(plan)`` returns once it exists, and ``RE.wait_for_catalog()`` waits for it after ``wait_written = False``."""
+    ``RE(plan)`` returns once it exists, and ``RE.wait_for_catalog()`` waits for it after ``wait_written = False``.
+    The worker is not a daemon although the RunEngine's daemon loop thread starts it: a daemon thread stopped at the
+    interpreter's exit inside matplotlib's C++ aborted a plain script ("terminate called without an active
+    exception", seen in CI under load)."""
     import threading
     from pathlib import Path
 
@@ -231,14 +234,14 @@ def test_orm_figure_is_drawn_off_the_plan_and_exists_when_re_returns(machine, RE
     plot = OrbitResponse.plot
 
     def spy(self, path, **kw):
-        threads.append(threading.current_thread().name)
+        threads.append((threading.current_thread().name, threading.current_thread().daemon))
         return plot(self, path, **kw)
 
     monkeypatch.setattr(OrbitResponse, "plot", spy)
     uid = RE(measure_orm(machine, correctors=["HST_010", "VST_010"], figure_dir=tmp_path))
     png = Path(catalog[uid].metadata["start"]["figures"]["orm"])
     assert png.parent == tmp_path and png.stat().st_size > 1000 and figures.pending() == 0
-    assert threads == ["acc-bluesky-figures"]
+    assert threads == [("acc-bluesky-figures", False)]
     RE.wait_written = False
     try:
         uid = RE(measure_orm(machine, correctors=["HST_011"], figure_dir=tmp_path))

@@ -40,7 +40,9 @@ def submit(fn: Callable[..., Any], *args: Any, what: str = "figure") -> None:
         _jobs.append((fn, args, what))
         _queued += 1
         if _worker is None or not _worker.is_alive():
-            _worker = threading.Thread(target=_loop, name="acc-bluesky-figures")
+            # daemon=False said, not inherited from the thread that submits (the RunEngine's loop thread is a daemon):
+            # a daemon thread stopped at the interpreter's exit inside matplotlib's C++ aborts the whole process
+            _worker = threading.Thread(target=_loop, name="acc-bluesky-figures", daemon=False)
             _worker.start()
 
 
