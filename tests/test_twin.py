@@ -147,6 +147,63 @@ def test_closed_orbit_on_unstable_optics_is_a_lost_beam(ebs):
     assert not t.beam_lost and np.all(np.isfinite(t.read_bpms()[0])) and t.beam_current() > 0.19
 
 
+@pytest.fixture
+def tbt_hmba_profile():
+    """A fresh HMBA test profile (the test changes a limit in it)."""
+    from pathlib import Path
+
+    from acc_bluesky.profile import load_profile
+
+    return load_profile(Path(__file__).parent / "profiles" / "tbt_hmba" / "profile.yaml")
+
+
+def _ramp_until_lost(profile, q0, scale: float, pattern, step: float, mode: str, n: int = 400):
+    """QD2 at ``scale`` of its setpoints (just stable), then every VST corrector ramped by ``step * pattern`` per
+    move: the first move [count] at which the beam is lost, the reason, the stability maps computed."""
+    t = Twin(profile, seed=1)
+    if mode == "every solve":
+        t.STABILITY_ORBIT_TOLERANCE = t.STABILITY_ORBIT_TOLERANCE_MAX = 0.0
+    elif mode == "fixed":
+        t.STABILITY_ORBIT_TOLERANCE_MAX = 0.0  # the fixed 0.2 mm of before the feed-down rate was measured
+    t.set_setpoint("QD2", q0 * scale)
+    assert not t.observables().lost
+    s0, m0 = t.get_setpoint("VST"), t.stats["stability_maps"]
+    for k in range(1, n):
+        t.set_setpoint("VST", s0 + k * step * pattern)
+        if t.observables().lost:
+            return k, t.loss_reason, t.stats["stability_maps"] - m0
+    raise AssertionError(f"the ramp never lost the beam ({mode})")
+
+
+def test_stability_verdict_follows_the_feed_down_of_a_corrector_ramp(tbt_hmba_profile):
+    """HMBA with errors, QD2 strengthened to 0.2 % below the edge of its half-integer stop band: ramping the
+    vertical correctors (a random pattern, 5 mA per move) moves the orbit through the sextupoles until their
+    feed-down makes the one-turn map unstable. The twin renews its verdict every 0.2 mm of orbit, or over a longer
+    distance once two verdicts measured how fast the map's half-traces move with the orbit (a quarter of the way
+    to a resonance at the fastest rate seen, up to 2 mm): it sees the loss within 5 moves of a twin that checks at
+    every solve (202 / 207 here), never later than the fixed 0.2 mm, with fewer one-turn maps (8 / 14 / 202)."""
+    from acc_bluesky.profile.calibration import Limits
+
+    prof = tbt_hmba_profile
+    prof.spec.families["QD2"].limits = Limits(low=-1000.0, high=1000.0)  # this test profile's quads exceed theirs
+    t = Twin(prof, seed=1)
+    q0 = t.get_setpoint("QD2").copy()
+    lo, hi = 1.0, 1.05  # the stop band's edge, by bisection on the QD2 scale
+    for _ in range(24):
+        mid = 0.5 * (lo + hi)
+        t.set_setpoint("QD2", q0 * mid)
+        lo, hi = (lo, mid) if t.observables().lost else (mid, hi)
+    t.set_setpoint("QD2", q0 * hi)
+    assert "unstable optics" in t.loss_reason
+    pattern = np.random.default_rng(1).normal(0.0, 1.0, len(t.family("VST").refpts))
+    runs = {mode: _ramp_until_lost(prof, q0, lo * (1 - 2e-3), pattern, 0.005, mode)
+            for mode in ("every solve", "fixed", "adaptive")}
+    (k_all, why_all, maps_all), (k_fixed, _, maps_fixed), (k_new, why_new, maps_new) = runs.values()
+    assert "unstable optics" in why_all and "unstable optics" in why_new
+    assert k_all <= k_new <= k_all + 5 and k_new <= k_fixed
+    assert maps_new < maps_fixed < maps_all
+
+
 def test_anomalies(ebs):
     t = Twin(ebs, seed=None)
     t.anomalies.stuck("HST", 0)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._compat.pyat import atpass
 
-__all__ = ["ENGINE_LOCK", "generation", "track", "closed_orbit_dct", "orbit_jacobian"]
+__all__ = ["ENGINE_LOCK", "closed_orbit_dct", "generation", "orbit_jacobian", "track", "transverse_map"]
 
 #: The C engine holds global state: every tracking call of the twins goes through this lock.
 ENGINE_LOCK = threading.RLock()
@@ -78,20 +78,32 @@ def orbit_jacobian(ring, z: np.ndarray, keep: bool, step: float = 3e-8) -> np.nd
     return j5 - id5
 
 
+def transverse_map(ring, z: np.ndarray, end: np.ndarray, keep: bool, step: float = 3e-8) -> np.ndarray:
+    """One-turn 4x4 transverse map at the orbit ``z`` (6,), whose one-turn end ``end`` (6,) is known: four
+    particles tracked (one per transverse coordinate), at the energy and path length of ``z``."""
+    delta = np.zeros((6, 4), order="F")
+    for i in range(4):
+        delta[i, i] = step
+    out = track(ring, z.reshape(6, 1) + delta, [len(ring)], keep)[:, :, 0, 0]
+    return (out[:4, :] - end[:4, None]) / step
+
+
 def closed_orbit_dct(ring, refpts: np.ndarray, dct: float, guess: np.ndarray, a_inv: np.ndarray,
                      keep: bool, tol: float = 1e-11, max_iter: int = 10):
     """Chord-Newton closed orbit with fixed path lengthening ``dct`` [m] (RF frequency fixed).
 
     Reuses the inverse Jacobian ``a_inv`` of a previous solution: each iteration is one single-particle turn
-    recorded at ``refpts``. Returns (z, positions (nrefs, 6), iterations) or None if it does not converge.
+    recorded at ``refpts``. Returns (z, positions (nrefs, 6), iterations, (the last particle tracked (6,), its
+    one-turn end (6,))) or None if it does not converge; the last particle is within ``tol`` of ``z``, and with its
+    end it spares :func:`transverse_map` a reference particle.
     """
     z = guess.copy()
     z[5] = 0.0
     refs = np.append(refpts, len(ring)).astype(np.uint32)
     theta = np.array([0.0, 0.0, 0.0, 0.0, dct])
     for it in range(1, max_iter + 1):
-        r = np.asfortranarray(z.reshape(6, 1).copy())
-        out = track(ring, r, refs, keep)[:, 0, :, 0]  # (6, nrefs+1)
+        tracked = z.copy()
+        out = track(ring, np.asfortranarray(tracked.reshape(6, 1)), refs, keep)[:, 0, :, 0]  # (6, nrefs+1)
         keep = True
         end = out[:, -1]
         if not np.all(np.isfinite(end)):
@@ -100,5 +112,5 @@ def closed_orbit_dct(ring, refpts: np.ndarray, dct: float, guess: np.ndarray, a_
         dz = a_inv @ b
         z[:5] -= dz
         if np.linalg.norm(dz) < tol:
-            return z, out[:, :-1].T, it
+            return z, out[:, :-1].T, it, (tracked, end)
     return None

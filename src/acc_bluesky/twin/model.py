@@ -139,6 +139,8 @@ class Twin:
         self._optics_version = 0  # bumped by every change of a non-corrector magnet
         self._optics_checked = -1  # the optics version whose linear stability was last checked
         self._orbit_checked: np.ndarray | None = None  # the BPM orbit (x, y) where it was checked
+        self._tunes_checked: np.ndarray | None = None  # cos(2 pi nu) of the one-turn map's eigen-modes there
+        self._feed_down = 0.0  # largest change of those per metre of orbit seen between two verdicts of one optics
         self._unstable: str | None = None  # why the one-turn map is unstable, at that version and orbit
         self.design = self.profile.load_lattice()
         self.ring = self.profile.load_lattice()
@@ -181,7 +183,7 @@ class Twin:
         self._a_inv: np.ndarray | None = None
         self._t_inject = self._clock()
         self._bpm_last: tuple[float, np.ndarray, np.ndarray] | None = None
-        self.stats = {"solves": 0, "cold": 0, "chord_passes": 0}
+        self.stats = {"solves": 0, "cold": 0, "chord_passes": 0, "stability_maps": 0}
         # --- tbt: the injected/stored beam and the BPM acquisition modes (twin/beam.py) ---
         self.beam = Beam(self)
         # --- end tbt ---
@@ -465,15 +467,15 @@ class Twin:
         if keep and self._a_inv is not None:
             res = _engine.closed_orbit_dct(self.ring, self.bpm_refpts, dct, self._guess, self._a_inv, keep=True)
             if res is not None:
-                z, pos, it = res
+                z, pos, it, last = res
                 self.stats["chord_passes"] += it
                 self._engine_gen = _engine.generation()
                 a = None
-                if it > 4:
+                if it > 6:
                     a = _engine.orbit_jacobian(self.ring, z, keep=True)
                     self._a_inv = np.linalg.inv(a)
                 self._guess = z
-                return self._check_stability(z, a, pos) or self._check_aperture(z, pos)
+                return self._check_stability(z, a, pos, last) or self._check_aperture(z, pos)
         # cold: pyAT's own solver, then the Jacobian for the next time
         self.stats["cold"] += 1
         guess = self._guess if np.all(np.isfinite(self._guess)) else np.zeros(6)
@@ -488,33 +490,66 @@ class Twin:
         return self._check_stability(z, a, pos) or self._check_aperture(z, pos)
 
     #: the stability verdict is renewed when the closed orbit at the BPMs has moved by more than this [m] since it
-    #: was made (sextupole feed-down: corrector moves change the optics too)
+    #: was made (sextupole feed-down: corrector moves change the optics too) ...
     STABILITY_ORBIT_TOLERANCE = 0.2e-3
+    #: ... or, once two verdicts of the present optics have measured how fast its tunes move with the orbit, by
+    #: more than a quarter of the orbit change that would bring a tune onto a resonance at the fastest rate seen
+    #: (an integer or half-integer, or the two eigen-tunes onto each other: sum and difference resonances), up
+    #: to this [m]
+    STABILITY_ORBIT_TOLERANCE_MAX = 2e-3
 
-    def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None,
-                         pos: np.ndarray | None = None) -> Observables | None:
+    def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None, pos: np.ndarray | None = None,
+                         last: tuple[np.ndarray, np.ndarray] | None = None) -> Observables | None:
         """Beam lost (an Observables) if the transverse one-turn map at the orbit ``z`` is unstable, else None.
 
         A closed orbit can exist on a lattice that no beam survives (a tune pushed onto an integer or half-integer
         resonance by a quadrupole, or by the feed-down of sextupoles the orbit passes off-centre). The verdict is
         renewed whenever the one-turn Jacobian is at hand anyway (a cold solve, a refreshed chord), at every change
-        of the optics (any non-corrector magnet), and when the orbit at the BPMs (``pos``) has moved by more than
-        :attr:`STABILITY_ORBIT_TOLERANCE` since it was made (corrector moves); otherwise it is kept."""
+        of the optics (any non-corrector magnet), and when the orbit at the BPMs (``pos``) has moved since it was
+        made by more than :meth:`stability_tolerance` (corrector moves); otherwise it is kept. ``last``: the chord
+        solver's last particle and its one-turn end, so the map costs four particles instead of six."""
         here = None if pos is None else np.concatenate([pos[:, 0], pos[:, 2]])
-        moved = (self._orbit_checked is None or here is None or here.shape != self._orbit_checked.shape
-                 or not np.all(np.isfinite(here))
-                 or float(np.max(np.abs(here - self._orbit_checked))) > self.STABILITY_ORBIT_TOLERANCE)
-        if a is not None or moved or self._optics_checked != self._optics_version:
-            if a is None:
-                a = _engine.orbit_jacobian(self.ring, z, keep=True)
+        same_optics = self._optics_checked == self._optics_version
+        comparable = (self._orbit_checked is not None and here is not None
+                      and here.shape == self._orbit_checked.shape and bool(np.all(np.isfinite(here))))
+        moved = float(np.max(np.abs(here - self._orbit_checked))) if comparable else math.inf
+        if a is None and same_optics and moved <= self.stability_tolerance():
+            return self._lost(self._unstable) if self._unstable else None
+        if a is not None:
             m44 = a[:4, :4] + np.eye(4)  # orbit_jacobian gives J - I' in (x, px, y, py, dp)
-            rho = float(np.max(np.abs(np.linalg.eigvals(m44))))
-            self._unstable = (None if rho < 1.0 + 1e-3 else  # finite-difference map: |eig| = 1 to ~1e-5
-                              f"unstable optics: one-turn map eigenvalue of modulus {rho:.4g} > 1 (a tune on a "
-                              "resonance?); restore the quadrupoles")
-            self._optics_checked = self._optics_version
-            self._orbit_checked = None if here is None else here.copy()
+        elif last is not None:
+            m44 = _engine.transverse_map(self.ring, last[0], last[1], keep=True)
+        else:
+            m44 = _engine.orbit_jacobian(self.ring, z, keep=True)[:4, :4] + np.eye(4)
+        self.stats["stability_maps"] += 1
+        eig = np.linalg.eigvals(m44)
+        rho = float(np.max(np.abs(eig)))
+        self._unstable = (None if rho < 1.0 + 1e-3 else  # finite-difference map: |eig| = 1 to ~1e-5
+                          f"unstable optics: one-turn map eigenvalue of modulus {rho:.4g} > 1 (a tune on a "
+                          "resonance?); restore the quadrupoles")
+        # one half-trace cos(2 pi nu) per eigen-mode: linear in a small change of the map, unlike the tunes (at the
+        # edge of a stop band the tune moves as the square root of the perturbation)
+        tunes = np.sort(np.cos(np.angle(eig)))[::2]
+        if not same_optics:
+            self._feed_down = 0.0
+        elif comparable and moved > 0.0 and self._tunes_checked is not None and self._unstable is None:
+            self._feed_down = max(self._feed_down, float(np.max(np.abs(tunes - self._tunes_checked))) / moved)
+        self._optics_checked = self._optics_version
+        self._orbit_checked = None if here is None else here.copy()
+        self._tunes_checked = None if self._unstable else tunes
         return self._lost(self._unstable) if self._unstable else None
+
+    def stability_tolerance(self) -> float:
+        """Orbit change [m] within which the last stability verdict holds: :attr:`STABILITY_ORBIT_TOLERANCE`
+        until two verdicts of the present optics have measured how fast its tunes move with the orbit, then a
+        quarter of the change that would bring a tune onto a resonance at that rate, within
+        [:attr:`STABILITY_ORBIT_TOLERANCE`, :attr:`STABILITY_ORBIT_TOLERANCE_MAX`]."""
+        base = self.STABILITY_ORBIT_TOLERANCE
+        q = self._tunes_checked
+        if q is None or self._feed_down <= 0.0:
+            return base
+        margin = float(min(np.min(1.0 - np.abs(q)), abs(float(q[0] - q[-1])) if len(q) > 1 else 1.0))
+        return float(np.clip(0.25 * margin / self._feed_down, base, max(base, self.STABILITY_ORBIT_TOLERANCE_MAX)))
 
     def _solve_6d(self) -> Observables:
         import at
