@@ -265,9 +265,9 @@ def test_a_failing_figure_warns_and_the_run_is_complete(machine, RE, catalog, tm
 
 
 def test_orm_steps_are_bluesky_moves_that_read_the_orbit(machine, RE, catalog):
-    """Per corrector the RunEngine sees a move putting the previous corrector back and this one at +delta (one
-    wait), a move to -delta, and the corrector's event (both orbits): each move reads the orbit once arrived,
-    with the values the twin's BPMs show."""
+    """Per corrector the RunEngine sees one move to the corrector's column (the previous corrector put back, this
+    one at +delta, then -delta, the orbit read once each arrived, with the values the twin's BPMs show) and the
+    corrector's event (both orbits); the last corrector is put back at the end."""
     from acc_bluesky.data import read_stream
     from acc_bluesky.plan_stubs.orbit import OrmSteps
 
@@ -279,9 +279,8 @@ def test_orm_steps_are_bluesky_moves_that_read_the_orbit(machine, RE, catalog):
     finally:
         RE.msg_hook = None
     steps = [(m.command, m.args[0]) for m in msgs if m.command == "set" and isinstance(m.obj, OrmSteps)]
-    assert steps == [("set", ("plus", 0)), ("set", ("minus", 0)), ("set", ("back", 0)), ("set", ("plus", 1)),
-                     ("set", ("minus", 1)), ("set", ("back", 1)), ("set", ("plus", 2)), ("set", ("minus", 2)),
-                     ("set", ("back", 2))]
+    assert steps == [("set", ("column", 0)), ("set", ("column", 1)), ("set", ("column", 2)), ("set", ("back", 2))]
+    assert sum(m.command == "wait" for m in msgs if m.kwargs.get("group", "").startswith("acc-orm-")) == 4
     assert sum(m.command == "save" for m in msgs) == 3 + 1  # one event per corrector, then the results
     prim = read_stream(catalog[uid])
     resp = OrbitResponse.from_run(catalog[uid])

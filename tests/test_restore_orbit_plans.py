@@ -72,7 +72,7 @@ def test_beam_lost_midway_through_an_orm(machine, RE, catalog):
     stops = []
     RE.subscribe(lambda n, d: stops.append(d) if n == "stop" else None)
     names = [f"HST_{i:03d}" for i in range(1, 9)]
-    hook = Interrupt(machine, 9, twin.anomalies.lose_beam)  # lost at the 9th step: 2 correctors measured
+    hook = Interrupt(machine, 5, twin.anomalies.lose_beam)  # lost at the 5th step (column, event, ...): 2 measured
     with pytest.raises(BeamLostError, match="beam lost while stepping HST_003.*all 224 in-service BPMs read NaN"
                                             ".*restores every setpoint") as err:
         RE(hook(measure_orm(machine, correctors=names)))

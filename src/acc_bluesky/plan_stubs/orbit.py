@@ -90,19 +90,20 @@ def step_sizes(machine, devs: Sequence[Any], sp0: np.ndarray, delta: float | Seq
 
 
 class OrmSteps:
-    """The corrector steps of an ORM, each one bluesky move that also reads the orbit, and each corrector's event.
+    """The corrector steps of an ORM as bluesky moves that also read the orbit, and each corrector's event.
 
-    ``set(("plus", j))`` puts corrector ``j`` at ``setpoint0 + d`` and reads the orbit once it is there (``settle``
-    waited, then ``n_avg`` acquisitions with the BPM period, the beam checked, as :func:`read_orbit` does);
-    ``set(("minus", j))`` the same at ``setpoint0 - d`` (bipolar); ``set(("back", j))`` puts it back. The magnet
+    ``set(("column", j))`` is one corrector's column: it puts corrector ``j - 1`` back, corrector ``j`` at
+    ``setpoint0 + d`` and reads the orbit once it is there (``settle`` waited, then ``n_avg`` acquisitions with the
+    BPM period, the beam checked, as :func:`read_orbit` does), then (bipolar) at ``setpoint0 - d`` and reads it
+    again. ``set(("plus", j))``, ``set(("minus", j))`` and ``set(("back", j))`` are its single moves. The magnet
     moves as :func:`move` moves it (the twin's supplies without ramp put directly, limits checked; a live supply
-    through its ``set``) and the orbit is read from the BPM device's signals: on EPICS or Tango nothing is
-    skipped. Each ``set`` waits for the one before it (a corrector is put back together with the next one's first
-    step, as two moves of one wait). What it saves is bluesky's two ``read`` messages per orbit.
+    through its ``set``) and the orbit is read from the BPM device's signals: on EPICS or Tango nothing is skipped.
+    Each ``set`` waits for the one before it. What it saves is bluesky's messages around every magnet move and
+    orbit read: per corrector the RunEngine sees one move, one wait and the event.
 
     ``read()`` is the last corrector's row (the ``record``'s fields: index, setpoint, steps, both orbits, rms): one
     event per corrector in the ``primary`` stream, as before. ``stop()`` (bluesky calls it on a pause or an abort)
-    cancels a step in flight; the plan's restore puts everything back.
+    cancels a step in flight, between two of its magnet moves too; the plan's restore puts everything back.
     """
 
     def __init__(self, machine, devs: Sequence[Any], sp0: np.ndarray, d_hw: np.ndarray, *, bipolar: bool,
@@ -131,8 +132,8 @@ class OrmSteps:
     # -- bluesky: Movable, Stoppable, Readable ------------------------------------------------------
     def set(self, value: tuple[str, int]) -> AsyncStatus:
         what, j = value
-        if what not in ("plus", "minus", "back"):
-            raise ValueError(f"OrmSteps.set takes ('plus' | 'minus' | 'back', index), got {value!r}")
+        if what not in ("plus", "minus", "back", "column"):
+            raise ValueError(f"OrmSteps.set takes ('plus' | 'minus' | 'back' | 'column', index), got {value!r}")
         before, self._last = self._last, None
         st = AsyncStatus(self._step(what, int(j), before), name=self.name)
         self._last = st
@@ -153,6 +154,13 @@ class OrmSteps:
     async def _step(self, what: str, j: int, before: AsyncStatus | None) -> None:
         if before is not None and not before.done:
             await before
+        if what == "column":
+            if j:
+                await _put(self._devs[j - 1], float(self._sp0[j - 1]))
+            await self._step("plus", j, None)
+            if self._bipolar:
+                await self._step("minus", j, None)
+            return
         dev, s0, d = self._devs[j], float(self._sp0[j]), float(self._d[j])
         if what == "back":
             await _put(dev, s0)
@@ -203,9 +211,9 @@ def orbit_response(machine, devs: Sequence[Any], sp0: np.ndarray, d_hw: np.ndarr
                    settle: float, record: Record) -> MsgGenerator[tuple[np.ndarray, np.ndarray | None, Any]]:
     """Step each corrector by ``+d`` (and ``-d``), read the orbit, put it back: ``(response [m/A], x0, y0)``.
 
-    One event per corrector in ``record``'s stream layout (``primary``). Per corrector the RunEngine sees: a move
-    putting the previous corrector back and this one at ``+d`` (one wait), a move to ``-d``, the event; each move
-    of :class:`OrmSteps` reads the orbit once it arrived. The last corrector is put back at the end.
+    One event per corrector in ``record``'s stream layout (``primary``). Per corrector the RunEngine sees one move
+    of :class:`OrmSteps` (the previous corrector put back, this one at ``+d``, the orbit read, at ``-d``, the orbit
+    read), its wait, and the event. The last corrector is put back at the end.
     """
     x0 = y0 = None
     if not bipolar:
@@ -224,14 +232,8 @@ def orbit_response(machine, devs: Sequence[Any], sp0: np.ndarray, d_hw: np.ndarr
     def steps_and_events() -> MsgGenerator[None]:
         for j in range(len(devs)):
             group = f"acc-orm-{next(_GROUPS)}"
-            if j:
-                yield Msg("set", steps, ("back", j - 1), group=group)
-            yield Msg("set", steps, ("plus", j), group=group)
+            yield Msg("set", steps, ("column", j), group=group)
             yield Msg("wait", None, group=group)
-            if bipolar:
-                group = f"acc-orm-{next(_GROUPS)}"
-                yield Msg("set", steps, ("minus", j), group=group)
-                yield Msg("wait", None, group=group)
             yield Msg("create", name="primary")
             yield Msg("read", steps)
             yield Msg("save")
