@@ -532,7 +532,8 @@ class Twin:
         tunes = np.sort(np.cos(np.angle(eig)))[::2]
         if not same_optics:
             self._feed_down = 0.0
-        elif comparable and moved > 0.0 and self._tunes_checked is not None and self._unstable is None:
+        elif (a is None and comparable and moved > 0.0 and self._tunes_checked is not None
+              and self._unstable is None):  # the rate is learnt from corrector moves only (a warm chord solve)
             self._feed_down = max(self._feed_down, float(np.max(np.abs(tunes - self._tunes_checked))) / moved)
         self._optics_checked = self._optics_version
         self._orbit_checked = None if here is None else here.copy()
@@ -861,6 +862,7 @@ class Twin:
                 st.ramp_from[:] = st.design_hw
                 for i in range(len(st.refpts)):
                     st.write(i, st.applied[i])
+            self._optics_version += 1  # the quadrupoles and sextupoles are back: a new stability verdict
             self.rf_frequency_setpoint = self._f0
             self.rf_voltage_setpoint = self._design_voltage()
             self._engine_gen = -1
