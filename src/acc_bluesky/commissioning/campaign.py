@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .sequence import CRITERIA, CampaignSequence, Step, default_sequence_path, load_sequence
+from .sequence import CRITERIA, Step, default_sequence_path, load_sequence
 from .truth import FIGURES, design_values, truth
 
 __all__ = ["NO_PROFILER", "CampaignResult", "SeedResult", "StepRecord", "quiet_worker_profiler", "run_campaign",

@@ -38,7 +38,7 @@ from ..analysis.tune import (
     nearest_resonance,
 )
 from ..machine import Machine
-from ..plan_stubs.machine import Record, check_limits, snapshot_setpoints
+from ..plan_stubs.machine import Record, check_limits
 from ..plan_stubs.optics import family_setpoints, move_families, read_tunes, resolve_families
 from ..plan_stubs.runs import resolve
 from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, thread_safe_figure, tool

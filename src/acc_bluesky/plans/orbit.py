@@ -19,7 +19,6 @@ import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.utils import MsgGenerator
 
-from ..analysis import bump as _bump
 from ..analysis._common import rms, run_results
 from ..analysis.correction import CorrectionSystem, correction_floor, judge_step, limit_step, noise_sv_cut
 from ..analysis.dispersion import Dispersion, dispersion_from_orbits
