@@ -471,7 +471,7 @@ class Twin:
                 self.stats["chord_passes"] += it
                 self._engine_gen = _engine.generation()
                 a = None
-                if it > 6:
+                if it > 5:
                     a = _engine.orbit_jacobian(self.ring, z, keep=True)
                     self._a_inv = np.linalg.inv(a)
                 self._guess = z
