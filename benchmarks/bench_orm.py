@@ -162,6 +162,10 @@ def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dic
           f"{outside:.1%} (RunEngine, devices, events, write-ahead log; old writer process 22.6%)")
     print(f"  the run was fully written {write_tail:.2f} s after the plan ended; counting that wait, outside "
           f"the physics {outside_written:.1%} (target <= 15%; old 30.4%)")
+    in_plan = wall - timer.total
+    print(f"  outside the physics in seconds: {in_plan:.2f} s in the plan ({in_plan / n_orbits * 1e3:.2f} ms/orbit) + "
+          f"{write_tail:.2f} s until written; the 15 % target allows {0.15 / 0.85 * timer.total:.2f} s in all at this "
+          "twin's physics")
     print(f"  CPU time of this process for the run (plan + tail, every thread): {cpu:.2f} s of {wall + write_tail:.2f} s "
           f"wall; load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (2 cores: above ~1 the figures are pessimistic)")
     print(f"  the same with no catalogue writer: outside the physics {outside_bare:.1%} (the writer's share: "
@@ -174,7 +178,8 @@ def run(pyat_columns: int = 24, full: bool = False, profile: str = "ebs") -> dic
     return {"ms_per_orbit": ours * 1e3, "pyat_ms_per_orbit": pyat * 1e3, "ratio": ratio,
             "share_outside_physics": outside, "share_outside_physics_until_written": outside_written,
             "write_tail_s": write_tail, "share_outside_physics_no_writer": outside_bare,
-            "share_outside_physics_until_written_no_figure": outside_nofig, "physics_ms_per_orbit": timer.total / n_orbits * 1e3,
+            "share_outside_physics_until_written_no_figure": outside_nofig,
+            "outside_physics_in_plan_s": wall - timer.total, "physics_ms_per_orbit": timer.total / n_orbits * 1e3,
             "orbits": n_orbits, "wall_s": wall, "process_cpu_s": cpu, "load_average": load0,
             "target": "ratio <= 0.2, share_outside_physics_until_written <= 0.15"}
 
