@@ -139,8 +139,8 @@ class Twin:
         self._optics_version = 0  # bumped by every change of a non-corrector magnet
         self._optics_checked = -1  # the optics version whose linear stability was last checked
         self._orbit_checked: np.ndarray | None = None  # the BPM orbit (x, y) where it was checked
-        self._tunes_checked: np.ndarray | None = None  # cos(2 pi nu) of the one-turn map's eigen-modes there
-        self._feed_down = 0.0  # largest change of those per metre of orbit seen between two verdicts of one optics
+        self._halftraces_checked: np.ndarray | None = None  # cos(2 pi nu) of the one-turn map's eigen-modes there
+        self._feed_down = 0.0  # their largest change per metre of orbit between two verdicts of one optics
         self._unstable: str | None = None  # why the one-turn map is unstable, at that version and orbit
         self.design = self.profile.load_lattice()
         self.ring = self.profile.load_lattice()
@@ -492,10 +492,10 @@ class Twin:
     #: the stability verdict is renewed when the closed orbit at the BPMs has moved by more than this [m] since it
     #: was made (sextupole feed-down: corrector moves change the optics too) ...
     STABILITY_ORBIT_TOLERANCE = 0.2e-3
-    #: ... or, once two verdicts of the present optics have measured how fast its tunes move with the orbit, by
-    #: more than a quarter of the orbit change that would bring a tune onto a resonance at the fastest rate seen
-    #: (an integer or half-integer, or the two eigen-tunes onto each other: sum and difference resonances), up
-    #: to this [m]
+    #: ... or, once two verdicts of the present optics have measured how fast the half-traces cos(2 pi nu) of its
+    #: eigen-modes move with the orbit, by more than a quarter of the orbit change that would bring a mode onto a
+    #: resonance at the fastest rate seen (an integer or half-integer tune, or the two modes onto each other: sum
+    #: and difference resonances), up to this [m]
     STABILITY_ORBIT_TOLERANCE_MAX = 2e-3
 
     def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None, pos: np.ndarray | None = None,
@@ -529,24 +529,25 @@ class Twin:
                           "resonance?); restore the quadrupoles")
         # one half-trace cos(2 pi nu) per eigen-mode: linear in a small change of the map, unlike the tunes (at the
         # edge of a stop band the tune moves as the square root of the perturbation)
-        tunes = np.sort(np.cos(np.angle(eig)))[::2]
+        halftraces = np.sort(np.cos(np.angle(eig)))[::2]  # (the conjugates of a pair share it)
         if not same_optics:
             self._feed_down = 0.0
-        elif (a is None and comparable and moved > 0.0 and self._tunes_checked is not None
+        elif (a is None and comparable and moved > 0.0 and self._halftraces_checked is not None
               and self._unstable is None):  # the rate is learnt from corrector moves only (a warm chord solve)
-            self._feed_down = max(self._feed_down, float(np.max(np.abs(tunes - self._tunes_checked))) / moved)
+            change = float(np.max(np.abs(halftraces - self._halftraces_checked)))
+            self._feed_down = max(self._feed_down, change / moved)
         self._optics_checked = self._optics_version
         self._orbit_checked = None if here is None else here.copy()
-        self._tunes_checked = None if self._unstable else tunes
+        self._halftraces_checked = None if self._unstable else halftraces
         return self._lost(self._unstable) if self._unstable else None
 
     def stability_tolerance(self) -> float:
         """Orbit change [m] within which the last stability verdict holds: :attr:`STABILITY_ORBIT_TOLERANCE`
-        until two verdicts of the present optics have measured how fast its tunes move with the orbit, then a
-        quarter of the change that would bring a tune onto a resonance at that rate, within
+        until two verdicts of the present optics have measured how fast its modes' half-traces move with the orbit,
+        then a quarter of the change that would bring a mode onto a resonance at that rate, within
         [:attr:`STABILITY_ORBIT_TOLERANCE`, :attr:`STABILITY_ORBIT_TOLERANCE_MAX`]."""
         base = self.STABILITY_ORBIT_TOLERANCE
-        q = self._tunes_checked
+        q = self._halftraces_checked
         if q is None or self._feed_down <= 0.0:
             return base
         margin = float(min(np.min(1.0 - np.abs(q)), abs(float(q[0] - q[-1])) if len(q) > 1 else 1.0))
