@@ -24,7 +24,6 @@ from acc_bluesky.cli.catalog import main as catalog_main
 from acc_bluesky.data import (
     MetadataError,
     RunResult,
-    close_catalog,
     export_run,
     find_runs,
     make_run_engine,
