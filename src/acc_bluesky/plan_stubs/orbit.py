@@ -156,7 +156,7 @@ class OrmSteps:
             await before
         if what == "column":
             if j:
-                await _put(self._devs[j - 1], float(self._sp0[j - 1]))
+                await self._step("back", j - 1, None)
             await self._step("plus", j, None)
             if self._bipolar:
                 await self._step("minus", j, None)

@@ -475,7 +475,7 @@ class Twin:
                     a = _engine.orbit_jacobian(self.ring, z, keep=True)
                     self._a_inv = np.linalg.inv(a)
                 self._guess = z
-                return self._check_stability(z, a, pos, last) or self._check_aperture(z, pos)
+                return self._check_stability(pos, a=a, last=last) or self._check_aperture(z, pos)
         # cold: pyAT's own solver, then the Jacobian for the next time
         self.stats["cold"] += 1
         guess = self._guess if np.all(np.isfinite(self._guess)) else np.zeros(6)
@@ -487,7 +487,7 @@ class Twin:
         self._a_inv = np.linalg.inv(a)
         self._engine_gen = _engine.generation()
         self._guess = z
-        return self._check_stability(z, a, pos) or self._check_aperture(z, pos)
+        return self._check_stability(pos, a=a) or self._check_aperture(z, pos)
 
     #: the stability verdict is renewed when the closed orbit at the BPMs has moved by more than this [m] since it
     #: was made (sextupole feed-down: corrector moves change the optics too) ...
@@ -498,29 +498,28 @@ class Twin:
     #: and difference resonances), up to this [m]
     STABILITY_ORBIT_TOLERANCE_MAX = 2e-3
 
-    def _check_stability(self, z: np.ndarray, a: np.ndarray | None = None, pos: np.ndarray | None = None,
+    def _check_stability(self, pos: np.ndarray, a: np.ndarray | None = None,
                          last: tuple[np.ndarray, np.ndarray] | None = None) -> Observables | None:
-        """Beam lost (an Observables) if the transverse one-turn map at the orbit ``z`` is unstable, else None.
+        """Beam lost (an Observables) if the transverse one-turn map at the closed orbit is unstable, else None.
 
         A closed orbit can exist on a lattice that no beam survives (a tune pushed onto an integer or half-integer
         resonance by a quadrupole, or by the feed-down of sextupoles the orbit passes off-centre). The verdict is
         renewed whenever the one-turn Jacobian is at hand anyway (a cold solve, a refreshed chord), at every change
         of the optics (any non-corrector magnet), and when the orbit at the BPMs (``pos``) has moved since it was
-        made by more than :meth:`stability_tolerance` (corrector moves); otherwise it is kept. ``last``: the chord
-        solver's last particle and its one-turn end, so the map costs four particles instead of six."""
-        here = None if pos is None else np.concatenate([pos[:, 0], pos[:, 2]])
+        made by more than :meth:`stability_tolerance` (corrector moves); otherwise it is kept. ``pos``: the orbit at
+        the BPMs (nbpm, 6); ``a``: the 5x5 Jacobian at hand, if any; else ``last``: the chord solver's last particle
+        and its one-turn end, so the map costs four particles."""
+        here = np.concatenate([pos[:, 0], pos[:, 2]])
         same_optics = self._optics_checked == self._optics_version
-        comparable = (self._orbit_checked is not None and here is not None
-                      and here.shape == self._orbit_checked.shape and bool(np.all(np.isfinite(here))))
+        comparable = (self._orbit_checked is not None and here.shape == self._orbit_checked.shape
+                      and bool(np.all(np.isfinite(here))))
         moved = float(np.max(np.abs(here - self._orbit_checked))) if comparable else math.inf
         if a is None and same_optics and moved <= self.stability_tolerance():
             return self._lost(self._unstable) if self._unstable else None
         if a is not None:
             m44 = a[:4, :4] + np.eye(4)  # orbit_jacobian gives J - I' in (x, px, y, py, dp)
-        elif last is not None:
-            m44 = _engine.transverse_map(self.ring, last[0], last[1], keep=True)
         else:
-            m44 = _engine.orbit_jacobian(self.ring, z, keep=True)[:4, :4] + np.eye(4)
+            m44 = _engine.transverse_map(self.ring, last[0], last[1], keep=True)
         self.stats["stability_maps"] += 1
         eig = np.linalg.eigvals(m44)
         rho = float(np.max(np.abs(eig)))
@@ -537,7 +536,7 @@ class Twin:
             change = float(np.max(np.abs(halftraces - self._halftraces_checked)))
             self._feed_down = max(self._feed_down, change / moved)
         self._optics_checked = self._optics_version
-        self._orbit_checked = None if here is None else here.copy()
+        self._orbit_checked = here
         self._halftraces_checked = None if self._unstable else halftraces
         return self._lost(self._unstable) if self._unstable else None
 
@@ -550,7 +549,7 @@ class Twin:
         q = self._halftraces_checked
         if q is None or self._feed_down <= 0.0:
             return base
-        margin = float(min(np.min(1.0 - np.abs(q)), abs(float(q[0] - q[-1])) if len(q) > 1 else 1.0))
+        margin = float(min(np.min(1.0 - np.abs(q)), abs(q[1] - q[0])))  # to a resonance; to the other mode
         return float(np.clip(0.25 * margin / self._feed_down, base, max(base, self.STABILITY_ORBIT_TOLERANCE_MAX)))
 
     def _solve_6d(self) -> Observables:
