@@ -215,6 +215,30 @@ def test_fastapi_dependant_memo_of_the_server_process():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_tiled_node_lookup_on_reused_aliases_of_the_server_process():
+    """``acc_bluesky._compat.tiled.reuse_node_aliases`` (server processes only): Tiled's
+    ``node_from_segments(segments, root_id=0)`` still exists, and the replacement builds the same SQL (compiled
+    for SQLite, literal values) for paths of 0 to 3 segments; the lookups then reuse one alias per depth."""
+    import subprocess
+    import sys
+
+    code = (
+        "import tiled.catalog.adapter as A\n"
+        "from sqlalchemy.dialects import sqlite\n"
+        "from acc_bluesky._compat.tiled import reuse_node_aliases\n"
+        "def sql(st): return str(st.compile(dialect=sqlite.dialect(), compile_kwargs={'literal_binds': True}))\n"
+        "paths = [[], ['a'], ['run', 'primary'], ['run', 'primary', 'orm-orbit_x']]\n"
+        "before = [sql(A.node_from_segments(p, root_id=r)) for p in paths for r in (0, 7)]\n"
+        "assert reuse_node_aliases(), 'tiled.catalog.adapter.node_from_segments moved'\n"
+        "after = [sql(A.node_from_segments(p, root_id=r)) for p in paths for r in (0, 7)]\n"
+        "assert after == before, (before, after)\n"
+        "a = A.node_from_segments(['x', 'y']).get_final_froms(); b = A.node_from_segments(['z', 'w']).get_final_froms()\n"
+        "assert [str(f) for f in a] == [str(f) for f in b]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # (a patch: not here)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 
 def test_tiled_writer_public_signature():
     from bluesky_tiled_plugins import TiledWriter

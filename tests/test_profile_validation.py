@@ -22,7 +22,7 @@ lattice: {package: machine_data, file: hmba.mat}
 families:
   HC: {type: hcor, select: {class: Sextupole}, field: "KickAngle[0]", calibration: {linear: 1.0e-5}, limits: [-40, 40]}
   VC: {type: vcor, select: {class: Sextupole}, field: "KickAngle[1]", calibration: {linear: 1.0e-5}, limits: [-40, 40]}
-  QF: {type: quadrupole, select: {name: "QF.*"}, field: "PolynomB[1]", calibration: {linear: 0.01}, limits: [-400, 400]}
+  QF: {type: quadrupole, select: {name: "QF.*"}, field: "PolynomB[1]", calibration: {linear: 0.01}, limits: [-500, 500]}
 rf: {frequency_limits: [3.5e+8, 3.6e+8]}
 """
 
@@ -54,17 +54,17 @@ def test_good_profile_loads(tmp_path):
 
 # -- limits ----------------------------------------------------------------------------------------------
 def test_nan_limit_refused(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]", "limits: [.nan, 400]", r"limits.low must be a finite number, got nan",
+    _refused(tmp_path, "limits: [-500, 500]", "limits: [.nan, 500]", r"limits.low must be a finite number, got nan",
              "families.QF.limits")
 
 
 def test_infinite_limit_refused(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]", "limits: [-400, .inf]", r"limits.high must be a finite number, got inf"
+    _refused(tmp_path, "limits: [-500, 500]", "limits: [-400, .inf]", r"limits.high must be a finite number, got inf"
              r".*omit the limit", "families.QF.limits")
 
 
 def test_equal_limits_refused(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]", "limits: [5, 5]", r"low < high, got \[5.0, 5.0\]", "families.QF.limits")
+    _refused(tmp_path, "limits: [-500, 500]", "limits: [5, 5]", r"low < high, got \[5.0, 5.0\]", "families.QF.limits")
 
 
 def test_rf_nan_limit_refused(tmp_path):
@@ -73,7 +73,7 @@ def test_rf_nan_limit_refused(tmp_path):
 
 
 def test_non_numeric_limit_refused(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]", "limits: [-400, lots]", r"limits.high must be a number in hardware "
+    _refused(tmp_path, "limits: [-500, 500]", "limits: [-400, lots]", r"limits.high must be a number in hardware "
              r"units, got 'lots'", "families.QF.limits")
 
 
@@ -108,7 +108,7 @@ def test_equal_x_and_y_templates_refused(tmp_path):
 
 
 def test_family_pv_override_checked(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]}", "limits: [-400, 400], pv: {setpoints: '{prefix}{device}:SP'}}",
+    _refused(tmp_path, "limits: [-500, 500]}", "limits: [-500, 500], pv: {setpoints: '{prefix}{device}:SP'}}",
              r"pv.setpoints template .*unknown placeholder\(s\) \{device\}", "families.QF.pv")
 
 
@@ -186,20 +186,20 @@ def test_device_names_unique_across_the_machine(tmp_path):
 
 
 def test_device_names_template_placeholders(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]}", 'limits: [-400, 400], device_names: "{fam}_{n}"}',
+    _refused(tmp_path, "limits: [-500, 500]}", 'limits: [-500, 500], device_names: "{fam}_{n}"}',
              r"unknown placeholder\(s\) \{fam\}", "families.QF.device_names")
 
 
 def test_device_names_template_needs_a_number_or_the_element(tmp_path):
-    _refused(tmp_path, "limits: [-400, 400]}", 'limits: [-400, 400], device_names: "{family}"}',
+    _refused(tmp_path, "limits: [-500, 500]}", 'limits: [-500, 500], device_names: "{family}"}',
              r"gives every device the same name", "families.QF.device_names")
 
 
 def test_status_bad_takes_the_device_names(tmp_path):
-    p = load_profile(_write(tmp_path, GOOD.replace("limits: [-400, 400]}", "limits: [-400, 400], "
+    p = load_profile(_write(tmp_path, GOOD.replace("limits: [-500, 500]}", "limits: [-500, 500], "
                                                    "status: {bad: [QF_003, 0]}}")))
     assert p.families["QF"].bad == {0, 2}
-    msg = _refused(tmp_path, "limits: [-400, 400]}", "limits: [-400, 400], status: {bad: ['QF:003']}}",
+    msg = _refused(tmp_path, "limits: [-500, 500]}", "limits: [-500, 500], status: {bad: ['QF:003']}}",
                    r"unknown device 'QF:003'; device names look like 'QF_001' \.\.\. 'QF_010'",
                    "families.QF.status.bad")
     assert "0-based index" in msg
@@ -208,7 +208,7 @@ def test_status_bad_takes_the_device_names(tmp_path):
 def test_device_names_from_the_lattice_and_pv_placeholders(tmp_path):
     from acc_bluesky.devices.backends.epics import pv_names
 
-    body = GOOD.replace('limits: [-400, 400]}', 'limits: [-400, 400], device_names: "{element}"}') + (
+    body = GOOD.replace('limits: [-500, 500]}', 'limits: [-500, 500], device_names: "{element}"}') + (
         "bpm: {select: {class: Monitor}, device_names: '{element}'}\n"
         "controls: {prefix: 'T:', magnet_readback: '{prefix}{family}:{index:02d}:{element}:RB'}\n")
     p = load_profile(_write(tmp_path, body))
@@ -233,7 +233,7 @@ def test_unknown_lattice_option(tmp_path):
 
 
 def test_profile_check_exits_nonzero_naming_file_and_key(tmp_path, capsys):
-    path = _write(tmp_path, GOOD.replace("limits: [-400, 400]", "limits: [.nan, 400]"))
+    path = _write(tmp_path, GOOD.replace("limits: [-500, 500]", "limits: [.nan, 500]"))
     assert main(["profile", "check", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(path) in err and "families.QF.limits" in err and "finite" in err
@@ -248,3 +248,32 @@ def test_profile_check_exits_nonzero_when_a_plane_has_no_corrector(tmp_path, cap
         assert main(["profile", "check", str(path)]) == 1
     out = capsys.readouterr().out
     assert "NOT USABLE" in out and "no vertical corrector" in out and "type vcor" in out
+
+
+def test_design_setpoints_outside_the_limits_warn_at_load_and_fail_the_check(tmp_path, capsys):
+    """hmba.mat's QF magnets reach k = 4.5 m^-2: 446 A at 0.01 m^-2/A, past limits of +-150 A. The tools would refuse
+    every move of those magnets; the loader warns with the family, the worst device and its value, and
+    ``profile check`` exits non-zero."""
+    path = _write(tmp_path, GOOD.replace("limits: [-500, 500]}", "limits: [-150, 150]}"))
+    with pytest.warns(ProfileWarning) as seen:
+        p = load_profile(path)
+    (msg,) = [str(w.message) for w in seen]
+    design = p.design_hw("QF")
+    worst = int(abs(design).argmax())
+    assert abs(design[worst]) > 150 and f"up to {design[worst]:.4g} A at {p.families['QF'].names[worst]}" in msg
+    n_out = int((abs(design) > 150).sum())
+    assert str(path) in msg and "families.QF.limits" in msg and f"{n_out} of 10 design setpoints" in msg
+    assert p.warnings == [msg]
+    assert main(["profile", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    usable = out.split("NOT USABLE")
+    assert len(usable) == 2 and "families.QF.limits" in usable[1] and "families.QF.limits" not in usable[0]
+
+
+def test_design_hw_is_where_the_twin_starts(tmp_path):
+    from acc_bluesky.twin import Twin
+
+    p = load_profile(_write(tmp_path, GOOD))
+    t = Twin(p, seed=1)
+    for fam in ("QF", "HC", "VC"):
+        assert (t.get_setpoint(fam) == p.design_hw(fam)).all()

@@ -182,10 +182,7 @@ def test_stability_verdict_follows_the_feed_down_of_a_corrector_ramp(tbt_hmba_pr
     distance once two verdicts measured how fast the map's half-traces move with the orbit (a quarter of the way
     to a resonance at the fastest rate seen, up to 2 mm): it sees the loss within 5 moves of a twin that checks at
     every solve (202 / 207 here), never later than the fixed 0.2 mm, with fewer one-turn maps (8 / 14 / 202)."""
-    from acc_bluesky.profile.calibration import Limits
-
     prof = tbt_hmba_profile
-    prof.spec.families["QD2"].limits = Limits(low=-1000.0, high=1000.0)  # this test profile's quads exceed theirs
     t = Twin(prof, seed=1)
     q0 = t.get_setpoint("QD2").copy()
     lo, hi = 1.0, 1.05  # the stop band's edge, by bisection on the QD2 scale

@@ -109,7 +109,8 @@ def check_profile(profile: Profile, orbit: Any = None, orbit_seed: int | None = 
                     "y": sum(len(f) for f in fams.values() if f.spec.type == "vcor")},
         excluded=list(gen.excluded) if gen else [],
         notes=list(gen.notes) if gen else [],
-        warnings=(list(gen.warnings) if gen else []) + list(profile.warnings),
+        warnings=(list(gen.warnings) if gen else []) + [w for w in profile.warnings
+                                                          if w not in profile.design_outside_limits],
         errors_note=gen.errors if gen else "",
         orbit=orbit, orbit_seed=orbit_seed,
     )
@@ -117,6 +118,7 @@ def check_profile(profile: Profile, orbit: Any = None, orbit_seed: int | None = 
         if rep.correctors[plane] == 0:
             rep.problems.append(f"no {word} corrector: orbit tools cannot steer in {plane}; add a family of type {t} "
                                 "(e.g. KickAngle windings: `profile new --steer-quadrupoles`, or a Corrector selection)")
+    rep.problems.extend(profile.design_outside_limits)
     if not profile.families_of_type("quadrupole"):
         rep.warnings.append("no quadrupole family: the tune tools have nothing to step")
     if profile.kind == "ring" and len(profile.families_of_type("sextupole")) < 2:

@@ -389,7 +389,48 @@ class Profile:
                 f"{len(dup)} repeat(s): {shown}. Use the default '{{family}}_{{n:03d}}', or '{{element}}' only where "
                 "every device has its own lattice name")
         self._check_pvs()
+        for msg in self.design_outside_limits:
+            self.warnings.append(msg)
+            warnings.warn(msg, ProfileWarning, stacklevel=3)
         return self
+
+    def design_hw(self, family: str) -> np.ndarray:
+        """The design setpoints of a family in hardware units: its field in the design lattice through its
+        calibration (what a twin starts at)."""
+        fam = self.family(family)
+        attr, index = fam.spec.field_parts
+        attr, index = _ALIASES.get(attr, (attr, index))
+        ring = self._design_lattice
+        design = np.array([_field_value(ring[int(r)], attr, index) for r in fam.refpts.tolist()], dtype=float)
+        if attr == "KickAngle":  # an element without KickAngle gets one at zero
+            design = np.nan_to_num(design, nan=0.0)
+        return np.asarray(fam.spec.calibration.physics2hw(design, self.energy, self.energy), dtype=float).reshape(-1)
+
+    @functools.cached_property
+    def design_outside_limits(self) -> list[str]:
+        """One message per family whose design setpoints are outside its limits: the tools refuse to move those
+        magnets (a setpoint past its limit is refused), so a wrong calibration or limit shows here first."""
+        out = []
+        for fname, fam in self.families.items():
+            if not len(fam):
+                continue
+            lim, units = fam.spec.limits, fam.spec.units
+            try:
+                hw = self.design_hw(fname)
+            except Exception as err:  # noqa: BLE001 - a calibration that cannot invert the design value
+                out.append(f"{self.path}: key 'families.{fname}.calibration': the design strengths cannot be "
+                           f"converted to {units} ({err}); fix the calibration")
+                continue
+            bad = ~np.isfinite(hw) | (hw < lim.low) | (hw > lim.high)
+            if not np.any(bad):
+                continue
+            i = int(np.argmax(np.where(bad, np.abs(np.nan_to_num(hw, nan=np.inf)), -1.0)))
+            out.append(
+                f"{self.path}: key 'families.{fname}.limits': {int(np.count_nonzero(bad))} of {len(fam)} design "
+                f"setpoints are outside the limits [{lim.low:g}, {lim.high:g}] {units} (up to {hw[i]:.4g} {units} "
+                f"at {fam.names[i]}): the tools refuse to move those magnets. Widen the limits or fix the "
+                "calibration (physics units per hardware unit)")
+        return out
 
     def _check_pvs(self) -> None:
         c = self.spec.controls
