@@ -9,6 +9,7 @@ without a beam-based calibration (LOCO).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import at
 import numpy as np
@@ -63,6 +64,7 @@ def test_three_corrector_bumps_are_closed(machine, RE, catalog):
         d, res = check_bump(machine, catalog, uid, b, plane, amp, before)
         start = catalog[uid].metadata["start"]
         assert start["tool"] == "orbit_bump" and len(start["bump_correctors"]) == 6  # 3 + 3 for the coupling
+        assert Path(start["figures"]["bump"]).stat().st_size > 20_000  # the change along the ring, span, correctors
         if plane == "x":
             # a horizontal 3-bump through dispersive sextupoles needs the RF to keep the path length
             assert start["bump_rf"] is True and abs(twin.rf_frequency_setpoint - f0) > 1.0

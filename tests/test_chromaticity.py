@@ -126,6 +126,7 @@ def test_measure_chromaticity_response_matches_finite_differences(machine, RE, c
     rel = np.sqrt(np.mean((resp.matrix_hw - truth) ** 2) / np.mean(truth ** 2))
     assert rel <= 0.02, rel
     assert np.allclose(resp.matrix, resp.matrix_hw / 0.1)
+    assert Path(catalog[uid].metadata["start"]["figures"]["response"]).stat().st_size > 10_000  # bars per family
     # the measured response, given as the catalogue's run, corrects the chromaticity
     cuid = RE(correct_chromaticity(machine, (4.0, 6.0), response=catalog[uid], steps=3, order=1,
                                    figure_dir=False)).plan_result

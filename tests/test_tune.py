@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,7 @@ def test_measure_tune(machine, RE, catalog, docs):
     assert len(events(docs)) == 5
     start = catalog[uid].metadata["start"]
     assert start["tool"] == "tune" and start["facility"] == "ESRF"
+    assert Path(start["figures"]["tune_diagram"]).stat().st_size > 10_000  # the working point, resonance lines
 
 
 def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(machine, RE, catalog, docs):
@@ -123,6 +126,7 @@ def test_measure_tune_response_matches_finite_differences_of_the_errored_twin(ma
     # one reference + 2 points per family
     assert len(events(docs)) == 1 + 2 * len(resp.families)
     assert catalog[uid].metadata["start"]["tool"] == "tune_response"
+    assert Path(catalog[uid].metadata["start"]["figures"]["response"]).stat().st_size > 10_000  # bars per family
     # the measured response corrects the tunes, given by its uid (families: its best-conditioned pair)
     tgt = _target(machine)
     cuid = RE(correct_tune(machine, tgt, response=uid, figure_dir=False)).plan_result

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["resonance_lines", "tune_diagram", "chromaticity_fit_plot", "orbit_figure"]
+__all__ = ["resonance_lines", "tune_diagram", "chromaticity_fit_plot", "orbit_figure", "family_response_figure",
+           "bump_figure"]
 
 _ORDER_COLORS = {1: "black", 2: "tab:red", 3: "tab:blue", 4: "tab:green", 5: "tab:purple", 6: "tab:orange"}
 
@@ -209,6 +210,90 @@ def orbit_figure(path: str | os.PathLike, s: npt.ArrayLike | None, names: Sequen
     axes[1].set_xlabel("BPM index" if s is None else "s [m]")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def family_response_figure(path: str | os.PathLike, families: Sequence[str], matrix_hw: npt.ArrayLike,
+                           observable: str = "tune", *, model_hw: npt.ArrayLike | None = None,
+                           reference: Sequence[float] | None = None, title: str = "") -> Path:
+    """The response of the two observables (``"tune"``: Qx, Qy; ``"chromaticity"``: xi_x, xi_y) to each family, per
+    ampere of the family's setpoint: one bar per family and plane, beside the model's (``model_hw``, same shape)
+    when given. ``matrix_hw``: (2, n) [1/A]."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.asarray(matrix_hw, dtype=float).reshape(2, -1)
+    n = m.shape[1]
+    sym = {"tune": ("Q_x", "Q_y"), "chromaticity": ("\\xi_x", "\\xi_y")}.get(observable, ("x", "y"))
+    fig = _canvas(max(6.0, 1.0 + 0.7 * n), 5.5)
+    axes = fig.subplots(2, 1, sharex=True)
+    pos = np.arange(n)
+    width = 0.38 if model_hw is not None else 0.7
+    model = None if model_hw is None else np.asarray(model_hw, dtype=float).reshape(2, -1)
+    for k, ax in enumerate(axes):
+        ax.bar(pos - (width / 2 if model is not None else 0.0), m[k], width, color="tab:blue", label="measured")
+        if model is not None:
+            ax.bar(pos + width / 2, model[k], width, color="tab:grey", alpha=0.7, label="model")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_ylabel(f"$d{sym[k]}/dI$ [1/A]")
+        ax.grid(alpha=0.3, axis="y")
+        if model is not None:
+            ax.legend(loc="best", fontsize=8)
+    axes[1].set_xticks(pos)
+    axes[1].set_xticklabels([str(f) for f in families], rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
+    axes[1].set_xlabel("family (every in-service magnet stepped)")
+    head = title or f"{observable} response per family"
+    if reference is not None and np.all(np.isfinite(np.asarray(reference, dtype=float))):
+        r = np.asarray(reference, dtype=float)
+        head += f"  (at ${sym[0]}$ = {r[0]:.4g}, ${sym[1]}$ = {r[1]:.4g})"
+    fig.suptitle(head)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def bump_figure(path: str | os.PathLike, s: npt.ArrayLike, names: Sequence[str], change_x: npt.ArrayLike,
+                change_y: npt.ArrayLike, inside: npt.ArrayLike, bpm: int, *,
+                correctors: Sequence[tuple[str, float, str]] = (), amplitude: Sequence[float | None] = (None, None),
+                closure_rms: float = float("nan"), title: str = "") -> Path:
+    """An orbit bump: the orbit change x and y [mm] at the BPMs along ``s`` [m], the BPMs inside the bump's span
+    shaded, the bump's correctors marked (``(name, s, plane)``), the bumped BPM and its requested amplitude [m].
+    A plane whose change stays below 10 um is drawn in um."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pos = np.asarray(s, dtype=float)
+    ins = np.asarray(inside, dtype=bool)
+    fig = _canvas(10.0, 6.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    for k, (ax, lab, d) in enumerate(zip(axes, ("x", "y"), (change_x, change_y))):
+        d = np.asarray(d, dtype=float)
+        amp = amplitude[k] if k < len(amplitude) else None
+        big = max(float(np.nanmax(np.abs(d), initial=0.0)), abs(amp) if amp is not None and np.isfinite(amp) else 0.0)
+        scale, unit = (1e3, "mm") if big >= 1e-5 else (1e6, "um")
+        d = d * scale
+        if ins.any():
+            lo, hi = float(pos[ins].min()), float(pos[ins].max())
+            ax.axvspan(lo, hi, color="tab:orange", alpha=0.12, lw=0, label="bump span")
+        ax.plot(pos, d, color="tab:blue", lw=0.8, marker=".", ms=3, label=f"{lab} change")
+        for name, sc, plane in correctors:
+            if plane == lab:
+                ax.axvline(sc, color="tab:green", lw=0.8, ls="--")
+                ax.annotate(str(name), (sc, 0.0), xytext=(2, 4), textcoords="offset points", fontsize=6,
+                            color="tab:green", rotation=90)
+        ax.plot([pos[bpm]], [d[bpm]], marker="o", color="tab:red", ms=6, ls="none",
+                label=f"{names[bpm]}: {d[bpm]:.4g} {unit}")
+        if amp is not None and np.isfinite(amp):
+            ax.plot([pos[bpm]], [amp * scale], marker="x", color="black", ms=8, ls="none",
+                    label=f"requested {amp * scale:.4g} {unit}")
+        ax.set_ylabel(f"{lab} change [{unit}]")
+        ax.legend(loc="upper right", fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[1].set_xlabel("s [m]")
+    head = title or f"orbit bump at {names[bpm]}"
+    if np.isfinite(closure_rms):
+        head += f"  (closure outside the span: {closure_rms * 1e6:.3g} um rms)"
+    fig.suptitle(head)
     fig.tight_layout()
     fig.savefig(path)
     return path

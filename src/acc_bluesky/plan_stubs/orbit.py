@@ -401,4 +401,8 @@ def bump_iterations(machine, resp: OrbitResponse, b: int, setups: list[dict[str,
             "amplitude_y": "y change at the BPM", "closure_rms": "rms change outside the span",
             "orbit_change_x": "x change at every BPM", "orbit_change_y": "y change at every BPM",
             "inside": "1 = BPM inside the bump span"}
-    return ToolResult(res, units, desc)
+    amps = {s["plane"]: s["amp"] for s in setups}
+    fig = {"s": np.asarray(machine.bpm.s, dtype=float), "names": list(machine.bpm.names), "bpm": int(b),
+           "correctors": [(c, float(devs[c].s), devs[c].plane) for c in all_cors],
+           "amplitude": (amps.get("x"), amps.get("y"))}
+    return ToolResult(res, units, desc, figure=fig)

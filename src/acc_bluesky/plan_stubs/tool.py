@@ -82,12 +82,14 @@ class ToolError(ParameterError):
 @dataclass
 class ToolResult:
     """What a tool body may return when it has no result class: arrays stored in the run, with units and
-    descriptions, and ``value`` (any object) remembered for the session (default: the arrays)."""
+    descriptions, and ``value`` (any object) remembered for the session (default: the arrays); ``figure``: what
+    the tool's figure functions draw from beyond the stored arrays (positions, names), neither stored nor kept."""
 
     results: Mapping[str, Any]
     units: Mapping[str, str] = field(default_factory=dict)
     descriptions: Mapping[str, str] = field(default_factory=dict)
     value: Any = None
+    figure: Any = None
 
     def to_results(self) -> dict[str, Any]:
         return dict(self.results)

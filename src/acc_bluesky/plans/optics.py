@@ -28,7 +28,7 @@ from ..analysis.chromaticity import (
     rf_steps_for_dp,
     scan_points,
 )
-from ..analysis.plots import chromaticity_fit_plot, tune_diagram
+from ..analysis.plots import chromaticity_fit_plot, family_response_figure, tune_diagram
 from ..analysis.tune import (
     MODEL_FAMILY_TYPES,
     FamilyResponse,
@@ -244,14 +244,34 @@ def _response(machine: Machine, response: Any, cls: type[FamilyResponse], famili
 
 # ----------------------------------------------------------------------------------------------------
 # tunes
+@thread_safe_figure
+def _tunes_figure(result: MeasuredTunes, path: Path) -> None:
+    q, dq = result.q, result.q_std
+    tune_diagram(float(q[0]), float(q[1]), path,
+                 title=f"measured tunes {q[0]:.5f} +- {dq[0]:.1e}, {q[1]:.5f} +- {dq[1]:.1e} "
+                       f"({len(result.samples)} readings)")
+
+
+def _response_figure(observable: str):
+    @thread_safe_figure
+    def draw(result: ToolResult, path: Path) -> None:
+        r = result.value
+        family_response_figure(path, r.families, r.matrix_hw, observable, reference=r.reference,
+                               title=f"measured {observable} response")
+    return draw
+
+
 @tool("tune", ring_only=_RING_ONLY_TUNE, units={k: u for k, (u, _) in _TUNE_KEYS.items()},
-      descriptions={k: d for k, (_, d) in _TUNE_KEYS.items()})
-def measure_tune(machine: Machine, n_avg: int = 1, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+      descriptions={k: d for k, (_, d) in _TUNE_KEYS.items()}, figures={"tune_diagram": _tunes_figure})
+def measure_tune(machine: Machine, n_avg: int = 1, figure_dir: str | Path | bool | None = None,
+                 md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Read the fractional tunes from the tune monitor.
 
     Args:
         machine: the connected machine.
         n_avg: number of readings averaged (one event each in ``primary``).
+        figure_dir: folder of the figure ``tune_diagram`` (the working point among the resonance lines);
+            ``False``: none.
         md: metadata merged into the run's start document.
 
     Stores ``qx``, ``qy`` (fractional tunes), ``qx_std``, ``qy_std`` (spread of the readings) and ``samples``
@@ -272,10 +292,11 @@ def _default_tune_steps(machine: Machine, families: list[str], setpoints: dict[s
 
 
 @tool("tune_response", restore=_family_restore("quadrupole", rf=False), ring_only=_RING_ONLY_TUNE,
-      family_kind="quadrupole")
+      family_kind="quadrupole", figures={"response": _response_figure("tune")})
 def measure_tune_response(machine: Machine, families: Sequence[str] | str | None = None,
                           delta: float | Sequence[float] | dict[str, float] | None = None, bipolar: bool = True,
-                          n_avg: int = 1, md: dict[str, Any] | None = None) -> MsgGenerator[str]:
+                          n_avg: int = 1, figure_dir: str | Path | bool | None = None,
+                          md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Measure the tune response matrix dQ/dI of quadrupole families (MML ``meastuneresp``).
 
     Each family in turn is stepped by ``+delta`` (and ``-delta`` if bipolar) on every in-service magnet, the tunes
@@ -288,6 +309,7 @@ def measure_tune_response(machine: Machine, families: Sequence[str] | str | None
             each step moves the tunes by about 2e-3.
         bipolar: step both ways (central difference) or only ``+delta`` (against the reference reading).
         n_avg: tune readings averaged per point.
+        figure_dir: folder of the figure ``response`` (bars per family, per A); ``False``: none.
         md: metadata merged into the run's start document.
 
     Stores ``dQ_dI`` (2 x n, per A), ``dQ_dK`` (2 x n, per m^-2 through the calibration slope), ``Q_reference``,
@@ -569,11 +591,12 @@ def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[
 
 
 @tool("chromaticity_response", restore=_family_restore("sextupole", rf=True), ring_only=_RING_ONLY_CHROM,
-      family_kind="sextupole")
+      family_kind="sextupole", figures={"response": _response_figure("chromaticity")})
 def measure_chromaticity_response(machine: Machine, families: Sequence[str] | str | None = None,
                                   delta: float | Sequence[float] | dict[str, float] | None = None,
                                   bipolar: bool = True, dp_max: float | None = None, steps: int | None = None,
                                   order: int | None = None, n_avg: int = 1,
+                                  figure_dir: str | Path | bool | None = None,
                                   md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Measure the chromaticity response dxi/dI of sextupole families (MML ``measchroresp``).
 
@@ -588,6 +611,7 @@ def measure_chromaticity_response(machine: Machine, families: Sequence[str] | st
         bipolar: step both ways (central difference) or only ``+delta``.
         dp_max, steps, order: the RF scan of each point, as in :func:`measure_chromaticity`.
         n_avg: tune readings per scan point.
+        figure_dir: folder of the figure ``response`` (bars per family, per A); ``False``: none.
         md: metadata merged into the run's start document.
 
     Stores ``dxi_dI`` (2 x n, per A), ``dxi_dK`` (2 x n, per m^-3), ``xi_reference``, ``delta``. Read back with

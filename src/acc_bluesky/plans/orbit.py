@@ -24,7 +24,7 @@ from ..analysis.correction import CorrectionSystem, correction_floor, judge_step
 from ..analysis.dispersion import Dispersion, dispersion_from_orbits
 from ..analysis.orm import OrbitResponse, momentum_compaction, response_from_orbits
 from ..analysis.orm import model_orm as _model_response
-from ..analysis.plots import orbit_figure
+from ..analysis.plots import bump_figure, orbit_figure
 from ..machine import Machine
 from ..plan_stubs.machine import Record, emit, move, read_orbit, snapshot_setpoints
 from ..plan_stubs.orbit import corrector_devices, orbit_response, step_sizes
@@ -525,13 +525,20 @@ def _bump_targets(machine: Machine, bpm, amplitude, angle, plane: str, n_correct
     return amps, angs, planes, b
 
 
-@tool("orbit_bump", restore=_bump_restore, keep=True)
+@thread_safe_figure
+def _bump_figure(result: ToolResult, path: Path) -> None:
+    r, f = result.results, result.figure
+    bump_figure(path, f["s"], f["names"], r["orbit_change_x"], r["orbit_change_y"], r["inside"], f["bpm"],
+                correctors=f["correctors"], amplitude=f["amplitude"], closure_rms=float(r["closure_rms"]))
+
+
+@tool("orbit_bump", restore=_bump_restore, keep=True, figures={"bump": _bump_figure})
 def orbit_bump(machine: Machine, bpm: str | int, amplitude: float | tuple[float | None, float | None],
                angle: float | tuple[float | None, float | None] | None = None, plane: str = "x",
                n_correctors: int = 3, orm: Any = None, rf: bool | None = None,
                correctors: Sequence[str] | None = None, exclude_correctors: Sequence[str] = (),
                couple: bool = True, max_iter: int = 4, tol: float = 0.3e-6, n_avg: int = 1,
-               md: dict | None = None) -> MsgGenerator[str]:
+               figure_dir: str | Path | bool | None = None, md: dict | None = None) -> MsgGenerator[str]:
     """A closed local orbit bump at one BPM (MML's ``setorbitbump``): position, and angle with 4 correctors.
 
     The nearest usable correctors around the BPM are chosen (3 for a position bump, 4 for position + angle: among
@@ -558,6 +565,8 @@ def orbit_bump(machine: Machine, bpm: str | int, amplitude: float | tuple[float 
         max_iter: measured refinements at most.
         tol: closure goal: rms orbit change outside the span [m].
         n_avg: orbit acquisitions averaged.
+        figure_dir: folder of the figure ``bump`` (the orbit change along the ring, the span and the correctors);
+            ``False``: none.
         md: metadata merged into the start document.
 
     Returns:
