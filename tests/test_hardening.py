@@ -113,6 +113,25 @@ def test_a_run_of_the_wrong_tool_is_refused(m, RE):  # noqa: N803
             r"response must be a run of 'tune_response'")
 
 
+@pytest.mark.parametrize("ref", ["deadbeef", "0123456789abcdef0123456789abcdef0123"])
+def test_an_unknown_run_uid_is_named_with_where_it_was_looked_for(m, RE, ref):  # noqa: N803
+    """A partial uid the catalogue does not hold (its server has no regular-expression search: the lookup falls
+    back to "not found", not to Tiled's HTTP 400), and a whole one: RunNotFound naming the uid and the catalogue."""
+    from acc_bluesky.plan_stubs.runs import RunNotFound
+    from acc_bluesky.plans import correct_orbit, correct_tune, restore_config
+
+    for plan in (correct_orbit(m, orm=ref), restore_config(m, ref), correct_tune(m, (0.44, 0.39), response=ref)):
+        refused(RE, m, plan, RunNotFound, rf"uid '{ref}' in this session or .*catalogue")
+
+
+def test_a_bump_past_the_corrector_limits_names_its_bpm(m, RE):  # noqa: N803
+    from acc_bluesky.plans import orbit_bump
+    from acc_bluesky.profile import LimitError
+
+    refused(RE, m, orbit_bump(m, "BPM_005", 0.05, plane="x"), LimitError,
+            r"x bump of 50 mm at BPM_005 \(BPM index 4\) does not fit in the corrector limits.*Nothing was changed")
+
+
 def test_no_beam_no_motion(m, RE):  # noqa: N803
     from acc_bluesky.plan_stubs.machine import BeamLostError
     from acc_bluesky.plans import correct_orbit, measure_chromaticity, measure_dispersion, measure_orm

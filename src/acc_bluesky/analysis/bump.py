@@ -391,9 +391,11 @@ def choose_bump_correctors(orm: OrbitResponse, profile: Profile, bpm: int, plane
                     best_any = cand
         if best is not None:
             return best[1], best[2]
+    names = list(profile.bpm_names)
+    where = f"{names[bpm]} (BPM index {bpm})" if 0 <= bpm < len(names) else f"BPM index {bpm}"
     if best_any is None:
-        raise ValueError(f"no usable corrector set around BPM {bpm} in plane {plane}")
+        raise ValueError(f"no usable corrector set around {where} in plane {plane}")
     raise LimitError(
-        f"a {plane} bump of {amplitude * 1e3:g} mm at BPM index {bpm} does not fit in the corrector limits with "
+        f"a {plane} bump of {amplitude * 1e3:g} mm at {where} does not fit in the corrector limits with "
         f"the {max_candidates} nearest correctors on each side; the best set {best_any[1]} allows about "
         f"{abs(amplitude) * best_any[3] * 1e3:.3g} mm. Nothing was changed.")

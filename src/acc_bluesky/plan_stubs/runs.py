@@ -72,9 +72,9 @@ def _lookup(cat: Any, uid: str) -> Any:
         from tiled.queries import Regex
 
         hits = cat.search(Regex("start.uid", f"^{uid}"))
+        keys = list(hits.keys())[:3]  # (the search is lazy: a server without regex support refuses it here)
     except Exception:  # noqa: BLE001 - not a Tiled catalogue or no regex support: no partial match
         raise KeyError(uid) from None
-    keys = list(hits.keys())[:3]
     if len(keys) == 1:
         return hits[keys[0]]
     if len(keys) > 1:
