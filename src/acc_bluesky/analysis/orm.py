@@ -435,6 +435,40 @@ def model_orm(source: Any, correctors: Sequence[str] | str | None = None, *, rf:
 _MODEL_CACHE: dict[tuple, OrbitResponse] = {}
 
 
+def _slopes(profile: Profile, ring, table, refs: np.ndarray, setpoints) -> np.ndarray:
+    """d(physics)/d(hw) of each corrector at the (design, or given) setpoints: the m/rad -> m/A factors."""
+    slope = np.empty(len(table))
+    e = profile.energy
+    for j, (_, fam, i, _) in enumerate(table):
+        spec = profile.families[fam].spec
+        if setpoints is not None and fam in setpoints:
+            hw0 = float(np.asarray(setpoints[fam], dtype=float).reshape(-1)[i])
+        else:
+            hw0 = float(spec.calibration.physics2hw(_get_field(ring[int(refs[j])], *spec.field_parts), e, e))
+        slope[j] = float(spec.calibration.slope(hw0, e, e))
+    return slope
+
+
+def _line_orm(profile: Profile, ring, table, refs: np.ndarray, bpms: np.ndarray, *, rf: bool,
+              setpoints) -> OrbitResponse:
+    """A transfer line's "orbit" response: the one-pass trajectory at the BPMs to each corrector (pyAT's analytical
+    trajectory response from the line's entrance optics; zero upstream of a corrector). A line has no RF column
+    (``rf`` is ignored: the RF frequency does not steer a line; ``correct_orbit(fit_rf=True)`` then says so)."""
+    from .trajectory import model_trajectory_response
+
+    del rf
+    names = [r[0] for r in table]
+    traj = model_trajectory_response(profile, names, turns=1, lattice=ring)
+    col = {c: j for j, c in enumerate(traj.corrector_names)}
+    resp = np.asarray(traj.matrix, dtype=float)[:, [col[c] for c in names]]
+    slope = _slopes(profile, ring, table, refs, setpoints)
+    return OrbitResponse(
+        matrix=resp, matrix_hw=resp * slope, bpm_names=profile.bpm_names, corrector_names=names,
+        planes=[r[3] for r in table], rf=None, delta=None, delta_physics=None, kind="model",
+        bpm_refpts=bpms.astype(np.int64), corrector_refpts=refs.astype(np.int64),
+        metadata={"profile": profile.name, "method": "trajectory", "kind": profile.kind})
+
+
 def _copy_response(r: OrbitResponse) -> OrbitResponse:
     import copy
 
@@ -456,6 +490,8 @@ def _model_orm(profile: Profile, correctors, *, rf: bool, lattice, method: str, 
     m = len(table)
     resp = np.zeros((2 * nb, m))
     refs = np.array([int(profile.families[f].refpts[i]) for (_, f, i, _) in table], dtype=np.uint32)
+    if profile.kind != "ring":
+        return _line_orm(profile, ring, table, refs, bpms, rf=rf, setpoints=setpoints)
     mcf = momentum_compaction(ring)
     circ = ring.circumference
     with single_thread_blas(), warnings.catch_warnings():
@@ -497,16 +533,7 @@ def _model_orm(profile: Profile, correctors, *, rf: bool, lattice, method: str, 
                 resp[:, j] = (orbits[0] - orbits[1]) / (2 * delta)
     else:
         raise ValueError(f"method must be 'analytic' or 'tracking', got {method!r}")
-    # hardware units: d(physics)/d(hw) at the (design) setpoints
-    slope = np.empty(m)
-    e = profile.energy
-    for j, (_, fam, i, _) in enumerate(table):
-        spec = profile.families[fam].spec
-        if setpoints is not None and fam in setpoints:
-            hw0 = float(np.asarray(setpoints[fam], dtype=float).reshape(-1)[i])
-        else:
-            hw0 = float(spec.calibration.physics2hw(_get_field(ring[int(refs[j])], *spec.field_parts), e, e))
-        slope[j] = float(spec.calibration.slope(hw0, e, e))
+    slope = _slopes(profile, ring, table, refs, setpoints)
     rf_col = None
     if rf:
         f0 = rf_frequency_of(ring, profile)

@@ -277,7 +277,8 @@ def bump_setups(machine, resp: OrbitResponse, b: int, planes, amps, angs, n_corr
     setups = []
     for k, p in enumerate(planes):
         ang = angs.get(p)
-        use_rf = _bump.needs_rf(p, n_correctors, ang is not None) if rf is None else bool(rf)
+        ring = prof.kind == "ring"  # (a line's path length is not closed: its bumps never need the RF)
+        use_rf = (ring and _bump.needs_rf(p, n_correctors, ang is not None)) if rf is None else bool(rf)
         if correctors is not None:
             per = len(correctors) // len(planes)
             cors = list(correctors[k * per:(k + 1) * per])
