@@ -55,6 +55,8 @@ __all__ = [
     "TrajectoryStep",
     "model_trajectory_response",
     "reached",
+    "response_steps",
+    "trajectory_noise",
     "thread_first_turns",
     "trajectory_step",
 ]
@@ -253,6 +255,56 @@ def model_trajectory_response(source: Any, correctors: Sequence[str] | str | Non
         while len(_MODEL_CACHE) > 8:
             _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
     return out
+
+
+def trajectory_noise(profile: Profile, model: TrajectoryResponse) -> FloatArray:
+    """The rms shot-to-shot noise [m] of each reading of a trajectory (rows of ``model``): the injected beam's
+    jitter (profile ``errors.injection.jitter_*``) carried by the model's injection response, and the BPMs' own
+    turn-by-turn noise (``errors.bpm.tbt_noise``), in quadrature."""
+    inj = profile.spec.errors.injection
+    jit = np.array([inj.jitter_x, inj.jitter_px, inj.jitter_y, inj.jitter_py], dtype=float)
+    j = np.nan_to_num(np.asarray(model.injection, dtype=float))
+    bpm = float(profile.spec.errors.bpm.tbt_noise)
+    return np.sqrt((j * jit[None, :]) ** 2 @ np.ones(4) + bpm ** 2)
+
+
+def response_steps(model: TrajectoryResponse, noise: npt.ArrayLike, n_avg: int = 1, *, rel_error: float = 0.05,
+                   floor: float = 1e-5, injection_floor: Sequence[float] = (1e-5, 1e-6, 1e-5, 1e-6),
+                   max_excursion: float = 2e-3) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Half steps that measure each column of a trajectory response to ``rel_error`` (rms, relative) through the
+    shot noise: a column measured from two steps of +-d, each reading averaged over ``n_avg`` shots, has an error
+    of ``|noise| / (sqrt(2 n_avg) d |column|)``.
+
+    Args:
+        model: the model response (its columns give the signal per unit step).
+        noise: (rows,) rms noise of one shot's reading [m] (:func:`trajectory_noise`).
+        n_avg: shots averaged per reading.
+        rel_error: the relative error aimed at.
+        floor: smallest corrector step [rad] (the profile's default step).
+        injection_floor: smallest steps of the injection trims x [m], px [rad], y [m], py [rad].
+        max_excursion: largest trajectory change a step may make at a BPM [m] (the aperture's margin).
+
+    Returns:
+        ``(corrector_steps [rad], injection_steps, corrector_error, injection_error)``: the steps (at least the
+        floors, at most the excursion allows) and the relative errors expected with them.
+    """
+    sigma = float(np.linalg.norm(np.nan_to_num(np.asarray(noise, dtype=float))))
+    scale = math.sqrt(2.0 * max(int(n_avg), 1))
+
+    def sized(cols: FloatArray, low: FloatArray) -> tuple[FloatArray, FloatArray]:
+        cols = np.nan_to_num(np.asarray(cols, dtype=float))
+        norm = np.linalg.norm(cols, axis=0)
+        peak = np.max(np.abs(cols), axis=0) if cols.size else np.zeros(cols.shape[1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            want = np.where(norm > 0, sigma / (rel_error * scale * norm), low)
+            cap = np.where(peak > 0, max_excursion / peak, np.inf)
+            d = np.minimum(np.maximum(want, low), np.maximum(cap, low))
+            err = np.where(norm > 0, sigma / (scale * d * norm), 0.0)
+        return d, err
+
+    d_c, e_c = sized(model.matrix, np.full(np.asarray(model.matrix).shape[1], float(floor)))
+    d_i, e_i = sized(model.injection, np.asarray(injection_floor, dtype=float).reshape(4))
+    return d_c, d_i, e_c, e_i
 
 
 def _copy(r: TrajectoryResponse) -> TrajectoryResponse:

@@ -32,6 +32,8 @@ from ..analysis.trajectory import (
     TrajectoryResponse,
     model_trajectory_response,
     reached,
+    response_steps,
+    trajectory_noise,
     trajectory_step,
 )
 from ..analysis.trajectory import thread_first_turns as _threading
@@ -141,7 +143,7 @@ def _trm_figure(result: TrajectoryResponse, path: Path) -> None:
 @tool("trajectory_response", restore=_corrector_restore, needs_beam=False, figures={"trm": _trm_figure})
 def measure_trajectory_response(machine: Machine, correctors: Any = None, turns: int = 1,
                                 delta: float | None = None, delta_physics: float | None = None,
-                                injection: bool = True, injection_delta: Sequence[float] = (1e-5, 1e-6, 1e-5, 1e-6),
+                                injection: bool = True, injection_delta: Sequence[float] | None = None,
                                 n_avg: int = 1, model: bool = False, figure_dir: str | Path | bool | None = None,
                                 md: dict[str, Any] | None = None) -> MsgGenerator[str]:
     """Measure the response of the first ``turns`` turns of the injected beam to the correctors and the injection.
@@ -155,10 +157,16 @@ def measure_trajectory_response(machine: Machine, correctors: Any = None, turns:
         machine: the connected machine (a ring, or a transfer line with ``turns=1``).
         correctors: corrector device or family names (default: every in-service corrector, h then v).
         turns: turns of the response (1 for a line).
-        delta: half step [A] (default: the profile's ``tools.orbit_response`` step, else 10 urad).
+        delta: half step [A]. Default (with ``delta_physics``): per corrector, the step that measures its column to
+            5 % rms through the shot noise (the injected beam's jitter carried by the model, the BPMs' turn-by-turn
+            noise: :func:`~acc_bluesky.analysis.trajectory.response_steps`), at least the profile's
+            ``tools.orbit_response`` step (else 10 urad), at most what moves the trajectory 2 mm at a BPM of a
+            line (0.5 mm in a ring, whose sextupoles make larger steps nonlinear) or the corrector's limits; a
+            warning names the columns left noisier than 10 %.
         delta_physics: half step [rad] instead of ``delta``.
         injection: also measure the columns of the injection trims.
-        injection_delta: half steps of the injection trims (x [m], px [rad], y [m], py [rad]).
+        injection_delta: half steps of the injection trims (x [m], px [rad], y [m], py [rad]); default sized as
+            the correctors' (at least 10 um, 1 urad, 10 um, 1 urad).
         n_avg: shots averaged per step.
         model: record the model response instead of measuring.
         figure_dir: folder of the figure (``trm``); ``False``: none.
@@ -179,7 +187,29 @@ def measure_trajectory_response(machine: Machine, correctors: Any = None, turns:
     devs = [machine.device(c) for c in cv.names]
     sp0 = yield from cv.read()
     d_hw, d_ph = step_sizes(machine, devs, sp0, delta, delta_physics)
-    inj_d = np.asarray(injection_delta, dtype=float).reshape(4)
+    excursion = 2e-3 if machine.profile.kind != "ring" else 0.5e-3  # (a ring's sextupoles: keep the steps linear)
+    sized_c, sized_i, err_c, err_i = response_steps(base, trajectory_noise(machine.profile, base), n_avg,
+                                                    floor=float(np.min(np.abs(d_ph))) if len(d_ph) else 1e-5,
+                                                    max_excursion=excursion)
+    if delta is None and delta_physics is None:  # sized to the noise, per corrector
+        for j, d in enumerate(devs):
+            k0 = float(d.to_physics(sp0[j]))
+            step = max(float(sized_c[j]), abs(float(d_ph[j])))
+            d_hw[j] = float(d.to_hw(k0 + step)) - sp0[j]
+            room = min(d.limits.high - sp0[j], sp0[j] - d.limits.low)  # both signs are stepped
+            least = abs(float(d.to_hw(k0 + d_ph[j])) - sp0[j])  # the default step
+            if abs(d_hw[j]) > max(room, least):
+                d_hw[j] = float(np.sign(d_hw[j]) * max(room, least))
+                err_c[j] *= step / abs(float(d.to_physics(sp0[j] + d_hw[j])) - k0)
+            d_ph[j] = float(d.to_physics(sp0[j] + d_hw[j])) - k0
+        noisy = [(n, e) for n, e in zip(cv.names, err_c) if e > 0.1]
+        if noisy:
+            warnings.warn(f"measure_trajectory_response: {len(noisy)} column(s) will be noisy: the step that keeps the "
+                          f"trajectory within 2 mm measures them to only {max(e for _, e in noisy):.0%} "
+                          f"({', '.join(n for n, _ in noisy[:5])}); raise n_avg", stacklevel=2)
+        del err_i
+    inj_d = (np.maximum(sized_i, [1e-5, 1e-6, 1e-5, 1e-6]) if injection_delta is None
+             else np.asarray(injection_delta, dtype=float).reshape(4))
     snap = yield from beam_settings(machine)
     n, t = len(machine.bpm), int(turns)
     rows = 2 * t * n
