@@ -20,7 +20,7 @@ import pytest
 
 import acc_bluesky as ab
 from acc_bluesky import plans as ap
-from acc_bluesky.analysis import OrbitResponse
+from acc_bluesky.analysis import Dispersion, OrbitResponse, rf_frequency_of
 from acc_bluesky.analysis._common import rms
 from acc_bluesky.analysis.correction import (
     CorrectionSystem,
@@ -172,8 +172,6 @@ def test_ring_without_cavity_gets_an_rf_near_500_mhz(generated, lat):
     assert any("set rf.harmonic_number" in w for w in prof.spec.generated.warnings)
     assert not any("4D tools do not depend on it" in n for n in prof.spec.generated.notes)
     assert machine_of(generated, lat).twin.rf_nominal_frequency == f
-    from acc_bluesky.analysis import rf_frequency_of  # the model ORM's RF column: the same frequency
-
     assert rf_frequency_of(prof.load_lattice(), prof) == pytest.approx(f, rel=1e-12)
 
 
@@ -190,8 +188,6 @@ def test_default_rf_steps_measure_the_true_dispersion(generated, run_engine, cat
     645 Hz, was 20 Hz = dp/p 9.3e-6 and a vertical dispersion 57 % off; the cavity-less rings lost the beam).
     Measured (seed 1): eta_x 1.0 % (SLS 2.0: its 0.7 mm orbit changes alpha_c), 0.33 %, 0.32 % rms off the truth;
     eta_y 0.25, 0.23, 0.22 mm rms (of 11-14 mm); the ORM's RF column 1.2 %, 0.34 %, 0.31 % off -eta/(f alpha_c)."""
-    from acc_bluesky.analysis import Dispersion
-
     m = machine_of(generated, lat)
     assert "df" not in m.profile.tool_defaults("dispersion") and "df" not in m.profile.tool_defaults("orbit_response")
     twin = m.twin

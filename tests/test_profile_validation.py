@@ -323,7 +323,7 @@ def test_ring_without_cavity_takes_the_profile_harmonic_number(tmp_path):
 
 
 def test_nominal_rf_outside_its_limits_warns(tmp_path):
-    path, frev = _cavityless(tmp_path, "rf: {harmonic_number: 10, frequency_limits: [3.5e+8, 3.6e+8]}")
+    path, _ = _cavityless(tmp_path, "rf: {harmonic_number: 10, frequency_limits: [3.5e+8, 3.6e+8]}")
     with pytest.warns(ProfileWarning, match=r"key 'rf.frequency_limits': the nominal RF frequency .* is outside "
                                             r"\[3.5e\+08, 3.6e\+08\] Hz: every RF move will be refused"):
         load_profile(path)

@@ -18,8 +18,16 @@ from pydantic import ValidationError
 from .lattice_io import LatticeFileError, read_lattice
 from .schema import FamilySpec, ProfileSpec, Selector, format_device_name
 
-__all__ = ["ASSUMED_RF_FREQUENCY", "Profile", "ProfileError", "ProfileWarning", "assumed_harmonic_number", "load_profile",
-           "profile_search_path", "available_profiles"]
+__all__ = [
+    "ASSUMED_RF_FREQUENCY",
+    "Profile",
+    "ProfileError",
+    "ProfileWarning",
+    "assumed_harmonic_number",
+    "available_profiles",
+    "load_profile",
+    "profile_search_path",
+]
 
 PROFILE_PATH_ENV = "ACC_BLUESKY_PROFILE_PATH"
 _PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -36,7 +44,7 @@ def assumed_harmonic_number(revolution_frequency: float) -> int:
     f = float(revolution_frequency)
     if not (np.isfinite(f) and f > 0):
         raise ValueError(f"the revolution frequency must be a positive number of Hz, got {revolution_frequency!r}")
-    return max(1, int(round(ASSUMED_RF_FREQUENCY / f)))
+    return max(1, round(ASSUMED_RF_FREQUENCY / f))
 
 
 class ProfileError(ValueError):
@@ -420,10 +428,9 @@ class Profile:
 
         ring = self._design_lattice
         if len(ring.get_uint32_index(at.RFCavity)):
-            try:
-                return int(ring.harmonic_number), "cavity"
-            except Exception:  # noqa: BLE001 - a cavity pyAT cannot relate to the revolution frequency
-                pass
+            h = getattr(ring, "harmonic_number", None)  # None: a cavity pyAT cannot relate to the revolution
+            if h:
+                return int(h), "cavity"
         if self.spec.rf.harmonic_number:
             return int(self.spec.rf.harmonic_number), "profile"
         h = getattr(ring, "harmonic_number", None)
