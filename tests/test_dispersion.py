@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from acc_bluesky.analysis import Dispersion, model_dispersion
+from acc_bluesky.analysis import Dispersion, model_dispersion, rf_step_for_dp
 from acc_bluesky.data import read_stream
 from acc_bluesky.plans import measure_dispersion
 from acc_bluesky.profile import LimitError
@@ -69,3 +69,22 @@ def test_ideal_machine_equals_the_model(machine_ideal, RE, catalog, tmp_path):
     assert rel(disp.eta_x, mx) < 2e-3
     assert np.abs(disp.eta_y).max() < 1e-6
     assert disp.plot(tmp_path / "disp.png", model=model_dispersion(machine_ideal.profile)).stat().st_size > 10_000
+
+
+def test_rf_step_for_dp():
+    """|df| = |dp| |alpha_c| f_RF (siam_sps: 645 Hz for dp/p 3e-4); an input that cannot size a step is named."""
+    assert rf_step_for_dp(118000573.0, 0.018222554625557157) == pytest.approx(645.08, abs=0.01)
+    assert rf_step_for_dp(352.2e6, -1.78e-4, dp=-1e-3) == pytest.approx(62.69, abs=0.01)  # always > 0
+    with pytest.raises(ValueError, match=r"RF frequency must be > 0 Hz, got 0.0 .*rf.harmonic_number"):
+        rf_step_for_dp(0.0, 1e-4)
+    with pytest.raises(ValueError, match=r"momentum compaction must be a non-zero number, got nan"):
+        rf_step_for_dp(5e8, float("nan"))
+
+
+def test_ebs_keeps_its_20_hz(machine):
+    """EBS sets tools.dispersion.df = 20 Hz (dp/p 3.2e-4): the profile's step wins over the sized one (18.8 Hz),
+    for measure_dispersion and measure_orm(rf=True) alike (tools.orbit_response gives no df)."""
+    prof = machine.profile
+    assert prof.tool_defaults("dispersion") == {"df": 20.0} and "df" not in prof.tool_defaults("orbit_response")
+    sized = rf_step_for_dp(machine.twin.rf_frequency_setpoint, 1.7795e-4)
+    assert sized == pytest.approx(18.8, abs=0.05) and sized != 20.0

@@ -20,7 +20,7 @@ import pytest
 
 import acc_bluesky as ab
 from acc_bluesky import plans as ap
-from acc_bluesky.analysis import OrbitResponse
+from acc_bluesky.analysis import Dispersion, OrbitResponse, rf_frequency_of
 from acc_bluesky.analysis._common import rms
 from acc_bluesky.analysis.correction import (
     CorrectionSystem,
@@ -152,6 +152,64 @@ def test_families_by_name_stem_and_equal_strength(generated):
     assert prof.families["HCM"].device_names[0] == "ARS01_MCOX_0410"
     assert prof.bpm_names[0] == "ARS01_DBPM_0390"
     assert all(n.startswith("ARS") and "_MCOY_" in n for n in prof.families["VCM"].device_names)
+
+
+@pytest.mark.parametrize("lat", ["sls2", "nsls2_2014March"])
+def test_ring_without_cavity_gets_an_rf_near_500_mhz(generated, lat):
+    """No cavity in the file: the generator writes the harmonic nearest 500 MHz (was h = 1: the revolution
+    frequency, 378.5 kHz on NSLS-II, where a 20 Hz step is dp/p ~ 0.15), frequency limits of +-1e-4 and a WARNING
+    (header, generated.warnings, report); the twin runs at that frequency."""
+    prof = ab.load_profile(generated[lat])
+    frev = prof.load_lattice().revolution_frequency
+    h = prof.spec.rf.harmonic_number
+    assert h == round(500e6 / frev) and prof.rf_harmonic_number == (h, "profile")
+    f = prof.rf_nominal_frequency
+    assert f == pytest.approx(h * frev, rel=1e-12) and abs(f - 500e6) <= frev / 2
+    lim = prof.spec.rf.frequency_limits
+    assert lim.low == pytest.approx(f * (1 - 1e-4), rel=1e-12) and lim.high == pytest.approx(f * (1 + 1e-4), rel=1e-12)
+    text = generated[lat].read_text()
+    assert f"# WARNING: RF: THE LATTICE HAS NO CAVITY: harmonic number {h} assumed" in text
+    assert any("set rf.harmonic_number" in w for w in prof.spec.generated.warnings)
+    assert not any("4D tools do not depend on it" in n for n in prof.spec.generated.notes)
+    assert machine_of(generated, lat).twin.rf_nominal_frequency == f
+    assert rf_frequency_of(prof.load_lattice(), prof) == pytest.approx(f, rel=1e-12)
+
+
+def _seen_dispersion(twin) -> np.ndarray:
+    """The twin's true dispersion at the BPMs [eta_x; eta_y] (pyAT on its errored lattice), seen through the
+    BPM gains and rolls (as in test_dispersion)."""
+    ex, ey = twin.dispersion()
+    return twin.errors.bpm_linear() @ np.concatenate([ex, ey])
+
+
+@pytest.mark.parametrize("lat", ["sls2", "nsls2_2014March", "siam_sps"])
+def test_default_rf_steps_measure_the_true_dispersion(generated, run_engine, catalog_dir, lat):
+    """No df in the profile: measure_dispersion and measure_orm(rf=True) step the RF by dp/p = 3e-4 (siam_sps:
+    645 Hz, was 20 Hz = dp/p 9.3e-6 and a vertical dispersion 57 % off; the cavity-less rings lost the beam).
+    Measured (seed 1): eta_x 1.0 % (SLS 2.0: its 0.7 mm orbit changes alpha_c), 0.33 %, 0.32 % rms off the truth;
+    eta_y 0.25, 0.23, 0.22 mm rms (of 11-14 mm); the ORM's RF column 1.2 %, 0.34 %, 0.31 % off -eta/(f alpha_c)."""
+    m = machine_of(generated, lat)
+    assert "df" not in m.profile.tool_defaults("dispersion") and "df" not in m.profile.tool_defaults("orbit_response")
+    twin = m.twin
+    f0 = twin.rf_frequency_setpoint
+    cat = ab.open_catalog(catalog_dir=catalog_dir)
+    disp = Dispersion.from_run(cat[run_engine(ap.measure_dispersion(m)).plan_result])
+    assert twin.rf_frequency_setpoint == f0 and not twin.beam_lost
+    df = float(disp.df[-1])
+    assert df == pytest.approx(3e-4 * at.get_mcf(m.profile.load_lattice()) * f0, rel=1e-9)
+    assert abs(df / (disp.f_rf * disp.alpha_c)) == pytest.approx(3e-4, rel=1e-9)
+    truth = _seen_dispersion(twin)
+    n = twin.nbpm
+    ex_err = np.linalg.norm(disp.eta_x - truth[:n]) / np.linalg.norm(truth[:n])
+    ey_err = rms(disp.eta_y - truth[n:])
+    assert ex_err < 0.02, (lat, ex_err)
+    assert ey_err < 0.5e-3 and ey_err < 0.05 * rms(truth[n:]), (lat, ey_err, rms(truth[n:]))
+    cor = [next(f for f in m.profile.families.values() if f.spec.type == "hcor").device_names[0]]
+    resp = OrbitResponse.from_run(cat[run_engine(ap.measure_orm(m, correctors=cor, rf=True)).plan_result])
+    assert resp.df == pytest.approx(df, rel=1e-9)
+    pred = -truth / (disp.f_rf * disp.alpha_c)
+    assert np.linalg.norm(resp.rf - pred) / np.linalg.norm(pred) < 0.02
+    assert twin.rf_frequency_setpoint == f0
 
 
 # -------------------------------------------------------------------------------------------------------------

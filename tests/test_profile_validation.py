@@ -277,3 +277,59 @@ def test_design_hw_is_where_the_twin_starts(tmp_path):
     t = Twin(p, seed=1)
     for fam in ("QF", "HC", "VC"):
         assert (t.get_setpoint(fam) == p.design_hw(fam)).all()
+
+
+# -- RF of a ring without a cavity -------------------------------------------------------------------------
+def _cavityless(tmp_path, rf: str):
+    """GOOD on the same HMBA cell with its cavity removed (a JSON lattice), ``rf`` as the profile's rf line."""
+    import at
+
+    ring = load_profile(_write(tmp_path, GOOD)).load_lattice()
+    bare = at.Lattice([e for e in ring if not isinstance(e, at.RFCavity)], energy=ring.energy,
+                      periodicity=ring.periodicity, name="hmba_bare")
+    lat = tmp_path / "bad" / "bare.json"
+    bare.save(str(lat))
+    body = GOOD.replace("lattice: {package: machine_data, file: hmba.mat}", "lattice: {path: bare.json}")
+    return _write(tmp_path, body.replace("rf: {frequency_limits: [3.5e+8, 3.6e+8]}", rf)), bare.revolution_frequency
+
+
+def test_ring_without_cavity_nor_harmonic_number_warns_and_assumes_500_mhz(tmp_path):
+    from acc_bluesky.profile import LimitError
+    from acc_bluesky.twin import Twin
+
+    path, frev = _cavityless(tmp_path, "")
+    with pytest.warns(ProfileWarning, match=r"key 'rf.harmonic_number': the lattice bare.json has no RF cavity.*"
+                                            r"h = \d+ is assumed.*set rf.harmonic_number"):
+        p = load_profile(path)
+    h, src = p.rf_harmonic_number
+    assert src == "assumed" and h == round(500e6 / frev)
+    assert abs(p.rf_nominal_frequency - 500e6) <= frev / 2  # the harmonic nearest 500 MHz (h = 1 before)
+    twin = Twin(p, seed=None)
+    assert twin.rf_nominal_frequency == p.rf_nominal_frequency == twin.rf_frequency_setpoint
+    with pytest.raises(LimitError, match=r"RF frequency: -1.0 Hz refused: an RF frequency must be > 0 Hz"):
+        twin.set_rf_frequency(-1.0)  # no limits in this profile: still never <= 0
+    with pytest.raises(LimitError, match=r"must be > 0 Hz"):
+        twin.set({"RF:frequency": 0.0})
+    assert twin.rf_frequency_setpoint == p.rf_nominal_frequency
+
+
+def test_ring_without_cavity_takes_the_profile_harmonic_number(tmp_path):
+    path, frev = _cavityless(tmp_path, "rf: {harmonic_number: 1000, frequency_limits: [3.5e+8, 3.6e+8]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProfileWarning)  # given: nothing to warn about
+        p = load_profile(path)
+    assert p.rf_harmonic_number == (1000, "profile") and p.rf_nominal_frequency == pytest.approx(1000 * frev)
+    assert 3.5e8 < p.rf_nominal_frequency < 3.6e8 and p.warnings == []
+
+
+def test_nominal_rf_outside_its_limits_warns(tmp_path):
+    path, _ = _cavityless(tmp_path, "rf: {harmonic_number: 10, frequency_limits: [3.5e+8, 3.6e+8]}")
+    with pytest.warns(ProfileWarning, match=r"key 'rf.frequency_limits': the nominal RF frequency .* is outside "
+                                            r"\[3.5e\+08, 3.6e\+08\] Hz: every RF move will be refused"):
+        load_profile(path)
+
+
+def test_harmonic_number_below_one_refused(tmp_path):
+    _refused(tmp_path, "rf: {frequency_limits: [3.5e+8, 3.6e+8]}",
+             "rf: {harmonic_number: 0, frequency_limits: [3.5e+8, 3.6e+8]}", r"greater than or equal to 1",
+             "rf.harmonic_number")

@@ -25,7 +25,14 @@ from .config import (
     format_differences,
 )
 from .correction import CorrectionSystem, StepLimits, SvdCorrector, limit_step, orbit_rms
-from .dispersion import Dispersion, dispersion_from_orbits, dp_from_df, model_dispersion, model_momentum_compaction_of
+from .dispersion import (
+    Dispersion,
+    dispersion_from_orbits,
+    dp_from_df,
+    model_dispersion,
+    model_momentum_compaction_of,
+    rf_step_for_dp,
+)
 from .orm import OrbitResponse, model_orm, momentum_compaction, response_from_orbits, rf_frequency_of
 
 # --- turn-by-turn optics and first turns (tbt engineer) -------------------------------------------------------
@@ -93,6 +100,7 @@ __all__ = [
     "orbit_rms",
     "response_from_orbits",
     "rf_frequency_of",
+    "rf_step_for_dp",
     "solve_bump",
     # turn-by-turn optics and first turns
     "ModelOptics",

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from .._compat.scipy import single_thread_blas
 from ..profile import Profile
+from ..profile.loader import assumed_harmonic_number
 from ._common import FloatArray, as_result, corrector_table, resolve_profile, run_results, run_start
 
 __all__ = [
@@ -44,14 +45,16 @@ def momentum_compaction(lattice) -> float:
 
 
 def rf_frequency_of(lattice, profile: Profile | None = None) -> float:
-    """Design RF frequency [Hz] of a lattice (its cavities, else harmonic number x revolution frequency)."""
+    """Design RF frequency [Hz] of a lattice: its cavities', else harmonic number x revolution frequency, the
+    harmonic number from the profile's ``rf.harmonic_number``, else the lattice's, else the harmonic nearest
+    500 MHz (as the twin: :attr:`Profile.rf_nominal_frequency`)."""
     try:
         return float(lattice.get_rf_frequency())
     except Exception:  # noqa: BLE001 - no cavity
         h = None
         if profile is not None:
             h = profile.spec.rf.harmonic_number
-        h = h or getattr(lattice, "harmonic_number", None) or 1
+        h = h or getattr(lattice, "harmonic_number", None) or assumed_harmonic_number(lattice.revolution_frequency)
         return float(h * lattice.revolution_frequency)
 
 

@@ -21,7 +21,7 @@ from bluesky.utils import MsgGenerator
 
 from ..analysis._common import rms, run_results
 from ..analysis.correction import CorrectionSystem, correction_floor, judge_step, limit_step, noise_sv_cut
-from ..analysis.dispersion import Dispersion, dispersion_from_orbits
+from ..analysis.dispersion import Dispersion, dispersion_from_orbits, rf_step_for_dp
 from ..analysis.orm import OrbitResponse, momentum_compaction, response_from_orbits
 from ..analysis.orm import model_orm as _model_response
 from ..analysis.plots import bump_figure, orbit_figure
@@ -110,7 +110,7 @@ def measure_orm(machine: Machine, correctors: Any = None, delta: float | Sequenc
         settle: wait after each move [s] (power-supply and eddy-current settling on a real machine).
         rf: also measure the response to the RF frequency (``rf`` stream, result ``orm_rf`` in m/Hz).
         df: RF half step [Hz]; default the profile's ``tools.orbit_response.df``, else ``tools.dispersion.df``,
-            else 20 Hz.
+            else the step of ``|dp/p| = 3e-4`` (``analysis.rf_step_for_dp``: ``3e-4 alpha_c f_RF``).
         figure_dir: folder of the figure (default ``$ACC_BLUESKY_FIGURE_DIR``); ``False``: none.
         md: metadata merged into the start document.
 
@@ -125,9 +125,11 @@ def measure_orm(machine: Machine, correctors: Any = None, delta: float | Sequenc
         for v in ((s + dh, s - dh) if bipolar else (s + dh,)):
             d.limits.check(d.name, v, d.units)
     defaults = machine.profile.tool_defaults("orbit_response")
-    df = float(df if df is not None else defaults.get("df", machine.profile.tool_defaults("dispersion").get(
-        "df", 20.0)))
+    df = df if df is not None else defaults.get("df", machine.profile.tool_defaults("dispersion").get("df"))
     f0 = float(snap["RF:frequency"]) if rf else float("nan")
+    if df is None:  # no step given: sized for |dp/p| = 3e-4 (analysis.dispersion.rf_step_for_dp)
+        df = rf_step_for_dp(f0, momentum_compaction(machine.profile.load_lattice())) if rf else 0.0
+    df = float(df)
     if rf:
         for v in ((f0 + df, f0 - df) if bipolar else (f0 + df,)):
             machine.rf.frequency_limits.check("RF frequency", v, "Hz")
@@ -615,7 +617,8 @@ def measure_dispersion(machine: Machine, df: float | None = None, n_steps: int =
 
     Args:
         machine: the connected machine.
-        df: RF step [Hz]; default the profile's ``tools.dispersion.df`` (else 20 Hz).
+        df: RF step [Hz]; default the profile's ``tools.dispersion.df``, else the step of ``|dp/p| = 3e-4``
+            (``analysis.rf_step_for_dp``: ``3e-4 alpha_c f_RF``, design ``alpha_c``).
         n_steps: steps on each side of ``f0``.
         n_avg: orbit acquisitions averaged per step.
         settle: wait after each RF move [s].
@@ -625,12 +628,13 @@ def measure_dispersion(machine: Machine, df: float | None = None, n_steps: int =
     Returns:
         the run uid; ``Dispersion.from_run(catalog[uid])`` reads ``eta_x``, ``eta_y`` [m].
     """
-    df = float(machine.profile.tool_defaults("dispersion").get("df", 20.0) if df is None else df)
+    df = machine.profile.tool_defaults("dispersion").get("df") if df is None else df
+    alpha_c = momentum_compaction(machine.profile.load_lattice())
+    f0 = float((yield from bps.rd(machine.rf.frequency)))
+    df = float(rf_step_for_dp(f0, alpha_c) if df is None else df)  # no step given: |dp/p| = 3e-4
     if df == 0 or not np.isfinite(df):
         raise ValueError(f"df must be a non-zero, finite RF step in Hz, got {df}")
     offsets = np.arange(-int(n_steps), int(n_steps) + 1) * df
-    alpha_c = momentum_compaction(machine.profile.load_lattice())
-    f0 = float((yield from bps.rd(machine.rf.frequency)))
     for d in offsets:
         machine.rf.frequency_limits.check("RF frequency", f0 + d, "Hz")
     yield from open_tool_run(bpm_names=machine.bpm.names, alpha_c=alpha_c, rf_frequency=f0,

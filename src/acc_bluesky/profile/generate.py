@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from .lattice_io import read_lattice
+from .loader import ASSUMED_RF_FREQUENCY, assumed_harmonic_number
 
 __all__ = ["generate_profile", "write_profile", "dump_profile", "guess_kind", "plane_from_name", "parse_twiss_in",
            "carries_misalignments", "kick_response", "corrector_kicks_needed", "BPM_NAME", "NOT_BPM_NAME"]
@@ -724,9 +725,17 @@ def generate_profile(lattice_file: str | Path, *, name: str | None = None, facil
         f0 = float(ring.get_rf_frequency())
         prof["rf"] = {"frequency_limits": [f0 * (1 - 1e-4), f0 * (1 + 1e-4)], "voltage_limits": [0.0, 1e8]}
     except Exception:  # noqa: BLE001 - a lattice without a cavity
-        if kind == "ring":
-            notes.append("RF: the lattice has no cavity; the nominal RF frequency is harmonic_number x the revolution "
-                         "frequency (set rf.harmonic_number; 4D tools do not depend on it)")
+        if kind == "ring":  # the RF tools (dispersion, ORM RF column, chromaticity) need a real RF frequency
+            h = assumed_harmonic_number(ring.revolution_frequency)
+            f0 = h * float(ring.revolution_frequency)
+            prof["rf"] = {"harmonic_number": h, "frequency_limits": [f0 * (1 - 1e-4), f0 * (1 + 1e-4)],
+                          "voltage_limits": [0.0, 1e8]}
+            warns.append(
+                f"RF: THE LATTICE HAS NO CAVITY: harmonic number {h} assumed (rf.harmonic_number: f_RF = "
+                f"{f0 / 1e6:.4f} MHz, the harmonic of the {ring.revolution_frequency / 1e3:.4f} kHz revolution "
+                f"frequency nearest {ASSUMED_RF_FREQUENCY / 1e6:g} MHz, as most light sources; ESRF-EBS runs at "
+                "352 MHz); the dispersion, the ORM's RF column and the chromaticity step the RF frequency: set "
+                "rf.harmonic_number and rf.frequency_limits to the machine's")
     present = set(table.cls)
     magnets = [{"select": {"class": "Quadrupole"}, "dx": 100e-6, "dy": 85e-6, "roll": 150e-6, "field": 5e-4}]
     if "Sextupole" in present:

@@ -18,10 +18,33 @@ from pydantic import ValidationError
 from .lattice_io import LatticeFileError, read_lattice
 from .schema import FamilySpec, ProfileSpec, Selector, format_device_name
 
-__all__ = ["Profile", "ProfileError", "ProfileWarning", "load_profile", "profile_search_path", "available_profiles"]
+__all__ = [
+    "ASSUMED_RF_FREQUENCY",
+    "Profile",
+    "ProfileError",
+    "ProfileWarning",
+    "assumed_harmonic_number",
+    "available_profiles",
+    "load_profile",
+    "profile_search_path",
+]
 
 PROFILE_PATH_ENV = "ACC_BLUESKY_PROFILE_PATH"
 _PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+#: the RF frequency [Hz] assumed for a ring whose lattice has no cavity and whose profile gives no
+#: ``rf.harmonic_number``: most light sources run near 500 MHz (ESRF-EBS: 352 MHz)
+ASSUMED_RF_FREQUENCY = 500e6
+
+
+def assumed_harmonic_number(revolution_frequency: float) -> int:
+    """The harmonic number whose RF frequency (``h x revolution_frequency`` [Hz]) is nearest
+    :data:`ASSUMED_RF_FREQUENCY`."""
+    f = float(revolution_frequency)
+    if not (np.isfinite(f) and f > 0):
+        raise ValueError(f"the revolution frequency must be a positive number of Hz, got {revolution_frequency!r}")
+    return max(1, round(ASSUMED_RF_FREQUENCY / f))
 
 
 class ProfileError(ValueError):
@@ -389,10 +412,69 @@ class Profile:
                 f"{len(dup)} repeat(s): {shown}. Use the default '{{family}}_{{n:03d}}', or '{{element}}' only where "
                 "every device has its own lattice name")
         self._check_pvs()
-        for msg in self.design_outside_limits:
+        for msg in self.design_outside_limits + self._rf_warnings():
             self.warnings.append(msg)
             warnings.warn(msg, ProfileWarning, stacklevel=3)
         return self
+
+    @functools.cached_property
+    def rf_harmonic_number(self) -> tuple[int | None, str]:
+        """``(h, source)``: the RF harmonic number of a ring and where it comes from (``"cavity"``: the lattice's
+        cavity, ``"profile"``: ``rf.harmonic_number``, ``"lattice"``: the lattice's attribute, ``"assumed"``: the
+        harmonic nearest :data:`ASSUMED_RF_FREQUENCY`); ``(None, "line")`` for a line."""
+        if self.kind != "ring":
+            return None, "line"
+        import at
+
+        ring = self._design_lattice
+        if len(ring.get_uint32_index(at.RFCavity)):
+            h = getattr(ring, "harmonic_number", None)  # None: a cavity pyAT cannot relate to the revolution
+            if h:
+                return int(h), "cavity"
+        if self.spec.rf.harmonic_number:
+            return int(self.spec.rf.harmonic_number), "profile"
+        h = getattr(ring, "harmonic_number", None)
+        if h:
+            return int(h), "lattice"
+        return assumed_harmonic_number(ring.revolution_frequency), "assumed"
+
+    @functools.cached_property
+    def rf_nominal_frequency(self) -> float:
+        """The nominal RF frequency [Hz] of a ring: its cavity's, else ``h x`` the revolution frequency with the
+        harmonic number of :attr:`rf_harmonic_number` (always > 0); 0.0 for a line."""
+        h, src = self.rf_harmonic_number
+        if h is None:
+            return 0.0
+        ring = self._design_lattice
+        if src == "cavity":
+            try:
+                f = float(ring.get_rf_frequency())
+            except Exception:  # noqa: BLE001
+                f = 0.0
+            if np.isfinite(f) and f > 0:
+                return f
+        return float(h * ring.revolution_frequency)
+
+    def _rf_warnings(self) -> list[str]:
+        """An assumed harmonic number, and a nominal RF frequency outside ``rf.frequency_limits``."""
+        h, src = self.rf_harmonic_number
+        if h is None:
+            return []
+        out = []
+        f = self.rf_nominal_frequency
+        if src == "assumed":
+            out.append(
+                f"{self.path}: key 'rf.harmonic_number': the lattice {self.lattice_path.name} has no RF cavity and the "
+                f"profile gives no harmonic number: h = {h} is assumed (f_RF = {f / 1e6:.4f} MHz, the harmonic "
+                f"nearest {ASSUMED_RF_FREQUENCY / 1e6:g} MHz); the dispersion, the ORM's RF column and the "
+                "chromaticity step the RF frequency: set rf.harmonic_number (and rf.frequency_limits) to the "
+                "machine's")
+        lim = self.spec.rf.frequency_limits
+        if not lim.low <= f <= lim.high:
+            out.append(f"{self.path}: key 'rf.frequency_limits': the nominal RF frequency {f:.6g} Hz (h = {h}, "
+                       f"{src}) is outside [{lim.low:.6g}, {lim.high:.6g}] Hz: every RF move will be refused; fix "
+                       "the limits or rf.harmonic_number")
+        return out
 
     def design_hw(self, family: str) -> np.ndarray:
         """The design setpoints of a family in hardware units: its field in the design lattice through its

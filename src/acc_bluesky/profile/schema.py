@@ -270,7 +270,10 @@ class BpmSpec(_Strict):
 class RfSpec(_Strict):
     frequency_limits: Limits = Limits()
     voltage_limits: Limits = Limits(low=0.0)
-    harmonic_number: int | None = None
+    harmonic_number: int | None = Field(default=None, ge=1, description=(
+        "RF harmonic number: the nominal RF frequency is harmonic_number x the revolution frequency when the "
+        "lattice has no cavity (without it a ring assumes the harmonic nearest 500 MHz); Tracy: passed to the "
+        "reader"))
     pv: dict[Literal["frequency", "frequency_rb", "voltage"], str] = Field(
         default_factory=dict, description="PV templates overriding controls.rf_frequency, rf_frequency_rb, rf_voltage")
 

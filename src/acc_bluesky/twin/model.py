@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._compat.scipy import single_thread_blas
-from ..profile import Family, Profile, load_profile
+from ..profile import Family, LimitError, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
 from .beam import Beam  # tbt: injected/stored beam, BPM acquisition modes
@@ -212,11 +212,9 @@ class Twin:
                 e.PolynomB = pb
 
     def _design_frequency(self) -> float:
-        try:
-            return float(self.design.get_rf_frequency())
-        except Exception:  # noqa: BLE001 - no cavity: nominal frequency from the harmonic number
-            h = self.profile.spec.rf.harmonic_number or getattr(self.design, "harmonic_number", 1) or 1
-            return float(h * self.design.revolution_frequency) if self.is_ring else 0.0
+        """The cavity's frequency; without a cavity ``h x`` the revolution frequency, ``h`` from the profile's
+        ``rf.harmonic_number``, else the harmonic nearest 500 MHz (:attr:`Profile.rf_nominal_frequency`)."""
+        return self.profile.rf_nominal_frequency if self.is_ring else 0.0
 
     def _design_voltage(self) -> float:
         try:
@@ -372,12 +370,19 @@ class Twin:
     def set_rf_frequency(self, f: float) -> None:
         """RF frequency setpoint [Hz] (limits checked)."""
         with self._lock:
-            self.profile.spec.rf.frequency_limits.check("RF frequency", f, "Hz")
+            self._check_rf_frequency("RF frequency", f)
             self.rf_frequency_setpoint = float(f)
             if self.is_6d:
                 self.ring.set_rf_frequency(self.rf_frequency_setpoint + self.errors.rf_frequency)
                 self._engine_gen = -1
             self._touch()
+
+    def _check_rf_frequency(self, name: str, f: float) -> None:
+        """Refuse an RF frequency outside the profile's ``rf.frequency_limits`` or, in a ring, not > 0."""
+        self.profile.spec.rf.frequency_limits.check(name, f, "Hz")
+        if self.is_ring and not float(f) > 0:
+            raise LimitError(f"{name}: {f} Hz refused: an RF frequency must be > 0 Hz (nominal {self._f0:.9g} Hz); "
+                             "set rf.frequency_limits in the profile to bound it")
 
     def set_rf_voltage(self, v: float) -> None:
         """RF voltage setpoint [V] (limits checked)."""
@@ -840,7 +845,7 @@ class Twin:
             plan = []
             for n, v in values.items():
                 if n == "RF:frequency":
-                    self.profile.spec.rf.frequency_limits.check(n, v, "Hz")
+                    self._check_rf_frequency(n, v)
                     plan.append((self.set_rf_frequency, (v,)))
                 elif n == "RF:voltage":
                     self.profile.spec.rf.voltage_limits.check(n, v, "V")
