@@ -4,9 +4,11 @@ resonance line, corrections that stop unconverged. On one EBS cell (``tests/prof
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import same
 
 import acc_bluesky as ab
 from acc_bluesky.analysis import TuneCorrection, TuneResponse, model_tune_response
@@ -18,7 +20,6 @@ from acc_bluesky.plans.optics import (
     measure_tune_response,
 )
 from acc_bluesky.twin import Twin
-from helpers import same
 
 HMBA = "tests/profiles/hmba/profile.yaml"
 
@@ -31,7 +32,7 @@ def _hmba():
 @pytest.fixture(scope="module")
 def _tight(tmp_path_factory):
     """The cell with QF1 0.254 A below its upper limit (half its default step) and QD2 0.297 A above its lower one."""
-    text = open(HMBA).read()
+    text = Path(HMBA).read_text()
     for name, new in (("QF1", "[-300, 254.2]"), ("QD2", "[-267.5, 300]")):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{name}:"))
         text = text.replace(line, line.replace("limits: [-300, 300]", f"limits: {new}"))
@@ -73,7 +74,7 @@ def _truth_response(profile, families, setpoints, delta):
     return out
 
 
-def _caught(RE, plan):  # noqa: N803
+def _caught(RE, plan):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         uid = RE(plan).plan_result
@@ -82,7 +83,7 @@ def _caught(RE, plan):  # noqa: N803
 
 # ----------------------------------------------------------------------------------------------------
 # D6: default steps within the limits
-def test_default_step_capped_to_the_headroom_and_still_measures_the_truth(tight, RE, catalog):  # noqa: N803
+def test_default_step_capped_to_the_headroom_and_still_measures_the_truth(tight, RE, catalog):
     """QF1 half its default step (0.54 A for dQ 2e-3) below its upper limit: the step is capped to the headroom, the
     warning names it with the expected dQ, and the response still matches the twin's truth (5 %, or the noise)."""
     model = model_tune_response(tight.profile, ["QF1", "QD2"])
@@ -102,7 +103,7 @@ def test_default_step_capped_to_the_headroom_and_still_measures_the_truth(tight,
     assert np.allclose(resp.matrix_hw, truth, rtol=0.05, atol=2e-5 / resp.delta), (resp.matrix_hw, truth)
 
 
-def test_family_at_its_limit_is_left_out_or_refused_when_named(tight, RE, catalog):  # noqa: N803
+def test_family_at_its_limit_is_left_out_or_refused_when_named(tight, RE, catalog):
     tight.twin.set_setpoint("QD2", np.full(2, -267.5))  # at its lower limit: no room for a bipolar step
     before = tight.twin.snapshot()
     uid, msgs = _caught(RE, measure_tune_response(tight, figure_dir=False))
@@ -130,7 +131,7 @@ def test_family_at_its_limit_is_left_out_or_refused_when_named(tight, RE, catalo
     assert np.all(np.abs(tight.twin.tunes() - tgt) <= 2e-4)
 
 
-def test_correct_tune_on_the_spot_measures_only_the_model_pair(hmba, RE, catalog):  # noqa: N803
+def test_correct_tune_on_the_spot_measures_only_the_model_pair(hmba, RE, catalog):
     q0 = hmba.twin.tunes()
     tgt = (round(float(q0[0]) + 0.01, 4), round(float(q0[1]) - 0.01, 4))
     pair = model_tune_response(hmba.profile).best_pair()
@@ -142,7 +143,7 @@ def test_correct_tune_on_the_spot_measures_only_the_model_pair(hmba, RE, catalog
     assert np.all(np.abs(hmba.twin.tunes() - tgt) <= 2e-4)  # truth: tol 1e-4 on the reading + noise 1e-5
 
 
-def test_correct_tune_on_the_spot_on_ebs_uses_the_model_pair(machine, RE, catalog):  # noqa: N803
+def test_correct_tune_on_the_spot_on_ebs_uses_the_model_pair(machine, RE, catalog):
     """EBS: the pair is the model's best-conditioned one, the same as the best pair of the fully measured response
     (the behaviour before only the pair was measured)."""
     q0 = machine.twin.tunes()
@@ -166,7 +167,7 @@ def _closer_lines(monkeypatch, m, distance):
     monkeypatch.setattr(m.profile, "tool_defaults", defaults)
 
 
-def test_small_moves_near_the_working_points_own_resonance_are_allowed(hmba, RE, monkeypatch):  # noqa: N803
+def test_small_moves_near_the_working_points_own_resonance_are_allowed(hmba, RE, monkeypatch):
     """The cell's tunes are 0.0387 from 2 qx - qy = 0; with resonance_distance 0.04 (as PETRA III's 0.0056 against
     0.01) its own working point and a move along the line are allowed, a move towards it is refused."""
     _closer_lines(monkeypatch, hmba, 0.04)
@@ -188,7 +189,7 @@ def test_small_moves_near_the_working_points_own_resonance_are_allowed(hmba, RE,
 
 # ----------------------------------------------------------------------------------------------------
 # D9b: corrections that stop at max_iter
-def test_unconverged_corrections_warn_with_the_distance_left(hmba, RE, catalog):  # noqa: N803
+def test_unconverged_corrections_warn_with_the_distance_left(hmba, RE, catalog):
     q0 = hmba.twin.tunes()
     tgt = (round(float(q0[0]) + 0.05, 4), round(float(q0[1]) - 0.03, 4))  # max_dq 0.02 per iteration: 3 needed
     uid, msgs = _caught(RE, correct_tune(hmba, tgt, families=["QD2", "QF4"], response="model", max_iter=1,

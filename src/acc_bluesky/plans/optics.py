@@ -436,7 +436,7 @@ def _check_resonances(machine: Machine, target: np.ndarray, present: np.ndarray,
     d = machine.profile.tool_defaults("tune_correction")
     order, dist = int(d.get("resonance_order", 3)), float(d.get("resonance_distance", 0.01))
     ok = np.all(np.isfinite(present))
-    for m in range(0, order + 1):
+    for m in range(order + 1):
         for n in range(-order, order + 1):
             if not 1 <= abs(m) + abs(n) <= order or (m == 0 and n < 0):
                 continue
@@ -496,10 +496,12 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
     Args:
         machine: the connected machine.
         target: fractional tunes (qx, qy), each in (0, 1).
-        families: quadrupole families to use (default: the best-conditioned pair of the response, by SVD).
-        response: ``None`` (measure it now, as its own ``tune_response`` run), ``"model"`` (pyAT, design lattice
-            at the present setpoints), a :class:`~acc_bluesky.analysis.TuneResponse`, or a run of
-            ``measure_tune_response``.
+        families: quadrupole families to use (default: the best-conditioned pair of the response, by SVD; with
+            ``response=None`` the pair is chosen from the model, among the families that can be measured within
+            their limits).
+        response: ``None`` (measure it now, as its own ``tune_response`` run of only the families used),
+            ``"model"`` (pyAT, design lattice at the present setpoints), a
+            :class:`~acc_bluesky.analysis.TuneResponse`, or a run of ``measure_tune_response``.
         max_iter: maximum number of corrections.
         tol: convergence threshold on each plane [tune units].
         n_avg: tune readings averaged per measurement.
@@ -509,6 +511,11 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
     Stores ``q_history`` (k x 2), ``steps_hw`` (iterations x families, A), ``delta_hw`` (total A per family),
     ``delta_physics`` (m^-2), ``q_before``, ``q_after``, ``converged``. Tool ``tune_correction``. On abort, stop or
     failure the families are put back as they were.
+
+    A target within ``tools.tune_correction.resonance_distance`` (default 0.01) of a resonance line of order <=
+    ``resonance_order`` (default 3) is refused before anything moves if it is closer to that line than the present
+    tunes (read first); moves along or away from a line the working point already sits near are allowed. Ending
+    ``max_iter`` corrections unconverged warns with the distance left.
     """
     tgt = _pair(target, "target")
     if np.any((tgt <= 0) | (tgt >= 1)):
@@ -817,7 +824,8 @@ def correct_chromaticity(machine: Machine, target: tuple[float, float], families
 
     Stores ``xi_history`` (k x 2), ``xi_std_history``, ``steps_hw`` (iterations x families, A), ``delta_hw``,
     ``delta_physics`` (m^-3), ``xi_before``, ``xi_after``, ``converged``. Tool ``chromaticity_correction``.
-    On abort, stop or failure the families and the RF frequency are put back as they were.
+    On abort, stop or failure the families and the RF frequency are put back as they were. Ending ``max_iter``
+    corrections unconverged warns with the distance left.
     """
     tgt = _pair(target, "target")
     _check_iter(max_iter, tol, "chromaticity units")
