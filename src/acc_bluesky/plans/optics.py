@@ -469,8 +469,14 @@ def _present_tunes(machine: Machine, n_avg: int) -> MsgGenerator[np.ndarray]:
     return np.mean(np.asarray(q, dtype=float), axis=0)
 
 
+def _response_advice(kind: str, tool: str) -> str:
+    if kind == "model":
+        return f"use a measured response (response=None or a {tool} run): the model's may differ from the machine's"
+    return "measure the response again at the new working point (response=None)"
+
+
 def _not_converged(what: str, iterations: int, left: np.ndarray, tol: float, units: str, advice: str) -> None:
-    warnings.warn(f"{what}: not converged after {iterations} correction(s) (max_iter): still "
+    warnings.warn(f"{what}: not converged after {iterations} correction(s) (max_iter={iterations}): still "
                   f"({left[0]:+.3g}, {left[1]:+.3g}){units} from the target, tol {tol:g}. {advice}",
                   RuntimeWarning, stacklevel=3)
 
@@ -585,8 +591,8 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
         _not_converged("correct_tune", len(steps), left, tol, "", (
             f"Each iteration moves the tunes by at most max_dq = {max_dq:g} per plane (profile "
             f"tools.tune_correction.max_dq), so this change needs at least {need} iterations: give a larger "
-            "max_iter, split the change into smaller steps (intermediate targets), or use a measured response "
-            f"(response=None or a measure_tune_response run; this one was {resp.kind})."))
+            f"max_iter, split the change into smaller steps (intermediate targets), or "
+            f"{_response_advice(resp.kind, 'measure_tune_response')}."))
     steps_a = np.asarray(steps, dtype=float).reshape(-1, len(fams))
     total = steps_a.sum(axis=0)
     qh = np.asarray(q_hist)
@@ -875,9 +881,9 @@ def correct_chromaticity(machine: Machine, target: tuple[float, float], families
         yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info], name="corrections")
     if not converged:
         _not_converged("correct_chromaticity", len(steps_l), tgt - x_hist[-1], tol, "", (
-            "Give a larger max_iter, move in smaller steps (intermediate targets), or use a measured response "
-            f"(response=None or a measure_chromaticity_response run; this one was {resp.kind}); a larger dp_max or "
-            "n_avg makes each measurement less noisy."))
+            "Give a larger max_iter, move in smaller steps (intermediate targets), or "
+            f"{_response_advice(resp.kind, 'measure_chromaticity_response')}; a larger dp_max or n_avg makes each "
+            "measurement less noisy."))
     steps_a = np.asarray(steps_l, dtype=float).reshape(-1, len(fams))
     total = steps_a.sum(axis=0)
     xh = np.asarray(x_hist)
