@@ -35,7 +35,6 @@ from ..analysis.tune import (
     MeasuredTunes,
     TuneResponse,
     model_tune_response,
-    nearest_resonance,
 )
 from ..machine import Machine
 from ..plan_stubs.machine import Record, check_limits
@@ -283,12 +282,75 @@ def measure_tune(machine: Machine, n_avg: int = 1, figure_dir: str | Path | bool
     return MeasuredTunes(r.mean, r.std, r.samples)
 
 
-def _default_tune_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
-    """Steps [A] that move the tunes by about TUNE_RESPONSE_DQ, from the model at the present setpoints."""
-    model = model_tune_response(machine.profile, families, setpoints=setpoints)
-    size = np.max(np.abs(model.matrix_hw), axis=0)
+def _tune_noise(machine: Machine, n_avg: int) -> float:
+    """rms noise [tune units] of a mean of ``n_avg`` tune readings (profile ``errors.tune_noise``)."""
+    return float(machine.profile.spec.errors.tune_noise) / np.sqrt(max(int(n_avg), 1))
+
+
+def _headroom(machine: Machine, name: str, base: np.ndarray, bipolar: bool) -> float:
+    """Largest step [A] of every in-service magnet of family ``name`` from ``base`` that stays within its limits
+    (both ways if ``bipolar``); negative if a magnet is already outside."""
+    fam = machine.families[name]
+    lim = fam.limits
+    v = np.asarray(base, dtype=float)[np.asarray(fam.good, dtype=bool)]
+    if lim is None or v.size == 0:
+        return float("inf")
+    room = lim.high - v
+    if bipolar:
+        room = np.minimum(room, v - lim.low)
+    return float(np.min(room))
+
+
+def _tune_step_plan(machine: Machine, families: list[str], base: dict[str, np.ndarray], bipolar: bool,
+                    model: TuneResponse) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Default steps [A] of ``families`` from ``model``: each aims at TUNE_RESPONSE_DQ, capped to the headroom of
+    the family's magnets. Returns (aimed step, capped step, expected |dQ| of the capped step, headroom)."""
+    size = np.nan_to_num(np.max(np.abs(model.select(families).matrix_hw), axis=0), nan=0.0)
     with np.errstate(divide="ignore"):
-        return np.where(size > 0, TUNE_RESPONSE_DQ / size, 0.1)
+        aim = np.where(size > 0, TUNE_RESPONSE_DQ / np.where(size > 0, size, 1.0), 0.1)
+    room = np.array([_headroom(machine, n, base[n], bipolar) for n in families])
+    step = np.where(aim > room, np.maximum(room, 0.0) * (1 - 1e-9), aim)  # (1 - 1e-9): rounding stays inside
+    return aim, step, size * step, room
+
+
+def _default_tune_steps(machine: Machine, families: list[str], base: dict[str, np.ndarray], bipolar: bool,
+                        n_avg: int, explicit: bool, defaulted: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Default steps [A] for the families in ``defaulted``, within the limits; the families kept.
+
+    A step capped to the headroom is announced (warning: the step, the cap, the expected dQ). A family whose capped
+    step moves the tunes by less than the tune-monitor noise is left out with a warning, or refused if the caller
+    named it (``explicit``)."""
+    model = model_tune_response(machine.profile, families, setpoints=(yield from _model_setpoints(machine)))
+    aim, step, dq, room = _tune_step_plan(machine, families, base, bipolar, model)
+    noise = _tune_noise(machine, n_avg)
+    weak, capped, dropped = [], [], set()
+    for j, n in enumerate(families):
+        if n not in defaulted:
+            continue
+        lim = machine.families[n].limits
+        if step[j] <= 0 or dq[j] < noise:
+            dropped.add(n)
+            weak.append(f"{n} (headroom {room[j]:.4g} A to the limits [{lim.low:g}, {lim.high:g}] A: step "
+                        f"{step[j]:.4g} A, expected dQ {dq[j]:.2e})")
+        elif step[j] < aim[j]:
+            capped.append(f"{n}: {aim[j]:.4g} A -> {step[j]:.4g} A (limits [{lim.low:g}, {lim.high:g}] A), expected "
+                          f"dQ {dq[j]:.2e} instead of {TUNE_RESPONSE_DQ:g}")
+    why = (f"moves the tunes by less than the tune-monitor noise ({noise:.1e} rms for n_avg={n_avg}, profile "
+           "errors.tune_noise) within its limits")
+    if weak and explicit:
+        raise ValueError(f"measure_tune_response: {len(weak)} family(ies) cannot be measured: the largest step "
+                         f"{'both ways ' if bipolar else ''}{why}: {'; '.join(weak)}. Leave them out of 'families', "
+                         "give their step in 'delta', raise n_avg, or check the setpoints and the profile's limits. "
+                         "Nothing was moved.")
+    if capped:
+        warnings.warn(f"measure_tune_response: the default step of {len(capped)} family(ies) was capped to the "
+                      f"limits (the tune change is smaller than {TUNE_RESPONSE_DQ:g}, the response noisier): "
+                      f"{'; '.join(capped)}", RuntimeWarning, stacklevel=2)
+    if weak:
+        warnings.warn(f"measure_tune_response: leaving out {len(weak)} family(ies) whose largest step {why}: "
+                      f"{'; '.join(weak)}", RuntimeWarning, stacklevel=2)
+    keep = [n for n in families if n not in dropped]
+    return np.array([step[families.index(n)] for n in keep]), keep
 
 
 @tool("tune_response", restore=_family_restore("quadrupole", rf=False), ring_only=_RING_ONLY_TUNE,
@@ -306,7 +368,12 @@ def measure_tune_response(machine: Machine, families: Sequence[str] | str | None
         machine: the connected machine.
         families: family names (default: every quadrupole family of the machine).
         delta: half step [A]: one value, one per family, or ``{family: A}``. Default: sized from the model so that
-            each step moves the tunes by about 2e-3.
+            each step moves the tunes by about 2e-3, capped to the headroom of the family's magnets to their limits
+            (a warning gives the capped step and the tune change expected from it). A family whose largest step
+            within the limits would move the tunes by less than the tune-monitor noise (profile
+            ``errors.tune_noise``, divided by sqrt(n_avg)) is left out with a warning naming it; if ``families``
+            named it, the plan refuses before anything moves. Steps given here are never capped: a step past the
+            limits is refused.
         bipolar: step both ways (central difference) or only ``+delta`` (against the reference reading).
         n_avg: tune readings averaged per point.
         figure_dir: folder of the figure ``response`` (bars per family, per A); ``False``: none.
@@ -318,8 +385,16 @@ def measure_tune_response(machine: Machine, families: Sequence[str] | str | None
     fams = resolve_families(machine, families, "quadrupole")
     n_avg = _check_n_avg(n_avg)
     base = yield from family_setpoints(machine, fams)
-    default = _default_tune_steps(machine, fams, (yield from _model_setpoints(machine))) \
-        if _needs_default(delta, fams) else np.zeros(len(fams))
+    if _needs_default(delta, fams):
+        given = set(delta) if isinstance(delta, dict) else set()
+        default, fams = yield from _default_tune_steps(machine, fams, base, bipolar, n_avg, families is not None,
+                                                       [n for n in fams if n not in given])
+        if not fams:
+            raise ValueError("measure_tune_response: no quadrupole family can be stepped enough within its limits "
+                             "to see the tunes move (see the warning above); give the steps in 'delta' or check "
+                             "the setpoints and the profile's limits. Nothing was moved.")
+    else:
+        default = np.zeros(len(fams))
     d = _steps(delta, fams, default, "measure_tune_response")
     _check_steps(machine, fams, base, d, bipolar, "measure_tune_response")
     units = _physics_units(machine, fams)
@@ -348,18 +423,62 @@ def measure_tune_response(machine: Machine, families: Sequence[str] | str | None
     return _result(res, _TUNE_RESPONSE_KEYS, value=resp, dQ_dK=(f"1/({pu})", _TUNE_RESPONSE_KEYS["dQ_dK"][1]))
 
 
-def _check_resonances(machine: Machine, target: np.ndarray) -> None:
-    """Refuse a working point too close to a resonance (profile ``tools.tune_correction.resonance_order``, default
-    3, and ``resonance_distance`` [tune units], default 0.01): stepping quadrupoles there loses the beam."""
+def _line(m: int, n: int) -> str:
+    return " + ".join(t for t in (f"{m} qx" if m else "", f"{n} qy" if n else "") if t).replace("+ -", "- ")
+
+
+def _check_resonances(machine: Machine, target: np.ndarray, present: np.ndarray, margin: float) -> None:
+    """Refuse a target that moves the working point towards a resonance line and ends too close to it (profile
+    ``tools.tune_correction.resonance_order``, default 3, and ``resonance_distance`` [tune units], default 0.01):
+    stepping quadrupoles there loses the beam. A line the present tunes are already that close to (a machine's own
+    working point) only refuses a target that is closer to it than the present tunes by more than ``margin`` (the
+    tune reading's resolution): small moves along or away from the line are allowed."""
     d = machine.profile.tool_defaults("tune_correction")
     order, dist = int(d.get("resonance_order", 3)), float(d.get("resonance_distance", 0.01))
-    gap, (m, n, p) = nearest_resonance(float(target[0]), float(target[1]), order)
-    if gap < dist:
-        line = " + ".join(t for t in (f"{m} qx" if m else "", f"{n} qy" if n else "") if t).replace("+ -", "- ")
-        raise ValueError(f"correct_tune: target ({target[0]:g}, {target[1]:g}) is {gap:.4f} from the resonance "
-                         f"{line} = {p} (order {abs(m) + abs(n)}); targets within {dist:g} of a resonance of order <= "
-                         f"{order} are refused (profile tools.tune_correction.resonance_distance / resonance_order). "
-                         "Nothing was moved.")
+    ok = np.all(np.isfinite(present))
+    for m in range(order + 1):
+        for n in range(-order, order + 1):
+            if not 1 <= abs(m) + abs(n) <= order or (m == 0 and n < 0):
+                continue
+            norm = float(np.hypot(m, n))
+            v = m * target[0] + n * target[1]
+            p = round(v)
+            gap = abs(v - p) / norm
+            if gap >= dist:
+                continue
+            now = abs(m * present[0] + n * present[1] - p) / norm if ok else float("inf")
+            if gap >= now - margin:  # not moving towards the line (within the reading's resolution)
+                continue
+            here = (f"the present tunes ({present[0]:.4f}, {present[1]:.4f}) are {now:.4f} from it, the target moves "
+                    "towards it" if ok else "the present tunes could not be read")
+            raise ValueError(
+                f"correct_tune: target ({target[0]:g}, {target[1]:g}) is {gap:.4f} from the resonance "
+                f"{_line(m, n)} = {p} (order {abs(m) + abs(n)}); {here}. A target within {dist:g} of a resonance "
+                f"of order <= {order} is refused if it is closer to the line than the present tunes (by more than "
+                f"{margin:.1e}) (profile tools.tune_correction.resonance_distance / resonance_order). Choose a "
+                "target farther from the line. Nothing was moved.")
+
+
+def _present_tunes(machine: Machine, n_avg: int) -> MsgGenerator[np.ndarray]:
+    """The tunes now (mean of ``n_avg`` readings), read outside any run (nothing recorded)."""
+    q = []
+    for _ in range(n_avg):
+        qx = yield from bps.rd(machine.tune.x)
+        qy = yield from bps.rd(machine.tune.y)
+        q.append((np.nan if qx is None else float(qx), np.nan if qy is None else float(qy)))
+    return np.mean(np.asarray(q, dtype=float), axis=0)
+
+
+def _response_advice(kind: str, tool: str) -> str:
+    if kind == "model":
+        return f"use a measured response (response=None or a {tool} run): the model's may differ from the machine's"
+    return "measure the response again at the new working point (response=None)"
+
+
+def _not_converged(what: str, iterations: int, left: np.ndarray, tol: float, units: str, advice: str) -> None:
+    warnings.warn(f"{what}: not converged after {iterations} correction(s) (max_iter={iterations}): still "
+                  f"({left[0]:+.3g}, {left[1]:+.3g}){units} from the target, tol {tol:g}. {advice}",
+                  RuntimeWarning, stacklevel=3)
 
 
 @thread_safe_figure
@@ -383,10 +502,12 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
     Args:
         machine: the connected machine.
         target: fractional tunes (qx, qy), each in (0, 1).
-        families: quadrupole families to use (default: the best-conditioned pair of the response, by SVD).
-        response: ``None`` (measure it now, as its own ``tune_response`` run), ``"model"`` (pyAT, design lattice
-            at the present setpoints), a :class:`~acc_bluesky.analysis.TuneResponse`, or a run of
-            ``measure_tune_response``.
+        families: quadrupole families to use (default: the best-conditioned pair of the response, by SVD; with
+            ``response=None`` the pair is chosen from the model, among the families that can be measured within
+            their limits).
+        response: ``None`` (measure it now, as its own ``tune_response`` run of only the families used),
+            ``"model"`` (pyAT, design lattice at the present setpoints), a
+            :class:`~acc_bluesky.analysis.TuneResponse`, or a run of ``measure_tune_response``.
         max_iter: maximum number of corrections.
         tol: convergence threshold on each plane [tune units].
         n_avg: tune readings averaged per measurement.
@@ -396,21 +517,42 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
     Stores ``q_history`` (k x 2), ``steps_hw`` (iterations x families, A), ``delta_hw`` (total A per family),
     ``delta_physics`` (m^-2), ``q_before``, ``q_after``, ``converged``. Tool ``tune_correction``. On abort, stop or
     failure the families are put back as they were.
+
+    A target within ``tools.tune_correction.resonance_distance`` (default 0.01) of a resonance line of order <=
+    ``resonance_order`` (default 3) is refused before anything moves if it is closer to that line than the present
+    tunes (read first); moves along or away from a line the working point already sits near are allowed. Ending
+    ``max_iter`` corrections unconverged warns with the distance left.
     """
     tgt = _pair(target, "target")
     if np.any((tgt <= 0) | (tgt >= 1)):
         raise ValueError(f"target must be fractional tunes in (0, 1), got {tuple(tgt)}; e.g. for Q = 76.21 give 0.21")
-    _check_resonances(machine, tgt)
     _check_iter(max_iter, tol, "tune units")
     n_avg = _check_n_avg(n_avg)
     if families is not None:
         families = resolve_families(machine, families, "quadrupole")
         if len(families) < 2:
             raise ValueError(f"correcting two tunes needs at least two families, got {families}")
+    present = yield from _present_tunes(machine, n_avg)
+    _check_resonances(machine, tgt, present, max(tol, 3 * _tune_noise(machine, n_avg)))
+
     def measure(m, fams):
         return measure_tune_response(m, fams, n_avg=n_avg)
 
-    resp = yield from _response(machine, response, TuneResponse, families, measure, model_tune_response)
+    to_measure = families
+    if response is None and families is None:
+        # measure only the pair the correction will use: the best-conditioned pair of the model among the
+        # families whose default step (capped to the limits) moves the tunes by more than the monitor noise
+        model = yield from _response(machine, "model", TuneResponse, None, measure, model_tune_response)
+        base = yield from family_setpoints(machine, model.families)
+        _, _, dq, _ = _tune_step_plan(machine, model.families, base, True, model)
+        usable = [n for j, n in enumerate(model.families) if dq[j] >= max(_tune_noise(machine, n_avg), 1e-300)]
+        if len(usable) < 2:
+            raise ValueError(f"correct_tune: fewer than two quadrupole families ({usable}) can be stepped within "
+                             "their limits enough to measure their tune response; give 'families' and 'response' "
+                             "(e.g. response='model'), or check the setpoints and the profile's limits. Nothing "
+                             "was moved.")
+        to_measure = list(model.best_pair(allowed=usable))
+    resp = yield from _response(machine, response, TuneResponse, to_measure, measure, model_tune_response)
     fams = list(families) if families is not None else list(resp.best_pair())
     sub = resp.select(fams)
     snap = yield from family_setpoints(machine, fams)
@@ -443,6 +585,14 @@ def correct_tune(machine: Machine, target: tuple[float, float], families: Sequen
         current = new
         steps.append(step)
         yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info], name="corrections")
+    if not converged:
+        left = tgt - q_hist[-1]
+        need = int(np.ceil(np.max(np.abs(tgt - q_hist[0])) / max_dq))
+        _not_converged("correct_tune", len(steps), left, tol, "", (
+            f"Each iteration moves the tunes by at most max_dq = {max_dq:g} per plane (profile "
+            f"tools.tune_correction.max_dq), so this change needs at least {need} iterations: give a larger "
+            f"max_iter, split the change into smaller steps (intermediate targets), or "
+            f"{_response_advice(resp.kind, 'measure_tune_response')}."))
     steps_a = np.asarray(steps, dtype=float).reshape(-1, len(fams))
     total = steps_a.sum(axis=0)
     qh = np.asarray(q_hist)
@@ -680,7 +830,8 @@ def correct_chromaticity(machine: Machine, target: tuple[float, float], families
 
     Stores ``xi_history`` (k x 2), ``xi_std_history``, ``steps_hw`` (iterations x families, A), ``delta_hw``,
     ``delta_physics`` (m^-3), ``xi_before``, ``xi_after``, ``converged``. Tool ``chromaticity_correction``.
-    On abort, stop or failure the families and the RF frequency are put back as they were.
+    On abort, stop or failure the families and the RF frequency are put back as they were. Ending ``max_iter``
+    corrections unconverged warns with the distance left.
     """
     tgt = _pair(target, "target")
     _check_iter(max_iter, tol, "chromaticity units")
@@ -728,6 +879,11 @@ def correct_chromaticity(machine: Machine, target: tuple[float, float], families
         steps_l.append(step)
         info.update(point=-1, df=0.0, dp=0.0, iteration=it + 1)
         yield from bps.trigger_and_read([machine.families[n].setpoints for n in fams] + [info], name="corrections")
+    if not converged:
+        _not_converged("correct_chromaticity", len(steps_l), tgt - x_hist[-1], tol, "", (
+            "Give a larger max_iter, move in smaller steps (intermediate targets), or "
+            f"{_response_advice(resp.kind, 'measure_chromaticity_response')}; a larger dp_max or n_avg makes each "
+            "measurement less noisy."))
     steps_a = np.asarray(steps_l, dtype=float).reshape(-1, len(fams))
     total = steps_a.sum(axis=0)
     xh = np.asarray(x_hist)
