@@ -732,12 +732,23 @@ def measure_chromaticity(machine: Machine, dp_max: float | None = None, steps: i
                              "during the chromaticity scan"))
 
 
-def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray]) -> np.ndarray:
-    """Steps [A] that move the chromaticities by about CHROMATICITY_RESPONSE_DXI, from the model."""
+def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[str, np.ndarray],
+                         base: dict[str, np.ndarray], bipolar: bool) -> np.ndarray:
+    """Steps [A] that move the chromaticities by about CHROMATICITY_RESPONSE_DXI, from the model, capped to the
+    headroom of each family's magnets to their limits (a warning names the capped families and the expected
+    change)."""
     model = model_chromaticity_response(machine.profile, families, setpoints=setpoints)
-    size = np.max(np.abs(model.matrix_hw), axis=0)
+    size = np.nan_to_num(np.max(np.abs(model.matrix_hw), axis=0), nan=0.0)
     with np.errstate(divide="ignore"):
-        return np.where(size > 0, CHROMATICITY_RESPONSE_DXI / size, 1.0)
+        aim = np.where(size > 0, CHROMATICITY_RESPONSE_DXI / np.where(size > 0, size, 1.0), 1.0)
+    room = np.array([_headroom(machine, n, base[n], bipolar) for n in families])
+    step = np.where(aim > room, np.maximum(room, 0.0) * (1 - 1e-9), aim)
+    capped = [f"{n}: {a:.4g} A -> {s:.4g} A (expected dxi {z * s:.2g})"
+              for n, a, s, z in zip(families, aim, step, size) if s < a]
+    if capped:
+        warnings.warn(f"measure_chromaticity_response: the default step of {len(capped)} family(ies) was capped to "
+                      f"the room left to their limits: {'; '.join(capped)}. Give 'delta' to choose it.", stacklevel=3)
+    return step
 
 
 @tool("chromaticity_response", restore=_family_restore("sextupole", rf=True), ring_only=_RING_ONLY_CHROM,
@@ -771,7 +782,7 @@ def measure_chromaticity_response(machine: Machine, families: Sequence[str] | st
     dp_max, steps, order = _chrom_settings(machine, dp_max, steps, order)
     n_avg = _check_n_avg(n_avg)
     base = yield from family_setpoints(machine, fams)
-    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine))) \
+    default = _default_chrom_steps(machine, fams, (yield from _model_setpoints(machine)), base, bipolar) \
         if _needs_default(delta, fams) else np.zeros(len(fams))
     d = _steps(delta, fams, default, "measure_chromaticity_response")
     _check_steps(machine, fams, base, d, bipolar, "measure_chromaticity_response")
