@@ -478,3 +478,63 @@ def test_chromaticity_to_a_target_1_away(generated, run_engine, lat):
     run_engine(ap.correct_chromaticity(m, target=tuple(target), families=_pair(m.profile, "sextupole"),
                                        response="model", steps=3, order=1, max_iter=2, figure_dir=False))
     assert np.max(np.abs(m.twin.chromaticity() - target)) < 0.2
+
+
+def test_petra_skew_quadrupoles_are_rolled_normal_ones_and_their_errors_add_to_the_roll(generated):
+    """PETRA III's 16 ``qs`` magnets are normal quadrupoles rolled by -45 degrees in the file: design tilts, not
+    errors (the generator sizes the alignment errors as for any ring), driven through their own gradient
+    (PolynomB[1], a skew gradient in the lab frame), and a roll error adds to the tilt instead of replacing it."""
+    import math
+
+    from acc_bluesky.profile.loader import design_tilt_angle
+
+    prof = ab.load_profile(generated["petra3_p3x_v24"])
+    fam = prof.families["qs"]
+    assert (fam.spec.type, fam.spec.field, len(fam)) == ("skew", "PolynomB[1]", 16)
+    assert not any("already shifts or rolls" in n for n in prof.spec.generated.notes)
+    twin = ab.Twin(prof, seed=1, error_scale=0.3)
+    design = prof.load_lattice()
+    for r in fam.refpts.tolist():
+        tilt = design_tilt_angle(design[r].R1)
+        assert tilt == pytest.approx(-math.pi / 4, abs=1e-12)
+        e = twin.ring[r]
+        got = math.atan2(e.R1[0, 2], e.R1[0, 0])
+        assert got == pytest.approx(tilt + twin.errors.roll.get(r, 0.0), abs=1e-12)
+        assert twin.errors.roll.get(r, 0.0) != 0.0
+    # the family couples the planes: x-y block of the one-turn map from 2e-9 to > 1 for a 20 A step; a normal
+    # quadrupole family's step of the same size leaves it at zero
+    ideal = ab.Twin(prof, seed=1, error_scale=0)
+
+    def coupling(t):
+        m44, _ = at.find_m44(t.ring)
+        return float(np.linalg.norm(m44[0:2, 2:4]))
+
+    assert coupling(ideal) < 1e-6
+    ideal.set_setpoint("qs", ideal.get_setpoint("qs") + 20.0)
+    assert coupling(ideal) > 1.0
+
+
+def test_design_tilt_angle():
+    import math
+
+    from acc_bluesky.profile.loader import design_tilt_angle, rotated_skew
+
+    def rot(theta):
+        c, s = math.cos(theta), math.sin(theta)
+        r = np.eye(6)
+        r[0, 0] = r[1, 1] = r[2, 2] = r[3, 3] = c
+        r[0, 2] = r[1, 3] = s
+        r[2, 0] = r[3, 1] = -s
+        return r
+
+    assert design_tilt_angle(rot(math.pi / 4)) == pytest.approx(math.pi / 4)
+    assert design_tilt_angle(rot(-math.pi / 2)) == pytest.approx(-math.pi / 2)
+    assert design_tilt_angle(rot(1e-3)) is None  # a roll error
+    shear = rot(math.pi / 4)
+    shear[0, 1] = 0.1
+    assert design_tilt_angle(shear) is None and design_tilt_angle(np.eye(4)) is None and design_tilt_angle(None) is None
+    quad = at.Quadrupole("q", 0.3, 0.0)
+    quad.R1, quad.R2 = rot(math.pi / 4), rot(-math.pi / 4)
+    assert rotated_skew(quad)
+    quad.R1 = rot(math.pi / 2)
+    assert not rotated_skew(quad)

@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 
 from .lattice_io import read_lattice
-from .loader import ASSUMED_RF_FREQUENCY, assumed_harmonic_number
+from .loader import ASSUMED_RF_FREQUENCY, assumed_harmonic_number, design_tilt_angle, rotated_skew
 
 __all__ = ["generate_profile", "write_profile", "dump_profile", "guess_kind", "plane_from_name", "parse_twiss_in",
            "carries_misalignments", "kick_response", "corrector_kicks_needed", "BPM_NAME", "NOT_BPM_NAME"]
@@ -70,7 +70,8 @@ def _load(path: Path, **kw):
 
 
 def carries_misalignments(ring) -> int:
-    """How many elements of ``ring`` the file already shifts or rolls (T1/T2/R1/R2 not identity)."""
+    """How many elements of ``ring`` the file already shifts or rolls (T1/T2 not zero, R1 not identity), design
+    tilts aside (:func:`~acc_bluesky.profile.loader.design_tilt_angle`: rotations by multiples of 45 degrees)."""
     n = 0
     eye = np.eye(6)
     for e in ring:
@@ -81,7 +82,7 @@ def carries_misalignments(ring) -> int:
                 break
         else:
             v = getattr(e, "R1", None)
-            if v is not None and not np.array_equal(np.asarray(v), eye):
+            if v is not None and not np.array_equal(np.asarray(v), eye) and design_tilt_angle(v) is None:
                 n += 1
     return n
 
@@ -458,9 +459,13 @@ _UNITS = {1: "m^-2", 2: "m^-3", 3: "m^-4"}
 def _magnet_groups(table: _Table) -> list[tuple[str, str, int, list[int]]]:
     """(type, attr, index, element indices) per kind of magnet, before grouping into families."""
     kinds: dict[tuple[str, str, int], list[int]] = {}
-    for i in table.of("Quadrupole"):  # a skew quadrupole: named so, without a normal gradient
-        skew = _SKEW_NAME.fullmatch(table.name[i]) and table.value(i, "PolynomB", 1) == 0.0
-        k = ("skew", "PolynomA", 1) if skew else ("quadrupole", "PolynomB", 1)
+    for i in table.of("Quadrupole"):  # a skew quadrupole: named so, without a normal gradient, or rolled by 45 deg
+        e = table.ring[i]
+        if rotated_skew(e):  # a normal quadrupole rolled by design: its own gradient is the skew one
+            k = ("skew", "PolynomB", 1)
+        else:
+            skew = _SKEW_NAME.fullmatch(table.name[i]) and table.value(i, "PolynomB", 1) == 0.0
+            k = ("skew", "PolynomA", 1) if skew else ("quadrupole", "PolynomB", 1)
         kinds.setdefault(k, []).append(i)
     for i in table.of("Sextupole"):
         kinds.setdefault(("sextupole", "PolynomB", 2), []).append(i)

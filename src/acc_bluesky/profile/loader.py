@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -81,6 +83,33 @@ def _acts(passmethod: str, attr: str) -> bool:
     if attr in ("PolynomA", "PolynomB"):
         return "MPole" in pm or "Multipole" in pm or "Bend" in pm
     return True
+
+
+def design_tilt_angle(r1: Any) -> float | None:
+    """The angle [rad] of an element's entrance rotation ``R1`` when it is a design tilt, not an error: a pure x-y
+    rotation by a multiple of 45 degrees (a skew quadrupole built as a rolled normal one, a vertical bend rolled by
+    90 degrees); else None. pyAT's convention (``at.tilt_elem``): ``R1[0, 2] = sin(angle)``."""
+    if r1 is None:
+        return None
+    r = np.asarray(r1, dtype=float)
+    if r.shape != (6, 6):
+        return None
+    theta = math.atan2(r[0, 2], r[0, 0])
+    quarter = math.pi / 4
+    if abs(theta / quarter - round(theta / quarter)) > 1e-6:
+        return None
+    c, s = math.cos(theta), math.sin(theta)
+    rot = np.eye(6)
+    rot[0, 0] = rot[1, 1] = rot[2, 2] = rot[3, 3] = c
+    rot[0, 2] = rot[1, 3] = s
+    rot[2, 0] = rot[3, 1] = -s
+    return theta if np.allclose(r, rot, atol=1e-9) else None
+
+
+def rotated_skew(e) -> bool:
+    """A quadrupole rolled by an odd multiple of 45 degrees (by design): its normal gradient is a skew one."""
+    theta = design_tilt_angle(getattr(e, "R1", None))
+    return theta is not None and round(theta / (math.pi / 4)) % 2 == 1
 
 
 def _field_value(e, attr: str, index: int | None) -> float:
@@ -298,7 +327,8 @@ class Profile:
                 f"{self.path}: key '{key}': {spec.field!r} has no effect as the field of a {spec.type} family "
                 f"{fname!r} (a {spec.type} family drives {_TYPE_HINT[spec.type]}); fix the field, or use type: "
                 "magnet for another multipole")
-        if spec.type == "skew" and attr != "PolynomA":
+        if spec.type == "skew" and attr != "PolynomA" and not (
+                (attr, index) == ("PolynomB", 1) and all(rotated_skew(ring[int(r)]) for r in refs.tolist())):
             raise ProfileError(f"{self.path}: key '{key}': {spec.field!r} is not a skew field of family {fname!r} "
                                "(a skew family drives PolynomA[n])")
         seen: set[str] = set()

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..profile import Profile
+from ..profile.loader import design_tilt_angle
 
 __all__ = [
     "ErrorModel",
@@ -216,14 +217,24 @@ class OrbitCheck:
     y: np.ndarray | None = _field(default=None, repr=False)
 
 
+def design_roll(e) -> float:
+    """The design tilt [rad] an element carries in the lattice file (a 45-degree skew quadrupole...), which a roll
+    error adds to, never replaces; 0 for an element without one."""
+    theta = design_tilt_angle(getattr(e, "R1", None))
+    return 0.0 if theta is None else float(theta)
+
+
 def _apply_errors(ring, em: ErrorModel) -> None:
     """Write ``em``'s alignment and main-field errors into ``ring`` as the twin does (at design setpoints)."""
     import at
 
-    for r in sorted(set(em.dx) | set(em.dy)):
+    shifted = sorted(set(em.dx) | set(em.dy))
+    # a design tilt of the file (read first: pyAT's shift_elem resets the rotation) is kept, a roll adds to it
+    tilts = {r: design_roll(ring[r]) for r in sorted(set(shifted) | set(em.roll))}
+    for r in shifted:
         at.shift_elem(ring[r], em.dx.get(r, 0.0), em.dy.get(r, 0.0))
-    for r in sorted(em.roll):
-        at.tilt_elem(ring[r], em.roll[r])
+    for r in sorted(em.roll.keys() | {r for r, t in tilts.items() if t}):
+        at.tilt_elem(ring[r], tilts[r] + em.roll.get(r, 0.0))
     for r in sorted(em.field):
         e = ring[r]
         main = {"Quadrupole": 1, "Sextupole": 2, "Octupole": 3}.get(type(e).__name__)
@@ -244,7 +255,9 @@ class _Alignment:
     by the roll, scaled by ``s``, in place (pyAT's converted lattice stays valid with ``keep_lattice``). This is
     pyAT's ``shift_elem``/``tilt_elem`` but for the small translation a roll adds on a bend (second order here)."""
 
-    def __init__(self, ring, em: ErrorModel):
+    def __init__(self, ring, em: ErrorModel, tilts: dict[int, float] | None = None):
+        """``tilts``: the design tilts of the elements [rad] (default: read from ``ring``, which must not carry a
+        roll error yet)."""
         self.items = []
         for r in sorted(set(em.dx) | set(em.dy) | set(em.roll)):
             e = ring[r]
@@ -253,17 +266,18 @@ class _Alignment:
             e.T1 = -t
             e.T2 = t.copy()
             roll = em.roll.get(r, 0.0)
+            tilt = design_roll(e) if tilts is None else tilts.get(r, 0.0)
             if roll:
                 e.R1 = np.eye(6)
                 e.R2 = np.eye(6)
-            self.items.append((e, -t, t.copy(), roll))
+            self.items.append((e, -t, t.copy(), roll, tilt))
 
     def scale(self, s: float) -> None:
-        for e, t1, t2, roll in self.items:
+        for e, t1, t2, roll, tilt in self.items:
             np.multiply(t1, s, out=e.T1)
             np.multiply(t2, s, out=e.T2)
             if roll:
-                c, sn = math.cos(s * roll), math.sin(s * roll)
+                c, sn = math.cos(tilt + s * roll), math.sin(tilt + s * roll)
                 for m, sg in ((e.R1, 1.0), (e.R2, -1.0)):
                     m[0, 0] = m[1, 1] = m[2, 2] = m[3, 3] = c
                     m[0, 2] = m[1, 3] = sg * sn
@@ -408,6 +422,7 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
     from . import _engine
 
     ring = profile.load_lattice()  # one copy for every seed: the errors are rewritten, the fields restored
+    tilts = {i: design_roll(e) for i, e in enumerate(ring) if design_roll(e)}  # before any roll is written
     design: dict[int, np.ndarray] = {}
     limits: dict[int, float] = {}
     for seed in seeds:
@@ -417,7 +432,7 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
         for r, pb in design.items():
             ring[r].PolynomB = pb.copy()
         _apply_errors(ring, ErrorModel(field=unit.field))  # field errors; the alignment is rescaled below
-        align = _Alignment(ring, unit)
+        align = _Alignment(ring, unit, tilts)
         state = {"converted": False}
 
         def ok(s: float, align=align, state=state) -> bool:
