@@ -51,9 +51,7 @@ def rf_frequency_of(lattice, profile: Profile | None = None) -> float:
     try:
         return float(lattice.get_rf_frequency())
     except Exception:  # noqa: BLE001 - no cavity
-        h = None
-        if profile is not None:
-            h = profile.spec.rf.harmonic_number
+        h = profile.rf_harmonic_number[0] if profile is not None and profile.kind == "ring" else None
         h = h or getattr(lattice, "harmonic_number", None) or assumed_harmonic_number(lattice.revolution_frequency)
         return float(h * lattice.revolution_frequency)
 

@@ -48,6 +48,7 @@ from .correction import SvdCorrector, limit_step
 
 __all__ = [
     "INJECTION_KNOBS",
+    "INJECTION_STEP_FLOOR",
     "ThreadingRequest",
     "ThreadingResult",
     "TrajectoryReading",
@@ -268,8 +269,12 @@ def trajectory_noise(profile: Profile, model: TrajectoryResponse) -> FloatArray:
     return np.sqrt((j * jit[None, :]) ** 2 @ np.ones(4) + bpm ** 2)
 
 
+#: smallest half steps of the injection trims x [m], px [rad], y [m], py [rad] in a trajectory response
+INJECTION_STEP_FLOOR = (1e-5, 1e-6, 1e-5, 1e-6)
+
+
 def response_steps(model: TrajectoryResponse, noise: npt.ArrayLike, n_avg: int = 1, *, rel_error: float = 0.05,
-                   floor: float = 1e-5, injection_floor: Sequence[float] = (1e-5, 1e-6, 1e-5, 1e-6),
+                   floor: float = 1e-5, injection_floor: Sequence[float] = INJECTION_STEP_FLOOR,
                    max_excursion: float = 2e-3) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """Half steps that measure each column of a trajectory response to ``rel_error`` (rms, relative) through the
     shot noise: a column measured from two steps of +-d, each reading averaged over ``n_avg`` shots, has an error

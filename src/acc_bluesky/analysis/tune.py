@@ -30,6 +30,8 @@ from ._common import FloatArray, resolve_profile, run_results, run_start
 
 __all__ = [
     "nearest_resonance",
+    "resonance_distance",
+    "resonance_gaps",
     "MODEL_FAMILY_TYPES",
     "FamilyResponse",
     "TuneResponse",
@@ -527,17 +529,27 @@ class TuneCorrection(_Correction):
                 f"{self.iterations} iteration(s), {'converged' if self.converged else 'NOT converged'})")
 
 
-def nearest_resonance(qx: float, qy: float, order: int = 3) -> tuple[float, tuple[int, int, int]]:
-    """Distance [tune units] of the working point (qx, qy) to the nearest resonance line ``m qx + n qy = p`` of
-    order ``|m| + |n| <= order``, and that line ``(m, n, p)``: ``|m qx + n qy - p| / sqrt(m^2 + n^2)``."""
-    best = (float("inf"), (0, 0, 0))
+def resonance_distance(qx: float, qy: float, line: tuple[int, int, int]) -> float:
+    """Distance [tune units] of the working point (qx, qy) to the resonance line ``m qx + n qy = p``:
+    ``|m qx + n qy - p| / sqrt(m^2 + n^2)``."""
+    m, n, p = line
+    return abs(m * qx + n * qy - p) / float(np.hypot(m, n))
+
+
+def resonance_gaps(qx: float, qy: float, order: int = 3) -> list[tuple[float, tuple[int, int, int]]]:
+    """For every resonance ``(m, n)`` of order ``|m| + |n| <= order``, the distance [tune units] of (qx, qy) to its
+    nearest line ``m qx + n qy = p`` and that line ``(m, n, p)``, in a fixed order (m, then n)."""
+    out = []
     for m in range(0, order + 1):
         for n in range(-order, order + 1):
             if not 1 <= abs(m) + abs(n) <= order or (m == 0 and n < 0):
                 continue
-            v = m * qx + n * qy
-            p = round(v)
-            d = abs(v - p) / float(np.hypot(m, n))
-            if d < best[0]:
-                best = (d, (m, n, int(p)))
-    return best
+            line = (m, n, int(round(m * qx + n * qy)))
+            out.append((resonance_distance(qx, qy, line), line))
+    return out
+
+
+def nearest_resonance(qx: float, qy: float, order: int = 3) -> tuple[float, tuple[int, int, int]]:
+    """Distance [tune units] of the working point (qx, qy) to the nearest resonance line ``m qx + n qy = p`` of
+    order ``|m| + |n| <= order``, and that line ``(m, n, p)`` (:func:`resonance_gaps`)."""
+    return min(resonance_gaps(qx, qy, order), key=lambda g: g[0], default=(float("inf"), (0, 0, 0)))

@@ -35,6 +35,8 @@ from ..analysis.tune import (
     MeasuredTunes,
     TuneResponse,
     model_tune_response,
+    resonance_distance,
+    resonance_gaps,
 )
 from ..machine import Machine
 from ..plan_stubs.machine import Record, check_limits
@@ -301,16 +303,25 @@ def _headroom(machine: Machine, name: str, base: np.ndarray, bipolar: bool) -> f
     return float(np.min(room))
 
 
-def _tune_step_plan(machine: Machine, families: list[str], base: dict[str, np.ndarray], bipolar: bool,
-                    model: TuneResponse) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Default steps [A] of ``families`` from ``model``: each aims at TUNE_RESPONSE_DQ, capped to the headroom of
-    the family's magnets. Returns (aimed step, capped step, expected |dQ| of the capped step, headroom)."""
+def _capped_steps(machine: Machine, families: list[str], base: dict[str, np.ndarray], bipolar: bool,
+                  model: FamilyResponse, change: float, fallback: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Default steps [A] of ``families`` from ``model``: each aims at moving its observable by ``change``
+    (``fallback`` [A] for a family the model sees no effect of), capped to the headroom of the family's magnets.
+    Returns (aimed step, capped step, expected |change| of the capped step, headroom)."""
     size = np.nan_to_num(np.max(np.abs(model.select(families).matrix_hw), axis=0), nan=0.0)
     with np.errstate(divide="ignore"):
-        aim = np.where(size > 0, TUNE_RESPONSE_DQ / np.where(size > 0, size, 1.0), 0.1)
+        aim = np.where(size > 0, change / np.where(size > 0, size, 1.0), fallback)
     room = np.array([_headroom(machine, n, base[n], bipolar) for n in families])
     step = np.where(aim > room, np.maximum(room, 0.0) * (1 - 1e-9), aim)  # (1 - 1e-9): rounding stays inside
     return aim, step, size * step, room
+
+
+def _tune_step_plan(machine: Machine, families: list[str], base: dict[str, np.ndarray], bipolar: bool,
+                    model: TuneResponse) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Default steps [A] of ``families`` from ``model``: each aims at TUNE_RESPONSE_DQ, capped to the headroom of
+    the family's magnets (:func:`_capped_steps`)."""
+    return _capped_steps(machine, families, base, bipolar, model, TUNE_RESPONSE_DQ, 0.1)
 
 
 def _default_tune_steps(machine: Machine, families: list[str], base: dict[str, np.ndarray], bipolar: bool,
@@ -436,27 +447,20 @@ def _check_resonances(machine: Machine, target: np.ndarray, present: np.ndarray,
     d = machine.profile.tool_defaults("tune_correction")
     order, dist = int(d.get("resonance_order", 3)), float(d.get("resonance_distance", 0.01))
     ok = np.all(np.isfinite(present))
-    for m in range(order + 1):
-        for n in range(-order, order + 1):
-            if not 1 <= abs(m) + abs(n) <= order or (m == 0 and n < 0):
-                continue
-            norm = float(np.hypot(m, n))
-            v = m * target[0] + n * target[1]
-            p = round(v)
-            gap = abs(v - p) / norm
-            if gap >= dist:
-                continue
-            now = abs(m * present[0] + n * present[1] - p) / norm if ok else float("inf")
-            if gap >= now - margin:  # not moving towards the line (within the reading's resolution)
-                continue
-            here = (f"the present tunes ({present[0]:.4f}, {present[1]:.4f}) are {now:.4f} from it, the target moves "
-                    "towards it" if ok else "the present tunes could not be read")
-            raise ValueError(
-                f"correct_tune: target ({target[0]:g}, {target[1]:g}) is {gap:.4f} from the resonance "
-                f"{_line(m, n)} = {p} (order {abs(m) + abs(n)}); {here}. A target within {dist:g} of a resonance "
-                f"of order <= {order} is refused if it is closer to the line than the present tunes (by more than "
-                f"{margin:.1e}) (profile tools.tune_correction.resonance_distance / resonance_order). Choose a "
-                "target farther from the line. Nothing was moved.")
+    for gap, (m, n, p) in resonance_gaps(float(target[0]), float(target[1]), order):
+        if gap >= dist:
+            continue
+        now = resonance_distance(float(present[0]), float(present[1]), (m, n, p)) if ok else float("inf")
+        if gap >= now - margin:  # not moving towards the line (within the reading's resolution)
+            continue
+        here = (f"the present tunes ({present[0]:.4f}, {present[1]:.4f}) are {now:.4f} from it, the target moves "
+                "towards it" if ok else "the present tunes could not be read")
+        raise ValueError(
+            f"correct_tune: target ({target[0]:g}, {target[1]:g}) is {gap:.4f} from the resonance "
+            f"{_line(m, n)} = {p} (order {abs(m) + abs(n)}); {here}. A target within {dist:g} of a resonance "
+            f"of order <= {order} is refused if it is closer to the line than the present tunes (by more than "
+            f"{margin:.1e}) (profile tools.tune_correction.resonance_distance / resonance_order). Choose a "
+            "target farther from the line. Nothing was moved.")
 
 
 def _present_tunes(machine: Machine, n_avg: int) -> MsgGenerator[np.ndarray]:
@@ -738,13 +742,9 @@ def _default_chrom_steps(machine: Machine, families: list[str], setpoints: dict[
     headroom of each family's magnets to their limits (a warning names the capped families and the expected
     change)."""
     model = model_chromaticity_response(machine.profile, families, setpoints=setpoints)
-    size = np.nan_to_num(np.max(np.abs(model.matrix_hw), axis=0), nan=0.0)
-    with np.errstate(divide="ignore"):
-        aim = np.where(size > 0, CHROMATICITY_RESPONSE_DXI / np.where(size > 0, size, 1.0), 1.0)
-    room = np.array([_headroom(machine, n, base[n], bipolar) for n in families])
-    step = np.where(aim > room, np.maximum(room, 0.0) * (1 - 1e-9), aim)
-    capped = [f"{n}: {a:.4g} A -> {s:.4g} A (expected dxi {z * s:.2g})"
-              for n, a, s, z in zip(families, aim, step, size) if s < a]
+    aim, step, dxi, _ = _capped_steps(machine, families, base, bipolar, model, CHROMATICITY_RESPONSE_DXI, 1.0)
+    capped = [f"{n}: {a:.4g} A -> {s:.4g} A (expected dxi {z:.2g})"
+              for n, a, s, z in zip(families, aim, step, dxi) if s < a]
     if capped:
         warnings.warn(f"measure_chromaticity_response: the default step of {len(capped)} family(ies) was capped to "
                       f"the room left to their limits: {'; '.join(capped)}. Give 'delta' to choose it.", stacklevel=3)

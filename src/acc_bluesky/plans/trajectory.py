@@ -188,7 +188,7 @@ def measure_trajectory_response(machine: Machine, correctors: Any = None, turns:
     sp0 = yield from cv.read()
     d_hw, d_ph = step_sizes(machine, devs, sp0, delta, delta_physics)
     excursion = 2e-3 if machine.profile.kind != "ring" else 0.5e-3  # (a ring's sextupoles: keep the steps linear)
-    sized_c, sized_i, err_c, err_i = response_steps(base, trajectory_noise(machine.profile, base), n_avg,
+    sized_c, sized_i, err_c, _ = response_steps(base, trajectory_noise(machine.profile, base), n_avg,
                                                     floor=float(np.min(np.abs(d_ph))) if len(d_ph) else 1e-5,
                                                     max_excursion=excursion)
     if delta is None and delta_physics is None:  # sized to the noise, per corrector
@@ -205,11 +205,11 @@ def measure_trajectory_response(machine: Machine, correctors: Any = None, turns:
         noisy = [(n, e) for n, e in zip(cv.names, err_c) if e > 0.1]
         if noisy:
             warnings.warn(f"measure_trajectory_response: {len(noisy)} column(s) will be noisy: the step that keeps the "
-                          f"trajectory within 2 mm measures them to only {max(e for _, e in noisy):.0%} "
-                          f"({', '.join(n for n, _ in noisy[:5])}); raise n_avg", stacklevel=2)
-        del err_i
-    inj_d = (np.maximum(sized_i, [1e-5, 1e-6, 1e-5, 1e-6]) if injection_delta is None
-             else np.asarray(injection_delta, dtype=float).reshape(4))
+                          f"trajectory within {excursion * 1e3:g} mm and the corrector within its limits measures "
+                          f"them to only {max(e for _, e in noisy):.0%} ({', '.join(n for n, _ in noisy[:5])}); "
+                          "raise n_avg", stacklevel=2)
+    # (the sized injection steps are at least INJECTION_STEP_FLOOR)
+    inj_d = sized_i if injection_delta is None else np.asarray(injection_delta, dtype=float).reshape(4)
     snap = yield from beam_settings(machine)
     n, t = len(machine.bpm), int(turns)
     rows = 2 * t * n

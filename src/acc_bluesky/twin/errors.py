@@ -32,6 +32,7 @@ __all__ = [
     "ErrorModel",
     "OrbitCheck",
     "ScaleSearch",
+    "apply_alignment",
     "check_closed_orbit",
     "closed_orbit_scale",
     "diagnose_closed_orbit",
@@ -224,17 +225,22 @@ def design_roll(e) -> float:
     return 0.0 if theta is None else float(theta)
 
 
-def _apply_errors(ring, em: ErrorModel) -> None:
-    """Write ``em``'s alignment and main-field errors into ``ring`` as the twin does (at design setpoints)."""
+def apply_alignment(ring, em: ErrorModel) -> None:
+    """Write ``em``'s offsets and rolls into ``ring`` (pyAT ``shift_elem``, ``tilt_elem``), as the twin does. A design
+    tilt of the file is kept and a roll adds to it (read first: pyAT's ``shift_elem`` resets the rotation)."""
     import at
 
     shifted = sorted(set(em.dx) | set(em.dy))
-    # a design tilt of the file (read first: pyAT's shift_elem resets the rotation) is kept, a roll adds to it
     tilts = {r: design_roll(ring[r]) for r in sorted(set(shifted) | set(em.roll))}
     for r in shifted:
         at.shift_elem(ring[r], em.dx.get(r, 0.0), em.dy.get(r, 0.0))
     for r in sorted(em.roll.keys() | {r for r, t in tilts.items() if t}):
         at.tilt_elem(ring[r], tilts[r] + em.roll.get(r, 0.0))
+
+
+def _apply_errors(ring, em: ErrorModel) -> None:
+    """Write ``em``'s alignment and main-field errors into ``ring`` as the twin does (at design setpoints)."""
+    apply_alignment(ring, em)
     for r in sorted(em.field):
         e = ring[r]
         main = {"Quadrupole": 1, "Sextupole": 2, "Octupole": 3}.get(type(e).__name__)
@@ -422,7 +428,7 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
     from . import _engine
 
     ring = profile.load_lattice()  # one copy for every seed: the errors are rewritten, the fields restored
-    tilts = {i: design_roll(e) for i, e in enumerate(ring) if design_roll(e)}  # before any roll is written
+    tilts = {i: t for i, e in enumerate(ring) if (t := design_roll(e))}  # before any roll is written
     design: dict[int, np.ndarray] = {}
     limits: dict[int, float] = {}
     for seed in seeds:

@@ -26,7 +26,7 @@ from ..profile import Family, LimitError, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
 from .beam import Beam  # tbt: injected/stored beam, BPM acquisition modes
-from .errors import ErrorModel, design_roll
+from .errors import ErrorModel, apply_alignment
 from .errors import explain_loss, named_stream  # lattice: named noise stream, no-closed-orbit diagnosis
 
 __all__ = ["Twin", "Observables", "BeamLost", "UnknownDevice"]
@@ -191,16 +191,7 @@ class Twin:
     # ------------------------------------------------------------------------------------------------
     # construction helpers
     def _apply_alignment(self) -> None:
-        import at
-
-        em = self.errors
-        shifted = sorted(set(em.dx) | set(em.dy))
-        # a design tilt of the file (read first: pyAT's shift_elem resets the rotation) is kept, a roll adds to it
-        tilts = {r: design_roll(self.ring[r]) for r in sorted(set(shifted) | set(em.roll))}
-        for r in shifted:
-            at.shift_elem(self.ring[r], em.dx.get(r, 0.0), em.dy.get(r, 0.0))
-        for r in sorted(em.roll.keys() | {r for r, t in tilts.items() if t}):
-            at.tilt_elem(self.ring[r], tilts[r] + em.roll.get(r, 0.0))
+        apply_alignment(self.ring, self.errors)
 
     def _apply_field_errors_outside_families(self) -> None:
         driven = {(int(r), st.attr, st.index) for st in self._families.values() for r in st.refpts.tolist()}
