@@ -239,6 +239,52 @@ def test_tiled_node_lookup_on_reused_aliases_of_the_server_process():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_tiled_direct_path_lookup_of_the_server_process():
+    """``acc_bluesky._compat.tiled.direct_path_lookup`` (server processes only): Tiled's ``get_entry`` still has its
+    signature in the modules that use it, and the replacement answers the same (an array's values, a container's
+    listing, an array's structure, the 404s of a missing node and of a wrong structure family, a stream close) with
+    fewer catalogue lookups (one per request instead of one per path segment)."""
+    import subprocess
+    import sys
+
+    code = (
+        'import tempfile, numpy as np\n'
+        'import tiled.catalog.adapter as A\n'
+        'from tiled.client import Context, from_context\n'
+        'from acc_bluesky.data.server import build_server_app\n'
+        'from acc_bluesky._compat.tiled import direct_path_lookup\n'
+        'calls = []\n'
+        'orig = A.CatalogNodeAdapter.lookup_adapter\n'
+        'async def counting(self, segments):\n'
+        '    calls.append(list(segments))\n'
+        '    return await orig(self, segments)\n'
+        'A.CatalogNodeAdapter.lookup_adapter = counting\n'
+        'def observe():\n'
+        '    d = tempfile.mkdtemp()\n'
+        "    app = build_server_app(d, api_key='secret')\n"
+        "    with Context.from_app(app, api_key='secret') as ctx:\n"
+        '        c = from_context(ctx)\n'
+        "        c.create_container('run12').create_container('p').write_array(np.arange(3.), key='x')\n"
+        '        calls.clear()\n'
+        '        http = ctx.http_client\n'
+        "        got = [http.get(u).content for u in ('/api/v1/array/full/run12/p/x?format=application/json',\n"
+        "                                              '/api/v1/search/run12/p')]\n"
+        "        got.append(http.get('/api/v1/metadata/run12/p/x').json()['data']['attributes']['structure'])\n"
+        '        n = len(calls)\n'
+        "        codes = [(r.status_code, r.json().get('detail')) for r in (\n"
+        "            http.get('/api/v1/metadata/run12/p/nope'), http.get('/api/v1/array/full/run12/p'),\n"
+        "            http.get('/api/v1/metadata/nope/p'))]\n"
+        "        assert http.delete('/api/v1/stream/close/run12/p/x').status_code == 200\n"
+        '    return got, n, codes\n'
+        'before = observe()\n'
+        "assert direct_path_lookup(), 'tiled.server.dependencies.get_entry moved'\n"
+        'after = observe()\n'
+        'assert after[0] == before[0] and after[2] == before[2], (before, after)\n'
+        'assert after[1] == 3 < before[1], (before[1], after[1])  # one lookup per request\n'
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # (a patch: not here)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
 
 def test_tiled_writer_public_signature():
     from bluesky_tiled_plugins import TiledWriter

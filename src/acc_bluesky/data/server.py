@@ -298,12 +298,14 @@ def serve_catalog(
         else:
             generated, api_key = True, secrets.token_hex(32)
     book = ServerBookkeeping(root, idle_timeout) if on_demand else None
-    from .._compat.tiled import memoize_fastapi_dependants, reuse_node_aliases
+    from .._compat.tiled import direct_path_lookup, memoize_fastapi_dependants, reuse_node_aliases
 
     if not memoize_fastapi_dependants():  # this process only serves: ~40 % less CPU per request
         logger.info("FastAPI's dependency trees are rebuilt per request (no memo for this FastAPI)")
     if not reuse_node_aliases():
         logger.info("Tiled's node lookups make new table aliases per request (no reuse for this Tiled)")
+    if not direct_path_lookup():
+        logger.info("Tiled looks a request's path up one segment at a time (no direct lookup for this Tiled)")
     try:
         if book is not None:
             book.acquire()
