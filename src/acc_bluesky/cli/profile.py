@@ -77,7 +77,8 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
             halved = 0
             while True:
                 search = closed_orbit_scale(profile, seeds=range(1, seeds + 1))
-                if min(search.limits.values()) > 0 or halved >= 4 or check_closed_orbit(profile, 1, 0.0).found:
+                usable = search.scale > 0 and 1 not in search.excluded  # (seed 1: connect's default)
+                if usable or halved >= 4 or check_closed_orbit(profile, 1, 0.0).found:
                     break  # (alignment is the cause when the field errors alone keep a closed orbit)
                 halved += 1  # the field errors alone leave no closed orbit: halve them
                 for m in prof["errors"]["magnets"]:
@@ -87,7 +88,8 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
             prof["errors"]["scale"] = search.scale
             note = search.describe()
             if halved:
-                note += f"; the field errors were halved {halved} time(s): at the class table no seed had a closed orbit"
+                note += (f"; the field errors were halved {halved} time(s): at the class table seed 1 had no closed "
+                         "orbit with its field errors alone")
             prof["generated"]["errors"] = note
             ring = profile._design_lattice  # the same lattice file: not read a third time
             path = write_profile(lattice, out, name=name, profile=prof, design_lattice=ring)

@@ -391,7 +391,9 @@ class ScaleSearch:
         limits: per seed, the largest scale found with a closed orbit (``cap_search`` if never lost).
         seeds: the seeds searched.
         fraction, cap: as given.
-        check: the closed orbit of the first seed at ``scale``.
+        check: the closed orbit of the first seed not excluded at ``scale``.
+        excluded: seeds left out of the smallest limit: no closed orbit with their field errors alone (alignment
+            at ``SCALE_SEARCH_FLOOR`` of the search range), a minority of the seeds (see :func:`recommended_scale`).
     """
 
     scale: float
@@ -401,17 +403,52 @@ class ScaleSearch:
     cap: float
     check: OrbitCheck
     kind: str = "ring"
+    excluded: list[int] = _field(default_factory=list)
 
     def describe(self) -> str:
-        lim = min(self.limits.values())
+        lim = min(v for s, v in self.limits.items() if s not in self.excluded)
         what = "closed orbit" if self.kind == "ring" else "trajectory through the line"
         how = (f"the cap {self.cap:g}: the tolerances as written keep a {what} up to {lim:.3g}x"
                if self.scale >= self.cap else f"{self.fraction:g} x {lim:.3g}")
         after = ("above it a real machine needs first-turn threading before orbit tools" if self.kind == "ring" else
                  "above it the line needs steering from its entrance, BPM by BPM")
-        return (f"alignment errors scaled by {self.scale:.3g} ({how}; {lim:.3g} is the largest scale that kept a "
-                f"{what} for every one of seeds {self.seeds[0]}-{self.seeds[-1]}, per seed: "
+        kept = [s for s in self.seeds if s not in self.excluded]
+        which = (f"every one of seeds {self.seeds[0]}-{self.seeds[-1]}" if not self.excluded else
+                 f"every other seed of {self.seeds[0]}-{self.seeds[-1]} ({', '.join(map(str, kept))})")
+        text = (f"alignment errors scaled by {self.scale:.3g} ({how}; {lim:.3g} is the largest scale that kept a "
+                f"{what} for {which}, per seed: "
                 f"{', '.join(f'{v:.3g}' for v in self.limits.values())}); {after}")
+        if self.excluded:
+            seeds = ", ".join(map(str, self.excluded))
+            text += (f"; seed(s) {seeds} have no {what} with their field errors alone (alignment scaled to "
+                     f"~0: the search has no lower end for them) and are left out of the smallest limit: a twin of "
+                     f"such a seed may start without a {what}, as a real machine after a shutdown may, and then "
+                     "needs "
+                     + ("first-turn threading (thread_first_turns)" if self.kind == "ring" else
+                        "steering from its entrance (correct_trajectory)"))
+        return text
+
+
+#: The smallest alignment scale :func:`closed_orbit_scale` tries, as a fraction of its ``search_max``.
+SCALE_SEARCH_FLOOR = 1.0 / 1024
+
+
+def recommended_scale(limits: dict[int, float], fraction: float = 0.5, cap: float = 1.0) -> tuple[float, list[int]]:
+    """The ``errors.scale`` of per-seed limits (the largest alignment scale keeping a closed orbit, 0 for none):
+    ``(fraction x the smallest limit capped at cap, excluded seeds)``.
+
+    Seeds with no closed orbit at the smallest scale (limit 0: the field errors alone lose it) are left out of the
+    smallest limit when they are fewer than half of the seeds and another seed has a positive limit: one unlucky
+    draw of the field errors does not set the alignment errors of every twin to zero. Otherwise (as many dead
+    seeds as live ones) the scale is 0 and nothing is excluded. The scale is rounded to 2 significant digits."""
+    if not limits:
+        raise ValueError("no seed searched: give at least one seed")
+    dead = sorted(s for s, v in limits.items() if v <= 0)
+    live = [v for v in limits.values() if v > 0]
+    excluded = dead if live and 2 * len(dead) < len(limits) else []
+    lim = min(live) if excluded else min(limits.values())
+    scale = min(cap, fraction * lim)
+    return (float(f"{scale:.2g}") if scale > 0 else 0.0), excluded
 
 
 def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5), *, fraction: float = 0.5,
@@ -421,7 +458,8 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
     For every seed, the errors are drawn once (field errors as they are, alignment at scale 1) and the alignment
     is rescaled in place while bisecting (in log scale, ``steps`` closed-orbit solves) between 0 and
     ``search_max``. The recommended scale is ``fraction`` x the smallest per-seed limit, capped at ``cap``
-    (``1``: the profile's tolerances as written).
+    (``1``: the profile's tolerances as written); a minority of seeds with no closed orbit at any scale are left
+    out of that minimum (:func:`recommended_scale`; ``ScaleSearch.excluded``).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -452,10 +490,10 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
         if ok(search_max):
             limits[int(seed)] = search_max
             continue
-        if not ok(search_max / 1024):
+        if not ok(search_max * SCALE_SEARCH_FLOOR):
             limits[int(seed)] = 0.0
             continue
-        lo, hi = math.log(search_max / 1024), math.log(search_max)
+        lo, hi = math.log(search_max * SCALE_SEARCH_FLOOR), math.log(search_max)
         for _ in range(steps):
             mid = 0.5 * (lo + hi)
             if ok(math.exp(mid)):
@@ -463,11 +501,10 @@ def closed_orbit_scale(profile: Profile, seeds: Sequence[int] = (1, 2, 3, 4, 5),
             else:
                 hi = mid
         limits[int(seed)] = math.exp(lo)
-    lim = min(limits.values())
-    scale = min(cap, fraction * lim)
-    scale = float(f"{scale:.2g}") if scale > 0 else 0.0
+    scale, excluded = recommended_scale(limits, fraction, cap)
+    first = next(int(s) for s in seeds if int(s) not in excluded)
     return ScaleSearch(scale, limits, [int(s) for s in seeds], fraction, cap,
-                       check_closed_orbit(profile, int(seeds[0]), scale), profile.kind)
+                       check_closed_orbit(profile, first, scale), profile.kind, excluded)
 
 
 def diagnose_closed_orbit(twin: Any) -> str | None:
