@@ -514,6 +514,22 @@ def test_petra_skew_quadrupoles_are_rolled_normal_ones_and_their_errors_add_to_t
     assert coupling(ideal) > 1.0
 
 
+@pytest.mark.parametrize("lat", ALL)
+def test_monitor_bpms_measures_the_injected_bpm_noise(generated, lat, run_engine):
+    """monbpm on every lattice: the noise floor is the twin's BPM noise and no BPM is flagged. Within 5 % in the rings
+    (a median over 24 to 252 BPMs of 60 readings each, 9 % per BPM), 25 % on the 6 BPMs of the BTS line."""
+    from acc_bluesky.analysis import BpmStatistics
+    from acc_bluesky.data import read_stream
+
+    m = machine_of(generated, lat)
+    noise = m.twin.errors.bpm_noise
+    uid = run_engine(ap.monitor_bpms(m, n_readings=60, figure_dir=False))
+    st = BpmStatistics.from_run(run_engine.catalog[uid])
+    assert len(read_stream(run_engine.catalog[uid])["time"]) == 60 and st.n_readings == 60
+    np.testing.assert_allclose(st.noise, [noise, noise], rtol=0.05 if lat in RINGS else 0.25)
+    assert st.suspect == [], st.summary()
+
+
 def test_petra_seed_without_closed_orbit_does_not_zero_the_alignment_errors(generated):
     """PETRA III's seed 3 has no closed orbit with its field errors alone (13.7 mm beyond the aperture): the
     error search leaves it out (seeds 1-2 size the scale, 0.5 x the smaller limit) and says so, instead of giving

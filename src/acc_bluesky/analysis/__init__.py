@@ -5,6 +5,7 @@ stored in the Tiled catalogue.
 """
 
 # --- orbit tools ---------------------------------------------------------------------------------------------
+from .bpm import NOISY_FACTOR, BpmStatistics, bpm_statistics
 from .bump import (
     BumpGeometry,
     BumpSolution,
@@ -71,6 +72,9 @@ from . import loco as _loco  # noqa: E402
 
 __all__ = [
     # orbit tools
+    "NOISY_FACTOR",
+    "BpmStatistics",
+    "bpm_statistics",
     "BumpGeometry",
     "BumpSolution",
     "ConfigDifference",

@@ -1,6 +1,7 @@
 """Bluesky plans (each opens one run, records its results to Tiled, returns the run uid, restores on abort).
 
-Orbit: :func:`measure_orm`, :func:`correct_orbit`, :func:`orbit_bump`, :func:`measure_dispersion`;
+Orbit: :func:`measure_orm`, :func:`correct_orbit`, :func:`orbit_bump`, :func:`measure_dispersion`; BPMs:
+:func:`monitor_bpms` (mean, noise, dead / frozen / noisy BPMs);
 configurations: :func:`save_config`, :func:`restore_config` (and :func:`compare_config`);
 optics: tune and chromaticity (:mod:`acc_bluesky.plans.optics`); LOCO: :func:`loco`, :func:`correct_optics`;
 turn-by-turn optics (:func:`measure_tbt`); first turns: :func:`measure_trajectory_response`,
@@ -8,7 +9,8 @@ turn-by-turn optics (:func:`measure_tbt`); first turns: :func:`measure_trajector
 threaded beam stores, back up with orbit corrections); beam-based alignment: :func:`measure_bba`, :func:`apply_bba`.
 """
 
-from . import config as _config, orbit as _orbit
+from . import bpm as _bpm, config as _config, orbit as _orbit
+from .bpm import *  # noqa: F403
 from .config import *  # noqa: F403
 from .orbit import *  # noqa: F403
 
@@ -30,5 +32,5 @@ from . import trajectory as _trajectory  # noqa: E402
 from .tbt import *  # noqa: E402,F403
 from .trajectory import *  # noqa: E402,F403
 
-__all__ = [*_orbit.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__, *_tbt.__all__,
+__all__ = [*_orbit.__all__, *_bpm.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__, *_tbt.__all__,
            *_trajectory.__all__]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 __all__ = ["Anomalies"]
 
@@ -14,6 +16,8 @@ class Anomalies:
     >>> twin.anomalies.stuck("HST", 3)      # setpoint changes are ignored by the power supply
     >>> twin.anomalies.dead("VST", 10)      # output 0 A, readback 0
     >>> twin.anomalies.dead_bpm(42)         # BPM 43 reads NaN
+    >>> twin.anomalies.noisy_bpm(7, 5e-6)   # BPM 8 reads with 5 um rms more noise
+    >>> twin.anomalies.frozen_bpm(9)        # BPM 10 repeats its last reading
     >>> twin.anomalies.trip("QF2")          # whole family's supply trips to 0
     >>> twin.anomalies.lose_beam()          # beam gone until twin.inject()
     >>> twin.anomalies.clear()
@@ -25,6 +29,8 @@ class Anomalies:
         self._dead: set[tuple[str, int]] = set()
         self._tripped: set[str] = set()
         self.dead_bpms: set[int] = set()
+        self.noisy_bpms: dict[int, float] = {}
+        self.frozen_bpms: dict[int, tuple[float, float] | None] = {}
         self.beam_lost = False
 
     def _check(self, family: str, index: int | None = None) -> None:
@@ -66,6 +72,34 @@ class Anomalies:
             (self.dead_bpms.add if on else self.dead_bpms.discard)(index)
             self._twin._touch()
 
+    def _check_bpm(self, index: int) -> None:
+        if not 0 <= index < self._twin.nbpm:
+            raise IndexError(f"BPM index {index} out of range 0..{self._twin.nbpm - 1}")
+
+    def noisy_bpm(self, index: int, rms: float = 5e-6, on: bool = True) -> None:
+        """BPM ``index`` reads with ``rms`` [m] more noise in both planes (failing electronics), drawn from the
+        twin's seeded noise generator."""
+        rms = float(rms)
+        if on and not (np.isfinite(rms) and rms > 0):
+            raise ValueError(f"the extra noise of a noisy BPM must be > 0 m rms, got {rms!r}")
+        with self._twin._lock:
+            self._check_bpm(index)
+            if on:
+                self.noisy_bpms[index] = rms
+            else:
+                self.noisy_bpms.pop(index, None)
+            self._twin._touch()
+
+    def frozen_bpm(self, index: int, on: bool = True) -> None:
+        """BPM ``index`` repeats its next reading from then on (a stalled acquisition) until ``on=False``."""
+        with self._twin._lock:
+            self._check_bpm(index)
+            if on:
+                self.frozen_bpms.setdefault(index, None)
+            else:
+                self.frozen_bpms.pop(index, None)
+            self._twin._touch()
+
     def lose_beam(self) -> None:
         """The beam is lost (current 0, NaN orbit) until ``twin.inject()``."""
         with self._twin._lock:
@@ -83,7 +117,8 @@ class Anomalies:
 
     def active(self) -> dict[str, list]:
         return {"stuck": sorted(self._stuck), "dead": sorted(self._dead), "tripped": sorted(self._tripped),
-                "dead_bpms": sorted(self.dead_bpms), "beam_lost": self.beam_lost}
+                "dead_bpms": sorted(self.dead_bpms), "noisy_bpms": sorted(self.noisy_bpms),
+                "frozen_bpms": sorted(self.frozen_bpms), "beam_lost": self.beam_lost}
 
     def clear(self) -> None:
         """Remove every anomaly (stuck supplies jump to their setpoints)."""
@@ -93,6 +128,8 @@ class Anomalies:
             self._dead.clear()
             self._tripped.clear()
             self.dead_bpms.clear()
+            self.noisy_bpms.clear()
+            self.frozen_bpms.clear()
             self.beam_lost = False
             for fam, i in stuck + dead:
                 st = self._twin.family(fam)

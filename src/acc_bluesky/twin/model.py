@@ -690,7 +690,8 @@ class Twin:
     # ------------------------------------------------------------------------------------------------
     # what the instruments show
     def read_bpms(self) -> tuple[np.ndarray, np.ndarray]:
-        """BPM readings (x, y) [m]: truth transformed by offsets, gains, rolls, plus noise; NaN if lost/dead.
+        """BPM readings (x, y) [m]: truth transformed by offsets, gains, rolls, plus noise; NaN if lost/dead; the
+        anomalies' noisy BPMs add their noise, frozen ones repeat the reading they froze at.
 
         With an acquisition rate (profile ``bpm.rate`` [Hz]) the BPM system acquires at the ticks ``k / rate`` of
         the clock: every read within one period returns that period's acquisition, whatever changed since (a
@@ -708,10 +709,20 @@ class Twin:
             if self.noise_on and self.errors.bpm_noise > 0:
                 xm = xm + self._noise_rng.normal(0.0, self.errors.bpm_noise, self.nbpm)
                 ym = ym + self._noise_rng.normal(0.0, self.errors.bpm_noise, self.nbpm)
-            dead = self.anomalies.dead_bpms
+            an = self.anomalies
+            for i in sorted(an.noisy_bpms):  # failing electronics: more noise, from the seeded generator
+                xm[i] += self._noise_rng.normal(0.0, an.noisy_bpms[i])
+                ym[i] += self._noise_rng.normal(0.0, an.noisy_bpms[i])
+            for i in sorted(an.frozen_bpms):  # a stalled acquisition repeats the reading it froze at
+                held = an.frozen_bpms[i]
+                if held is None:
+                    an.frozen_bpms[i] = (float(xm[i]), float(ym[i]))
+                else:
+                    xm[i], ym[i] = held
+            dead = an.dead_bpms
             if dead:
-                xm[list(dead)] = np.nan
-                ym[list(dead)] = np.nan
+                xm[sorted(dead)] = np.nan
+                ym[sorted(dead)] = np.nan
             self._bpm_last = (now, xm, ym)
             return xm.copy(), ym.copy()
 
