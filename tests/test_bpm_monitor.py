@@ -38,7 +38,7 @@ def test_monitor_bpms_measures_the_noise_and_flags_the_broken_bpms(machine, RE, 
     # exactly the broken BPMs are flagged, each for its fault
     assert st.flags() == {"dead": [names[101]], "frozen": [names[30]], "noisy": [names[7]]}
     assert st.suspect == [names[7], names[30], names[101]]
-    assert "dead: BPM_102 (1)" in st.summary() and "noise floor x 0.1" in st.summary()
+    assert "dead: BPM_102 (1)" in st.summary() and f"noise floor x {st.noise[0] * 1e6:.3g} um" in st.summary()
     # the means are the readings of the true orbit, to the noise of a mean
     ok = np.ones(len(names), dtype=bool)
     ok[[7, 30, 101]] = False

@@ -178,7 +178,12 @@ def test_sim_fault_switches_twin_anomalies(qmachine, qplans):
     assert f("dead_bpm", index=5)["dead_bpms"] == [5]
     assert np.isnan(machine.twin.read_bpms()[0][5])
     assert f("stuck", "HST", 3)["stuck"] == [["HST", 3]]
-    assert f("clear") == {"stuck": [], "dead": [], "tripped": [], "dead_bpms": [], "beam_lost": False}
+    assert f("noisy_bpm", index=7, rms=2e-6)["noisy_bpms"] == [7] and machine.twin.anomalies.noisy_bpms == {7: 2e-6}
+    assert f("frozen_bpm", index=9)["frozen_bpms"] == [9]
+    frozen = [machine.twin.read_bpms()[0][9] for _ in range(3)]
+    assert frozen[0] == frozen[1] == frozen[2]
+    assert f("clear") == {"stuck": [], "dead": [], "tripped": [], "dead_bpms": [], "noisy_bpms": [],
+                          "frozen_bpms": [], "beam_lost": False}
     with pytest.raises(ValueError, match="unknown fault 'melt'"):
         f("melt")
     with pytest.raises(ValueError, match="stuck needs family and index"):

@@ -205,13 +205,15 @@ def submitter_metadata(plan: Any) -> Any:
 
 def queue_functions(m: Machine) -> dict[str, Callable[..., Any]]:
     """Functions the queue may execute (``api.function_execute``): :func:`sim_fault` in sim mode."""
-    kinds = ("lose_beam", "inject", "dead_bpm", "stuck", "dead", "trip", "clear")
+    kinds = ("lose_beam", "inject", "dead_bpm", "noisy_bpm", "frozen_bpm", "stuck", "dead", "trip", "clear")
 
-    def sim_fault(kind: str, family: str | None = None, index: int | None = None, on: bool = True) -> dict:
+    def sim_fault(kind: str, family: str | None = None, index: int | None = None, on: bool = True,
+                  rms: float = 5e-6) -> dict:
         """Switch a fault of the simulated machine (sim mode only), e.g. to rehearse how plans recover.
 
-        kind: 'lose_beam' (until 'inject'), 'inject', 'dead_bpm' (index), 'stuck'/'dead' (family, index),
-        'trip' (family), 'clear' (every fault). ``on=False`` switches a fault off. Returns the active faults.
+        kind: 'lose_beam' (until 'inject'), 'inject', 'dead_bpm' / 'frozen_bpm' (index), 'noisy_bpm' (index,
+        ``rms`` [m] of extra noise), 'stuck'/'dead' (family, index), 'trip' (family), 'clear' (every fault).
+        ``on=False`` switches a fault off. Returns the active faults.
         """
         if m.twin is None:
             raise RuntimeError(f"sim_fault needs the simulated machine; this worker runs in {m.mode!r} mode")
@@ -224,10 +226,13 @@ def queue_functions(m: Machine) -> dict[str, Callable[..., Any]]:
             m.twin.inject()
         elif kind == "clear":
             an.clear()
-        elif kind == "dead_bpm":
+        elif kind in ("dead_bpm", "frozen_bpm", "noisy_bpm"):
             if index is None:
-                raise ValueError("dead_bpm needs index (BPM index, 0-based)")
-            an.dead_bpm(int(index), on)
+                raise ValueError(f"{kind} needs index (BPM index, 0-based)")
+            if kind == "noisy_bpm":
+                an.noisy_bpm(int(index), float(rms), on)
+            else:
+                getattr(an, kind)(int(index), on)
         elif kind == "trip":
             if family is None:
                 raise ValueError("trip needs family")
