@@ -57,6 +57,7 @@ def check_dispersion(machine, RE, catalog, kw):
     steps = kw.get("n_steps", 1)
     np.testing.assert_allclose(disp.df, np.arange(-steps, steps + 1) * df)
     assert disp.f_rf == f0 and disp.alpha_c == pytest.approx(1.7795e-4, rel=1e-3)
+    np.testing.assert_array_equal(disp.s, machine.bpm.s)  # the figure from the catalogue is along s [m]
     prim = read_stream(catalog[uid])
     assert prim["dispersion-x"].shape == (2 * steps + 1, n)
     np.testing.assert_allclose(prim["dispersion-rf_frequency"], f0 + disp.df)

@@ -637,8 +637,8 @@ def measure_dispersion(machine: Machine, df: float | None = None, n_steps: int =
     offsets = np.arange(-int(n_steps), int(n_steps) + 1) * df
     for d in offsets:
         machine.rf.frequency_limits.check("RF frequency", f0 + d, "Hz")
-    yield from open_tool_run(bpm_names=machine.bpm.names, alpha_c=alpha_c, rf_frequency=f0,
-                             rf_offsets=offsets.tolist(), num_points=len(offsets))
+    yield from open_tool_run(bpm_names=machine.bpm.names, bpm_s=np.asarray(machine.bpm.s, dtype=float).tolist(),
+                             alpha_c=alpha_c, rf_frequency=f0, rf_offsets=offsets.tolist(), num_points=len(offsets))
     n = len(machine.bpm)
     rec = Record("dispersion", {
         "step": ("", (), "step index (0 = reference frequency)"), "df": ("Hz", (), "RF frequency offset from f0"),
