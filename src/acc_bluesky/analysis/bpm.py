@@ -186,7 +186,8 @@ class BpmStatistics:
                 if idx.size:
                     ax.plot(pos[idx], shown[idx], marker, ms=7, mfc="none", color=colour, label=f"{kind} ({idx.size})")
                     for i in idx[:5]:
-                        ax.annotate(self.bpm_names[i], (pos[i], shown[i]), textcoords="offset points", xytext=(3, 4),
+                        ax.annotate(self.bpm_names[i], (pos[i], shown[i]), textcoords="offset points",
+                                    xytext=(3, -10 if kind == "dead" else 4),
                                     fontsize=7, color=colour)
             ax.set_ylim(bottom / 1.5, None)
             ax.set_ylabel(f"std {plane} [um]")
