@@ -592,3 +592,20 @@ def test_sls2_bba_pairs_no_trim_quadrupole_and_finds_the_true_offsets(generated,
         assert all(q.startswith("ARS") and "MQUA" in q for q in quads)
         truth = true_offset(m.twin, bpms, quads, [plane] * len(bpms))
         assert np.all(np.abs(res.offset[:, p] - truth) < 2.5e-6), (plane, res.offset[:, p], truth)
+
+
+def test_sls2_weak_trim_quadrupoles_get_the_trims_range(generated):
+    """SLS 2.0's trim quadrupoles (kind MQCO) run at 0 (448) or 0.002-0.27 m^-2 (80, ten families): the generator
+    gave the weak ones limits of 1.5x their own design (MQCO_7: +-0.0034 m^-2) beside +-1 m^-2 for the zero ones,
+    and correct_optics after a default LOCO (18.4 / 8.8 % beta-beat) was refused (MQCO_2 163 A outside +-160 A;
+    MQCO_7 100x its limit). Every MQCO family now has the trims' +-1 m^-2 (0.01 m^-2/A, +-100 A), and the main
+    quadrupoles keep 1.5x their design (MQUA: 0.09 m^-2/A)."""
+    prof = ab.load_profile(generated["sls2"])
+    trims = [f for f in prof.families if f == "MQCO" or f.startswith("MQCO_")]
+    assert len(trims) == 11
+    for f in trims:
+        spec = prof.families[f].spec
+        k_max = spec.calibration.linear * spec.limits.high
+        assert k_max == pytest.approx(1.0), f
+    mqua = prof.families["MQUA"].spec
+    assert mqua.calibration.linear == 0.09 and mqua.limits.high == 160.0
