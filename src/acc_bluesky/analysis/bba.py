@@ -353,10 +353,10 @@ def _as_list(v: Any) -> list[str] | None:
 def bba_pairs(source: Any, bpms: Sequence[str | int] | None = None, planes: Sequence[str] = PLANES,
               quads: Sequence[str] | Mapping[str, str] | None = None,
               correctors: Sequence[str] | Mapping[str, Any] | None = None, max_distance: float = 2.0,
-              exclude_bpms: Sequence[int] = (), choose_corrector: bool = True
-              ) -> tuple[list[BbaPair], list[tuple[str, str, str]]]:
-    """The BBA pairs of the BPMs: for each BPM its nearest individually powered quadrupole and, per plane, its
-    corrector (chosen from the model unless given).
+              exclude_bpms: Sequence[int] = (), choose_corrector: bool = True, min_tune_shift: float = 1e-3,
+              max_fraction: float = 0.05) -> tuple[list[BbaPair], list[tuple[str, str, str]]]:
+    """The BBA pairs of the BPMs: for each BPM its nearest individually powered quadrupole that can be stepped
+    enough and, per plane, its corrector (chosen from the model unless given).
 
     Args:
         source: a profile, a profile name, a machine or a twin.
@@ -369,6 +369,11 @@ def bba_pairs(source: Any, bpms: Sequence[str | int] | None = None, planes: Sequ
         max_distance: a BPM whose nearest usable quadrupole centre is farther than this [m] is skipped.
         exclude_bpms: BPM indices never used (out of service).
         choose_corrector: pick the corrector (serial method); False leaves it empty.
+        min_tune_shift: a quadrupole whose largest relative step (``max_fraction`` of its design gradient) shifts
+            both tunes by less than this in the model is too weak to be chosen as the nearest (trim quadrupoles
+            of zero or near-zero design gradient, e.g. SLS 2.0's 528 ``MQCO``: a relative step of nothing moves
+            nothing); one given in ``quads`` with a zero design gradient is skipped with the reason.
+        max_fraction: the largest relative quadrupole step (as :func:`quadrupole_step`).
 
     The corrector of a pair: among the correctors of the plane whose response at the quadrupole centre is at least
     half the largest, the one that changes the beam angle there least (smallest ``|r_bpm - m11 r_quad| /
@@ -391,7 +396,9 @@ def bba_pairs(source: Any, bpms: Sequence[str | int] | None = None, planes: Sequ
         idx = [model.bpm_index(b) for b in bpms]
     skipped: list[tuple[str, str, str]] = []
     # quadrupoles usable: in service and individually powered
-    usable = np.array([q.in_service and individually_powered(prof, q.family) for q in model.quads])
+    strong = np.array([_step_tune_shift(model, k, max_fraction) >= min_tune_shift for k in range(len(model.quads))])
+    powered = np.array([q.in_service and individually_powered(prof, q.family) for q in model.quads])
+    usable = powered & strong
     given_q: dict[int, str] = {}
     if isinstance(quads, Mapping):
         given_q = {model.bpm_index(b): str(q) for b, q in quads.items()}
@@ -425,17 +432,30 @@ def bba_pairs(source: Any, bpms: Sequence[str | int] | None = None, planes: Sequ
                 skipped.extend((name, p, f"quadrupole {quad.name} is on a power supply shared by family "
                                          f"{quad.family}: moving it moves the whole family") for p in planes)
                 continue
+            if quad.k == 0:
+                skipped.extend((name, p, f"quadrupole {quad.name} has no design gradient: its relative step "
+                                         "(dk) would not move it") for p in planes)
+                continue
         else:
             if not np.any(usable):
-                skipped.extend((name, p, "the profile has no individually powered quadrupole in service")
+                skipped.extend((name, p, "the profile has no individually powered quadrupole in service whose "
+                                         f"{max_fraction:.0%} step shifts a tune by {min_tune_shift:g} or more")
                                for p in planes)
                 continue
             d = np.array([model.distance(b, k) if usable[k] else np.inf for k in range(len(model.quads))])
             q = int(np.argmin(d))
         dist = model.distance(b, q)
         if dist > max_distance:
-            skipped.extend((name, p, f"no quadrupole within {max_distance:g} m (the nearest, "
-                                     f"{model.quads[q].name}, is {dist:.2f} m away)") for p in planes)
+            weak = [k for k in range(len(model.quads)) if powered[k] and not strong[k]
+                    and model.distance(b, k) <= max_distance]
+            why = ""
+            if weak:
+                w = min(weak, key=lambda k: model.distance(b, k))
+                why = (f"; {model.quads[w].name} ({model.distance(b, w):.2f} m) has a design gradient of "
+                       f"{model.quads[w].k:.3g} m^-2: a {max_fraction:.0%} step shifts the tunes by less than "
+                       f"{min_tune_shift:g}")
+            skipped.extend((name, p, f"no quadrupole within {max_distance:g} m that can be stepped (the nearest, "
+                                     f"{model.quads[q].name}, is {dist:.2f} m away{why})") for p in planes)
             continue
         for p in planes:
             m11, m12 = model.transfer(q, b, p)
@@ -463,6 +483,16 @@ def bba_pairs(source: Any, bpms: Sequence[str | int] | None = None, planes: Sequ
                 pair.angle_term = float(rb[j] - m11 * rq[j])
             pairs.append(pair)
     return pairs, skipped
+
+
+def _step_tune_shift(model: BbaModel, q: int, max_fraction: float) -> float:
+    """The larger model tune shift of quadrupole ``q`` stepped by ``max_fraction`` of its design gradient."""
+    quad = model.quads[q]
+    if quad.k == 0:
+        return 0.0
+    if quad.length == 0:  # a thin quadrupole: no model of its step here, kept as before
+        return float("inf")
+    return float(np.max(np.abs(model.tune_shift(q, max_fraction * quad.k))))
 
 
 def _best_corrector(model: BbaModel, q: int, cands: Sequence[str], plane: str, rq: np.ndarray,

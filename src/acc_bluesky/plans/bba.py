@@ -182,7 +182,8 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
     serial = method == "quadcenter"
     # quadcenter: both planes paired (the plane not measured still centres the beam), the measured ones kept
     all_pairs, skipped = bba_pairs(prof, bpm_list, PLANES if serial else planes, quads, correctors,
-                                   max_distance=max_distance, exclude_bpms=bad, choose_corrector=serial)
+                                   max_distance=max_distance, exclude_bpms=bad, choose_corrector=serial,
+                                   min_tune_shift=0.1 * tune_shift)
     pairs = [p for p in all_pairs if p.plane in planes]
     skipped = [s for s in skipped if s[1] in planes]
     messages = [f"{b} {p}: skipped: {why}" for b, p, why in skipped]

@@ -536,6 +536,9 @@ def _families_of(table: _Table, ftype: str, attr: str, index: int, idx: list[int
                     clusters.append((v, [i]))
             subs = [(m, v) for v, m in clusters]
             split += len(members) > 1
+        # a kind with magnets at zero design strength is a kind of trim: its weak members' range is the trims'
+        # (SLS 2.0's MQCO: 448 at 0, the others 0.002-0.27 m^-2), not 1.5x their own design value
+        trims = key[0] == "kind" and any(v == 0 for _, v in subs)
         for mem, strength in subs:
             if key[0] == "name":
                 base = _safe(table.name[mem[0]])
@@ -552,8 +555,11 @@ def _families_of(table: _Table, ftype: str, attr: str, index: int, idx: list[int
             sel = _exact_selector(table, mem, classes, strength=strength, field=field if strength is not None else None)
             vals = np.array([table.value(i, attr, index) for i in mem])
             vmax = float(np.max(np.abs(vals))) if vals.size else 0.0
-            cal = _round1(vmax / 100.0) if vmax > 0 else _DEFAULT_CAL[ftype]
-            lim = float(max(10.0, math.ceil(1.5 * vmax / cal / 10.0) * 10.0)) if vmax > 0 else 100.0
+            if vmax > 0 and not (trims and 1.5 * vmax < 100.0 * _DEFAULT_CAL[ftype]):
+                cal = _round1(vmax / 100.0)
+                lim = float(max(10.0, math.ceil(1.5 * vmax / cal / 10.0) * 10.0))
+            else:
+                cal, lim = _DEFAULT_CAL[ftype], 100.0
             desc = (f"{len(mem)} x {table.name[mem[0]]}" + (f" ... {table.name[mem[-1]]}" if len(mem) > 1 else "")
                     + (f", equal design {attr}[{index}] = {strength:.6g}" if strength is not None else ""))
             fams[fname] = {"type": ftype, "select": sel, "field": f"{attr}[{index}]", "calibration": {"linear": cal},
