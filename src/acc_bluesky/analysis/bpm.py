@@ -24,12 +24,20 @@ import numpy.typing as npt
 
 from ._common import FloatArray, run_results, run_start
 
-__all__ = ["NOISY_FACTOR", "BpmStatistics", "bpm_statistics"]
+__all__ = ["NOISY_FACTOR", "BpmStatistics", "bpm_statistics", "check_noisy_factor"]
 
 #: a BPM whose standard deviation exceeds this many times its plane's noise floor is flagged noisy
 NOISY_FACTOR = 5.0
 
 _PLANES = ("x", "y")
+
+
+def check_noisy_factor(noisy_factor: Any) -> float:
+    """``noisy_factor`` as a float, or a ValueError saying it must be a number > 1 (times the noise floor)."""
+    factor = float(noisy_factor)
+    if not (np.isfinite(factor) and factor > 1):
+        raise ValueError(f"noisy_factor must be a number > 1 (times the noise floor), got {noisy_factor!r}")
+    return factor
 
 
 def _flag_names(names: Sequence[str], mask: npt.ArrayLike) -> list[str]:
@@ -223,9 +231,7 @@ def bpm_statistics(x: npt.ArrayLike, y: npt.ArrayLike, bpm_names: Sequence[str],
     k = xs.shape[0]
     if k < 2:
         raise ValueError(f"need at least 2 readings to measure a noise, got {k}")
-    factor = float(noisy_factor)
-    if not (np.isfinite(factor) and factor > 1):
-        raise ValueError(f"noisy_factor must be a number > 1 (times the noise floor), got {noisy_factor!r}")
+    factor = check_noisy_factor(noisy_factor)
     good = np.ones(n, dtype=bool) if in_service is None else np.asarray(in_service, dtype=bool).reshape(n)
     readings = np.stack([xs, ys], axis=2)  # (k, n, 2)
     finite = np.isfinite(readings)
@@ -243,9 +249,10 @@ def bpm_statistics(x: npt.ArrayLike, y: npt.ArrayLike, bpm_names: Sequence[str],
         usable = good & ~dead & np.isfinite(std[:, p])
         if usable.any():
             noise[p] = float(np.median(std[usable, p]))
-    frozen = same & bool(np.nanmax(noise) > 0) if np.any(np.isfinite(noise)) else np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        frozen = same & bool(np.any(noise > 0))  # (a noise-free system cannot tell frozen from quiet)
     with np.errstate(invalid="ignore"):
         noisy = ~dead & np.any(std > factor * noise, axis=1) & np.all(np.isfinite(noise))
     return BpmStatistics(bpm_names=list(bpm_names), mean=mean, std=std, noise=noise, dead=dead,
-                         frozen=np.asarray(frozen, dtype=bool), noisy=noisy, in_service=good, n_readings=k,
+                         frozen=frozen, noisy=noisy, in_service=good, n_readings=k,
                          noisy_factor=factor, s=None if s is None else np.asarray(s, dtype=float))

@@ -32,5 +32,5 @@ from . import trajectory as _trajectory  # noqa: E402
 from .tbt import *  # noqa: E402,F403
 from .trajectory import *  # noqa: E402,F403
 
-__all__ = [*_orbit.__all__, *_bpm.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__, *_tbt.__all__,
-           *_trajectory.__all__]
+__all__ = [*_orbit.__all__, *_bpm.__all__, *_config.__all__, *_optics.__all__, *_bba.__all__, *_loco.__all__,
+           *_tbt.__all__, *_trajectory.__all__]

@@ -13,7 +13,7 @@ import bluesky.plan_stubs as bps
 import numpy as np
 from bluesky.utils import MsgGenerator
 
-from ..analysis.bpm import NOISY_FACTOR, BpmStatistics, bpm_statistics
+from ..analysis.bpm import NOISY_FACTOR, BpmStatistics, bpm_statistics, check_noisy_factor
 from ..machine import Machine
 from ..plan_stubs.machine import BeamLostError, Record, emit, read_orbit
 from ..plan_stubs.tool import open_tool_run, thread_safe_figure, tool
@@ -57,9 +57,7 @@ def monitor_bpms(machine: Machine, n_readings: int = 100, period: float | None =
     n = int(n_readings)
     if n != n_readings or n < 2:
         raise ValueError(f"n_readings must be an integer >= 2 (a noise needs two readings), got {n_readings!r}")
-    factor = float(noisy_factor)
-    if not (np.isfinite(factor) and factor > 1):
-        raise ValueError(f"noisy_factor must be a number > 1 (times the noise floor), got {noisy_factor!r}")
+    factor = check_noisy_factor(noisy_factor)  # (refused before the run opens)
     if period is not None and not (np.isfinite(float(period)) and float(period) >= 0):
         raise ValueError(f"period must be a time >= 0 s, got {period!r}")
     current = float((yield from bps.rd(machine.beam.current)))

@@ -67,8 +67,7 @@ class Anomalies:
     def dead_bpm(self, index: int, on: bool = True) -> None:
         """BPM ``index`` reads NaN."""
         with self._twin._lock:
-            if not 0 <= index < self._twin.nbpm:
-                raise IndexError(f"BPM index {index} out of range 0..{self._twin.nbpm - 1}")
+            self._check_bpm(index)
             (self.dead_bpms.add if on else self.dead_bpms.discard)(index)
             self._twin._touch()
 
