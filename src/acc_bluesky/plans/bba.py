@@ -36,7 +36,7 @@ from ..plan_stubs.bba import (
     block_sweep,
     serial_scan,
 )
-from ..plan_stubs.machine import snapshot_setpoints
+from ..plan_stubs.machine import read_orbit, snapshot_setpoints
 from ..plan_stubs.runs import resolve
 from ..plan_stubs.tool import (
     Restore,
@@ -51,6 +51,12 @@ from ..profile import LimitError
 __all__ = ["measure_bba", "apply_bba"]  # noqa: RUF022 - the order of the tools
 
 METHODS = ("quadcenter", "parallel")
+#: rms reading [m] (either plane) above which the orbit BBA starts from is too far from a corrected one: the
+#: quadrupole steps then change the optics through the sextupoles and the offsets come out wrong by microns
+#: (profile ``tools.bba.max_orbit_rms``). EBS, seed 1, offsets against the truth, parallel / quadcenter: 0.6 / 0.14
+#: um rms at a 47 / 38 um orbit, 1.3 / 0.27 um at 110 / 60 um, 4.3 / 0.8 um at 310 / 144 um, 32 / 7.7 um (250 / 26
+#: um at worst) at the uncorrected 1.0 / 0.47 mm.
+MAX_ORBIT_RMS = 200e-6
 
 
 def _bba_restore(machine: Machine, args: dict[str, Any]) -> Restore:
@@ -212,6 +218,18 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
     fams = list(dict.fromkeys([*(machine.device(q).family_name for q in quad_list),
                                *(machine.device(p.corrector).family_name for p in all_pairs if p.corrector)]))
     snap = yield from snapshot_setpoints(machine, fams, rf=False)
+    x0, y0 = yield from read_orbit(machine, n_avg, where="reading the orbit BBA starts from")
+    good = np.asarray(machine.bpm.good, dtype=bool)
+    orbit_rms = [rms(x0, good), rms(y0, good)]
+    max_orbit = float(defaults.get("max_orbit_rms", MAX_ORBIT_RMS))
+    if max(orbit_rms) > max_orbit:
+        text = (f"the orbit it starts from is {orbit_rms[0] * 1e6:.0f} / {orbit_rms[1] * 1e6:.0f} um rms (x / y "
+                f"readings), above tools.bba.max_orbit_rms = {max_orbit * 1e6:.0f} um: off-centre in the sextupoles, "
+                "the quadrupole steps change the optics and the offsets come out wrong by microns to tens of microns "
+                "(EBS, parallel method: 0.6 um rms at a 50 um orbit, 4 um at 300 um, 32 um at 1 mm). Correct the "
+                "orbit first (correct_orbit), then measure")
+        messages.append(text)
+        warnings.warn(f"measure_bba: {text}", stacklevel=2)
 
     def sp(name: str) -> float:
         d = machine.device(name)
@@ -224,6 +242,7 @@ def measure_bba(machine: Machine, bpms: Sequence[str] | None = None, planes: Seq
         bba_blocks=[{"quads": [model.quads[q].name for q in b.quads], "signs": b.signs, "dk": b.dk,
                      "correctors": list(b.correctors), "theta": list(b.theta)} for b in blocks],
         bba_skipped=[list(s) for s in skipped], n_steps=n_steps, amplitude=amplitude,
+        start_orbit_rms=orbit_rms, max_orbit_rms=max_orbit,
         dk_used={model.quads[q].name: v for q, v in dks.items()},
         num_points=(len(pairs) * (4 * n_steps + 2) + len({p.bpm for p in pairs}) * 2 if serial
                     else sum(2 * n_steps * (len(b.quads) + 1) for b in blocks)))
