@@ -95,9 +95,11 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
             path = write_profile(lattice, out, name=name, profile=prof, design_lattice=ring)
             profile = load_profile(path)
             orbit = search.check
+            known = {next(s for s in search.seeds if s not in search.excluded): orbit}
         else:
             orbit = check_closed_orbit(profile, 1)
-        size = _size_correctors(profile, prof, seeds=(1, 2, 3))
+            known = {1: orbit}
+        size = _size_correctors(profile, prof, seeds=(1, 2, 3), known=known)
         if size:
             prof["generated"]["notes"].append(size)
             ring = profile._design_lattice
@@ -106,9 +108,10 @@ def make_profile(lattice: str | Path, output: str | Path | None = None, *, seeds
     return path, report_profile(profile, orbit)
 
 
-def _size_correctors(profile, prof: dict, seeds=(1, 2, 3), margin: float = 2.0) -> str:
+def _size_correctors(profile, prof: dict, seeds=(1, 2, 3), margin: float = 2.0, known: dict | None = None) -> str:
     """Raise the corrector limits of ``prof`` to ``margin`` x the largest kick a correction of the default errors
-    needs (seeds ``seeds``); returns the note, or "" when the generator's limits are enough."""
+    needs (seeds ``seeds``); returns the note, or "" when the generator's limits are enough. ``known``: seed ->
+    its :class:`OrbitCheck` at the profile's errors, already computed (not solved again)."""
     import numpy as np
 
     from ..profile.generate import corrector_kicks_needed, kick_response
@@ -118,7 +121,7 @@ def _size_correctors(profile, prof: dict, seeds=(1, 2, 3), margin: float = 2.0) 
         return ""
     orbits = []
     for seed in seeds:
-        c = check_closed_orbit(profile, seed)
+        c = (known or {}).get(seed) or check_closed_orbit(profile, seed)
         if c.found:
             orbits.append((c.x, c.y))
     if not orbits:

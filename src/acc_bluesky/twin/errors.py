@@ -230,12 +230,14 @@ def apply_alignment(ring, em: ErrorModel) -> None:
     tilt of the file is kept and a roll adds to it (read first: pyAT's ``shift_elem`` resets the rotation)."""
     import at
 
-    shifted = sorted(set(em.dx) | set(em.dy))
-    tilts = {r: design_roll(ring[r]) for r in sorted(set(shifted) | set(em.roll))}
-    for r in shifted:
-        at.shift_elem(ring[r], em.dx.get(r, 0.0), em.dy.get(r, 0.0))
-    for r in sorted(em.roll.keys() | {r for r, t in tilts.items() if t}):
-        at.tilt_elem(ring[r], tilts[r] + em.roll.get(r, 0.0))
+    shifted = set(em.dx) | set(em.dy)
+    tilts = {r: design_roll(ring[r]) for r in sorted(shifted | set(em.roll))}
+    tilted = em.roll.keys() | {r for r, t in tilts.items() if t}
+    for r in sorted(shifted | tilted):  # one transformation per element (pyAT builds T1, T2, R1, R2 once)
+        kw = {"dx": em.dx.get(r, 0.0), "dy": em.dy.get(r, 0.0)} if r in shifted else {}
+        if r in tilted:
+            kw["tilt"] = tilts[r] + em.roll.get(r, 0.0)
+        at.transform_elem(ring[r], **kw)
 
 
 def _apply_errors(ring, em: ErrorModel) -> None:
