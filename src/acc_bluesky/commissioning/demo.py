@@ -115,6 +115,7 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
         warnings.simplefilter("ignore", NoClosedOrbitWarning)  # said below, and handled: threading
         m = connect(profile, mode="sim", seed=seed, **({} if error_scale is None else {"error_scale": error_scale}))
     RE = make_run_engine(catalog_dir=catalog_dir, progress=progress)  # noqa: N806 - bluesky's name
+    RE.wait_written = False  # each run is written while the next step measures; waited for before it is read back
     cat = open_catalog(catalog_dir=catalog_dir)
     before = _truth(m)
     qt, xit = _design_targets(m)
@@ -123,7 +124,11 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
     def step(key: str, title: str, plan) -> str:
         echo(title)
         t = time.perf_counter()
-        uid = RE(plan).plan_result
+        try:
+            uid = RE(plan).plan_result
+        except BaseException:
+            RE.wait_for_catalog()  # what the step recorded is written before its error goes up
+            raise
         res.seconds[key] = time.perf_counter() - t
         res.uids[key] = uid
         return uid
@@ -135,12 +140,14 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
         if m.sext:  # the threaded orbit passes the sextupoles off-centre: their feed-down may leave no stored beam
             uid = step("ramp_sextupoles", "[2c/7] sextupoles down until the threaded beam has a closed orbit, the "
                        "orbit corrected, back up in steps ...", ap.ramp_sextupoles(m, orm="model", fit_rf=True))
+            RE.wait_for_catalog()
             ramp = read_results(cat[uid])
             if not int(ramp["success"]):
                 raise RuntimeError(f"the beam of {profile!r} seed {seed} makes 2 turns but has no closed orbit with "
                                    f"the sextupoles at full strength ({ramp['message']}): try another seed or a "
                                    "smaller error_scale")
         if m.twin.observables().lost:
+            RE.wait_for_catalog()
             raise RuntimeError(f"the beam of {profile!r} seed {seed} makes 2 turns but still has no stable closed "
                                "orbit: try another seed or a smaller error_scale")
     orm_uid = step("orbit_response", "[3/7] measuring the orbit response matrix (all correctors, both planes, RF column) ...",
@@ -164,6 +171,7 @@ def run_demo(profile: str = "ebs", seed: int = 1, *, catalog_dir: str | Path | N
     res.after = after
 
     res.figures["orbit"] = _orbit_figure(before, after, m, out / "orbit_before_after.png")
+    RE.wait_for_catalog()  # every run written and its figures drawn
     resp = OrbitResponse.from_run(cat[orm_uid])
     res.figures["orm"] = str(resp.plot(out / "orbit_response.png"))
     res.figures["tune_diagram"] = str(tune_diagram(
