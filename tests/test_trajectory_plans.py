@@ -23,7 +23,7 @@ from helpers import (  # noqa: F401
 
 import acc_bluesky as ab
 from acc_bluesky import plans as ap
-from acc_bluesky.analysis._common import rms
+from acc_bluesky.analysis._common import rms, run_results
 from acc_bluesky.analysis.trajectory import (
     ThreadingResult,
     TrajectoryResponse,
@@ -143,6 +143,59 @@ def test_transfer_line_steered_to_its_bpm_offset_floor(bts, RE):
     assert res.metadata["start"]["tool"] == "trajectory_correction"
     with pytest.raises(ToolError, match="transfer line"):
         RE(ap.thread_first_turns(m))
+
+
+def test_correct_orbit_on_a_line_steers_with_the_injection_trims(bts, RE):
+    """A line's orbit is the mean trajectory of the injected beam: correct_orbit steers it with the correctors and
+    the injection trims (their response: the design line's transfer from its entrance), to the BPM-offset floor.
+    Without the trims the first BPM's vertical reading, upstream of every vertical corrector, keeps the injection
+    error's 0.37 mm (BTS seed 1): the correctors' floor (readings 1.48 mm -> 150 um, true 1.42 mm -> 208 um rms,
+    x and y as hypot; with the trims 0.16 um and 99 um, the offset floor 99 um). On a ring the injection does not
+    move the closed orbit: injection=True is refused."""
+    floor = None
+    out = {}
+    for inj in (False, None):
+        m = ab.connect(bts, seed=1)
+        tw = m.twin
+        floor = np.hypot(rms(tw.errors.bpm_offset[:, 0]), rms(tw.errors.bpm_offset[:, 1]))
+        y0 = tw.orbit()[1][0]  # (true: the reading's BPM roll would add 1 mrad of the x correction)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            uid = RE(ap.correct_orbit(m, orm="model", max_iter=4, injection=inj, figure_dir=False)).plan_result
+        res = run_results(RE.catalog[uid])
+        x, y = tw.orbit()
+        out[inj] = (float(np.hypot(rms(x), rms(y))), tw.beam.injection_trim.copy(), res, y0, y[0])
+    rms_off, trims_off, res_off, y0, y1 = out[False]
+    assert not trims_off.any() and "injection_correction" not in res_off
+    assert abs(y0) > 300e-6 and abs(y1 - y0) < 0.1e-6  # nothing but the injection steers the first BPM vertically
+    assert rms_off > 1.5 * floor
+    rms_on, trims_on, res_on, _, _ = out[None]
+    assert rms_on <= 1.5 * floor, (rms_on, floor)  # (measured 99.0 um, the offset floor 99.0 um)
+    assert np.array_equal(np.asarray(res_on["injection_correction"]).reshape(-1), trims_on) and trims_on.any()
+    ring = _no_orbit_machine()
+    with pytest.raises(ValueError, match="ring"):
+        RE(ap.correct_orbit(ring, orm="model", injection=True, figure_dir=False))
+
+
+def test_interrupted_correct_orbit_on_a_line_puts_the_injection_trims_back(bts, RE):
+    """Exception, abort, stop at a seeded step of correct_orbit on the line: correctors and injection trims exactly
+    as found (the trims are set with the correctors at every step)."""
+    m = ab.connect(bts, seed=1)
+    m.twin.beam.set_injection([1e-5, -2e-6, 3e-5, 4e-6])  # not zero: put back means put back, not zeroed
+    before, beam = m.twin.snapshot(), _beam_state(m)
+    stops = []
+    RE.subscribe(lambda n, d: stops.append(d) if n == "stop" else None)
+    for mode in ("exception", "abort", "stop"):
+        k = draw_step("correct_orbit_line", mode, 7, 14)  # (6 sets per step: two families and four trims)
+        hook = Interrupt(m, k, RuntimeError("injected fault") if mode == "exception" else "pause")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_interrupted(RE, hook, ap.correct_orbit(m, orm="model", max_iter=4, figure_dir=False), mode,
+                            lambda: stops)
+        assert hook.fired and hook.changed, (mode, k)
+        assert same(m.twin.snapshot(), before), mode
+        now = _beam_state(m)
+        assert now[0] == beam[0] and np.array_equal(now[1], beam[1]) and now[2] == beam[2], (mode, now)
 
 
 def test_default_steps_measure_a_lines_response_through_the_injection_jitter(bts, RE):

@@ -21,6 +21,9 @@ from .orm import OrbitResponse
 __all__ = [
     "SvdCorrector",
     "CorrectionSystem",
+    "CorrectionStep",
+    "INJECTION_KNOBS",
+    "INJECTION_KNOB_LIMITS",
     "StepLimits",
     "limit_step",
     "orbit_rms",
@@ -154,19 +157,44 @@ class SvdCorrector:
         return self.singular_values[: (len(self.singular_values) if nvals is None else int(nvals))].copy()
 
 
+#: the injection knobs a transfer line's correction may use, in this order (units m, rad, m, rad) ...
+INJECTION_KNOBS = ("x", "px", "y", "py")
+#: ... and their limits +- (the twin's injection trims and the trajectory tools')
+INJECTION_KNOB_LIMITS = (5e-3, 2e-3, 5e-3, 2e-3)
+
+
+@dataclass(frozen=True)
+class CorrectionStep:
+    """One step of every variable of a :class:`CorrectionSystem`.
+
+    Attributes:
+        dk: (m,) corrector steps [A] (the ORM's column order).
+        dinj: (4,) injection knob steps (x [m], px [rad], y [m], py [rad]); zeros without injection knobs.
+        drf: RF frequency step [Hz] (0 without ``fit_rf``).
+    """
+
+    dk: FloatArray
+    dinj: FloatArray
+    drf: float = 0.0
+
+
 @dataclass
 class CorrectionSystem:
     """The linear system of an orbit correction built from an :class:`OrbitResponse`.
 
-    Rows are BPM readings ``[x; y]`` [m]; columns the selected correctors [A] and, with ``fit_rf``, the RF
-    frequency [Hz] as the last variable. Weights, exclusions and the RF column's scale are set here.
+    Rows are BPM readings ``[x; y]`` [m]; columns the selected correctors [A], then on a transfer line the four
+    injection knobs (x [m], px [rad], y [m], py [rad]: the beam's entrance position and angle, which set the
+    trajectory the BPMs read), then with ``fit_rf`` the RF frequency [Hz]. Weights, exclusions and the scales of
+    the RF and injection columns are set here.
 
     Attributes:
         orm: the (sub)matrix used.
-        response: (2n, m[+1]) matrix, m/A (and m/Hz for RF).
+        response: (2n, m[+4][+1]) matrix, m/A (m/m, m/rad for the injection knobs, m/Hz for RF).
         solver: the :class:`SvdCorrector`.
         fit_rf: whether the last variable is the RF frequency.
         rf_weight: the RF variable's scale [Hz] (chosen so its column weighs like an average corrector's).
+        n_injection: 4 with the injection knobs as variables (after the correctors), else 0.
+        injection_weights: (4,) their scales (m, rad, m, rad: each column weighs like an average corrector's).
     """
 
     orm: OrbitResponse
@@ -175,17 +203,24 @@ class CorrectionSystem:
     fit_rf: bool
     rf_weight: float = 1.0
     warnings: list[str] = field(default_factory=list)
+    n_injection: int = 0
+    injection_weights: FloatArray | None = None
 
     @classmethod
     def build(cls, orm: OrbitResponse, *, fit_rf: bool = False, bpm_weights: npt.ArrayLike | None = None,
               corrector_weights: npt.ArrayLike | None = None, exclude_bpms: Sequence[str | int] = (),
               exclude_correctors: Sequence[str | int] = (), bad_bpms: npt.ArrayLike | None = None,
-              planes: Sequence[str] | None = None) -> CorrectionSystem:
+              planes: Sequence[str] | None = None, injection: npt.ArrayLike | None = None) -> CorrectionSystem:
         """Assemble the system.
 
         Args:
             orm: the response (hardware units are used).
             fit_rf: add the RF frequency as a variable (needs ``orm.rf``).
+            injection: (2n, 4) response of the readings ``[x; y]`` to the injection knobs x [m], px [rad], y [m],
+                py [rad] (a transfer line: its trajectory response to the entrance coordinates,
+                ``TrajectoryResponse.injection``): the knobs become variables after the correctors. A line's
+                orbit is the trajectory of the beam from the injector: its entrance error is corrected at its
+                source, and the BPMs upstream of the first corrector of a plane can be steered by nothing else.
             bpm_weights: (n,) or (2n,) per BPM (or per reading) importance, larger = fitted harder.
             corrector_weights: (m,) per corrector scale, larger = used more freely.
             exclude_bpms: BPM names/indices ignored (both planes).
@@ -200,13 +235,24 @@ class CorrectionSystem:
             planes = tuple(sorted(set(orm.planes)))
         resp = orm.matrix_hw
         notes: list[str] = []
+        colnorm = np.linalg.norm(resp, axis=0)
+        typical = float(np.mean(colnorm[colnorm > 0])) if np.any(colnorm > 0) else 1.0
+        n_inj, inj_w = 0, None
+        if injection is not None:
+            inj = np.asarray(injection, dtype=float)
+            if inj.shape != (2 * n, len(INJECTION_KNOBS)):
+                raise ValueError(f"injection must be the ({2 * n}, 4) response to the injection knobs x, px, y, py, "
+                                 f"got shape {inj.shape}")
+            knorm = np.linalg.norm(np.nan_to_num(inj), axis=0)
+            inj_w = np.where(knorm > 0, typical / np.where(knorm > 0, knorm, 1.0), 1.0)
+            resp = np.column_stack([resp, inj])
+            n_inj = len(INJECTION_KNOBS)
         if fit_rf:
             if orm.rf is None:
                 raise ValueError("fit_rf=True needs an ORM with an RF column: measure it with rf=True or use "
                                  "orm='model'")
-            colnorm = np.linalg.norm(resp, axis=0)
             rfnorm = float(np.linalg.norm(orm.rf))
-            rf_w = float(np.mean(colnorm[colnorm > 0]) / rfnorm) if rfnorm > 0 else 1.0
+            rf_w = typical / rfnorm if rfnorm > 0 else 1.0
             resp = np.column_stack([resp, orm.rf])
         else:
             rf_w = 1.0
@@ -242,6 +288,8 @@ class CorrectionSystem:
             zero = cw <= 0
             var_mask[: orm.ncor] &= ~zero
             vw[: orm.ncor] = np.where(zero, 1.0, cw)
+        if n_inj:
+            vw[orm.ncor:orm.ncor + n_inj] = inj_w
         if fit_rf:
             vw[-1] = rf_w
         # columns of correctors that cannot act on the corrected planes would make the SVD singular
@@ -249,23 +297,41 @@ class CorrectionSystem:
         if np.any(var_mask & ~active):
             var_mask &= active
         solver = SvdCorrector(resp, obs_weights=ow, var_weights=vw, obs_mask=obs_mask, var_mask=var_mask)
-        return cls(orm=orm, response=resp, solver=solver, fit_rf=fit_rf, rf_weight=rf_w, warnings=notes)
+        return cls(orm=orm, response=resp, solver=solver, fit_rf=fit_rf, rf_weight=rf_w, warnings=notes,
+                   n_injection=n_inj, injection_weights=inj_w)
 
     @property
     def nvar(self) -> int:
         return self.response.shape[1]
 
+    def solve_step(self, deviation: npt.ArrayLike, *, n_sv: int | None = None, tikhonov: float | None = None,
+                   gain: float = 1.0) -> CorrectionStep:
+        """The step of every variable (correctors [A], injection knobs, RF [Hz]) that cancels ``gain`` x
+        ``deviation`` (readings - target, 2n)."""
+        dv = gain * self.solver.correct(deviation, n_sv, tikhonov)
+        m = self.orm.ncor
+        dinj = dv[m:m + self.n_injection] if self.n_injection else np.zeros(len(INJECTION_KNOBS))
+        return CorrectionStep(dv[:m], np.asarray(dinj, dtype=float), float(dv[-1]) if self.fit_rf else 0.0)
+
     def step(self, deviation: npt.ArrayLike, *, n_sv: int | None = None, tikhonov: float | None = None,
              gain: float = 1.0) -> tuple[FloatArray, float]:
-        """Corrector steps [A] (m,) and RF step [Hz] that cancel ``gain`` x ``deviation`` (readings - target, 2n)."""
-        dv = gain * self.solver.correct(deviation, n_sv, tikhonov)
-        if self.fit_rf:
-            return dv[:-1], float(dv[-1])
-        return dv, 0.0
+        """Corrector steps [A] (m,) and RF step [Hz] that cancel ``gain`` x ``deviation`` (readings - target, 2n).
+        A system with injection knobs steps them too: use :meth:`solve_step`, which returns their step as well."""
+        if self.n_injection:
+            raise ValueError("this system steers with the injection knobs too: use solve_step(), which returns "
+                             "their step (dinj) with the correctors' and the RF's")
+        st = self.solve_step(deviation, n_sv=n_sv, tikhonov=tikhonov, gain=gain)
+        return st.dk, st.drf
 
-    def predicted(self, deviation: npt.ArrayLike, dk: FloatArray, drf: float = 0.0) -> FloatArray:
-        """Readings after applying ``dk`` [A] (and ``drf`` [Hz]) in the linear model."""
-        v = np.append(dk, drf) if self.fit_rf else dk
+    def predicted(self, deviation: npt.ArrayLike, dk: FloatArray, drf: float = 0.0,
+                  dinj: npt.ArrayLike | None = None) -> FloatArray:
+        """Readings after applying ``dk`` [A] (and ``drf`` [Hz], ``dinj`` to the injection knobs) in the linear
+        model."""
+        v = np.asarray(dk, dtype=float)
+        if self.n_injection:
+            v = np.append(v, np.zeros(self.n_injection) if dinj is None else np.asarray(dinj, dtype=float))
+        if self.fit_rf:
+            v = np.append(v, drf)
         return np.asarray(deviation, dtype=float) + self.response @ v
 
 
@@ -482,24 +548,33 @@ def judge_step(rms_before: float, rms_after: float, floor: float, *, noise: floa
 
 def n_sv_within_limits(system: CorrectionSystem, deviation: npt.ArrayLike, n_sv: int, current: npt.ArrayLike,
                        low: npt.ArrayLike, high: npt.ArrayLike, *, gain: float = 1.0,
-                       max_step: float | None = None) -> tuple[int, str]:
+                       max_step: float | None = None, injection: tuple[npt.ArrayLike, npt.ArrayLike,
+                                                                        npt.ArrayLike] | None = None
+                       ) -> tuple[int, str]:
     """The largest number of singular values ``<= n_sv`` whose step needs no clipping.
 
     A step clipped at the corrector limits is no longer the least-squares step: its direction changes and it can
     make the orbit worse (a transfer line steered with too few, too weak trims). Fewer singular values give smaller
     steps in the same least-squares sense. ``current``, ``low``, ``high``: setpoints and limits of the system's
-    correctors (its column order, hardware units); ``max_step`` as in :func:`limit_step` (scaling, not clipping,
-    so it is not counted). Returns ``(n, message)``; ``n = 1`` if even one mode needs clipping (then
-    :func:`limit_step` clips it and :func:`judge_step` judges the result)."""
+    correctors (its column order, hardware units); ``injection``: ``(trims, low, high)`` (4,) of its injection
+    knobs, if it has them and they have limits; ``max_step`` as in :func:`limit_step` (scaling, not clipping, so it
+    is not counted; the injection step scales with the correctors'). Returns ``(n, message)``; ``n = 1`` if even
+    one mode needs clipping (then :func:`limit_step` clips it and :func:`judge_step` judges the result)."""
     cur = np.asarray(current, dtype=float)
     lo = np.broadcast_to(np.asarray(low, dtype=float), cur.shape)
     hi = np.broadcast_to(np.asarray(high, dtype=float), cur.shape)
     for n in range(int(n_sv), 0, -1):
-        dk, _ = system.step(deviation, n_sv=n, gain=gain)
+        st = system.solve_step(deviation, n_sv=n, gain=gain)
+        dk, dinj = st.dk, st.dinj
         if max_step is not None and dk.size and np.max(np.abs(dk)) > max_step:
+            dinj = dinj * (max_step / np.max(np.abs(dk)))
             dk = dk * (max_step / np.max(np.abs(dk)))
         new = cur + dk
-        if np.all((new >= lo) & (new <= hi)):
+        ok = bool(np.all((new >= lo) & (new <= hi)))
+        if ok and injection is not None and system.n_injection:
+            t, tlo, thi = (np.asarray(a, dtype=float) for a in injection)
+            ok = bool(np.all((t + dinj >= tlo) & (t + dinj <= thi)))
+        if ok:
             msg = "" if n == n_sv else (f"{n_sv - n} singular value(s) dropped so that no corrector reaches its "
                                         f"limit ({n} kept)")
             return n, msg

@@ -16,8 +16,8 @@ What :func:`tool` does around the body, in order:
 
 1. refuses a ring-only tool on a transfer line, naming the tool and why;
 2. checks the beam (current and a finite orbit at in-service BPMs) before anything moves (``needs_beam``);
-3. snapshots what the tool may move (``restore``: families and RF) and puts it back exactly when the plan is
-   aborted, stopped or fails (``finalize_wrapper``), and also when it completes unless ``keep=True``
+3. snapshots what the tool may move (``restore``: families, RF, injection trims) and puts it back exactly when the
+   plan is aborted, stopped or fails (``finalize_wrapper``), and also when it completes unless ``keep=True``
    (corrections keep their result);
 4. opens the run when the body calls :func:`open_tool_run` (or right before storing the result if it never
    does), with ``tool_metadata`` (facility, profile, lattice, mode, seed, operator, licence, software), the
@@ -51,7 +51,7 @@ from bluesky.utils import Msg, MsgGenerator, RunEngineControlException
 from ..data import figures as _figures
 from ..data.metadata import json_safe, tool_metadata
 from .checks import ParameterError, check_parameters
-from .machine import BeamLostError, restore_setpoints, snapshot_setpoints
+from .machine import BeamLostError, move, restore_setpoints, snapshot_setpoints
 from .results import store_result
 
 __all__ = [
@@ -97,11 +97,13 @@ class ToolResult:
 
 @dataclass(frozen=True)
 class Restore:
-    """What a tool may move, snapshotted before it starts: magnet ``families`` (names; ``None`` = all) and the
-    RF frequency and voltage (``rf``)."""
+    """What a tool may move, snapshotted before it starts: magnet ``families`` (names; ``None`` = all), the
+    RF frequency and voltage (``rf``) and the injection trims x, px, y, py (``injection``: a transfer line's
+    steering at its entrance; only on a machine with injection devices)."""
 
     families: tuple[str, ...] | None = ()
     rf: bool = False
+    injection: bool = False
 
 
 NO_RESTORE = Restore()
@@ -318,7 +320,7 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
                 folder = figure_directory(fig_dir_arg if isinstance(fig_dir_arg, (str, os.PathLike)) else None)
                 fig_paths = {k: folder / f"{body.__name__}_{stamp}_{k}.png" for k in figures}
             what = restore(machine, bound.arguments) if callable(restore) else restore
-            state: dict[str, Any] = {"uid": None, "open": False, "done": False, "snap": None}
+            state: dict[str, Any] = {"uid": None, "open": False, "done": False, "snap": None, "trims": None}
 
             def open_run(extra: Mapping[str, Any]) -> MsgGenerator[str]:
                 if state["open"]:
@@ -344,6 +346,11 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
                 if what.families != () or what.rf:
                     state["snap"] = yield from snapshot_setpoints(
                         machine, None if what.families is None else list(what.families), rf=what.rf)
+                if what.injection and getattr(machine, "injection", None) is not None:
+                    trims = []
+                    for k in machine.injection.knobs()[:4]:
+                        trims.append((k, float((yield from bps.rd(k)))))
+                    state["trims"] = trims
                 result = yield from bpp.plan_mutator(body(*bound.args, **bound.kwargs), intercept)
                 if not state["open"]:
                     yield from open_run({})
@@ -375,9 +382,20 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
                     yield from bps.close_run()
 
             def cleanup() -> MsgGenerator[None]:
-                snap = state["snap"]
-                if snap is not None and not (state["done"] and keep):
-                    yield from restore_setpoints(machine, snap)
+                snap, trims = state["snap"], state["trims"]
+                if state["done"] and keep:
+                    return
+                try:
+                    if snap is not None:
+                        yield from restore_setpoints(machine, snap)
+                finally:
+                    if trims is not None:  # the trims that moved, back where they were
+                        back = []
+                        for k, v in trims:
+                            if float((yield from bps.rd(k))) != v:
+                                back += [k, v]
+                        if back:
+                            yield from move(*back)
 
             inner = bpp.contingency_wrapper(measured(), except_plan=close_failed, else_plan=close_ok)
             uid = yield from bpp.finalize_wrapper(inner, cleanup())

@@ -20,16 +20,26 @@ import numpy as np
 from bluesky.utils import MsgGenerator
 
 from ..analysis._common import rms, run_results
-from ..analysis.correction import CorrectionSystem, correction_floor, judge_step, limit_step, noise_sv_cut
+from ..analysis.correction import (
+    INJECTION_KNOB_LIMITS,
+    INJECTION_KNOBS,
+    CorrectionSystem,
+    correction_floor,
+    judge_step,
+    limit_step,
+    noise_sv_cut,
+)
 from ..analysis.dispersion import Dispersion, dispersion_from_orbits, rf_step_for_dp
 from ..analysis.orm import OrbitResponse, momentum_compaction, response_from_orbits
 from ..analysis.orm import model_orm as _model_response
 from ..analysis.plots import bump_figure, orbit_figure
+from ..analysis.trajectory import model_trajectory_response
 from ..machine import Machine
 from ..plan_stubs.machine import Record, emit, move, read_orbit, snapshot_setpoints
 from ..plan_stubs.orbit import corrector_devices, orbit_response, step_sizes
 from ..plan_stubs.runs import find_run
-from ..plan_stubs.tool import Restore, ToolResult, correctors_and_rf, open_tool_run, rf_only, thread_safe_figure, tool
+from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, rf_only, thread_safe_figure, tool
+from ..plan_stubs.trajectory import need_beam_devices
 
 __all__ = ["measure_orm", "model_orm", "correct_orbit", "orbit_bump", "measure_dispersion"]
 
@@ -225,7 +235,8 @@ def _orbit_figure(result: ToolResult, path: Path) -> None:
     orbit_figure(path, r["s"], r["names"], r["before"], r["after"], r["title"])
 
 
-def _correction_record(machine: Machine, groups: dict[str, list[tuple[int, int]]]) -> Record:
+def _correction_record(machine: Machine, groups: dict[str, list[tuple[int, int]]], injection: bool = False
+                       ) -> Record:
     n = len(machine.bpm)
     fields: dict[str, tuple[str, tuple[int, ...], str]] = {
         "iteration": ("", (), "iteration number (1-based)"),
@@ -247,15 +258,19 @@ def _correction_record(machine: Machine, groups: dict[str, list[tuple[int, int]]
         k = len(machine.families[fam])
         fields[f"{fam}_step"] = ("A", (k,), f"{fam} setpoint change of this iteration")
         fields[f"{fam}_setpoint"] = ("A", (k,), f"{fam} setpoints after the step")
+    if injection:
+        fields["injection_step"] = ("m | rad", (4,), "injection trims x, px, y, py: change of this iteration")
+        fields["injection"] = ("m | rad", (4,), "injection trims x, px, y, py after the step")
     return Record("orbit_correction", fields, hinted=("iteration", "rms_x_after", "rms_y_after"),
                   dtypes={"iteration": "integer", "n_clipped": "integer", "undone": "integer"})
 
 
 class _Correction:
-    """The state of one orbit correction: the system, the setpoints, the steps made safe."""
+    """The state of one orbit correction: the system, the setpoints, the steps made safe; ``trims``: the
+    injection trims x, px, y, py when the system steers with them (a transfer line), else ``None``."""
 
     def __init__(self, machine: Machine, resp: OrbitResponse, system: CorrectionSystem, sp: dict, f0: float,
-                 fit_rf: bool, max_step: float | None):
+                 fit_rf: bool, max_step: float | None, trims: np.ndarray | None = None):
         self.m, self.resp, self.system, self.fit_rf, self.max_step = machine, resp, system, fit_rf, max_step
         self.groups: dict[str, list[tuple[int, int]]] = {}
         for j, name in enumerate(resp.corrector_names):
@@ -264,6 +279,23 @@ class _Correction:
         self.sp = {f: np.array(sp[f], dtype=float) for f in self.groups}
         self.start = {f: v.copy() for f, v in self.sp.items()}
         self.f0 = self.f = f0
+        if (trims is None) != (system.n_injection == 0):
+            raise ValueError("the injection trims are given exactly when the system steers with them")
+        self.trims = None if trims is None else np.array(trims, dtype=float)
+        self.trims0 = None if trims is None else self.trims.copy()
+
+    def safe_injection(self, dinj: np.ndarray, scale: float, rep: Any) -> np.ndarray:
+        """The injection trims' step scaled as the correctors' (``max_step``) and clipped at their limits."""
+        if self.trims is None:
+            return np.zeros(len(INJECTION_KNOBS))
+        lim = np.asarray(INJECTION_KNOB_LIMITS, dtype=float)
+        want = self.trims + scale * np.asarray(dinj, dtype=float)
+        new = np.clip(want, -lim, lim)
+        if np.any(new != want):
+            names = [k for k, a, b in zip(INJECTION_KNOBS, new, want) if a != b]
+            rep.messages.append(f"injection trim(s) {', '.join(names)} clipped at their limits "
+                                f"+-{list(INJECTION_KNOB_LIMITS)} (m, rad, m, rad)")
+        return new - self.trims
 
     def safe_step(self, dk: np.ndarray, drf: float) -> tuple[dict[str, np.ndarray], float, Any]:
         fams = list(self.groups)
@@ -288,7 +320,8 @@ class _Correction:
             steps[f] = st
         return steps, drf, rep
 
-    def apply(self, steps: dict[str, np.ndarray], drf: float, sign: float = 1.0) -> MsgGenerator[None]:
+    def apply(self, steps: dict[str, np.ndarray], drf: float, sign: float = 1.0,
+              dinj: np.ndarray | None = None) -> MsgGenerator[None]:
         args: list[Any] = []
         for f, st in steps.items():
             if np.any(st != 0):
@@ -297,17 +330,24 @@ class _Correction:
         if self.fit_rf and drf:
             self.f += sign * drf
             args += [self.m.rf, self.f]
+        if self.trims is not None and dinj is not None and np.any(dinj != 0):
+            new = self.trims + sign * np.asarray(dinj, dtype=float)
+            for sig, v, old in zip(self.m.injection.knobs()[:4], new, self.trims):
+                if v != old:
+                    args += [sig, float(v)]
+            self.trims = new
         if args:
             yield from move(*args)
 
 
 def _correction_system(machine: Machine, resp: OrbitResponse, fit_rf: bool, n_sv: int | None,
                        tikhonov: float | None, bpm_weights, corrector_weights, exclude_bpms,
-                       exclude_correctors) -> tuple[CorrectionSystem, int | None, np.ndarray]:
+                       exclude_correctors, injection: np.ndarray | None = None
+                       ) -> tuple[CorrectionSystem, int | None, np.ndarray]:
     bad = ~np.asarray(machine.bpm.good, dtype=bool)
     system = CorrectionSystem.build(resp, fit_rf=fit_rf, bpm_weights=bpm_weights,
                                     corrector_weights=corrector_weights, exclude_bpms=exclude_bpms,
-                                    exclude_correctors=exclude_correctors, bad_bpms=bad)
+                                    exclude_correctors=exclude_correctors, bad_bpms=bad, injection=injection)
     s_all = system.solver.used_singular_values()
     nsv = n_sv
     if nsv is None and tikhonov is None:
@@ -319,6 +359,43 @@ def _correction_system(machine: Machine, resp: OrbitResponse, fit_rf: bool, n_sv
     return system, nsv, s_all
 
 
+def _uses_injection(machine: Machine, injection: bool | None) -> bool:
+    """Whether correct_orbit steers with the injection trims: by default on a transfer line with injection devices;
+    refused on a ring (its closed orbit does not depend on the injected beam)."""
+    line = machine.profile.kind != "ring"
+    if injection is None:
+        return line and getattr(machine, "injection", None) is not None
+    if injection and not line:
+        raise ValueError(f"correct_orbit: injection=True steers a transfer line's entrance; {machine.profile.name} is "
+                         "a ring, whose closed orbit does not depend on the injected beam")
+    if injection:
+        need_beam_devices(machine, "correct_orbit(injection=True)")
+    return bool(injection)
+
+
+def _injection_columns(machine: Machine, resp: OrbitResponse) -> np.ndarray:
+    """(2n, 4) response of the ORM's readings [x; y] to the injection trims x, px, y, py: the design line's
+    transfer from its entrance to each BPM (``model_trajectory_response(...).injection``, one pass)."""
+    model = model_trajectory_response(machine.profile, turns=1)
+    where = {b: i for i, b in enumerate(model.bpm_names)}
+    missing = [b for b in resp.bpm_names if b not in where]
+    if missing:
+        raise ValueError(f"correct_orbit: the ORM's BPMs {missing[:5]} are not the profile's: no injection response")
+    idx = np.array([where[b] for b in resp.bpm_names], dtype=int)
+    n = len(model.bpm_names)
+    return np.asarray(model.injection, dtype=float)[np.concatenate([idx, n + idx])]
+
+
+def _check_injection(machine: Machine, args: dict[str, Any]) -> None:
+    _uses_injection(machine, args.get("injection"))  # refused on a ring before the beam check, nothing moved
+
+
+def _correction_restore(machine: Machine, args: dict[str, Any]) -> Restore:
+    line = machine.profile.kind != "ring"
+    return Restore(tuple(sorted([*machine.hcors, *machine.vcors])), rf=True,
+                   injection=line and args.get("injection") is not False)
+
+
 def _orm_of(machine: Machine, orm: Any, fit_rf: bool) -> MsgGenerator[OrbitResponse]:
     from ..plan_stubs.orbit import load_orm
 
@@ -328,15 +405,21 @@ def _orm_of(machine: Machine, orm: Any, fit_rf: bool) -> MsgGenerator[OrbitRespo
     return (yield from load_orm(machine, orm))
 
 
-@tool("orbit_correction", restore=correctors_and_rf, keep=True, figures={"orbit": _orbit_figure})
+@tool("orbit_correction", restore=_correction_restore, keep=True, validate=_check_injection,
+      figures={"orbit": _orbit_figure})
 def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, tikhonov: float | None = None,
                   bpm_weights: Sequence[float] | None = None, corrector_weights: Sequence[float] | None = None,
                   exclude_bpms: Sequence[str | int] = (), exclude_correctors: Sequence[str | int] = (),
                   fit_rf: bool = False, gain: float = 1.0, max_step: float | None = None, max_iter: int = 3,
                   tol: float | None = None, target: Any = None, n_avg: int = 1, min_improvement: float = 0.02,
-                  use_flagged: bool = False, figure_dir: str | Path | bool | None = None,
-                  md: dict | None = None) -> MsgGenerator[str]:
+                  use_flagged: bool = False, injection: bool | None = None,
+                  figure_dir: str | Path | bool | None = None, md: dict | None = None) -> MsgGenerator[str]:
     """Correct the closed orbit by SVD (MML's ``setorbit``), iterating until converged.
+
+    On a transfer line the "orbit" is the mean trajectory of the beam from the injector: the correction also
+    steers with the injection trims x, px, y, py (``injection``), whose response is the design line's transfer from
+    its entrance; they correct the injected beam's error at its source, and the BPMs upstream of a plane's first
+    corrector can be steered by nothing else.
 
     Each iteration reads the orbit, computes the corrector steps that cancel ``gain`` x (reading - target) with
     the chosen singular values or Tikhonov regularisation, makes them safe (``max_step``, then each corrector
@@ -371,6 +454,8 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
             ``apply_bba``).
         n_avg: orbit acquisitions averaged per reading.
         use_flagged: also use the correctors the ORM flagged as dead (``column_ok = 0``: no response).
+        injection: steer with the injection trims too (x [m], px [rad], y [m], py [rad]); default ``None``: on a
+            transfer line that has injection devices. Refused on a ring. They are put back if the plan fails.
         figure_dir: folder of the figure; ``False``: none.
         md: metadata merged into the start document.
 
@@ -383,6 +468,7 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
         raise ValueError("give n_sv or tikhonov, not both")
     if tikhonov is not None and not (np.isfinite(tikhonov) and tikhonov >= 0):
         raise ValueError(f"tikhonov alpha must be a finite number >= 0, got {tikhonov}")
+    use_inj = _uses_injection(machine, injection)
     tx, ty = yield from _target_orbit(machine, target)
     resp = yield from _orm_of(machine, orm, fit_rf)
     if resp.good is not None and not use_flagged and not np.all(resp.good):
@@ -391,11 +477,18 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
         warnings.warn(f"correct_orbit: leaving out {len(flagged)} corrector(s) the ORM flagged as dead: "
                       f"{', '.join(flagged[:8])}", stacklevel=2)
     system, nsv, s_all = _correction_system(machine, resp, fit_rf, n_sv, tikhonov, bpm_weights, corrector_weights,
-                                            exclude_bpms, exclude_correctors)
+                                            exclude_bpms, exclude_correctors,
+                                            injection=_injection_columns(machine, resp) if use_inj else None)
     snap = yield from snapshot_setpoints(machine, sorted({machine.device(c).family_name
                                                           for c in resp.corrector_names}), rf=fit_rf)
+    trims = None
+    if use_inj:
+        now = []
+        for k in machine.injection.knobs()[:4]:
+            now.append(float((yield from bps.rd(k))))
+        trims = np.array(now)
     c = _Correction(machine, resp, system, snap, float(snap["RF:frequency"]) if fit_rf else float("nan"),
-                    fit_rf, max_step)
+                    fit_rf, max_step, trims=trims)
     yield from open_tool_run(orm_uid=resp.uid or resp.kind, bpm_names=machine.bpm.names,
                              corrector_names=resp.corrector_names, num_points=int(max_iter),
                              **({"target_x": tx.tolist(), "target_y": ty.tolist()} if target is not None else {}))
@@ -415,6 +508,9 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
     for f in c.groups:
         res[f"{f}_correction"] = c.sp[f] - c.start[f]
         units[f"{f}_correction"] = "A"
+    if c.trims is not None:
+        res["injection_correction"] = c.trims - c.trims0
+        units["injection_correction"] = "m | rad"
     title = (f"{machine.profile.facility} {machine.profile.accelerator}: orbit correction ({out['iterations']} "
              f"iteration(s), {res['n_sv']} singular values)")
     return ToolResult(res, units, _CORRECTION_DESCRIPTIONS, value={
@@ -428,6 +524,7 @@ _CORRECTION_DESCRIPTIONS = {
     "converged": "1: the rms reached its floor (or tol); 0: stalled above its floor, undone or ended by max_iter",
     "undone": "1 if the last step made the orbit worse and was taken back",
     "rf_correction": "total RF frequency change", "x_after": "horizontal orbit at the end",
+    "injection_correction": "total change of the injection trims x [m], px [rad], y [m], py [rad] (a line)",
     "y_after": "vertical orbit at the end"}
 
 
@@ -443,7 +540,7 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
     above the BPM noise (:func:`~acc_bluesky.analysis.correction.noise_sv_cut`), at most ``nsv``. A plan that
     corrects several times in one run passes its one ``rec`` (one Record per stream)."""
     excluded = [c.resp.bpm_index(b) for b in exclude_bpms]
-    rec = rec if rec is not None else _correction_record(machine, c.groups)
+    rec = rec if rec is not None else _correction_record(machine, c.groups, injection=c.trims is not None)
     good = np.asarray(machine.bpm.good, dtype=bool)
     solver = c.system.solver
     bpm_noise = float(machine.profile.spec.errors.bpm.noise)
@@ -462,11 +559,12 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
         if auto_cut:
             cut = noise_sv_cut(solver, dev, bpm_noise=bpm_noise, n_avg=n_avg, rel_error=rcond)
             n_use = min(cut.n_sv, nsv) if nsv is not None else cut.n_sv
-        dk, drf = c.system.step(dev, n_sv=n_use, tikhonov=tikhonov, gain=gain)
-        steps, drf, rep = c.safe_step(dk, drf)
+        wanted = c.system.solve_step(dev, n_sv=n_use, tikhonov=tikhonov, gain=gain)
+        steps, drf, rep = c.safe_step(wanted.dk, wanted.drf)
+        dinj = c.safe_injection(wanted.dinj, rep.scale, rep)
         for msg in rep.messages:
             warnings.warn(f"correct_orbit iteration {it}: {msg}", stacklevel=2)
-        yield from c.apply(steps, drf)
+        yield from c.apply(steps, drf, dinj=dinj)
         xa, ya = yield from read_orbit(machine, n_avg, ignore=excluded,
                                        where=f"reading the orbit after correction step {it}")
         after = rms(np.concatenate([xa - tx, ya - ty]), solver.obs_mask)
@@ -477,13 +575,14 @@ def _iterate(machine: Machine, c: _Correction, tx, ty, *, nsv, tikhonov, gain, m
                    rms_x_after=rms(xa - tx, good), rms_y_after=rms(ya - ty, good), x_before=x,
                    y_before=y, x_after=xa, y_after=ya, rf_step=drf, rf_frequency=c.f, scale=rep.scale,
                    n_clipped=len(rep.clipped), undone=int(v.undo),
-                   **{f"{f}_step": st for f, st in steps.items()}, **{f"{f}_setpoint": c.sp[f] for f in c.groups})
+                   **{f"{f}_step": st for f, st in steps.items()}, **{f"{f}_setpoint": c.sp[f] for f in c.groups},
+                   **({"injection_step": dinj, "injection": c.trims} if c.trims is not None else {}))
         yield from emit(rec)
         out["iterations"] = it
         if v.undo:  # never leave the orbit worse than it was: take the step back and stop
             warnings.warn(f"correct_orbit iteration {it}: {v.message} (rms over the corrected readings)",
                           stacklevel=2)
-            yield from c.apply(steps, drf, sign=-1.0)
+            yield from c.apply(steps, drf, sign=-1.0, dinj=dinj)
             x, y = yield from read_orbit(machine, n_avg, ignore=excluded, where="taking back a step")
             out.update(undone=True, last=(x, y))
             break

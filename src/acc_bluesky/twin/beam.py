@@ -6,7 +6,8 @@
   y, py). It is tracked through the twin's lattice, so a ring with no closed orbit still gives trajectories.
 - **Pinger.** :meth:`Beam.kick_stored` kicks the stored beam (the closed orbit) at the lattice entrance, or at a
   chosen element with a ``KickAngle``, and records N turns: turn-by-turn (TbT) data.
-- **Acquisition modes** of the BPM system (:attr:`Beam.mode`): ``orbit`` (the closed orbit, ``Twin.read_bpms``),
+- **Acquisition modes** of the BPM system (:attr:`Beam.mode`): ``orbit`` (the closed orbit, ``Twin.read_bpms``; on a
+  line the mean trajectory of the injected beam: :meth:`Beam.injected` without the jitter, which averages out),
   ``trajectory`` (first turns of an injected shot, single pass on a line) and ``tbt`` (N turns after a pinger
   trigger). Readings go through the BPM errors (offset, gain, roll) plus the TbT noise (``errors.bpm.tbt_noise``),
   and are NaN from where the beam is lost; the loss (turn, element) is in the :class:`Acquisition`.
@@ -206,6 +207,7 @@ class Beam:
                              "(m, rad, m, rad): nothing set")
         with self._twin._lock:
             self.injection_trim = t.copy()
+            self._twin._touch()  # a line's orbit is the injected beam's trajectory
 
     def set_injection_energy(self, dp: float) -> None:
         """Energy trim of the injected beam (dp/p, the injector's energy), added to its static error."""
@@ -215,6 +217,7 @@ class Beam:
                              f"got {dp!r}: nothing set")
         with self._twin._lock:
             self.injection_energy = v
+            self._twin._touch()
 
     def set_kick(self, kick, kicker: int | None = None) -> None:
         """Pinger kick (x, y) [rad], fired by :meth:`trigger` in ``tbt`` mode; ``kicker``: its lattice index."""
@@ -245,6 +248,7 @@ class Beam:
             self.kicker = None
             self.nparticles = 1
             self.last = None
+            self._twin._touch()
 
     # ------------------------------------------------------------------------------------------------
     # acquisitions

@@ -561,14 +561,31 @@ class Twin:
         return self._check_aperture(z, pos)
 
     def _solve_line(self) -> Observables:
-        z = self._line_input()
-        out = _engine.track(self.ring, np.asfortranarray(z.reshape(6, 1).copy()), self.bpm_refpts, keep=False)
+        """A line has no closed orbit: what its BPMs read in orbit mode is the mean trajectory of the beam the
+        injector sends, the beam of a trajectory shot without its jitter (:meth:`Beam.injected`: the entrance orbit,
+        the static injection error, the injection trims and energy), tracked once through the errored line. Lost
+        where a shot is: outside the aperture at any element, or lost in tracking."""
+        z = self.beam.injected()
+        nel = len(self.ring)
+        refs = np.arange(nel + 1, dtype=np.uint32)
+        out = _engine.track(self.ring, np.asfortranarray(z.reshape(6, 1)), refs, keep=False)[:, 0, :, 0]
         self._engine_gen = -1
-        pos = out[:, 0, :, 0].T
-        obs = self._check_aperture(z, pos)
-        return obs
+        spec = self.profile.spec.beam
+        with np.errstate(invalid="ignore"):
+            bad = (~np.all(np.isfinite(out[:4]), axis=0) | (np.abs(out[0]) > spec.aperture_x)
+                   | (np.abs(out[2]) > spec.aperture_y))
+        if np.any(bad):
+            k = int(np.argmax(bad))
+            el = min(k, nel - 1)
+            where = f"at element {el} ({self.ring[el].FamName})"
+            if not np.all(np.isfinite(out[:4, k])):
+                return self._lost(f"particle lost in tracking {where}")
+            return self._lost(f"trajectory beyond the aperture {where} (x {out[0, k] * 1e3:.2f} mm, "
+                              f"y {out[2, k] * 1e3:.2f} mm)")
+        return self._check_aperture(z, out[:, self.bpm_refpts].T)
 
     def _line_input(self) -> np.ndarray:
+        """The line's design entrance orbit (profile ``twiss_in.closed_orbit``, else on axis) (6,)."""
         tw = self.profile.spec.twiss_in or {}
         z = np.zeros(6)
         if "closed_orbit" in tw:
