@@ -353,3 +353,14 @@ def test_results_with_no_element_are_recorded_and_read_back(run_engine, machine)
     assert back["bad"].shape == (0,) and back["bad"].dtype == np.int64
     assert back["m"].shape == (3, 0) and np.array_equal(back["xi"], [0.2, 0.1])
     assert "empty_arrays" not in back
+
+
+def test_an_empty_catalogue_path_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    """'' (an unset shell variable, an empty setting) is not the working directory: no catalogue, lock or key there."""
+    from acc_bluesky.data import local, make_run_engine, open_catalog
+
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: local.stop_server(""), lambda: open_catalog(""), lambda: make_run_engine(catalog_dir="")):
+        with pytest.raises(ValueError, match="empty path"):
+            call()
+    assert list(tmp_path.iterdir()) == []

@@ -93,7 +93,13 @@ def default_catalog_dir() -> pathlib.Path:
 
 
 def catalog_paths(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Paths of a catalogue folder: ``catalog`` (SQLite tree), ``tables`` (SQLite event tables), ``data``."""
+    """Paths of a catalogue folder: ``catalog`` (SQLite tree), ``tables`` (SQLite event tables), ``data``.
+
+    An empty name is refused (``Path("")`` is the working directory: a catalogue, its server's lock and key would
+    land wherever the session happens to run)."""
+    if not str(directory).strip():
+        raise ValueError("the catalogue folder is an empty path: give the folder (e.g. catalog_dir='~/runs'), or "
+                         "None for the default catalogue")
     d = pathlib.Path(directory).expanduser().resolve()
     return {"root": d, "catalog": d / "catalog.db", "tables": d / "tables.sqlite", "data": d / "data"}
 
