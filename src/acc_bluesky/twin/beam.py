@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 
 from .._compat.scipy import single_thread_blas
 from . import _engine
-from .errors import truncated_normal
+from .errors import injection_error, stream
 
 
 __all__ = ["BPM_MODES", "Acquisition", "Beam", "stream"]
@@ -47,11 +46,6 @@ INJECTION_TRIM_LIMITS = np.array([5e-3, 2e-3, 5e-3, 2e-3])
 KICK_LIMIT = 5e-3
 #: limit of the injected beam's energy trim (dp/p)
 INJECTION_ENERGY_LIMIT = 1e-2
-
-
-def stream(seed: int | None, name: str) -> np.random.Generator:
-    """A generator keyed by the seed and a stable name (``crc32``: the same in every process)."""
-    return np.random.default_rng(None if seed is None else [int(seed), zlib.crc32(name.encode())])
 
 
 @dataclass(frozen=True)
@@ -143,14 +137,11 @@ class Beam:
         self._twin = twin
         spec = twin.profile.spec.errors
         inj = spec.injection
-        rms = np.array([inj.x, inj.px, inj.y, inj.py, inj.energy, 0.0])
         self.jitter = np.array([inj.jitter_x, inj.jitter_px, inj.jitter_y, inj.jitter_py, inj.jitter_energy, 0.0])
         seed = twin.seed
+        self.injection_error = injection_error(twin.profile, seed)
         if seed is None:
-            self.injection_error = np.zeros(6)
             self.jitter = np.zeros(6)
-        else:
-            self.injection_error = truncated_normal(stream(seed, "injection"), rms, 6, spec.truncation)
         self._jitter_rng = stream(seed, "injection-jitter")
         self._noise_rng = stream(seed, "tbt-noise")
         self._bunch_rng = stream(seed, "bunch")

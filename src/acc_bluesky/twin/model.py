@@ -26,7 +26,7 @@ from ..profile import Family, LimitError, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
 from .beam import Beam  # tbt: injected/stored beam, BPM acquisition modes
-from .errors import ErrorModel, apply_alignment
+from .errors import ErrorModel, apply_alignment, line_loss
 from .errors import explain_loss, named_stream  # lattice: named noise stream, no-closed-orbit diagnosis
 
 __all__ = ["Twin", "Observables", "BeamLost", "UnknownDevice"]
@@ -570,18 +570,9 @@ class Twin:
         refs = np.arange(nel + 1, dtype=np.uint32)
         out = _engine.track(self.ring, np.asfortranarray(z.reshape(6, 1)), refs, keep=False)[:, 0, :, 0]
         self._engine_gen = -1
-        spec = self.profile.spec.beam
-        with np.errstate(invalid="ignore"):
-            bad = (~np.all(np.isfinite(out[:4]), axis=0) | (np.abs(out[0]) > spec.aperture_x)
-                   | (np.abs(out[2]) > spec.aperture_y))
-        if np.any(bad):
-            k = int(np.argmax(bad))
-            el = min(k, nel - 1)
-            where = f"at element {el} ({self.ring[el].FamName})"
-            if not np.all(np.isfinite(out[:4, k])):
-                return self._lost(f"particle lost in tracking {where}")
-            return self._lost(f"trajectory beyond the aperture {where} (x {out[0, k] * 1e3:.2f} mm, "
-                              f"y {out[2, k] * 1e3:.2f} mm)")
+        lost = line_loss(self.ring, out, self.profile.spec.beam)
+        if lost is not None:
+            return self._lost(lost)
         return self._check_aperture(z, out[:, self.bpm_refpts].T)
 
     def _line_input(self) -> np.ndarray:
