@@ -284,9 +284,9 @@ class _Alignment:
     pyAT's ``shift_elem``/``tilt_elem`` but for the translation and rotation a roll or a shift adds on a bend; where
     that part exceeds ``TOL`` at scale 1 (m or rad; a strong bend: 45 um and 45 urad on a 20-degree transfer-line
     dipole, which moved a line's trajectory by millimetres; on ALS's 10-degree bends the simple form put a seed's
-    limit at 0.49 where pyAT's matrices give 0.64), the element's arrays are pyAT's own ``transform_elem`` at each scale, copied in place. ``TOL`` = 1e-6:
-    the profiles generated for the six test lattices are the same as with 1e-9 (every bend exact), in 10.4 s
-    instead of 13.2 s."""
+    limit at 0.49 where pyAT's matrices give 0.64), the element's arrays are pyAT's own ``transform_elem`` at each
+    scale, copied in place. ``TOL`` = 1e-6: the profiles generated for the six test lattices are the same as with
+    1e-9 (every bend exact), in 10.4 s instead of 13.2 s."""
 
     TOL = 1e-6
 
