@@ -56,6 +56,15 @@ def run_start(run: Any) -> dict[str, Any]:
     return {}
 
 
+def tool_run_start(run: Any, tool: str, what: str) -> dict[str, Any]:
+    """The start document of ``run`` (:func:`run_start`), refused unless it is a ``tool`` run (or a run without a
+    tool name): a ``ValueError`` naming the run, its tool and ``what`` it should have been."""
+    start = run_start(run)
+    if start.get("tool") not in (None, tool):
+        raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a {what}")
+    return start
+
+
 def _read_node(node: Any) -> np.ndarray:
     val = node.read() if hasattr(node, "read") else node
     arr = np.asarray(val)

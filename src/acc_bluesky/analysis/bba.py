@@ -53,7 +53,7 @@ import numpy.typing as npt
 
 from .._compat.scipy import single_thread_blas
 from ..profile import Profile
-from ._common import FloatArray, resolve_profile, rms, run_results, run_start
+from ._common import FloatArray, resolve_profile, rms, run_results, tool_run_start
 
 __all__ = [
     "BBAResult",
@@ -1105,10 +1105,7 @@ class BBAResult:
     @classmethod
     def from_run(cls, run: Any) -> BBAResult:
         """Read what ``measure_bba`` stored in a run (a Tiled ``BlueskyRun``)."""
-        start = run_start(run)
-        if start.get("tool") not in (None, "bba"):
-            raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a BBA run "
-                             "(measure_bba)")
+        start = tool_run_start(run, "bba", "BBA run (measure_bba)")
         return cls.from_results(run_results(run), start)
 
     # -- figures --------------------------------------------------------------------------------------

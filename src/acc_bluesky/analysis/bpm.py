@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from ._common import FloatArray, run_results, run_start
+from ._common import FloatArray, run_results, tool_run_start
 
 __all__ = ["NOISY_FACTOR", "BpmStatistics", "bpm_statistics", "check_noisy_factor"]
 
@@ -156,23 +156,18 @@ class BpmStatistics:
     @classmethod
     def from_run(cls, run: Any) -> BpmStatistics:
         """Read the statistics of a ``bpm_statistics`` run (``monitor_bpms``) back from the catalogue."""
-        start = run_start(run)
-        if start.get("tool") not in (None, "bpm_statistics"):
-            raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a "
-                             "'bpm_statistics' run (monitor_bpms)")
+        start = tool_run_start(run, "bpm_statistics", "'bpm_statistics' run (monitor_bpms)")
         return cls.from_results(run_results(run), start)
 
     def plot(self, path: str | Path) -> Path:
         """PNG of each BPM's noise (standard deviation) [um] along the ring per plane, the floor and the noisy
         threshold drawn, dead / frozen / noisy BPMs marked and named. Thread-safe: matplotlib's object API on an Agg
         canvas, no pyplot state."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from .plots import _canvas
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig = Figure(figsize=(9, 5.5), dpi=110)
-        FigureCanvasAgg(fig)
+        fig = _canvas(9, 5.5)
         axes = fig.subplots(2, 1, sharex=True)
         pos = np.arange(len(self.bpm_names), dtype=float) if self.s is None else self.s
         std_um = self.std * 1e6

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import run_results, run_start
+from ._common import run_results, tool_run_start
 
 __all__ = ["ConfigDifference", "compare_config", "config_from_run", "config_to_results", "format_differences",
            "split_setpoints", "RF_KEYS"]
@@ -60,9 +60,7 @@ def config_from_run(run: Any) -> dict[str, Any]:
     """
     if isinstance(run, Mapping) and not hasattr(run, "metadata") and "start" not in run:
         return {k: (float(v) if k in RF_KEYS else np.asarray(v, dtype=float)) for k, v in run.items()}
-    start = run_start(run)
-    if start.get("tool") not in (None, "config"):
-        raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a config run")
+    start = tool_run_start(run, "config", "config run")
     res = run_results(run)
     if "setpoints" not in res or "config_families" not in start:
         raise KeyError(f"run {start.get('uid', '?')[:8]} holds no configuration (results: {sorted(res)})")

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._compat.scipy import single_thread_blas
-from ._common import FloatArray, resolve_profile, rms, run_results, run_start
+from ._common import FloatArray, resolve_profile, rms, run_results, tool_run_start
 from .orm import momentum_compaction
 
 __all__ = ["DEFAULT_RF_STEP_DP", "Dispersion", "dispersion_from_orbits", "dp_from_df", "model_momentum_compaction_of",
@@ -174,9 +174,7 @@ class Dispersion:
     @classmethod
     def from_run(cls, run: Any) -> Dispersion:
         """Read what ``measure_dispersion`` stored in a run (a Tiled ``BlueskyRun``)."""
-        start = run_start(run)
-        if start.get("tool") not in (None, "dispersion"):
-            raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a dispersion run")
+        start = tool_run_start(run, "dispersion", "dispersion run")
         return cls.from_results(run_results(run), start)
 
     def plot(self, path: str | Path, model: tuple[npt.ArrayLike, npt.ArrayLike] | None = None) -> Path:

@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from .._compat.scipy import single_thread_blas
 from ..profile import Profile
-from ._common import FloatArray, corrector_table, resolve_profile, rms, run_results, run_start
+from ._common import FloatArray, corrector_table, resolve_profile, rms, run_results, run_start, tool_run_start
 from .correction import SvdCorrector, limit_step
 
 __all__ = [
@@ -201,10 +201,7 @@ class TrajectoryResponse:
     @classmethod
     def from_run(cls, run: Any) -> TrajectoryResponse:
         """Read the response a ``measure_trajectory_response`` run stored."""
-        start = run_start(run)
-        if start.get("tool") not in (None, "trajectory_response"):
-            raise ValueError(f"run {start.get('uid', '?')[:8]} is a {start.get('tool')!r} run, not a "
-                             "'trajectory_response' run")
+        start = tool_run_start(run, "trajectory_response", "'trajectory_response' run")
         return cls.from_results(run_results(run), start)
 
     def plot(self, path: str | Path, hw: bool = False, title: str | None = None) -> Path:

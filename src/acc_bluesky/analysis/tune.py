@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from .._compat.scipy import single_thread_blas
 from ..profile import Profile
-from ._common import FloatArray, resolve_profile, run_results, run_start
+from ._common import FloatArray, resolve_profile, run_results, run_start, tool_run_start
 
 __all__ = [
     "nearest_resonance",
@@ -446,9 +446,7 @@ class MeasuredTunes:
     @classmethod
     def from_run(cls, run: Any) -> MeasuredTunes:
         """Read the tunes of a ``tune`` run back from the catalogue."""
-        start = run_start(run)
-        if start.get("tool") not in (None, "tune"):
-            raise ValueError(f"run {start.get('uid', '?')} is a {start.get('tool')!r} run, not a 'tune' run")
+        start = tool_run_start(run, "tune", "'tune' run")
         return cls.from_results(run_results(run), start)
 
 
@@ -510,9 +508,7 @@ class _Correction:
     @classmethod
     def from_run(cls, run: Any):
         """Read a correction back from its run in the catalogue."""
-        start = run_start(run)
-        if start.get("tool") not in (None, cls.tool):
-            raise ValueError(f"run {start.get('uid', '?')} is a {start.get('tool')!r} run, not a {cls.tool!r} run")
+        start = tool_run_start(run, cls.tool, f"{cls.tool!r} run")
         return cls.from_results(run_results(run), start)
 
 
