@@ -36,7 +36,8 @@ __all__ = [
     "apply_alignment",
     "check_closed_orbit",
     "injection_error",
-    "line_loss",
+    "line_entrance",
+    "line_trajectory",
     "stream",
     "closed_orbit_scale",
     "diagnose_closed_orbit",
@@ -409,20 +410,12 @@ def _probe(profile: Profile, ring, keep: bool = False, entrance: np.ndarray | No
                 if rho > 1.0 + 1e-3:
                     return OrbitCheck(False, reason=f"unstable optics (one-turn eigenvalue modulus {rho:.4g})")
             else:
-                z = np.zeros(6)
-                tw = profile.spec.twiss_in or {}
-                co = tw.get("closed_orbit")
-                if co is not None:
-                    co = np.atleast_1d(np.asarray(co, dtype=float))
-                    z[:len(co)] = co
+                z = line_entrance(profile)
                 if entrance is not None:
                     z = z + np.asarray(entrance, dtype=float)
-                out = _engine.track(ring, z.reshape(6, 1).copy(), np.arange(len(ring) + 1, dtype=np.uint32),
-                                    keep)[:, 0, :, 0]
-                lost = line_loss(ring, out, beam)
+                pos, lost = line_trajectory(ring, z, bpms, beam, keep)
                 if lost is not None:
                     return OrbitCheck(False, reason=lost)
-                pos = out[:, bpms].T
         except Exception as err:  # noqa: BLE001 - pyAT raises AtError, LinAlgError...
             return OrbitCheck(False, reason=f"no closed orbit: {err}")
     x, y = pos[:, 0], pos[:, 2]
@@ -434,22 +427,37 @@ def _probe(profile: Profile, ring, keep: bool = False, entrance: np.ndarray | No
     return OrbitCheck(True, float(np.sqrt(np.mean(x * x))), float(np.sqrt(np.mean(y * y))), x=x.copy(), y=y.copy())
 
 
-def line_loss(ring, out: np.ndarray, beam: Any) -> str | None:
-    """Where the beam of a line is lost, or ``None``: ``out`` (6, n + 1) its coordinates at every element entrance
-    and the exit, ``beam`` the profile's ``beam`` (``aperture_x``, ``aperture_y``). Lost in tracking (not finite) or
-    beyond the aperture at any element, as a trajectory shot is: the twin's orbit mode and the profile's checks use
-    the same criterion."""
+def line_entrance(profile: Profile) -> np.ndarray:
+    """(6,) design entrance orbit of a line: the profile's ``twiss_in.closed_orbit``, else on axis."""
+    z = np.zeros(6)
+    co = (profile.spec.twiss_in or {}).get("closed_orbit")
+    if co is not None:
+        co = np.atleast_1d(np.asarray(co, dtype=float))
+        z[:len(co)] = co
+    return z
+
+
+def line_trajectory(ring, z: np.ndarray, bpms: np.ndarray, beam: Any,
+                    keep: bool = False) -> tuple[np.ndarray | None, str | None]:
+    """One pass of a line from ``z`` (6,): ``(positions at the BPMs (nbpm, 6), None)``, or ``(None, where it is
+    lost)``. Lost in tracking (not finite) or beyond the aperture of ``beam`` (the profile's ``beam``:
+    ``aperture_x``, ``aperture_y``) at any element, as a trajectory shot is: the twin's orbit mode and the profile's
+    checks use this one criterion. ``keep``: reuse the engine's converted lattice."""
+    from . import _engine
+
+    out = _engine.track(ring, np.asfortranarray(np.asarray(z, dtype=float).reshape(6, 1)),
+                        np.arange(len(ring) + 1, dtype=np.uint32), keep)[:, 0, :, 0]
     with np.errstate(invalid="ignore"):
         bad = (~np.all(np.isfinite(out[:4]), axis=0) | (np.abs(out[0]) > beam.aperture_x)
                | (np.abs(out[2]) > beam.aperture_y))
     if not np.any(bad):
-        return None
+        return out[:, bpms].T, None
     k = int(np.argmax(bad))
     el = min(k, len(ring) - 1)
     where = f"at element {el} ({ring[el].FamName})"
     if not np.all(np.isfinite(out[:4, k])):
-        return f"particle lost in tracking {where}"
-    return f"trajectory beyond the aperture {where} (x {out[0, k] * 1e3:.2f} mm, y {out[2, k] * 1e3:.2f} mm)"
+        return None, f"particle lost in tracking {where}"
+    return None, f"trajectory beyond the aperture {where} (x {out[0, k] * 1e3:.2f} mm, y {out[2, k] * 1e3:.2f} mm)"
 
 
 def check_closed_orbit(profile: Profile, seed: int | None = 1, scale: float | None = None,

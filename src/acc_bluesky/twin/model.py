@@ -26,7 +26,7 @@ from ..profile import Family, LimitError, Profile, load_profile
 from . import _engine
 from .anomalies import Anomalies
 from .beam import Beam  # tbt: injected/stored beam, BPM acquisition modes
-from .errors import ErrorModel, apply_alignment, line_loss
+from .errors import ErrorModel, apply_alignment, line_entrance, line_trajectory
 from .errors import explain_loss, named_stream  # lattice: named noise stream, no-closed-orbit diagnosis
 
 __all__ = ["Twin", "Observables", "BeamLost", "UnknownDevice"]
@@ -566,22 +566,15 @@ class Twin:
         the static injection error, the injection trims and energy), tracked once through the errored line. Lost
         where a shot is: outside the aperture at any element, or lost in tracking."""
         z = self.beam.injected()
-        nel = len(self.ring)
-        refs = np.arange(nel + 1, dtype=np.uint32)
-        out = _engine.track(self.ring, np.asfortranarray(z.reshape(6, 1)), refs, keep=False)[:, 0, :, 0]
+        pos, lost = line_trajectory(self.ring, z, self.bpm_refpts, self.profile.spec.beam)
         self._engine_gen = -1
-        lost = line_loss(self.ring, out, self.profile.spec.beam)
         if lost is not None:
             return self._lost(lost)
-        return self._check_aperture(z, out[:, self.bpm_refpts].T)
+        return self._check_aperture(z, pos)
 
     def _line_input(self) -> np.ndarray:
         """The line's design entrance orbit (profile ``twiss_in.closed_orbit``, else on axis) (6,)."""
-        tw = self.profile.spec.twiss_in or {}
-        z = np.zeros(6)
-        if "closed_orbit" in tw:
-            z[:len(tw["closed_orbit"])] = tw["closed_orbit"]
-        return z
+        return line_entrance(self.profile)
 
     # public truth accessors ---------------------------------------------------------------------------
     @property
