@@ -53,6 +53,7 @@ from ..data.metadata import json_safe, tool_metadata
 from .checks import ParameterError, check_parameters
 from .machine import BeamLostError, move, restore_setpoints, snapshot_setpoints
 from .results import store_result
+from .trajectory import injection_trims
 
 __all__ = [
     "NO_RESTORE",
@@ -347,10 +348,8 @@ def tool(name: str, *, restore: Restore | Callable[[Any, Mapping[str, Any]], Res
                     state["snap"] = yield from snapshot_setpoints(
                         machine, None if what.families is None else list(what.families), rf=what.rf)
                 if what.injection and getattr(machine, "injection", None) is not None:
-                    trims = []
-                    for k in machine.injection.knobs()[:4]:
-                        trims.append((k, float((yield from bps.rd(k)))))
-                    state["trims"] = trims
+                    now = yield from injection_trims(machine)
+                    state["trims"] = list(zip(machine.injection.knobs()[:4], now))
                 result = yield from bpp.plan_mutator(body(*bound.args, **bound.kwargs), intercept)
                 if not state["open"]:
                     yield from open_run({})

@@ -51,11 +51,16 @@ def beam_settings(machine) -> MsgGenerator[dict[str, Any]]:
     out["turns"] = int((yield from _rd(machine.tbt.turns)))
     if machine.pinger is not None:
         out["kick"] = [float((yield from _rd(machine.pinger.kick_x))), float((yield from _rd(machine.pinger.kick_y)))]
+    out["injection"] = yield from injection_trims(machine)
+    return out
+
+
+def injection_trims(machine) -> MsgGenerator[list[float]]:
+    """The present values of the injection knobs (``machine.injection.knobs()``: x, px, y, py first)."""
     trims = []
     for s in machine.injection.knobs():
         trims.append(float((yield from _rd(s))))
-    out["injection"] = trims
-    return out
+    return trims
 
 
 def _rd(signal) -> MsgGenerator[Any]:

@@ -39,7 +39,7 @@ from ..plan_stubs.machine import Record, emit, move, read_orbit, snapshot_setpoi
 from ..plan_stubs.orbit import corrector_devices, orbit_response, step_sizes
 from ..plan_stubs.runs import find_run
 from ..plan_stubs.tool import Restore, ToolResult, open_tool_run, rf_only, thread_safe_figure, tool
-from ..plan_stubs.trajectory import need_beam_devices
+from ..plan_stubs.trajectory import injection_trims, need_beam_devices
 
 __all__ = ["measure_orm", "model_orm", "correct_orbit", "orbit_bump", "measure_dispersion"]
 
@@ -481,12 +481,7 @@ def correct_orbit(machine: Machine, orm: Any = None, n_sv: int | None = None, ti
                                             injection=_injection_columns(machine, resp) if use_inj else None)
     snap = yield from snapshot_setpoints(machine, sorted({machine.device(c).family_name
                                                           for c in resp.corrector_names}), rf=fit_rf)
-    trims = None
-    if use_inj:
-        now = []
-        for k in machine.injection.knobs()[:4]:
-            now.append(float((yield from bps.rd(k))))
-        trims = np.array(now)
+    trims = np.array((yield from injection_trims(machine))[:4]) if use_inj else None
     c = _Correction(machine, resp, system, snap, float(snap["RF:frequency"]) if fit_rf else float("nan"),
                     fit_rf, max_step, trims=trims)
     yield from open_tool_run(orm_uid=resp.uid or resp.kind, bpm_names=machine.bpm.names,

@@ -25,7 +25,7 @@ import numpy as np
 from bluesky.utils import MsgGenerator
 
 from ..analysis._common import rms
-from ..analysis.correction import limit_step
+from ..analysis.correction import INJECTION_KNOB_LIMITS, limit_step
 from ..analysis.trajectory import (
     ThreadingResult,
     TrajectoryReading,
@@ -370,8 +370,8 @@ def correct_trajectory(machine: Machine, response: Any = None, turns: int = 1, m
             step, rep = limit_step(gain * st.dk, sp, cv.low, cv.high, max_step=max_step, names=cv.names)
             for msg in rep.messages:
                 warnings.warn(f"correct_trajectory iteration {it}: {msg}", stacklevel=2)
-            new_inj = np.clip(inj + gain * st.dinj, -np.array([5e-3, 2e-3, 5e-3, 2e-3]),
-                              np.array([5e-3, 2e-3, 5e-3, 2e-3])) if injection else inj
+            lim = np.asarray(INJECTION_KNOB_LIMITS, dtype=float)
+            new_inj = np.clip(inj + gain * st.dinj, -lim, lim) if injection else inj
             yield from cv.set(sp + step)
             if injection:
                 yield from _set_injection(machine, new_inj)
